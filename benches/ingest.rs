@@ -1,0 +1,136 @@
+//! Ingest throughput: generates a realistic corpus, imports it into a fresh store and
+//! reports examples/s, MB/s, store size and peak RSS.
+//!
+//! ```text
+//! cargo bench --bench ingest
+//! CORPUSDB_BENCH_RECORDS=1000000 CORPUSDB_BENCH_COMPRESSION=zstd,lz4,none cargo bench --bench ingest
+//! ```
+//!
+//! Under `cargo test --all-targets` it runs once on 2,000 records as a smoke test.
+//! The corpus is kept at `target/bench-ingest/corpus-N.jsonl` so the Python baseline
+//! (`benches/baseline_merge.py`) can run on the same input.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use corpusdb::ingest::{self, IngestOptions};
+use corpusdb::store::{Compression, Store, StoreOptions};
+use corpusdb::synth::{self, SynthSpec};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Peak resident set size of this process since the last reset, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn reset_peak_rss() {
+    // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn dir_size(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.metadata().map_or(0, |m| m.len()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not and gets a smoke run.
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let records: u64 = env_or(
+        "CORPUSDB_BENCH_RECORDS",
+        if measuring { 300_000 } else { 2_000 },
+    );
+    let compressions =
+        std::env::var("CORPUSDB_BENCH_COMPRESSION").unwrap_or_else(|_| "zstd".into());
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let work = PathBuf::from(target).join("bench-ingest");
+    std::fs::create_dir_all(&work).unwrap();
+    let corpus = work.join(format!("corpus-{records}.jsonl"));
+    if !corpus.exists() {
+        let started = Instant::now();
+        let mut out = BufWriter::new(File::create(&corpus).unwrap());
+        let stats = synth::generate(
+            &mut out,
+            &SynthSpec {
+                records,
+                ..SynthSpec::default()
+            },
+        )
+        .unwrap();
+        out.flush().unwrap();
+        eprintln!(
+            "generated {} records ({} unique) in {:.1}s",
+            stats.records,
+            stats.unique,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let input_bytes = std::fs::metadata(&corpus).unwrap().len();
+    println!(
+        "corpus: {} ({} records, {:.1} MB, {:.0} B/record)",
+        corpus.display(),
+        records,
+        input_bytes as f64 / 1e6,
+        input_bytes as f64 / records as f64
+    );
+    println!(
+        "{:<6} {:>10} {:>12} {:>9} {:>10} {:>10} {:>10}",
+        "comp", "seconds", "examples/s", "MB/s", "stored", "store MB", "peak RSS"
+    );
+    for name in compressions.split(',') {
+        let compression = match name.trim() {
+            "zstd" => Compression::Zstd,
+            "lz4" => Compression::Lz4,
+            "none" => Compression::None,
+            other => panic!("unknown compression {other}"),
+        };
+        let store_dir = work.join(format!("store-{name}"));
+        let _ = std::fs::remove_dir_all(&store_dir);
+        reset_peak_rss();
+        let started = Instant::now();
+        let store = Store::open_with(
+            &store_dir,
+            &StoreOptions {
+                compression,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        let options = IngestOptions::new("bench", "general");
+        let outcome = ingest::ingest_file(&store, &corpus, &options, &ingest::Quiet).unwrap();
+        store.flush().unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        let peak = peak_rss();
+        drop(store);
+        assert!(outcome.import.counts.adds_up());
+        println!(
+            "{:<6} {:>10.2} {:>12.0} {:>9.1} {:>10} {:>10.1} {:>7.0} MiB",
+            name,
+            secs,
+            outcome.run.read as f64 / secs,
+            input_bytes as f64 / secs / 1e6,
+            outcome.run.stored,
+            dir_size(&store_dir) as f64 / 1e6,
+            peak as f64 / (1 << 20) as f64
+        );
+    }
+}

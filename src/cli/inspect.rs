@@ -1,0 +1,315 @@
+//! Read-only commands: `imports`, `stats`, `show`, `rejects`. They open the store
+//! read-only, so they work while an import is writing to it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::bail;
+use corpusdb::store::{ImportRecord, ImportState, Store};
+use serde_json::json;
+
+/// List every import: source, file, state (done/partial) and its counts.
+#[derive(clap::Args)]
+pub struct ImportsArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Totals of the store: examples, duplicates, rejects, per category and per source.
+#[derive(clap::Args)]
+pub struct StatsArgs {
+    /// Print JSON: {"examples", "duplicates", "rejected", "read", "categories", "sources", "imports"}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Show one example: its conversation, category, counts and every source that produced it.
+#[derive(clap::Args)]
+pub struct ShowArgs {
+    /// The example's SHA-1 in hex, or a unique prefix of at least 4 digits.
+    hash: String,
+    #[arg(long)]
+    json: bool,
+}
+
+/// List the rejects ledger: records that did not become examples, with file, line and reason.
+#[derive(clap::Args)]
+pub struct RejectsArgs {
+    /// Only rejects of this source.
+    #[arg(long)]
+    source: Option<String>,
+    /// Print JSON lines (one object per reject, with the raw record as text).
+    #[arg(long)]
+    json: bool,
+    /// Show at most this many (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+}
+
+fn state_name(state: ImportState) -> &'static str {
+    match state {
+        ImportState::Done => "done",
+        ImportState::Partial => "partial",
+    }
+}
+
+fn import_json(import: &ImportRecord) -> serde_json::Value {
+    json!({
+        "id": import.id,
+        "source": import.source,
+        "category": import.category,
+        "file": import.path,
+        "fingerprint": import.fingerprint,
+        "format": import.format,
+        "state": state_name(import.state),
+        "read": import.counts.read,
+        "stored": import.counts.stored,
+        "duplicates": import.counts.duplicates,
+        "rejected": import.counts.rejected,
+        "checkpoint": {"records": import.checkpoint.records, "line": import.checkpoint.line(), "byte": import.checkpoint.bytes},
+    })
+}
+
+pub fn imports(store_path: &Path, args: ImportsArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::open_read_only(store_path)?;
+    let imports = store.imports()?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let list: Vec<_> = imports.iter().map(import_json).collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:>3}  {:<16} {:<8} {:>9} {:>9} {:>9} {:>9}  file",
+        "id", "source", "state", "read", "stored", "dup", "rejected"
+    )?;
+    for import in &imports {
+        let c = import.counts;
+        writeln!(
+            out,
+            "{:>3}  {:<16} {:<8} {:>9} {:>9} {:>9} {:>9}  {}",
+            import.id,
+            import.source,
+            state_name(import.state),
+            c.read,
+            c.stored,
+            c.duplicates,
+            c.rejected,
+            import.path
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::open_read_only(store_path)?;
+    let counters = store.counters()?;
+    let imports = store.imports()?;
+    let partial = imports
+        .iter()
+        .filter(|i| i.state == ImportState::Partial)
+        .count();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let value = json!({
+            "examples": counters.examples,
+            "read": counters.read,
+            "duplicates": counters.duplicates,
+            "rejected": counters.rejected,
+            "categories": counters.categories,
+            "sources": counters.sources,
+            "imports": {"total": imports.len(), "partial": partial},
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "store      {}", store.path().display())?;
+    writeln!(out, "examples   {}", counters.examples)?;
+    writeln!(
+        out,
+        "read       {} = stored {} + duplicates {} + rejected {}",
+        counters.read, counters.examples, counters.duplicates, counters.rejected
+    )?;
+    writeln!(out, "imports    {} ({} partial)", imports.len(), partial)?;
+    print_shares(
+        &mut out,
+        "category",
+        &counters.categories,
+        counters.examples,
+    )?;
+    let records: u64 = counters.sources.values().sum();
+    print_shares(&mut out, "source (records)", &counters.sources, records)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_shares(
+    out: &mut impl Write,
+    title: &str,
+    counts: &BTreeMap<String, u64>,
+    total: u64,
+) -> std::io::Result<()> {
+    writeln!(out, "\n{title:<24} {:>10} {:>7}", "count", "share")?;
+    let mut rows: Vec<_> = counts.iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (name, count) in rows {
+        let share = if total == 0 {
+            0.0
+        } else {
+            100.0 * *count as f64 / total as f64
+        };
+        writeln!(out, "{name:<24} {count:>10} {share:>6.1}%")?;
+    }
+    Ok(())
+}
+
+pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::open_read_only(store_path)?;
+    let wanted = args.hash.trim().to_ascii_lowercase();
+    if wanted.len() < 4 || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!(
+            "`{}` is not a hash: give the hex SHA-1 or a prefix of at least 4 hex digits",
+            args.hash
+        );
+    }
+    let matches = store.hashes_with_prefix(&wanted, 2)?;
+    let hash = match matches.as_slice() {
+        [] => bail!("no example with hash {wanted}"),
+        [one] => *one,
+        _ => bail!(
+            "{wanted} is ambiguous: {} and more; give more digits",
+            matches[0]
+        ),
+    };
+    let example = store
+        .get(&hash)?
+        .ok_or_else(|| anyhow::anyhow!("no example with hash {hash}"))?;
+    let imports: BTreeMap<u32, ImportRecord> =
+        store.imports()?.into_iter().map(|i| (i.id, i)).collect();
+    let sources: Vec<_> = store
+        .provenance(&hash)?
+        .into_iter()
+        .map(|p| {
+            let import = imports.get(&p.import_id);
+            json!({
+                "source": import.map(|i| i.source.as_str()).unwrap_or("?"),
+                "file": import.map(|i| i.path.as_str()).unwrap_or("?"),
+                "record": p.record,
+                "line": p.line,
+            })
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let messages: Vec<_> = example
+            .conversation
+            .messages
+            .iter()
+            .map(|m| {
+                let mut v = json!({"role": m.role.as_str(), "content": m.content});
+                if let Some(name) = &m.name {
+                    v["name"] = json!(name);
+                }
+                if let Some(calls) = &m.tool_calls {
+                    v["tool_calls"] = serde_json::from_str(calls).unwrap_or(json!(calls));
+                }
+                v
+            })
+            .collect();
+        let value = json!({
+            "hash": hash.to_hex(),
+            "ordinal": example.ordinal,
+            "category": example.category,
+            "chars": example.chars,
+            "turns": example.turns,
+            "messages": messages,
+            "sources": sources,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "hash       {hash}")?;
+    writeln!(out, "ordinal    {}", example.ordinal)?;
+    writeln!(out, "category   {}", example.category)?;
+    writeln!(
+        out,
+        "size       {} chars, {} messages, {} turns",
+        example.chars,
+        example.conversation.messages.len(),
+        example.turns
+    )?;
+    writeln!(out, "sources    {}", sources.len())?;
+    for s in &sources {
+        writeln!(
+            out,
+            "  - {} {}:{} (record {})",
+            s["source"].as_str().unwrap_or("?"),
+            s["file"].as_str().unwrap_or("?"),
+            s["line"],
+            s["record"]
+        )?;
+    }
+    for message in &example.conversation.messages {
+        writeln!(out, "\n[{}]", message.role)?;
+        writeln!(out, "{}", message.content)?;
+        if let Some(calls) = &message.tool_calls {
+            writeln!(out, "(tool calls) {calls}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rejects(store_path: &Path, args: RejectsArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::open_read_only(store_path)?;
+    let imports = store.imports()?;
+    let selected: Vec<&ImportRecord> = imports
+        .iter()
+        .filter(|i| args.source.as_ref().is_none_or(|s| &i.source == s))
+        .collect();
+    if selected.is_empty() {
+        if let Some(source) = &args.source {
+            bail!("no import of source `{source}` in this store");
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let mut shown = 0;
+    'imports: for import in selected {
+        for reject in store.rejects(Some(import.id))? {
+            if args.limit > 0 && shown >= args.limit {
+                break 'imports;
+            }
+            shown += 1;
+            let raw = String::from_utf8_lossy(&reject.raw);
+            if args.json {
+                let value = json!({
+                    "source": reject.source,
+                    "file": reject.path,
+                    "record": reject.record,
+                    "line": reject.line,
+                    "byte": reject.byte_offset,
+                    "reason": reject.reason,
+                    "raw": raw,
+                    "raw_truncated": reject.raw_truncated,
+                });
+                writeln!(out, "{}", serde_json::to_string(&value)?)?;
+            } else {
+                let what = match reject.record {
+                    Some(r) => format!("record {r}"),
+                    None => "file".to_string(),
+                };
+                writeln!(
+                    out,
+                    "{}:{}: [{}] {what}: {}",
+                    reject.path, reject.line, reject.source, reject.reason
+                )?;
+            }
+        }
+    }
+    if !args.json && shown == 0 {
+        writeln!(out, "no rejects")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,63 @@
+//! Command-line interface: one file per subcommand; the library does the work.
+
+mod generate;
+mod ingest;
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const LONG_ABOUT: &str = "\
+corpusdb turns heterogeneous instruction-tuning datasets into one deduplicated corpus.
+
+Every example is a conversation stored under the SHA-1 of its canonical content, so the
+same conversation from two datasets is stored once and both sources are kept as provenance.
+Imports resume where they stopped and are no-ops when repeated; bad records are kept in a
+rejects ledger with file, line and reason.
+
+Typical use:
+  corpusdb ingest data/dolly.jsonl --source dolly --category instruction
+  corpusdb ingest --manifest configs/sample-corpus.yaml
+  corpusdb stats
+  corpusdb imports
+  corpusdb rejects --source dolly
+  corpusdb show 3f2a9c";
+
+#[derive(Parser)]
+#[command(name = "corpusdb", version, about = "Embedded corpus database for instruction-tuning data", long_about = LONG_ABOUT)]
+struct Cli {
+    /// Directory of the store (created by the first ingest).
+    #[arg(
+        long,
+        global = true,
+        env = "CORPUSDB_STORE",
+        default_value = "storage/corpus"
+    )]
+    store: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Ingest(ingest::Args),
+    Imports(inspect::ImportsArgs),
+    Stats(inspect::StatsArgs),
+    Show(inspect::ShowArgs),
+    Rejects(inspect::RejectsArgs),
+    Generate(generate::Args),
+}
+
+pub fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Ingest(args) => ingest::run(&cli.store, args),
+        Command::Imports(args) => inspect::imports(&cli.store, args),
+        Command::Stats(args) => inspect::stats(&cli.store, args),
+        Command::Show(args) => inspect::show(&cli.store, args),
+        Command::Rejects(args) => inspect::rejects(&cli.store, args),
+        Command::Generate(args) => generate::run(args),
+    }
+}

@@ -1,0 +1,321 @@
+//! The canonical conversation every dataset format maps into, and its content hash.
+//!
+//! A [`Conversation`] is what gets trained on: ordered messages with a role, plus optional
+//! tool (function) schemas. Everything else about an example (category, sources, counts)
+//! is metadata that lives beside it in the store and never enters the hash.
+//!
+//! # Canonical form, version 1
+//!
+//! The key of an example is the SHA-1 of these bytes, built from the *normalised* messages:
+//!
+//! ```text
+//! "corpusdb-canonical/1\0"
+//! [ 'F' len:u64le tools-json ]                  only when tool schemas are present
+//! per message, in order:
+//!   role-tag:u8                                 'S' system, 'U' user, 'A' assistant, 'T' tool
+//!   'c' len:u64le content-utf8
+//!   [ 'n' len:u64le name ]                      only when the message has a name
+//!   [ 'k' len:u64le tool-calls-json ]           only when the message has tool calls
+//!   '.'                                         end of message
+//! ```
+//!
+//! Every variable-length field is length-prefixed and every message is closed, so no two
+//! different conversations can produce the same bytes by shifting text between messages.
+//! Text normalisation (applied once, before hashing and storing): `\r\n` becomes `\n`,
+//! Unicode NFC, then leading and trailing whitespace of each field is trimmed. JSON values
+//! (tools, tool calls) are re-serialised with sorted object keys and no insignificant space.
+//! Changing any of this changes every key: bump [`CANONICAL_VERSION`] and the store schema.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha1::{Digest, Sha1};
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+
+/// Version of the canonical byte form hashed into every key.
+pub const CANONICAL_VERSION: u32 = 1;
+const CANONICAL_MAGIC: &[u8] = b"corpusdb-canonical/1\0";
+
+/// Who speaks a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    /// The name used in OpenAI-style `messages` and in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+
+    /// Resolves a role name as datasets spell it (case-insensitive), including ShareGPT's
+    /// aliases (`human`, `gpt`, `chatgpt`, `bing`, `bard`, ...). `None` for unknown names.
+    pub fn from_alias(name: &str) -> Option<Role> {
+        let lower;
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = name.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            name
+        };
+        Some(match name {
+            "system" | "system_prompt" => Role::System,
+            "user" | "human" | "prompter" | "question" => Role::User,
+            "assistant" | "gpt" | "chatgpt" | "bing" | "bard" | "model" | "bot" | "ai"
+            | "function_call" => Role::Assistant,
+            "tool" | "function" | "observation" | "function_response" | "ipython" => Role::Tool,
+            _ => return None,
+        })
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            Role::System => b'S',
+            Role::User => b'U',
+            Role::Assistant => b'A',
+            Role::Tool => b'T',
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One message of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+    /// Function or participant name (tool results, named speakers).
+    pub name: Option<String>,
+    /// Tool calls made by an assistant message, as canonical JSON.
+    pub tool_calls: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Message {
+        Message {
+            role,
+            content: content.into(),
+            name: None,
+            tool_calls: None,
+        }
+    }
+}
+
+/// The training content of one example.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub messages: Vec<Message>,
+    /// Tool (function) schemas offered to the model, as canonical JSON.
+    pub tools: Option<String>,
+}
+
+/// Why a conversation cannot become an example.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidConversation {
+    #[error("empty conversation: no messages")]
+    NoMessages,
+    #[error("no assistant message with content")]
+    NoAssistantContent,
+}
+
+impl Conversation {
+    pub fn new(messages: Vec<Message>) -> Conversation {
+        Conversation {
+            messages,
+            tools: None,
+        }
+    }
+
+    /// Normalises every text field in place (see the module docs for the rules).
+    pub fn normalize(&mut self) {
+        for message in &mut self.messages {
+            normalize_in_place(&mut message.content);
+            if let Some(name) = &mut message.name {
+                normalize_in_place(name);
+            }
+        }
+    }
+
+    /// Checks that the conversation can train something.
+    pub fn validate(&self) -> Result<(), InvalidConversation> {
+        if self.messages.is_empty() {
+            return Err(InvalidConversation::NoMessages);
+        }
+        let has_reply = self.messages.iter().any(|m| {
+            m.role == Role::Assistant && (!m.content.is_empty() || m.tool_calls.is_some())
+        });
+        if !has_reply {
+            return Err(InvalidConversation::NoAssistantContent);
+        }
+        Ok(())
+    }
+
+    /// Appends the canonical bytes (module docs) of an already normalised conversation.
+    pub fn write_canonical(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(CANONICAL_MAGIC);
+        if let Some(tools) = &self.tools {
+            field(out, b'F', tools);
+        }
+        for message in &self.messages {
+            out.push(message.role.tag());
+            field(out, b'c', &message.content);
+            if let Some(name) = &message.name {
+                field(out, b'n', name);
+            }
+            if let Some(calls) = &message.tool_calls {
+                field(out, b'k', calls);
+            }
+            out.push(b'.');
+        }
+    }
+
+    /// SHA-1 of the canonical form. The conversation must already be normalised.
+    pub fn content_hash(&self) -> ContentHash {
+        let mut bytes = Vec::with_capacity(64 + self.char_count() as usize);
+        self.write_canonical(&mut bytes);
+        ContentHash(Sha1::digest(&bytes).into())
+    }
+
+    /// Characters (Unicode scalar values) over all message contents.
+    pub fn char_count(&self) -> u64 {
+        self.messages.iter().map(|m| count_chars(&m.content)).sum()
+    }
+
+    /// Turns: the number of assistant messages (one per exchange).
+    pub fn turn_count(&self) -> u32 {
+        self.messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count() as u32
+    }
+}
+
+fn count_chars(s: &str) -> u64 {
+    if s.is_ascii() {
+        s.len() as u64
+    } else {
+        s.chars().count() as u64
+    }
+}
+
+fn field(out: &mut Vec<u8>, tag: u8, value: &str) {
+    out.push(tag);
+    out.extend_from_slice(&(value.len() as u64).to_le_bytes());
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// Normalises one text field: CRLF to LF, NFC, trimmed ends. Borrows when nothing changes,
+/// which is the common case for ASCII text.
+pub fn normalize_text(text: &str) -> Cow<'_, str> {
+    let mut current: Cow<'_, str> = Cow::Borrowed(text);
+    if memchr::memchr(b'\r', text.as_bytes()).is_some() {
+        current = Cow::Owned(text.replace("\r\n", "\n"));
+    }
+    if !current.is_ascii() && is_nfc_quick(current.chars()) != IsNormalized::Yes {
+        current = Cow::Owned(current.nfc().collect());
+    }
+    match current {
+        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+        Cow::Owned(s) => {
+            let trimmed = s.trim();
+            if trimmed.len() == s.len() {
+                Cow::Owned(s)
+            } else {
+                Cow::Owned(trimmed.to_owned())
+            }
+        }
+    }
+}
+
+fn normalize_in_place(text: &mut String) {
+    let normalized = match normalize_text(text) {
+        Cow::Borrowed(s) if s.len() == text.len() => return,
+        Cow::Borrowed(s) => s.to_owned(),
+        Cow::Owned(s) => s,
+    };
+    *text = normalized;
+}
+
+/// Re-serialises a JSON value canonically (sorted keys, no spaces) for hashing and storage.
+pub fn canonical_json(value: &serde_json::Value) -> String {
+    // serde_json's default Map is a BTreeMap, so keys come out sorted.
+    serde_json::to_string(value).expect("a JSON value always serialises")
+}
+
+/// The 20-byte SHA-1 key of an example.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContentHash(pub [u8; 20]);
+
+impl ContentHash {
+    pub fn as_bytes(&self) -> &[u8; 20] {
+        &self.0
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> Option<ContentHash> {
+        Some(ContentHash(bytes.try_into().ok()?))
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ContentHash({})", self.to_hex())
+    }
+}
+
+impl FromStr for ContentHash {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = hex::decode(s).map_err(|e| format!("`{s}` is not a hex SHA-1: {e}"))?;
+        ContentHash::from_slice(&bytes)
+            .ok_or_else(|| format!("`{s}` has {} hex digits, a SHA-1 has 40", s.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_borrows_clean_ascii() {
+        assert!(matches!(
+            normalize_text("plain text"),
+            Cow::Borrowed("plain text")
+        ));
+        assert_eq!(normalize_text("  a\r\nb \n"), "a\nb");
+        // "e" + combining acute accent composes to U+00E9.
+        assert_eq!(normalize_text("cafe\u{301}"), "caf\u{e9}");
+    }
+
+    #[test]
+    fn role_aliases() {
+        assert_eq!(Role::from_alias("GPT"), Some(Role::Assistant));
+        assert_eq!(Role::from_alias("human"), Some(Role::User));
+        assert_eq!(Role::from_alias("wizard"), None);
+    }
+}

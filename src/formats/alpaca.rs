@@ -1,0 +1,29 @@
+//! Alpaca: `{"instruction", "input", "output"}`, optionally `"system"`.
+//!
+//! The user turn is the instruction, followed by a blank line and the input when the input
+//! is not empty; the assistant turn is the output.
+
+use crate::conversation::{Conversation, Message, Role};
+
+use super::{missing, Format, RawRecord};
+
+pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
+    let instruction = record
+        .instruction
+        .ok_or_else(|| missing(Format::Alpaca, "instruction"))?;
+    let output = record
+        .output
+        .ok_or_else(|| missing(Format::Alpaca, "output"))?;
+    let mut user = instruction.into_owned();
+    if let Some(input) = record.input.filter(|input| !input.trim().is_empty()) {
+        user.push_str("\n\n");
+        user.push_str(&input);
+    }
+    let mut messages = Vec::with_capacity(3);
+    if let Some(system) = record.system.filter(|s| !s.trim().is_empty()) {
+        messages.push(Message::new(Role::System, system.into_owned()));
+    }
+    messages.push(Message::new(Role::User, user));
+    messages.push(Message::new(Role::Assistant, output.into_owned()));
+    Ok(Conversation::new(messages))
+}

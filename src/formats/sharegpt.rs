@@ -1,0 +1,42 @@
+//! ShareGPT: `{"conversations": [{"from", "value"}]}`.
+//!
+//! Roles use ShareGPT's aliases: `human`/`user`, `gpt`/`chatgpt`/`bing`/`bard`/`assistant`,
+//! `system`, and tool-ish names (`function`, `observation`) for tool results.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use crate::conversation::{Conversation, Message, Role};
+
+use super::{missing, Format, RawRecord};
+
+#[derive(Deserialize)]
+pub(crate) struct RawTurn<'a> {
+    #[serde(borrow, default)]
+    from: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    value: Option<Cow<'a, str>>,
+}
+
+pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
+    let turns = record
+        .conversations
+        .ok_or_else(|| missing(Format::Sharegpt, "conversations"))?;
+    let mut messages = Vec::with_capacity(turns.len() + 1);
+    if let Some(system) = record.system.filter(|s| !s.trim().is_empty()) {
+        messages.push(Message::new(Role::System, system.into_owned()));
+    }
+    for (i, turn) in turns.into_iter().enumerate() {
+        let from = turn
+            .from
+            .ok_or_else(|| format!("turn {} lacks required field `from`", i + 1))?;
+        let role = Role::from_alias(&from)
+            .ok_or_else(|| format!("unknown role `{from}` in turn {}", i + 1))?;
+        let value = turn
+            .value
+            .ok_or_else(|| format!("turn {} lacks required field `value`", i + 1))?;
+        messages.push(Message::new(role, value.into_owned()));
+    }
+    Ok(Conversation::new(messages))
+}

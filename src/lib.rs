@@ -1,0 +1,33 @@
+//! corpusdb: an embedded, storage-centric corpus database for instruction-tuning data.
+//!
+//! # Layout
+//!
+//! - [`conversation`]: the canonical conversation and its SHA-1 content hash.
+//! - [`formats`]: one mapping per dataset shape, JSON record -> conversation.
+//! - [`reader`]: records out of files (JSONL, JSON arrays; gzip, zstd), with positions.
+//! - [`store`]: the RocksDB store; the only module that imports RocksDB.
+//! - [`ingest`]: the pipeline from files into the store, resumable per record.
+//! - [`manifest`]: YAML lists of files to ingest (`configs/`).
+//! - [`synth`]: a deterministic generator of realistic data for benchmarks and tests.
+//!
+//! Lower modules never import higher ones: `conversation` <- `formats` <- `ingest`,
+//! `reader` <- `ingest`, `store` <- `ingest`.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use corpusdb::{ingest, store::Store};
+//! let store = Store::open("storage/corpus".as_ref())?;
+//! let options = ingest::IngestOptions::new("dolly", "instruction");
+//! let outcome = ingest::ingest_file(&store, "dolly.jsonl".as_ref(), &options, &ingest::Quiet)?;
+//! assert!(outcome.import.counts.adds_up());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod conversation;
+pub mod formats;
+pub mod ingest;
+pub mod manifest;
+pub mod reader;
+pub mod store;
+pub mod synth;

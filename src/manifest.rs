@@ -1,0 +1,92 @@
+//! Manifests: YAML files listing what to ingest, so a whole corpus is one command.
+//!
+//! ```yaml
+//! imports:
+//!   - source: dolly            # dataset name kept in provenance
+//!     category: instruction    # category of new examples
+//!     format: auto             # auto | alpaca | messages | sharegpt (default auto)
+//!     files: [../data/dolly.jsonl]
+//! ```
+//!
+//! Relative file paths are resolved against the manifest's own directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::formats::Format;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub imports: Vec<ManifestImport>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestImport {
+    pub source: String,
+    pub category: String,
+    #[serde(default = "auto")]
+    pub format: Format,
+    pub files: Vec<PathBuf>,
+}
+
+fn auto() -> Format {
+    Format::Auto
+}
+
+/// `base/rel` with `.` and `name/..` folded away, so messages show `data/x.jsonl` rather
+/// than `configs/../data/x.jsonl`. Purely textual: symlinks are not resolved.
+fn lexical_join(base: &Path, relative: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in base.join(relative).components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> Result<Manifest, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut manifest: Manifest = serde_yaml::from_str(&text).map_err(|source| Error::Yaml {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for import in &mut manifest.imports {
+            for file in &mut import.files {
+                if file.is_relative() {
+                    *file = lexical_join(base, file);
+                }
+            }
+        }
+        Ok(manifest)
+    }
+}

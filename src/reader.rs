@@ -1,0 +1,579 @@
+//! Records out of files: decompression, then JSONL lines or JSON array elements.
+//!
+//! The reader yields the raw bytes of each record with its position (record index, line,
+//! byte offset in the decompressed stream); it never parses records, so it can resume at
+//! any committed [`Position`] and skip oversized or truncated records without holding them
+//! in memory. Containers: JSONL and a JSON array of records (streamed), each optionally
+//! gzip- or zstd-compressed (detected by magic bytes, not by extension).
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha1::{Digest, Sha1};
+
+/// Records larger than this are rejected (and skipped without buffering) by default.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 16 << 20;
+
+/// Where a record starts, or where reading resumes after a committed record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// Records consumed before this point (the 0-based index of the next record).
+    pub records: u64,
+    /// Newlines consumed before this point (the 1-based line is `lines + 1`).
+    pub lines: u64,
+    /// Bytes of the decompressed stream consumed before this point.
+    pub bytes: u64,
+}
+
+impl Position {
+    pub fn line(&self) -> u64 {
+        self.lines + 1
+    }
+}
+
+/// One record as it appears in the file.
+#[derive(Debug)]
+pub struct RawItem {
+    /// Where the record starts; `at.records` is its 0-based index.
+    pub at: Position,
+    pub body: RawBody,
+}
+
+#[derive(Debug)]
+pub enum RawBody {
+    /// The record's bytes (without the line terminator or array separators).
+    Bytes(Vec<u8>),
+    /// The record cannot be read as a unit; `prefix` keeps its first bytes.
+    Unreadable { reason: String, prefix: Vec<u8> },
+}
+
+/// A problem with the file as a whole rather than one record (empty file, array never
+/// closed). Reported and kept in the ledger, but not counted as a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileNote {
+    pub at: Position,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Container {
+    Jsonl,
+    JsonArray,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// Identifies a file's content cheaply: SHA-1 over its length, first MiB and last MiB.
+/// An import is keyed by (source name, fingerprint), so renaming a file does not re-import
+/// it and changing its content does.
+pub fn fingerprint(path: &Path) -> io::Result<String> {
+    const SAMPLE: u64 = 1 << 20;
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut hasher = Sha1::new();
+    hasher.update(len.to_le_bytes());
+    let mut buf = vec![0u8; SAMPLE as usize];
+    let head = read_up_to(&mut file, &mut buf)?;
+    hasher.update(&buf[..head]);
+    if len > SAMPLE {
+        file.seek(SeekFrom::Start(len.saturating_sub(SAMPLE).max(SAMPLE)))?;
+        let tail = read_up_to(&mut file, &mut buf)?;
+        hasher.update(&buf[..tail]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Counts bytes read from the underlying (possibly compressed) file, for progress.
+struct CountingReader<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Streams the records of one file.
+pub struct RecordReader {
+    path: PathBuf,
+    input: Box<dyn BufRead + Send>,
+    container: Container,
+    compression: Compression,
+    pos: Position,
+    max_record_bytes: usize,
+    array: ArrayState,
+    file_bytes_read: Arc<AtomicU64>,
+    file_len: u64,
+    notes: Vec<FileNote>,
+    finished: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ArrayState {
+    /// Before the opening `[`.
+    Start,
+    /// After `[`: a record or `]` comes next.
+    First,
+    /// After a record: `,` or `]` comes next.
+    AfterRecord,
+    /// After `]`.
+    Closed,
+}
+
+impl RecordReader {
+    /// Opens `path` and positions it at `resume` (a position returned by an earlier reader
+    /// of the same file, or the default to start at the beginning).
+    pub fn open(
+        path: &Path,
+        resume: Position,
+        max_record_bytes: usize,
+    ) -> io::Result<RecordReader> {
+        let mut file = File::open(path)?;
+        let file_len = file.metadata()?.len();
+        let mut magic = [0u8; 4];
+        let n = read_up_to(&mut file, &mut magic)?;
+        let compression = match &magic[..n] {
+            [0x1f, 0x8b, ..] => Compression::Gzip,
+            [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
+            _ => Compression::None,
+        };
+        let counter = Arc::new(AtomicU64::new(0));
+        let skip_by_seek = compression == Compression::None;
+        file.seek(SeekFrom::Start(if skip_by_seek { resume.bytes } else { 0 }))?;
+        counter.store(
+            if skip_by_seek { resume.bytes } else { 0 },
+            Ordering::Relaxed,
+        );
+        let counted = CountingReader {
+            inner: file,
+            count: counter.clone(),
+        };
+        const BUF: usize = 256 << 10;
+        let mut input: Box<dyn BufRead + Send> = match compression {
+            Compression::None => Box::new(BufReader::with_capacity(BUF, counted)),
+            Compression::Gzip => Box::new(BufReader::with_capacity(
+                BUF,
+                flate2::read::MultiGzDecoder::new(BufReader::with_capacity(BUF, counted)),
+            )),
+            Compression::Zstd => Box::new(BufReader::with_capacity(
+                BUF,
+                zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(BUF, counted))?,
+            )),
+        };
+        if !skip_by_seek && resume.bytes > 0 {
+            let skipped = io::copy(&mut (&mut input).take(resume.bytes), &mut io::sink())?;
+            if skipped < resume.bytes {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file is shorter than the checkpoint of its earlier import",
+                ));
+            }
+        }
+        let container = if resume.bytes > 0 {
+            // Only arrays can be resumed inside brackets; JSONL never starts with `[`.
+            if resume_is_array(path, compression)? {
+                Container::JsonArray
+            } else {
+                Container::Jsonl
+            }
+        } else {
+            sniff_container(&mut input)?
+        };
+        let array = if resume.bytes > 0 {
+            ArrayState::AfterRecord
+        } else {
+            ArrayState::Start
+        };
+        let mut reader = RecordReader {
+            path: path.to_owned(),
+            input,
+            container,
+            compression,
+            pos: resume,
+            max_record_bytes,
+            array,
+            file_bytes_read: counter,
+            file_len,
+            notes: Vec::new(),
+            finished: false,
+        };
+        if resume.records == 0 && resume.bytes == 0 && file_len == 0 {
+            reader.notes.push(FileNote {
+                at: resume,
+                message: "empty file: no records".into(),
+            });
+            reader.finished = true;
+        }
+        Ok(reader)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn container(&self) -> Container {
+        self.container
+    }
+
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Position after the last record returned: where a resumed reader starts.
+    pub fn position(&self) -> Position {
+        self.pos
+    }
+
+    /// Bytes of the file on disk read so far, and the file's size (for progress).
+    pub fn file_progress(&self) -> (u64, u64) {
+        (self.file_bytes_read.load(Ordering::Relaxed), self.file_len)
+    }
+
+    /// A handle that keeps reporting file progress after the reader moved to another thread.
+    pub fn progress_counter(&self) -> Arc<AtomicU64> {
+        self.file_bytes_read.clone()
+    }
+
+    /// File-level notes gathered so far (drained).
+    pub fn take_notes(&mut self) -> Vec<FileNote> {
+        std::mem::take(&mut self.notes)
+    }
+
+    /// The next record, `None` at the end of the file.
+    pub fn next_item(&mut self) -> io::Result<Option<RawItem>> {
+        if self.finished {
+            return Ok(None);
+        }
+        let item = match self.container {
+            Container::Jsonl => self.next_line()?,
+            Container::JsonArray => self.next_element()?,
+        };
+        if item.is_none() {
+            self.finished = true;
+            if self.pos.bytes == 0 && self.pos.records == 0 && self.notes.is_empty() {
+                self.notes.push(FileNote {
+                    at: self.pos,
+                    message: "file holds no records".into(),
+                });
+            }
+        }
+        Ok(item)
+    }
+
+    /// Consumes one byte already seen through `fill_buf`.
+    fn bump(&mut self, byte: u8) {
+        self.input.consume(1);
+        self.pos.bytes += 1;
+        if byte == b'\n' {
+            self.pos.lines += 1;
+        }
+    }
+
+    fn skip_whitespace(&mut self) -> io::Result<Option<u8>> {
+        loop {
+            let buf = self.input.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let ws = buf
+                .iter()
+                .take_while(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+                .count();
+            let lines = memchr::memchr_iter(b'\n', &buf[..ws]).count() as u64;
+            let next = buf.get(ws).copied();
+            self.input.consume(ws);
+            self.pos.bytes += ws as u64;
+            self.pos.lines += lines;
+            if next.is_some() {
+                return Ok(next);
+            }
+        }
+    }
+
+    fn next_line(&mut self) -> io::Result<Option<RawItem>> {
+        loop {
+            let at = self.pos;
+            let mut line = Vec::new();
+            let mut len: u64 = 0;
+            let mut saw_newline = false;
+            loop {
+                let buf = self.input.fill_buf()?;
+                if buf.is_empty() {
+                    break;
+                }
+                let (chunk, used) = match memchr::memchr(b'\n', buf) {
+                    Some(i) => {
+                        saw_newline = true;
+                        (&buf[..i], i + 1)
+                    }
+                    None => (buf, buf.len()),
+                };
+                let room = (self.max_record_bytes + 1).saturating_sub(line.len());
+                line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                len += chunk.len() as u64;
+                self.input.consume(used);
+                self.pos.bytes += used as u64;
+                if saw_newline {
+                    self.pos.lines += 1;
+                    break;
+                }
+            }
+            if len == 0 && !saw_newline {
+                return Ok(None);
+            }
+            if line.last() == Some(&b'\r') {
+                line.pop();
+                len -= 1;
+            }
+            if line.iter().all(u8::is_ascii_whitespace) && len <= line.len() as u64 {
+                continue; // blank lines separate nothing and are not records
+            }
+            if at.bytes == 0 && line.starts_with(b"\xef\xbb\xbf") {
+                line.drain(..3); // UTF-8 byte order mark
+                len -= 3;
+            }
+            let item = self.finish_item(at, line, len, saw_newline);
+            return Ok(Some(item));
+        }
+    }
+
+    fn finish_item(
+        &mut self,
+        mut at: Position,
+        bytes: Vec<u8>,
+        len: u64,
+        complete: bool,
+    ) -> RawItem {
+        at.records = self.pos.records;
+        self.pos.records += 1;
+        let body = if len > self.max_record_bytes as u64 {
+            RawBody::Unreadable {
+                reason: format!(
+                    "record is {} long, over the {} limit (skipped without reading it whole)",
+                    human_bytes(len),
+                    human_bytes(self.max_record_bytes as u64)
+                ),
+                prefix: prefix(bytes),
+            }
+        } else if !complete && self.container == Container::JsonArray {
+            RawBody::Unreadable {
+                reason: format!(
+                    "JSON array ends inside this record (file truncated?): the record starting at \
+                     line {} byte {} has no closing bracket",
+                    at.line(),
+                    at.bytes
+                ),
+                prefix: prefix(bytes),
+            }
+        } else {
+            RawBody::Bytes(bytes)
+        };
+        RawItem { at, body }
+    }
+
+    fn next_element(&mut self) -> io::Result<Option<RawItem>> {
+        loop {
+            let Some(byte) = self.skip_whitespace()? else {
+                if self.array != ArrayState::Closed {
+                    let message = match self.array {
+                        ArrayState::Start => "file holds no records".to_string(),
+                        _ => "JSON array is not closed with `]` (file truncated?); every complete \
+                              record was kept"
+                            .to_string(),
+                    };
+                    self.notes.push(FileNote {
+                        at: self.pos,
+                        message,
+                    });
+                }
+                return Ok(None);
+            };
+            match (self.array, byte) {
+                (ArrayState::Start, b'[') => {
+                    self.bump(byte);
+                    self.array = ArrayState::First;
+                }
+                (ArrayState::First, b']') | (ArrayState::AfterRecord, b']') => {
+                    self.bump(byte);
+                    self.array = ArrayState::Closed;
+                }
+                (ArrayState::AfterRecord, b',') => {
+                    self.bump(byte);
+                    self.array = ArrayState::First;
+                }
+                (ArrayState::Closed, _) => {
+                    self.notes.push(FileNote {
+                        at: self.pos,
+                        message: "data after the end of the JSON array was ignored".into(),
+                    });
+                    io::copy(&mut self.input, &mut io::sink())?;
+                    return Ok(None);
+                }
+                (ArrayState::Start, 0xEF) if self.pos.bytes == 0 => {
+                    // UTF-8 byte order mark before the array.
+                    let mut bom = [0u8; 3];
+                    self.input.read_exact(&mut bom)?;
+                    self.pos.bytes += 3;
+                }
+                (ArrayState::First, _) => return self.scan_value().map(Some),
+                (ArrayState::AfterRecord, _) | (ArrayState::Start, _) => {
+                    // Missing comma or a stray byte: read a value from here and reject it.
+                    let mut item = self.scan_value()?;
+                    if let RawBody::Bytes(bytes) = item.body {
+                        item.body = RawBody::Unreadable {
+                            reason: "malformed JSON array: expected `,` or `]` before this record"
+                                .into(),
+                            prefix: prefix(bytes),
+                        };
+                    }
+                    self.array = ArrayState::AfterRecord;
+                    return Ok(Some(item));
+                }
+            }
+        }
+    }
+
+    /// Reads one JSON value byte-exactly by tracking strings and bracket depth.
+    fn scan_value(&mut self) -> io::Result<RawItem> {
+        let at = self.pos;
+        let mut value = Vec::new();
+        let mut len: u64 = 0;
+        let mut depth: u32 = 0;
+        let mut in_string = false;
+        let mut escaped = false;
+        let mut started = false;
+        let mut complete = false;
+        'outer: loop {
+            let buf = self.input.fill_buf()?;
+            if buf.is_empty() {
+                break;
+            }
+            let mut used = 0;
+            let mut lines = 0;
+            for &b in buf {
+                if started && depth == 0 && !in_string {
+                    // A scalar ends at a delimiter, which stays unread.
+                    if matches!(b, b',' | b']' | b' ' | b'\t' | b'\r' | b'\n') {
+                        complete = true;
+                        break;
+                    }
+                }
+                used += 1;
+                if b == b'\n' {
+                    lines += 1;
+                }
+                started = true;
+                if in_string {
+                    if escaped {
+                        escaped = false;
+                    } else if b == b'\\' {
+                        escaped = true;
+                    } else if b == b'"' {
+                        in_string = false;
+                        if depth == 0 {
+                            complete = true;
+                            break;
+                        }
+                    }
+                } else {
+                    match b {
+                        b'"' => in_string = true,
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth = depth.saturating_sub(1);
+                            if depth == 0 {
+                                complete = true;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let room = (self.max_record_bytes + 1).saturating_sub(value.len());
+            value.extend_from_slice(&buf[..used.min(room)]);
+            len += used as u64;
+            self.input.consume(used);
+            self.pos.bytes += used as u64;
+            self.pos.lines += lines;
+            if complete {
+                break 'outer;
+            }
+        }
+        // A scalar running to the end of the file is complete too.
+        let complete =
+            complete || (started && depth == 0 && !in_string && value.first() != Some(&b'"'));
+        self.array = ArrayState::AfterRecord;
+        Ok(self.finish_item(at, value, len, complete))
+    }
+}
+
+/// Whether a resumed file is a JSON array, decided from its first bytes.
+fn resume_is_array(path: &Path, compression: Compression) -> io::Result<bool> {
+    let file = File::open(path)?;
+    let mut input: Box<dyn BufRead> = match compression {
+        Compression::None => Box::new(BufReader::new(file)),
+        Compression::Gzip => Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(file))),
+        Compression::Zstd => Box::new(BufReader::new(zstd::stream::read::Decoder::new(file)?)),
+    };
+    Ok(sniff_container(&mut input)? == Container::JsonArray)
+}
+
+/// A file whose first non-blank byte is `[` is a JSON array; anything else is JSONL.
+fn sniff_container(input: &mut dyn BufRead) -> io::Result<Container> {
+    let buf = input.fill_buf()?;
+    let buf = buf.strip_prefix(b"\xef\xbb\xbf").unwrap_or(buf);
+    let first = buf.iter().find(|b| !b.is_ascii_whitespace());
+    Ok(if first == Some(&b'[') {
+        Container::JsonArray
+    } else {
+        Container::Jsonl
+    })
+}
+
+const PREFIX_BYTES: usize = 4096;
+
+fn prefix(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes.truncate(PREFIX_BYTES);
+    bytes
+}
+
+/// `1536` -> `1.5 KiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

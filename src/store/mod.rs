@@ -1,0 +1,505 @@
+//! The embedded store: RocksDB, the only module that imports it.
+//!
+//! Column families (byte layouts in `storage/README.md`):
+//!
+//! | family       | key                                   | value                      |
+//! |--------------|---------------------------------------|----------------------------|
+//! | `examples`   | SHA-1 (20 bytes)                      | bincode [`StoredExample`]  |
+//! | `provenance` | SHA-1, import id u32 BE, record u64 BE| bincode [`ProvenanceValue`]|
+//! | `ordinals`   | ordinal u64 BE                        | SHA-1 (20 bytes)           |
+//! | `imports`    | import id u32 BE                      | bincode [`ImportRecord`]   |
+//! | `rejects`    | import id u32 BE, record u64 BE       | bincode [`Reject`]         |
+//! | `meta`       | `schema_version`, `counters`          | u32 LE, bincode [`Counters`]|
+//!
+//! Every change an import makes for one batch of records, including its checkpoint and the
+//! running counters, goes through one [`Batch`] written atomically, so a crash at any point
+//! leaves the store at a batch boundary that the checkpoint describes exactly.
+
+mod types;
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
+    Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
+
+use crate::conversation::ContentHash;
+
+pub use types::{
+    Counters, ImportCounts, ImportRecord, ImportState, ProvenanceEntry, ProvenanceValue, Reject,
+    StoredExample,
+};
+
+/// Version of the on-disk layout (keys, values, canonical hash form).
+pub const SCHEMA_VERSION: u32 = 1;
+
+const CF_EXAMPLES: &str = "examples";
+const CF_PROVENANCE: &str = "provenance";
+const CF_ORDINALS: &str = "ordinals";
+const CF_IMPORTS: &str = "imports";
+const CF_REJECTS: &str = "rejects";
+const CF_META: &str = "meta";
+const ALL_CFS: [&str; 6] = [
+    CF_EXAMPLES,
+    CF_PROVENANCE,
+    CF_ORDINALS,
+    CF_IMPORTS,
+    CF_REJECTS,
+    CF_META,
+];
+
+const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
+const KEY_COUNTERS: &[u8] = b"counters";
+
+/// Key of a file-level ledger entry (not a record) in the rejects family.
+pub const FILE_NOTE_RECORD: u64 = u64::MAX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("store at {path} is locked: another corpusdb process is writing to it; wait for it to finish (readers such as `stats` work meanwhile)")]
+    Locked { path: PathBuf },
+    #[error("no store at {path}: create one with `corpusdb ingest`, or pass --store DIR")]
+    Missing { path: PathBuf },
+    #[error("store at {path} has schema version {found}, this corpusdb reads version {expected}; use a matching corpusdb or re-import into a new store")]
+    SchemaMismatch {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("store at {path} is damaged: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("store at {path}: {source}")]
+    Rocks {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Block compression of the examples family (the other families are small).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Lz4,
+    Zstd,
+}
+
+/// How to open a store for writing.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub compression: Compression,
+    /// Memtable size of the examples family, in bytes.
+    pub write_buffer_bytes: usize,
+    /// Shared block cache, in bytes.
+    pub block_cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        // zstd: ~2.4x smaller than lz4 on the synthetic corpus at a similar ingest rate
+        // (BENCHMARKS.md). Values are not compressed again by us.
+        StoreOptions {
+            compression: Compression::Zstd,
+            write_buffer_bytes: 64 << 20,
+            block_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) a store for writing. Only one process may hold it.
+    pub fn open(path: &Path) -> Result<Store> {
+        Store::open_with(path, &StoreOptions::default())
+    }
+
+    pub fn open_with(path: &Path, options: &StoreOptions) -> Result<Store> {
+        std::fs::create_dir_all(path).map_err(|e| Error::Corrupt {
+            path: path.to_owned(),
+            detail: format!("cannot create the directory: {e}"),
+        })?;
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_max_background_jobs(2);
+        db_options.set_bytes_per_sync(1 << 20);
+        let descriptors = column_families(options);
+        let db = DB::open_cf_descriptors(&db_options, path, descriptors)
+            .map_err(|e| rocks_error(path, e))?;
+        let store = Store {
+            db,
+            path: path.to_owned(),
+        };
+        store.check_schema(true)?;
+        Ok(store)
+    }
+
+    /// Opens an existing store for reading; works while another process writes to it and
+    /// sees the data committed when it was opened.
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        if !path.join("CURRENT").exists() {
+            return Err(Error::Missing {
+                path: path.to_owned(),
+            });
+        }
+        let descriptors = column_families(&StoreOptions::default());
+        let db = DB::open_cf_descriptors_read_only(&Options::default(), path, descriptors, false)
+            .map_err(|e| rocks_error(path, e))?;
+        let store = Store {
+            db,
+            path: path.to_owned(),
+        };
+        store.check_schema(false)?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_schema(&self, may_initialise: bool) -> Result<()> {
+        let meta = self.cf(CF_META);
+        match self
+            .db
+            .get_cf(meta, KEY_SCHEMA_VERSION)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(bytes) => {
+                let found = u32::from_le_bytes(
+                    bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| self.corrupt("schema version is not 4 bytes"))?,
+                );
+                if found != SCHEMA_VERSION {
+                    return Err(Error::SchemaMismatch {
+                        path: self.path.clone(),
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
+                }
+                Ok(())
+            }
+            None if may_initialise => self
+                .db
+                .put_cf(meta, KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes())
+                .map_err(|e| self.rocks(e)),
+            None => Err(self.corrupt("no schema version recorded")),
+        }
+    }
+
+    /// Running totals, kept up to date by every import batch.
+    pub fn counters(&self) -> Result<Counters> {
+        match self
+            .db
+            .get_cf(self.cf(CF_META), KEY_COUNTERS)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(bytes) => self.decode(&bytes, "counters"),
+            None => Ok(Counters::default()),
+        }
+    }
+
+    /// For each hash, whether an example with it is stored. Uses the bloom filter first, so
+    /// new content costs no disk read.
+    pub fn contains_many(&self, hashes: &[ContentHash]) -> Result<Vec<bool>> {
+        let cf = self.cf(CF_EXAMPLES);
+        let mut found = vec![false; hashes.len()];
+        let mut maybe = Vec::new();
+        for (i, hash) in hashes.iter().enumerate() {
+            if self.db.key_may_exist_cf(cf, hash.as_bytes()) {
+                maybe.push(i);
+            }
+        }
+        let keys = maybe.iter().map(|&i| (cf, hashes[i].as_bytes()));
+        for (&i, result) in maybe.iter().zip(self.db.multi_get_cf(keys)) {
+            found[i] = result.map_err(|e| self.rocks(e))?.is_some();
+        }
+        Ok(found)
+    }
+
+    pub fn get(&self, hash: &ContentHash) -> Result<Option<StoredExample>> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_EXAMPLES), hash.as_bytes())
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(bytes) => Ok(Some(self.decode(&bytes, "example")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Hashes whose hex form starts with `hex_prefix` (at most `limit`).
+    pub fn hashes_with_prefix(&self, hex_prefix: &str, limit: usize) -> Result<Vec<ContentHash>> {
+        let even = &hex_prefix[..hex_prefix.len() & !1];
+        let Ok(start) = hex::decode(even) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_EXAMPLES),
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            let (key, _) = item.map_err(|e| self.rocks(e))?;
+            if !key.starts_with(&start) || out.len() >= limit {
+                break;
+            }
+            if let Some(hash) = ContentHash::from_slice(&key) {
+                if hash.to_hex().starts_with(&hex_prefix.to_ascii_lowercase()) {
+                    out.push(hash);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every source record that produced `hash`, in import order.
+    pub fn provenance(&self, hash: &ContentHash) -> Result<Vec<ProvenanceEntry>> {
+        let mut out = Vec::new();
+        let iter = self
+            .db
+            .prefix_iterator_cf(self.cf(CF_PROVENANCE), hash.as_bytes());
+        for item in iter {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            if !key.starts_with(hash.as_bytes()) {
+                break;
+            }
+            let (import_id, record) = split_import_record_key(&key[20..])
+                .ok_or_else(|| self.corrupt("provenance key has the wrong length"))?;
+            let value: ProvenanceValue = self.decode(&value, "provenance")?;
+            out.push(ProvenanceEntry {
+                import_id,
+                record,
+                line: value.line,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn imports(&self) -> Result<Vec<ImportRecord>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_IMPORTS), IteratorMode::Start)
+        {
+            let (_, value) = item.map_err(|e| self.rocks(e))?;
+            out.push(self.decode(&value, "import")?);
+        }
+        Ok(out)
+    }
+
+    /// Ledger entries, optionally of one import, in (import, record) order.
+    pub fn rejects(&self, import_id: Option<u32>) -> Result<Vec<Reject>> {
+        let cf = self.cf(CF_REJECTS);
+        let prefix = import_id.map(u32::to_be_bytes);
+        let iter = match &prefix {
+            Some(p) => self
+                .db
+                .iterator_cf(cf, IteratorMode::From(p, Direction::Forward)),
+            None => self.db.iterator_cf(cf, IteratorMode::Start),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            if prefix.is_some_and(|p| !key.starts_with(&p)) {
+                break;
+            }
+            out.push(self.decode(&value, "reject")?);
+        }
+        Ok(out)
+    }
+
+    /// All stored hashes in insertion order, with their ordinals.
+    pub fn ordinals(&self) -> impl Iterator<Item = Result<(u64, ContentHash)>> + '_ {
+        let mut options = ReadOptions::default();
+        options.fill_cache(false);
+        self.db
+            .iterator_cf_opt(self.cf(CF_ORDINALS), options, IteratorMode::Start)
+            .map(move |item| {
+                let (key, value) = item.map_err(|e| self.rocks(e))?;
+                let ordinal = u64::from_be_bytes(
+                    key.as_ref()
+                        .try_into()
+                        .map_err(|_| self.corrupt("ordinal key is not 8 bytes"))?,
+                );
+                let hash = ContentHash::from_slice(&value)
+                    .ok_or_else(|| self.corrupt("ordinal value is not a SHA-1"))?;
+                Ok((ordinal, hash))
+            })
+    }
+
+    /// Writes a batch atomically. The WAL is written but not fsynced: a killed process
+    /// loses nothing, a power cut may lose the last batches, never half of one.
+    pub fn write(&self, batch: Batch) -> Result<()> {
+        let mut options = WriteOptions::default();
+        options.set_sync(false);
+        self.db
+            .write_opt(batch.inner, &options)
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Starts an empty batch for this store.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            inner: WriteBatch::default(),
+        }
+    }
+
+    /// Flushes memtables so the data is in SST files (used before measuring size).
+    pub fn flush(&self) -> Result<()> {
+        for name in ALL_CFS {
+            self.db.flush_cf(self.cf(name)).map_err(|e| self.rocks(e))?;
+        }
+        Ok(())
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is opened with the store")
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {
+        bincode::deserialize(bytes).map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
+    }
+
+    fn rocks(&self, e: rocksdb::Error) -> Error {
+        rocks_error(&self.path, e)
+    }
+
+    fn corrupt(&self, detail: &str) -> Error {
+        Error::Corrupt {
+            path: self.path.clone(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// Changes written together by [`Store::write`].
+pub struct Batch<'a> {
+    store: &'a Store,
+    inner: WriteBatch,
+}
+
+impl Batch<'_> {
+    pub fn put_example(&mut self, hash: &ContentHash, example: &StoredExample) {
+        self.put(CF_EXAMPLES, hash.as_bytes(), example);
+        self.inner.put_cf(
+            self.store.cf(CF_ORDINALS),
+            example.ordinal.to_be_bytes(),
+            hash.as_bytes(),
+        );
+    }
+
+    pub fn put_provenance(
+        &mut self,
+        hash: &ContentHash,
+        import_id: u32,
+        record: u64,
+        value: &ProvenanceValue,
+    ) {
+        let mut key = [0u8; 32];
+        key[..20].copy_from_slice(hash.as_bytes());
+        key[20..].copy_from_slice(&import_record_key(import_id, record));
+        self.put(CF_PROVENANCE, &key, value);
+    }
+
+    pub fn put_reject(&mut self, reject: &Reject) {
+        let record = reject.record.unwrap_or(FILE_NOTE_RECORD);
+        self.put(
+            CF_REJECTS,
+            &import_record_key(reject.import_id, record),
+            reject,
+        );
+    }
+
+    pub fn put_import(&mut self, import: &ImportRecord) {
+        self.put(CF_IMPORTS, &import.id.to_be_bytes(), import);
+    }
+
+    pub fn put_counters(&mut self, counters: &Counters) {
+        self.put(CF_META, KEY_COUNTERS, counters);
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    fn put<T: serde::Serialize>(&mut self, cf: &str, key: &[u8], value: &T) {
+        let bytes = bincode::serialize(value).expect("store types always serialise");
+        self.inner.put_cf(self.store.cf(cf), key, bytes);
+    }
+}
+
+fn import_record_key(import_id: u32, record: u64) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..4].copy_from_slice(&import_id.to_be_bytes());
+    key[4..].copy_from_slice(&record.to_be_bytes());
+    key
+}
+
+fn split_import_record_key(key: &[u8]) -> Option<(u32, u64)> {
+    let import_id = u32::from_be_bytes(key.get(..4)?.try_into().ok()?);
+    let record = u64::from_be_bytes(key.get(4..12)?.try_into().ok()?);
+    (key.len() == 12).then_some((import_id, record))
+}
+
+fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
+    let cache = Cache::new_lru_cache(options.block_cache_bytes);
+    ALL_CFS
+        .iter()
+        .map(|&name| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            let mut cf = Options::default();
+            match name {
+                CF_EXAMPLES => {
+                    // Dedup asks "is this hash stored?" for every record: a bloom filter
+                    // answers no for new content without touching disk.
+                    table.set_bloom_filter(10.0, false);
+                    table.set_block_size(16 << 10);
+                    cf.set_write_buffer_size(options.write_buffer_bytes);
+                    cf.set_compression_type(match options.compression {
+                        Compression::None => DBCompressionType::None,
+                        Compression::Lz4 => DBCompressionType::Lz4,
+                        Compression::Zstd => DBCompressionType::Zstd,
+                    });
+                }
+                CF_PROVENANCE => {
+                    cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(20));
+                    table.set_bloom_filter(10.0, false);
+                    cf.set_compression_type(DBCompressionType::Lz4);
+                }
+                _ => cf.set_compression_type(DBCompressionType::Lz4),
+            }
+            cf.set_block_based_table_factory(&table);
+            ColumnFamilyDescriptor::new(name, cf)
+        })
+        .collect()
+}
+
+fn rocks_error(path: &Path, e: rocksdb::Error) -> Error {
+    let text = e.to_string();
+    if text.contains("lock file") || text.contains("LOCK") {
+        Error::Locked {
+            path: path.to_owned(),
+        }
+    } else {
+        Error::Rocks {
+            path: path.to_owned(),
+            source: e,
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Values stored in the column families. They are serialised with bincode, so changing a
+//! field here changes the on-disk format: bump `SCHEMA_VERSION` when you do.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::conversation::Conversation;
+use crate::reader::Position;
+
+/// An example as stored under its content hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredExample {
+    /// Insertion order, dense from 0; stable once assigned.
+    pub ordinal: u64,
+    /// Category given by the first source that produced this content.
+    pub category: String,
+    /// Import that first produced it.
+    pub first_import: u32,
+    pub chars: u64,
+    pub turns: u32,
+    pub conversation: Conversation,
+}
+
+/// Value of a provenance entry; the key holds hash, import id and record index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvenanceValue {
+    pub line: u64,
+}
+
+/// One source record that produced a hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvenanceEntry {
+    pub import_id: u32,
+    /// 0-based record index within the file.
+    pub record: u64,
+    /// 1-based line where the record starts.
+    pub line: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImportState {
+    /// Started; resumes from `checkpoint`.
+    Partial,
+    /// Every record of the file is accounted for.
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportCounts {
+    pub read: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+}
+
+impl ImportCounts {
+    /// The invariant every import keeps: read = stored + duplicates + rejected.
+    pub fn adds_up(&self) -> bool {
+        self.read == self.stored + self.duplicates + self.rejected
+    }
+
+    pub fn add(&mut self, other: &ImportCounts) {
+        self.read += other.read;
+        self.stored += other.stored;
+        self.duplicates += other.duplicates;
+        self.rejected += other.rejected;
+    }
+}
+
+/// One file imported under one source name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    pub id: u32,
+    pub source: String,
+    pub category: String,
+    /// The path as given when the import started.
+    pub path: String,
+    /// See `reader::fingerprint`.
+    pub fingerprint: String,
+    pub format: String,
+    pub state: ImportState,
+    /// Where to resume: just after the last committed record.
+    pub checkpoint: Position,
+    pub counts: ImportCounts,
+    pub started_unix: u64,
+    pub updated_unix: u64,
+}
+
+/// A record that did not become an example, or a note about a whole file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    pub import_id: u32,
+    pub source: String,
+    pub path: String,
+    /// 0-based record index; `None` for a note about the whole file.
+    pub record: Option<u64>,
+    pub line: u64,
+    pub byte_offset: u64,
+    pub reason: String,
+    /// The record's bytes, at most `RAW_LIMIT` of them.
+    pub raw: Vec<u8>,
+    pub raw_truncated: bool,
+}
+
+impl Reject {
+    /// Raw bytes kept per rejected record; longer records keep their beginning.
+    pub const RAW_LIMIT: usize = 64 << 10;
+}
+
+/// Store-wide totals, updated in the same batch as the data they count.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Stored examples; also the next ordinal.
+    pub examples: u64,
+    pub read: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub next_import_id: u32,
+    /// Examples per category.
+    pub categories: BTreeMap<String, u64>,
+    /// Records per source name that are in the store (stored or duplicate).
+    pub sources: BTreeMap<String, u64>,
+}

@@ -1,0 +1,313 @@
+//! A deterministic generator of realistic instruction data, for benchmarks and tests.
+//!
+//! Records are JSONL in the three built-in shapes (alpaca, messages, sharegpt), multi-turn,
+//! about 1.5 KB on average, with a chosen fraction of exact repeats of earlier records (some
+//! with extra whitespace or CRLF line ends, which normalisation must fold together). The
+//! same seed gives the same bytes on every machine: the PRNG is SplitMix64, defined here.
+
+use std::io::{self, Write};
+
+use serde_json::json;
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct SynthSpec {
+    pub records: u64,
+    /// Fraction of records that repeat an earlier record's content.
+    pub duplicate_fraction: f64,
+    pub seed: u64,
+}
+
+impl Default for SynthSpec {
+    fn default() -> Self {
+        SynthSpec {
+            records: 100_000,
+            duplicate_fraction: 0.15,
+            seed: 42,
+        }
+    }
+}
+
+/// What was generated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynthStats {
+    pub records: u64,
+    /// Records with content not seen before in this file.
+    pub unique: u64,
+    pub bytes: u64,
+}
+
+/// SplitMix64: tiny, fast, and fixed forever (unlike a library PRNG's stream).
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+const WORDS: &[&str] = &[
+    "the",
+    "model",
+    "data",
+    "answer",
+    "question",
+    "because",
+    "function",
+    "value",
+    "first",
+    "second",
+    "result",
+    "explain",
+    "example",
+    "system",
+    "people",
+    "time",
+    "water",
+    "energy",
+    "history",
+    "language",
+    "number",
+    "problem",
+    "solution",
+    "step",
+    "therefore",
+    "consider",
+    "important",
+    "different",
+    "between",
+    "through",
+    "however",
+    "research",
+    "science",
+    "city",
+    "music",
+    "story",
+    "friend",
+    "feeling",
+    "reason",
+    "method",
+    "equation",
+    "variable",
+    "list",
+    "string",
+    "memory",
+    "network",
+    "process",
+    "thread",
+    "market",
+    "price",
+    "health",
+    "sleep",
+    "learning",
+    "teacher",
+    "student",
+    "book",
+    "chapter",
+    "river",
+    "mountain",
+    "planet",
+    "light",
+    "sound",
+    "color",
+    "simple",
+    "complex",
+    "quickly",
+    "carefully",
+    "often",
+    "rarely",
+    "always",
+    "a",
+    "an",
+    "of",
+    "to",
+    "in",
+    "and",
+    "or",
+    "is",
+    "are",
+    "was",
+    "with",
+    "for",
+    "on",
+    "that",
+    "this",
+    "it",
+    "can",
+    "will",
+    "should",
+    "would",
+    "not",
+    "more",
+    "most",
+    "less",
+    "each",
+    "every",
+    "some",
+    "many",
+    "few",
+    "small",
+    "large",
+    "new",
+    "old",
+    "good",
+    "better",
+    "best",
+    "café",
+    "naïve",
+    "résumé",
+    "Zürich",
+    "São",
+    "Paulo",
+    "東京",
+    "数据",
+    "χ²",
+    "→",
+];
+
+const OPENERS: &[&str] = &[
+    "Explain",
+    "Describe",
+    "Summarize",
+    "Write",
+    "Compare",
+    "List",
+    "Calculate",
+    "Translate",
+    "Why does",
+    "How can",
+    "What is",
+    "Suggest",
+];
+
+fn sentence(rng: &mut SplitMix64, words: u64) -> String {
+    let mut out = String::with_capacity(words as usize * 7);
+    for i in 0..words {
+        let word = WORDS[rng.below(WORDS.len() as u64) as usize];
+        if i == 0 {
+            let mut chars = word.chars();
+            if let Some(c) = chars.next() {
+                out.extend(c.to_uppercase());
+                out.push_str(chars.as_str());
+            }
+        } else {
+            out.push(' ');
+            out.push_str(word);
+        }
+    }
+    out.push('.');
+    out
+}
+
+fn paragraph(rng: &mut SplitMix64, target_chars: usize) -> String {
+    let mut out = String::with_capacity(target_chars + 64);
+    while out.len() < target_chars {
+        if !out.is_empty() {
+            out.push(if rng.below(5) == 0 { '\n' } else { ' ' });
+        }
+        let words = 6 + rng.below(14);
+        out.push_str(&sentence(rng, words));
+    }
+    out
+}
+
+/// The content of one unique record, rebuilt from its own seed so repeats cost no memory.
+fn record(content_seed: u64, variant: u64) -> serde_json::Value {
+    let mut rng = SplitMix64::new(content_seed);
+    let shape = rng.below(3);
+    let turns = 1 + rng.below(3) + (rng.below(4) == 0) as u64;
+    let prompt_chars = 60 + rng.below(240) as usize;
+    let reply_chars = 150 + rng.below(750) as usize;
+    let mut pairs = Vec::new();
+    for turn in 0..turns {
+        let opener = OPENERS[rng.below(OPENERS.len() as u64) as usize];
+        let prompt = format!(
+            "{opener} {}",
+            paragraph(&mut rng, prompt_chars / (turn as usize + 1))
+        );
+        let reply = paragraph(&mut rng, reply_chars);
+        pairs.push((prompt, reply));
+    }
+    // Repeats sometimes differ only in ways normalisation removes.
+    let dress = |text: &str| match variant % 3 {
+        1 => format!("{text}  \n"),
+        2 => text.replace('\n', "\r\n"),
+        _ => text.to_string(),
+    };
+    match shape {
+        0 => {
+            let (prompt, reply) = &pairs[0];
+            let input = if rng.below(2) == 0 {
+                paragraph(&mut rng, 120)
+            } else {
+                String::new()
+            };
+            json!({"instruction": dress(prompt), "input": input, "output": dress(reply)})
+        }
+        1 => {
+            let mut messages = Vec::new();
+            if rng.below(3) == 0 {
+                messages.push(json!({"role": "system", "content": "You are a helpful assistant."}));
+            }
+            for (prompt, reply) in &pairs {
+                messages.push(json!({"role": "user", "content": dress(prompt)}));
+                messages.push(json!({"role": "assistant", "content": dress(reply)}));
+            }
+            json!({ "messages": messages })
+        }
+        _ => {
+            let mut turns = Vec::new();
+            for (prompt, reply) in &pairs {
+                turns.push(json!({"from": "human", "value": dress(prompt)}));
+                turns.push(json!({"from": "gpt", "value": dress(reply)}));
+            }
+            json!({ "id": format!("conv-{content_seed}"), "conversations": turns })
+        }
+    }
+}
+
+/// Writes `spec.records` JSONL records to `out`.
+pub fn generate(out: &mut impl Write, spec: &SynthSpec) -> io::Result<SynthStats> {
+    let mut rng = SplitMix64::new(spec.seed);
+    let mut stats = SynthStats::default();
+    let mut line = Vec::with_capacity(4096);
+    for index in 0..spec.records {
+        let repeat = stats.unique > 0 && rng.unit() < spec.duplicate_fraction;
+        let (content_seed, variant) = if repeat {
+            let earlier = rng.below(stats.unique);
+            (content_seed(spec.seed, earlier), 1 + rng.below(3))
+        } else {
+            stats.unique += 1;
+            (content_seed(spec.seed, stats.unique - 1), 0)
+        };
+        line.clear();
+        serde_json::to_writer(&mut line, &record(content_seed, variant))?;
+        line.push(b'\n');
+        out.write_all(&line)?;
+        stats.bytes += line.len() as u64;
+        stats.records = index + 1;
+    }
+    Ok(stats)
+}
+
+fn content_seed(seed: u64, unique_index: u64) -> u64 {
+    SplitMix64::new(seed ^ unique_index.wrapping_mul(0x2545_F491_4F6C_DD1D)).next_u64()
+}

@@ -1,0 +1,147 @@
+use corpusdb::conversation::{ContentHash, Conversation, Message, Role};
+use corpusdb::formats::{parse_record, Format};
+
+fn conv(messages: &[(Role, &str)]) -> Conversation {
+    let mut c = Conversation::new(messages.iter().map(|(r, t)| Message::new(*r, *t)).collect());
+    c.normalize();
+    c
+}
+
+#[test]
+fn hash_of_the_canonical_form_is_pinned() {
+    // Changing this value means every stored key changes: bump the schema version.
+    // Computed independently: sha1(b"corpusdb-canonical/1\0" + b"U" + b"c" + u64le(12) +
+    // b"What is 2+2?" + b"." + b"A" + b"c" + u64le(1) + b"4" + b".").
+    let c = conv(&[(Role::User, "What is 2+2?"), (Role::Assistant, "4")]);
+    assert_eq!(
+        c.content_hash().to_hex(),
+        "1a2deb9cf0b5a4b36fdf3d8a83a1d7e3a3f6ee50"
+    );
+    let again = conv(&[(Role::User, "What is 2+2?"), (Role::Assistant, "4")]);
+    assert_eq!(c.content_hash(), again.content_hash());
+}
+
+#[test]
+fn normalisation_folds_line_ends_unicode_forms_and_outer_space() {
+    let base = conv(&[(Role::User, "Café\nau lait"), (Role::Assistant, "Oui.")]);
+    let crlf = conv(&[(Role::User, "Café\r\nau lait"), (Role::Assistant, "Oui.")]);
+    let decomposed = conv(&[
+        (Role::User, "Cafe\u{301}\nau lait"),
+        (Role::Assistant, "Oui."),
+    ]);
+    let padded = conv(&[
+        (Role::User, "  Café\nau lait \n"),
+        (Role::Assistant, "Oui.\t"),
+    ]);
+    assert_eq!(base.content_hash(), crlf.content_hash());
+    assert_eq!(base.content_hash(), decomposed.content_hash());
+    assert_eq!(base.content_hash(), padded.content_hash());
+    // Inner whitespace is content.
+    let inner = conv(&[(Role::User, "Café\n\nau lait"), (Role::Assistant, "Oui.")]);
+    assert_ne!(base.content_hash(), inner.content_hash());
+}
+
+#[test]
+fn framing_prevents_collisions_by_concatenation_or_role() {
+    let hashes: Vec<ContentHash> = [
+        conv(&[(Role::User, "ab"), (Role::Assistant, "c")]),
+        conv(&[(Role::User, "a"), (Role::Assistant, "bc")]),
+        conv(&[(Role::User, "abc"), (Role::Assistant, "")]),
+        conv(&[(Role::System, "ab"), (Role::Assistant, "c")]),
+        conv(&[(Role::Assistant, "ab"), (Role::User, "c")]),
+        conv(&[(Role::User, "ab"), (Role::Assistant, "c"), (Role::User, "")]),
+    ]
+    .iter()
+    .map(Conversation::content_hash)
+    .collect();
+    for (i, a) in hashes.iter().enumerate() {
+        for b in &hashes[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+    let mut with_tools = conv(&[(Role::User, "ab"), (Role::Assistant, "c")]);
+    with_tools.tools = Some("[]".into());
+    assert_ne!(with_tools.content_hash(), hashes[0]);
+    let mut named = conv(&[(Role::User, "ab"), (Role::Assistant, "c")]);
+    named.messages[0].name = Some("ann".into());
+    assert_ne!(named.content_hash(), hashes[0]);
+}
+
+#[test]
+fn the_same_conversation_in_three_formats_has_one_hash() {
+    let alpaca = parse_record(
+        Format::Alpaca,
+        br#"{"instruction": "Name a color.", "input": "", "output": "Blue."}"#,
+    )
+    .unwrap();
+    let messages = parse_record(
+        Format::Messages,
+        br#"{"messages": [{"role": "user", "content": "Name a color.\r\n"}, {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}"#,
+    )
+    .unwrap();
+    let sharegpt = parse_record(
+        Format::Sharegpt,
+        br#"{"id": "x", "conversations": [{"from": "human", "value": "Name a color."}, {"from": "gpt", "value": " Blue. "}]}"#,
+    )
+    .unwrap();
+    assert_eq!(alpaca.content_hash(), messages.content_hash());
+    assert_eq!(alpaca.content_hash(), sharegpt.content_hash());
+}
+
+#[test]
+fn sharegpt_role_aliases_and_alpaca_input() {
+    for alias in ["gpt", "chatgpt", "bing", "bard", "assistant"] {
+        let record = format!(
+            r#"{{"conversations": [{{"from": "user", "value": "q"}}, {{"from": "{alias}", "value": "a"}}]}}"#
+        );
+        let c = parse_record(Format::Sharegpt, record.as_bytes()).unwrap();
+        assert_eq!(c.messages[1].role, Role::Assistant, "{alias}");
+    }
+    let c = parse_record(Format::Sharegpt, br#"{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}"#).unwrap();
+    assert_eq!(
+        c.messages.iter().map(|m| m.role).collect::<Vec<_>>(),
+        [Role::System, Role::User, Role::Assistant]
+    );
+    let err = parse_record(
+        Format::Sharegpt,
+        br#"{"conversations": [{"from": "wizard", "value": "q"}]}"#,
+    )
+    .unwrap_err();
+    assert_eq!(err, "unknown role `wizard` in turn 1");
+
+    let c = parse_record(
+        Format::Alpaca,
+        br#"{"instruction": "Translate", "input": "hola", "output": "hello"}"#,
+    )
+    .unwrap();
+    assert_eq!(c.messages[0].content, "Translate\n\nhola");
+    assert_eq!(c.turn_count(), 1);
+}
+
+#[test]
+fn tool_calls_and_schemas_are_part_of_the_content() {
+    let record = br#"{"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "messages": [{"role": "user", "content": "call f"},
+                     {"role": "assistant", "content": null, "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}]},
+                     {"role": "tool", "name": "f", "content": "ok"},
+                     {"role": "assistant", "content": "done"}]}"#;
+    let c = parse_record(Format::Messages, record).unwrap();
+    assert_eq!(
+        c.messages[1].tool_calls.as_deref(),
+        Some(r#"[{"function":{"arguments":"{}","name":"f"},"id":"1"}]"#)
+    );
+    assert_eq!(c.messages[2].role, Role::Tool);
+    assert!(c.tools.is_some());
+}
+
+#[test]
+fn conversations_that_cannot_train_are_refused() {
+    assert_eq!(
+        parse_record(Format::Messages, br#"{"messages": []}"#).unwrap_err(),
+        "empty conversation: no messages"
+    );
+    assert_eq!(
+        parse_record(Format::Alpaca, br#"{"instruction": "x", "output": "   "}"#).unwrap_err(),
+        "no assistant message with content"
+    );
+}

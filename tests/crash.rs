@@ -1,0 +1,114 @@
+//! Crash resume: the binary is killed with SIGKILL mid-import, again and again, then
+//! finishes; the store must equal that of an uninterrupted import.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use corpusdb::store::{ImportState, Store};
+
+use crate::util::{bin, dump, run_ok};
+
+fn ingest_cmd(store: &Path, file: &Path) -> std::process::Command {
+    let mut cmd = bin();
+    cmd.arg("--store").arg(store).arg("ingest").arg(file);
+    cmd.args([
+        "--source",
+        "synthetic",
+        "--category",
+        "general",
+        "--batch-size",
+        "300",
+    ]);
+    cmd
+}
+
+#[test]
+fn sigkill_at_several_points_then_resume_equals_an_uninterrupted_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    run_ok(
+        bin()
+            .args(["generate", "--records", "6000", "--seed", "7", "--out"])
+            .arg(&corpus),
+    );
+    // Bad records in the middle and at the end must be accounted for identically.
+    let mut text = std::fs::read(&corpus).unwrap();
+    let middle = text.len() / 2;
+    let cut = middle + text[middle..].iter().position(|&b| b == b'\n').unwrap() + 1;
+    text.splice(cut..cut, b"{\"broken\": \n\xff\xfe\n".iter().copied());
+    text.extend_from_slice(b"{\"instruction\": \"tail\"}\n");
+    std::fs::write(&corpus, &text).unwrap();
+
+    let reference = dir.path().join("reference");
+    run_ok(&mut ingest_cmd(&reference, &corpus));
+    let expected = dump(&reference);
+    assert_eq!(expected.counters.read, 6003);
+    assert_eq!(expected.counters.rejected, 3);
+    assert!(
+        expected.counters.duplicates > 500,
+        "the generator repeats ~15%"
+    );
+
+    let crashed = dir.path().join("crashed");
+    let mut kills = 0;
+    let mut partial_seen = Vec::new();
+    for wait_ms in [150u64, 400, 250, 700, 100] {
+        let mut child = ingest_cmd(&crashed, &corpus)
+            .env("CORPUSDB_TEST_BATCH_DELAY_MS", "40")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(wait_ms) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+        if crashed.join("CURRENT").exists() {
+            let store = Store::open_read_only(&crashed).unwrap();
+            for import in store.imports().unwrap() {
+                assert!(
+                    import.counts.adds_up(),
+                    "counts add up at every checkpoint: {:?}",
+                    import.counts
+                );
+                partial_seen.push((import.state, import.counts.read));
+            }
+            let counters = store.counters().unwrap();
+            assert_eq!(
+                counters.read,
+                counters.examples + counters.duplicates + counters.rejected
+            );
+        }
+    }
+    assert!(
+        kills >= 3,
+        "the import should have been killed mid-way several times, got {kills}"
+    );
+    assert!(
+        partial_seen
+            .iter()
+            .any(|(state, read)| *state == ImportState::Partial && *read > 0),
+        "some kill should land after a committed batch: {partial_seen:?}"
+    );
+    let finish = run_ok(&mut ingest_cmd(&crashed, &corpus));
+    let stdout = String::from_utf8_lossy(&finish.stdout);
+    assert!(
+        stdout.contains("resumed at record") || stdout.contains("nothing to do"),
+        "{stdout}"
+    );
+    assert_eq!(dump(&crashed), expected);
+
+    // And once complete, another run is a no-op.
+    let again = run_ok(&mut ingest_cmd(&crashed, &corpus));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to do"));
+    assert_eq!(dump(&crashed), expected);
+}

@@ -1,0 +1,233 @@
+use corpusdb::ingest::{self, IngestOptions};
+use corpusdb::store::{ImportState, Store};
+
+use crate::util::{ingest, write};
+
+const ALPACA: &str = r#"{"instruction": "Name a color.", "input": "", "output": "Blue."}
+{"instruction": "Add 2 and 3.", "input": "", "output": "5"}
+{"instruction": "Name a color.", "input": "", "output": "Blue."}
+"#;
+
+const MESSAGES: &str = r#"{"messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]}
+{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}
+"#;
+
+#[test]
+fn duplicates_across_sources_are_stored_once_with_every_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let a = write(dir.path(), "a.jsonl", ALPACA.as_bytes());
+    let b = write(dir.path(), "b.jsonl", MESSAGES.as_bytes());
+    let first = ingest(&store, &a, "alpaca-set", "instruction");
+    assert_eq!(
+        (
+            first.run.read,
+            first.run.stored,
+            first.run.duplicates,
+            first.run.rejected
+        ),
+        (3, 2, 1, 0)
+    );
+    let second = ingest(&store, &b, "chat-set", "conversation");
+    assert_eq!(
+        (
+            second.run.read,
+            second.run.stored,
+            second.run.duplicates,
+            second.run.rejected
+        ),
+        (2, 1, 1, 0)
+    );
+
+    let counters = store.counters().unwrap();
+    assert_eq!(counters.examples, 3);
+    assert_eq!(counters.duplicates, 2);
+    assert_eq!(counters.read, 5);
+    assert_eq!(counters.categories.get("instruction"), Some(&2));
+    assert_eq!(counters.categories.get("conversation"), Some(&1));
+    assert_eq!(counters.sources.get("alpaca-set"), Some(&3));
+    assert_eq!(counters.sources.get("chat-set"), Some(&2));
+
+    let hash = corpusdb::formats::parse_record(
+        corpusdb::formats::Format::Auto,
+        MESSAGES.lines().next().unwrap().as_bytes(),
+    )
+    .unwrap()
+    .content_hash();
+    let example = store.get(&hash).unwrap().unwrap();
+    assert_eq!(
+        example.category, "instruction",
+        "the first source's category is kept"
+    );
+    let provenance = store.provenance(&hash).unwrap();
+    let places: Vec<(u32, u64, u64)> = provenance
+        .iter()
+        .map(|p| (p.import_id, p.record, p.line))
+        .collect();
+    assert_eq!(
+        places,
+        [
+            (first.import.id, 0, 1),
+            (first.import.id, 2, 3),
+            (second.import.id, 0, 1)
+        ]
+    );
+}
+
+#[test]
+fn a_finished_import_run_again_is_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let a = write(dir.path(), "a.jsonl", ALPACA.as_bytes());
+    let first = ingest(&store, &a, "alpaca-set", "instruction");
+    assert!(!first.already_done);
+    let before = store.counters().unwrap();
+    let again = ingest(&store, &a, "alpaca-set", "instruction");
+    assert!(again.already_done);
+    assert_eq!(again.run.read, 0);
+    assert_eq!(store.counters().unwrap(), before);
+    assert_eq!(store.imports().unwrap().len(), 1);
+    // A renamed copy has the same fingerprint: still a no-op.
+    let copy = write(dir.path(), "renamed.jsonl", ALPACA.as_bytes());
+    assert!(ingest(&store, &copy, "alpaca-set", "instruction").already_done);
+    // The same file under another source name is a new import of duplicates.
+    let other = ingest(&store, &a, "mirror", "instruction");
+    assert_eq!((other.run.stored, other.run.duplicates), (0, 3));
+}
+
+#[test]
+fn the_bad_input_zoo_is_recorded_with_reasons_and_counts_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let mut zoo = Vec::new();
+    zoo.extend_from_slice(b"{\"instruction\": \"ok\", \"output\": \"fine\"}\n"); // line 1
+    zoo.extend_from_slice(b"{\"instruction\": \"broken\", \"output\": \n"); // 2 malformed
+    zoo.extend_from_slice(b"{\"instruction\": \"caf\xe9\", \"output\": \"x\"}\n"); // 3 invalid UTF-8
+    zoo.extend_from_slice(b"{\"instruction\": \"no output\"}\n"); // 4 missing field
+    zoo.extend_from_slice(b"{\"messages\": []}\n"); // 5 empty conversation
+    zoo.extend_from_slice(b"{\"big\": \""); // 6 huge line
+    zoo.extend(std::iter::repeat_n(b'y', 50 << 20));
+    zoo.extend_from_slice(b"\"}\n");
+    zoo.extend_from_slice(b"\x00\x01\x02\xff\xfe garbage \x7f\n"); // 7 binary garbage
+    zoo.extend_from_slice(b"[1, 2]\n"); // 8 not an object
+    zoo.extend_from_slice(b"{\"conversations\": [{\"from\": \"human\", \"value\": \"hi\"}, {\"from\": \"gpt\", \"value\": \"hello\"}]}\n"); // 9 ok
+    let path = write(dir.path(), "zoo.jsonl", &zoo);
+    let outcome = ingest(&store, &path, "zoo", "misc");
+    assert_eq!(
+        (
+            outcome.run.read,
+            outcome.run.stored,
+            outcome.run.duplicates,
+            outcome.run.rejected
+        ),
+        (9, 2, 0, 7)
+    );
+    assert!(outcome.import.counts.adds_up());
+    assert_eq!(outcome.import.state, ImportState::Done);
+
+    let rejects = store.rejects(None).unwrap();
+    let by_line: Vec<(u64, &str)> = rejects
+        .iter()
+        .map(|r| (r.line, r.reason.as_str()))
+        .collect();
+    let expect_prefix = [
+        (2, "malformed JSON: EOF while parsing"),
+        (3, "invalid UTF-8 at byte 20 of the record"),
+        (4, "alpaca record lacks required field `output`"),
+        (5, "empty conversation: no messages"),
+        (6, "record is 50.0 MiB long, over the 16.0 MiB limit"),
+        (7, "invalid UTF-8 at byte 3 of the record"),
+        (8, "record is a JSON array, expected an object"),
+    ];
+    assert_eq!(by_line.len(), expect_prefix.len(), "{by_line:#?}");
+    for ((line, reason), (want_line, want)) in by_line.iter().zip(expect_prefix) {
+        assert_eq!(*line, want_line);
+        assert!(
+            reason.starts_with(want),
+            "line {line}: `{reason}` should start with `{want}`"
+        );
+    }
+    assert!(rejects
+        .iter()
+        .all(|r| r.path == path.display().to_string() && r.source == "zoo"));
+    assert_eq!(
+        rejects[0].raw,
+        b"{\"instruction\": \"broken\", \"output\": "
+    );
+    let big = &rejects[4];
+    assert!(big.raw_truncated || big.raw.len() <= 64 << 10);
+    let counters = store.counters().unwrap();
+    assert_eq!(
+        counters.read,
+        counters.examples + counters.duplicates + counters.rejected
+    );
+}
+
+#[test]
+fn empty_files_and_unclosed_arrays_leave_a_note_but_count_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let empty = write(dir.path(), "empty.jsonl", b"");
+    let outcome = ingest(&store, &empty, "empty", "misc");
+    assert_eq!(outcome.run.read, 0);
+    assert_eq!(outcome.import.state, ImportState::Done);
+    let notes = store.rejects(Some(outcome.import.id)).unwrap();
+    assert_eq!(notes.len(), 1);
+    assert_eq!(notes[0].record, None);
+    assert_eq!(notes[0].reason, "empty file: no records");
+
+    let cut = write(
+        dir.path(),
+        "cut.json",
+        b"[{\"instruction\": \"a\", \"output\": \"b\"}, {\"instruction\": \"c\", \"outp",
+    );
+    let outcome = ingest(&store, &cut, "cut", "misc");
+    assert_eq!(
+        (outcome.run.read, outcome.run.stored, outcome.run.rejected),
+        (2, 1, 1)
+    );
+    let ledger = store.rejects(Some(outcome.import.id)).unwrap();
+    assert!(
+        ledger[0]
+            .reason
+            .starts_with("JSON array ends inside this record"),
+        "{:?}",
+        ledger[0].reason
+    );
+    assert_eq!(ledger[0].record, Some(1));
+}
+
+#[test]
+fn strict_mode_stops_at_the_first_bad_record_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let path = write(
+        dir.path(),
+        "s.jsonl",
+        format!("{ALPACA}{{\"instruction\": 1}}\n").as_bytes(),
+    );
+    let mut options = IngestOptions::new("s", "misc");
+    options.strict = true;
+    let err = ingest::ingest_file(&store, &path, &options, &ingest::Quiet).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("s.jsonl:4: record 3: malformed JSON"),
+        "{text}"
+    );
+    assert_eq!(
+        store.counters().unwrap().read,
+        0,
+        "nothing of the failing batch is written"
+    );
+}
+
+#[test]
+fn categories_are_metadata_not_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let a = write(dir.path(), "a.jsonl", MESSAGES.as_bytes());
+    let b = write(dir.path(), "b.jsonl", format!("{MESSAGES}\n").as_bytes());
+    ingest(&store, &a, "one", "qa");
+    let second = ingest(&store, &b, "two", "chat");
+    assert_eq!((second.run.stored, second.run.duplicates), (0, 2));
+}

@@ -1,0 +1,190 @@
+use std::io::Write;
+use std::path::Path;
+
+use corpusdb::reader::{
+    Container, Position, RawBody, RawItem, RecordReader, DEFAULT_MAX_RECORD_BYTES,
+};
+
+use crate::util::write;
+
+fn read_all(path: &Path, from: Position) -> (Vec<RawItem>, RecordReader) {
+    let mut reader = RecordReader::open(path, from, DEFAULT_MAX_RECORD_BYTES).unwrap();
+    let mut items = Vec::new();
+    while let Some(item) = reader.next_item().unwrap() {
+        items.push(item);
+    }
+    (items, reader)
+}
+
+fn bytes(item: &RawItem) -> &[u8] {
+    match &item.body {
+        RawBody::Bytes(b) => b,
+        RawBody::Unreadable { reason, .. } => panic!("unexpected unreadable record: {reason}"),
+    }
+}
+
+#[test]
+fn jsonl_records_carry_their_lines_and_skip_blank_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "a.jsonl",
+        b"{\"a\":1}\r\n\n   \n{\"b\":2}\n{\"c\":3}",
+    );
+    let (items, reader) = read_all(&path, Position::default());
+    assert_eq!(reader.container(), Container::Jsonl);
+    assert_eq!(items.len(), 3);
+    assert_eq!(bytes(&items[0]), b"{\"a\":1}");
+    assert_eq!(
+        items.iter().map(|i| i.at.line()).collect::<Vec<_>>(),
+        [1, 4, 5]
+    );
+    assert_eq!(
+        items.iter().map(|i| i.at.records).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert_eq!(bytes(&items[2]), b"{\"c\":3}");
+}
+
+#[test]
+fn json_arrays_stream_elements_with_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[\n  {\"a\": \"x]}\\\"{\"},\n  {\"b\": [1, {\"c\": 2}]}\n]\n";
+    let path = write(dir.path(), "a.json", text.as_bytes());
+    let (items, mut reader) = read_all(&path, Position::default());
+    assert_eq!(reader.container(), Container::JsonArray);
+    assert_eq!(items.len(), 2);
+    assert_eq!(bytes(&items[0]), br#"{"a": "x]}\"{"}"#);
+    assert_eq!(bytes(&items[1]), br#"{"b": [1, {"c": 2}]}"#);
+    assert_eq!(items[1].at.line(), 3);
+    assert!(reader.take_notes().is_empty());
+}
+
+#[test]
+fn a_truncated_array_keeps_complete_records_and_rejects_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "cut.json",
+        b"[{\"a\": 1}, {\"b\": 2},\n {\"c\": \"unfinish",
+    );
+    let (items, _) = read_all(&path, Position::default());
+    assert_eq!(items.len(), 3);
+    assert_eq!(bytes(&items[1]), br#"{"b": 2}"#);
+    match &items[2].body {
+        RawBody::Unreadable { reason, prefix } => {
+            assert!(
+                reason.starts_with("JSON array ends inside this record"),
+                "{reason}"
+            );
+            assert!(reason.contains("line 2"), "{reason}");
+            assert_eq!(prefix, br#"{"c": "unfinish"#);
+        }
+        other => panic!("expected a truncated record, got {other:?}"),
+    }
+
+    let path = write(dir.path(), "open.json", b"[{\"a\": 1}, {\"b\": 2}");
+    let (items, mut reader) = read_all(&path, Position::default());
+    assert_eq!(items.len(), 2);
+    let notes = reader.take_notes();
+    assert_eq!(notes.len(), 1);
+    assert!(notes[0].message.contains("not closed"), "{:?}", notes[0]);
+}
+
+#[test]
+fn gzip_and_zstd_read_like_plain_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = (0..1000).map(|i| format!("{{\"n\": {i}}}\n")).collect();
+    let plain = write(dir.path(), "p.jsonl", text.as_bytes());
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(text.as_bytes()).unwrap();
+    let gz = write(dir.path(), "p.jsonl.gz", &gz.finish().unwrap());
+    let zst = write(
+        dir.path(),
+        "p.jsonl.zst",
+        &zstd::encode_all(text.as_bytes(), 3).unwrap(),
+    );
+    let expected: Vec<Vec<u8>> = read_all(&plain, Position::default())
+        .0
+        .iter()
+        .map(|i| bytes(i).to_vec())
+        .collect();
+    assert_eq!(expected.len(), 1000);
+    for path in [gz, zst] {
+        let got: Vec<Vec<u8>> = read_all(&path, Position::default())
+            .0
+            .iter()
+            .map(|i| bytes(i).to_vec())
+            .collect();
+        assert_eq!(got, expected, "{}", path.display());
+    }
+}
+
+#[test]
+fn reading_resumes_at_any_record_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: String = (0..50).map(|i| format!("{{\"n\": {i}}}\n")).collect();
+    let array = format!(
+        "[{}]",
+        (0..50)
+            .map(|i| format!("{{\"n\": {i}}}"))
+            .collect::<Vec<_>>()
+            .join(",\n")
+    );
+    let files = [
+        write(dir.path(), "l.jsonl", lines.as_bytes()),
+        write(dir.path(), "a.json", array.as_bytes()),
+        write(
+            dir.path(),
+            "l.jsonl.zst",
+            &zstd::encode_all(lines.as_bytes(), 3).unwrap(),
+        ),
+        write(
+            dir.path(),
+            "a.json.zst",
+            &zstd::encode_all(array.as_bytes(), 3).unwrap(),
+        ),
+    ];
+    for path in &files {
+        let (all, _) = read_all(path, Position::default());
+        assert_eq!(all.len(), 50);
+        for cut in [1usize, 17, 49] {
+            let mut reader =
+                RecordReader::open(path, Position::default(), DEFAULT_MAX_RECORD_BYTES).unwrap();
+            for _ in 0..cut {
+                reader.next_item().unwrap().unwrap();
+            }
+            let resume = reader.position();
+            let (rest, mut resumed) = read_all(path, resume);
+            assert_eq!(rest.len(), 50 - cut, "{} at {cut}", path.display());
+            for (a, b) in rest.iter().zip(&all[cut..]) {
+                assert_eq!(bytes(a), bytes(b));
+                assert_eq!(a.at, b.at);
+            }
+            assert!(resumed.take_notes().is_empty(), "{}", path.display());
+        }
+    }
+}
+
+#[test]
+fn an_oversized_line_is_skipped_without_losing_the_next_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = b"{\"a\": 1}\n{\"big\": \"".to_vec();
+    text.extend(std::iter::repeat_n(b'x', 50 << 20));
+    text.extend_from_slice(b"\"}\n{\"b\": 2}\n");
+    let path = write(dir.path(), "big.jsonl", &text);
+    let mut reader = RecordReader::open(&path, Position::default(), 1 << 20).unwrap();
+    let first = reader.next_item().unwrap().unwrap();
+    assert_eq!(bytes(&first), b"{\"a\": 1}");
+    let big = reader.next_item().unwrap().unwrap();
+    match big.body {
+        RawBody::Unreadable { reason, prefix } => {
+            assert_eq!(reason, "record is 50.0 MiB long, over the 1.0 MiB limit (skipped without reading it whole)");
+            assert_eq!(prefix.len(), 4096);
+        }
+        other => panic!("{other:?}"),
+    }
+    let last = reader.next_item().unwrap().unwrap();
+    assert_eq!(bytes(&last), b"{\"b\": 2}");
+    assert_eq!(last.at.line(), 3);
+}

@@ -1,0 +1,10 @@
+//! One integration-test binary; each module tests one stage against real RocksDB in
+//! temporary directories, and `crash` drives the real binary with SIGKILL.
+
+mod util;
+
+mod cli;
+mod conversation;
+mod crash;
+mod ingest;
+mod reader;

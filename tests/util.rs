@@ -1,0 +1,79 @@
+//! Helpers shared by the integration tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use corpusdb::conversation::ContentHash;
+use corpusdb::ingest::{self, FileOutcome, IngestOptions};
+use corpusdb::store::{Counters, ImportRecord, ProvenanceEntry, Reject, Store};
+
+pub fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+pub fn ingest(store: &Store, path: &Path, source: &str, category: &str) -> FileOutcome {
+    let options = IngestOptions::new(source, category);
+    ingest::ingest_file(store, path, &options, &ingest::Quiet).unwrap()
+}
+
+/// The `corpusdb` binary built for these tests.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_corpusdb"))
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let output = cmd.output().unwrap();
+    assert!(
+        output.status.success(),
+        "command failed: {cmd:?}\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Everything an import leaves in a store, for comparing two stores.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Dump {
+    pub ordinals: Vec<(u64, ContentHash)>,
+    pub provenance: BTreeMap<ContentHash, Vec<ProvenanceEntry>>,
+    pub counters: Counters,
+    pub imports: Vec<(
+        String,
+        String,
+        corpusdb::store::ImportCounts,
+        corpusdb::store::ImportState,
+    )>,
+    pub rejects: Vec<Reject>,
+}
+
+pub fn dump(path: &Path) -> Dump {
+    let store = Store::open_read_only(path).unwrap();
+    let ordinals: Vec<_> = store.ordinals().map(Result::unwrap).collect();
+    let mut provenance = BTreeMap::new();
+    for (_, hash) in &ordinals {
+        provenance.insert(*hash, store.provenance(hash).unwrap());
+        let example = store.get(hash).unwrap().unwrap();
+        assert_eq!(
+            example.conversation.content_hash(),
+            *hash,
+            "stored content hashes to its key"
+        );
+    }
+    let imports = store
+        .imports()
+        .unwrap()
+        .into_iter()
+        .map(|i: ImportRecord| (i.source, i.fingerprint, i.counts, i.state))
+        .collect();
+    Dump {
+        ordinals,
+        provenance,
+        counters: store.counters().unwrap(),
+        imports,
+        rejects: store.rejects(None).unwrap(),
+    }
+}
