@@ -21,7 +21,8 @@
 //!
 //! Every variable-length field is length-prefixed and every message is closed, so no two
 //! different conversations can produce the same bytes by shifting text between messages.
-//! Text normalisation (applied once, before hashing and storing): `\r\n` becomes `\n`,
+//! Text normalisation (applied once, before hashing and storing): `\r\n` (and any run of
+//! `\r` ending in `\n`) becomes `\n`,
 //! Unicode NFC, then leading and trailing whitespace of each field is trimmed. JSON values
 //! (tools, tool calls) are re-serialised with sorted object keys and no insignificant space.
 //! Changing any of this changes every key: bump [`CANONICAL_VERSION`] and the store schema.
@@ -69,7 +70,7 @@ impl Role {
             name
         };
         Some(match name {
-            "system" | "system_prompt" => Role::System,
+            "system" | "system_prompt" | "developer" => Role::System,
             "user" | "human" | "prompter" | "question" => Role::User,
             "assistant" | "gpt" | "chatgpt" | "bing" | "bard" | "model" | "bot" | "ai"
             | "function_call" => Role::Assistant,
@@ -224,7 +225,7 @@ fn field(out: &mut Vec<u8>, tag: u8, value: &str) {
 pub fn normalize_text(text: &str) -> Cow<'_, str> {
     let mut current: Cow<'_, str> = Cow::Borrowed(text);
     if memchr::memchr(b'\r', text.as_bytes()).is_some() {
-        current = Cow::Owned(text.replace("\r\n", "\n"));
+        current = Cow::Owned(drop_carriage_returns_before_newlines(text));
     }
     if !current.is_ascii() && is_nfc_quick(current.chars()) != IsNormalized::Yes {
         current = Cow::Owned(current.nfc().collect());
@@ -240,6 +241,27 @@ pub fn normalize_text(text: &str) -> Cow<'_, str> {
             }
         }
     }
+}
+
+/// `\r\n` -> `\n`, and so is any run of `\r` ending in `\n` (`\r\r\n`), which keeps
+/// normalisation idempotent. A `\r` not followed by `\n` stays.
+fn drop_carriage_returns_before_newlines(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\r' {
+            let run = bytes[i..].iter().take_while(|&&b| b == b'\r').count();
+            if bytes.get(i + run) != Some(&b'\n') {
+                out.extend_from_slice(&bytes[i..i + run]);
+            }
+            i += run;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).expect("only ASCII carriage returns were removed")
 }
 
 fn normalize_in_place(text: &mut String) {
@@ -310,6 +332,21 @@ mod tests {
         assert_eq!(normalize_text("  a\r\nb \n"), "a\nb");
         // "e" + combining acute accent composes to U+00E9.
         assert_eq!(normalize_text("cafe\u{301}"), "caf\u{e9}");
+        assert_eq!(normalize_text("a\r\r\nb\rc"), "a\nb\rc");
+    }
+
+    #[test]
+    fn normalisation_is_idempotent() {
+        for text in [
+            "a\r\r\nb",
+            " x\r\n\r\n ",
+            "e\u{301}\u{323} ",
+            "\u{3000}t\u{3000}",
+            "a\r",
+        ] {
+            let once = normalize_text(text).into_owned();
+            assert_eq!(normalize_text(&once), once, "{text:?}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::conversation::{ContentHash, Conversation};
 use crate::formats::{self, Format};
-use crate::reader::{self, FileNote, Position, RawBody, RawItem, RecordReader};
+use crate::reader::{self, FileNote, Position, RawBody, RawItem, RecordReader, Resume};
 use crate::store::{
     self, Counters, ImportCounts, ImportRecord, ImportState, ProvenanceValue, Reject, Store,
     StoredExample,
@@ -183,6 +183,7 @@ pub fn ingest_file(
                 format: options.format.name().to_string(),
                 state: ImportState::Partial,
                 checkpoint: Position::default(),
+                container: None,
                 counts: ImportCounts::default(),
                 started_unix: now,
                 updated_unix: now,
@@ -190,8 +191,13 @@ pub fn ingest_file(
             (import, None)
         }
     };
+    let resume = import.container.map(|container| Resume {
+        at: import.checkpoint,
+        container,
+    });
     let mut reader =
-        RecordReader::open(path, import.checkpoint, options.max_record_bytes).map_err(io_error)?;
+        RecordReader::open(path, resume, options.max_record_bytes).map_err(io_error)?;
+    import.container = Some(reader.container());
     let (_, file_len) = reader.file_progress();
     observer.file_started(path, file_len, resumed_from);
     let start_bytes = import.checkpoint.bytes;

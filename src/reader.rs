@@ -35,6 +35,13 @@ impl Position {
     }
 }
 
+/// Where and how to continue reading a file that was partly read before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub at: Position,
+    pub container: Container,
+}
+
 /// One record as it appears in the file.
 #[derive(Debug)]
 pub struct RawItem {
@@ -72,22 +79,31 @@ pub enum Compression {
     Zstd,
 }
 
-/// Identifies a file's content cheaply: SHA-1 over its length, first MiB and last MiB.
-/// An import is keyed by (source name, fingerprint), so renaming a file does not re-import
-/// it and changing its content does.
+/// Identifies a file's content cheaply: SHA-1 over its length, its first and last MiB and
+/// 16 evenly spaced 64 KiB blocks between them. An import is keyed by (source name,
+/// fingerprint), so renaming a file does not re-import it and changing its content does.
 pub fn fingerprint(path: &Path) -> io::Result<String> {
-    const SAMPLE: u64 = 1 << 20;
+    const EDGE: u64 = 1 << 20;
+    const BLOCK: u64 = 64 << 10;
+    const BLOCKS: u64 = 16;
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
     let mut hasher = Sha1::new();
     hasher.update(len.to_le_bytes());
-    let mut buf = vec![0u8; SAMPLE as usize];
-    let head = read_up_to(&mut file, &mut buf)?;
-    hasher.update(&buf[..head]);
-    if len > SAMPLE {
-        file.seek(SeekFrom::Start(len.saturating_sub(SAMPLE).max(SAMPLE)))?;
-        let tail = read_up_to(&mut file, &mut buf)?;
-        hasher.update(&buf[..tail]);
+    let mut spans = vec![(0, EDGE.min(len))];
+    if len > 2 * EDGE {
+        let inner = len - 2 * EDGE;
+        spans.extend((0..BLOCKS).map(|i| (EDGE + inner * i / BLOCKS, BLOCK.min(inner))));
+    }
+    if len > EDGE {
+        let tail = EDGE.min(len - EDGE);
+        spans.push((len - tail, tail));
+    }
+    let mut buf = vec![0u8; EDGE as usize];
+    for (offset, size) in spans {
+        file.seek(SeekFrom::Start(offset))?;
+        let n = read_up_to(&mut file, &mut buf[..size as usize])?;
+        hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
 }
@@ -145,11 +161,11 @@ enum ArrayState {
 }
 
 impl RecordReader {
-    /// Opens `path` and positions it at `resume` (a position returned by an earlier reader
-    /// of the same file, or the default to start at the beginning).
+    /// Opens `path` at its beginning (`resume` = `None`) or at a point returned by
+    /// [`RecordReader::resume_point`] of an earlier reader of the same file.
     pub fn open(
         path: &Path,
-        resume: Position,
+        resume: Option<Resume>,
         max_record_bytes: usize,
     ) -> io::Result<RecordReader> {
         let mut file = File::open(path)?;
@@ -161,13 +177,15 @@ impl RecordReader {
             [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
             _ => Compression::None,
         };
-        let counter = Arc::new(AtomicU64::new(0));
-        let skip_by_seek = compression == Compression::None;
-        file.seek(SeekFrom::Start(if skip_by_seek { resume.bytes } else { 0 }))?;
-        counter.store(
-            if skip_by_seek { resume.bytes } else { 0 },
-            Ordering::Relaxed,
-        );
+        let start = resume.map_or(Position::default(), |r| r.at);
+        // Plain files seek to the checkpoint; compressed ones decompress and discard.
+        let seek_to = if compression == Compression::None {
+            start.bytes
+        } else {
+            0
+        };
+        file.seek(SeekFrom::Start(seek_to))?;
+        let counter = Arc::new(AtomicU64::new(seek_to));
         let counted = CountingReader {
             inner: file,
             count: counter.clone(),
@@ -184,51 +202,94 @@ impl RecordReader {
                 zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(BUF, counted))?,
             )),
         };
-        if !skip_by_seek && resume.bytes > 0 {
-            let skipped = io::copy(&mut (&mut input).take(resume.bytes), &mut io::sink())?;
-            if skipped < resume.bytes {
+        if seek_to < start.bytes {
+            let skipped = io::copy(&mut (&mut input).take(start.bytes), &mut io::sink())?;
+            if skipped < start.bytes {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "file is shorter than the checkpoint of its earlier import",
                 ));
             }
         }
-        let container = if resume.bytes > 0 {
-            // Only arrays can be resumed inside brackets; JSONL never starts with `[`.
-            if resume_is_array(path, compression)? {
-                Container::JsonArray
-            } else {
-                Container::Jsonl
-            }
-        } else {
-            sniff_container(&mut input)?
-        };
-        let array = if resume.bytes > 0 {
-            ArrayState::AfterRecord
-        } else {
-            ArrayState::Start
-        };
         let mut reader = RecordReader {
             path: path.to_owned(),
             input,
-            container,
+            container: resume.map_or(Container::Jsonl, |r| r.container),
             compression,
-            pos: resume,
+            pos: start,
             max_record_bytes,
-            array,
+            array: if resume.is_some() {
+                ArrayState::AfterRecord
+            } else {
+                ArrayState::Start
+            },
             file_bytes_read: counter,
             file_len,
             notes: Vec::new(),
             finished: false,
         };
-        if resume.records == 0 && resume.bytes == 0 && file_len == 0 {
-            reader.notes.push(FileNote {
-                at: resume,
-                message: "empty file: no records".into(),
-            });
-            reader.finished = true;
+        if resume.is_none() {
+            reader.detect_container()?;
         }
         Ok(reader)
+    }
+
+    /// Skips a byte order mark and leading blank space; a first byte `[` makes the file a
+    /// JSON array, anything else JSONL.
+    fn detect_container(&mut self) -> io::Result<()> {
+        if self.input.fill_buf()?.starts_with(b"\xef\xbb\xbf") {
+            self.input.consume(3);
+            self.pos.bytes += 3;
+        }
+        match self.skip_whitespace() {
+            Ok(Some(b'[')) => self.container = Container::JsonArray,
+            Ok(Some(_)) => self.container = Container::Jsonl,
+            Ok(None) => {
+                let message = if self.file_len == 0 {
+                    "empty file: no records"
+                } else {
+                    "file holds no records"
+                };
+                self.notes.push(FileNote {
+                    at: self.pos,
+                    message: message.into(),
+                });
+                self.finished = true;
+            }
+            Err(e) => self.stream_failed(e)?,
+        }
+        Ok(())
+    }
+
+    /// Where a later reader resumes: just after the last record returned.
+    pub fn resume_point(&self) -> Resume {
+        Resume {
+            at: self.pos,
+            container: self.container,
+        }
+    }
+
+    /// A compressed stream that is corrupt or cut off ends the file with a note (every
+    /// record before it is kept); any other I/O error is returned.
+    fn stream_failed(&mut self, error: io::Error) -> io::Result<()> {
+        let decoding = self.compression != Compression::None
+            && matches!(
+                error.kind(),
+                io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::Other
+            );
+        if !decoding {
+            return Err(error);
+        }
+        self.notes.push(FileNote {
+            at: self.pos,
+            message: format!(
+                "{:?} stream is corrupt or truncated after line {} ({error}); the records \
+                 before it were kept",
+                self.compression, self.pos.lines
+            ),
+        });
+        self.finished = true;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -269,12 +330,19 @@ impl RecordReader {
             return Ok(None);
         }
         let item = match self.container {
-            Container::Jsonl => self.next_line()?,
-            Container::JsonArray => self.next_element()?,
+            Container::Jsonl => self.next_line(),
+            Container::JsonArray => self.next_element(),
+        };
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                self.stream_failed(e)?;
+                None
+            }
         };
         if item.is_none() {
             self.finished = true;
-            if self.pos.bytes == 0 && self.pos.records == 0 && self.notes.is_empty() {
+            if self.pos.records == 0 && self.notes.is_empty() {
                 self.notes.push(FileNote {
                     at: self.pos,
                     message: "file holds no records".into(),
@@ -332,7 +400,10 @@ impl RecordReader {
                     }
                     None => (buf, buf.len()),
                 };
-                let room = (self.max_record_bytes + 1).saturating_sub(line.len());
+                let room = self
+                    .max_record_bytes
+                    .saturating_add(1)
+                    .saturating_sub(line.len());
                 line.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 len += chunk.len() as u64;
                 self.input.consume(used);
@@ -351,10 +422,6 @@ impl RecordReader {
             }
             if line.iter().all(u8::is_ascii_whitespace) && len <= line.len() as u64 {
                 continue; // blank lines separate nothing and are not records
-            }
-            if at.bytes == 0 && line.starts_with(b"\xef\xbb\xbf") {
-                line.drain(..3); // UTF-8 byte order mark
-                len -= 3;
             }
             let item = self.finish_item(at, line, len, saw_newline);
             return Ok(Some(item));
@@ -433,12 +500,6 @@ impl RecordReader {
                     io::copy(&mut self.input, &mut io::sink())?;
                     return Ok(None);
                 }
-                (ArrayState::Start, 0xEF) if self.pos.bytes == 0 => {
-                    // UTF-8 byte order mark before the array.
-                    let mut bom = [0u8; 3];
-                    self.input.read_exact(&mut bom)?;
-                    self.pos.bytes += 3;
-                }
                 (ArrayState::First, _) => return self.scan_value().map(Some),
                 (ArrayState::AfterRecord, _) | (ArrayState::Start, _) => {
                     // Missing comma or a stray byte: read a value from here and reject it.
@@ -514,7 +575,10 @@ impl RecordReader {
                     }
                 }
             }
-            let room = (self.max_record_bytes + 1).saturating_sub(value.len());
+            let room = self
+                .max_record_bytes
+                .saturating_add(1)
+                .saturating_sub(value.len());
             value.extend_from_slice(&buf[..used.min(room)]);
             len += used as u64;
             self.input.consume(used);
@@ -530,29 +594,6 @@ impl RecordReader {
         self.array = ArrayState::AfterRecord;
         Ok(self.finish_item(at, value, len, complete))
     }
-}
-
-/// Whether a resumed file is a JSON array, decided from its first bytes.
-fn resume_is_array(path: &Path, compression: Compression) -> io::Result<bool> {
-    let file = File::open(path)?;
-    let mut input: Box<dyn BufRead> = match compression {
-        Compression::None => Box::new(BufReader::new(file)),
-        Compression::Gzip => Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(file))),
-        Compression::Zstd => Box::new(BufReader::new(zstd::stream::read::Decoder::new(file)?)),
-    };
-    Ok(sniff_container(&mut input)? == Container::JsonArray)
-}
-
-/// A file whose first non-blank byte is `[` is a JSON array; anything else is JSONL.
-fn sniff_container(input: &mut dyn BufRead) -> io::Result<Container> {
-    let buf = input.fill_buf()?;
-    let buf = buf.strip_prefix(b"\xef\xbb\xbf").unwrap_or(buf);
-    let first = buf.iter().find(|b| !b.is_ascii_whitespace());
-    Ok(if first == Some(&b'[') {
-        Container::JsonArray
-    } else {
-        Container::Jsonl
-    })
 }
 
 const PREFIX_BYTES: usize = 4096;

@@ -145,3 +145,30 @@ fn conversations_that_cannot_train_are_refused() {
         "no assistant message with content"
     );
 }
+
+#[test]
+fn legacy_function_calls_and_empty_tool_lists_dedupe_with_the_current_form() {
+    let current = parse_record(
+        Format::Messages,
+        br#"{"tools": [{"type": "function", "function": {"name": "f"}}], "messages": [{"role": "user", "content": "go"},
+            {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}"#,
+    )
+    .unwrap();
+    let legacy = parse_record(
+        Format::Messages,
+        br#"{"functions": [{"name": "f"}], "messages": [{"role": "user", "content": "go"},
+            {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}]}"#,
+    )
+    .unwrap();
+    assert_eq!(current.content_hash(), legacy.content_hash());
+
+    let plain = parse_record(Format::Messages, br#"{"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#).unwrap();
+    let empty_lists = parse_record(Format::Messages, br#"{"tools": [], "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "tool_calls": []}]}"#).unwrap();
+    assert_eq!(plain.content_hash(), empty_lists.content_hash());
+    assert_eq!(
+        parse_record(Format::Messages, br#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": []}]}"#).unwrap_err(),
+        "message 2 lacks required field `content`"
+    );
+    let sharegpt_spelled_openai = parse_record(Format::Sharegpt, br#"{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#).unwrap();
+    assert_eq!(sharegpt_spelled_openai.messages.len(), 2);
+}

@@ -55,7 +55,7 @@ fn sigkill_at_several_points_then_resume_equals_an_uninterrupted_import() {
     let mut partial_seen = Vec::new();
     for wait_ms in [150u64, 400, 250, 700, 100] {
         let mut child = ingest_cmd(&crashed, &corpus)
-            .env("CORPUSDB_TEST_BATCH_DELAY_MS", "40")
+            .env("CORPUSDB_TEST_BATCH_DELAY_MS", "60")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

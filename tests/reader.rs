@@ -2,12 +2,12 @@ use std::io::Write;
 use std::path::Path;
 
 use corpusdb::reader::{
-    Container, Position, RawBody, RawItem, RecordReader, DEFAULT_MAX_RECORD_BYTES,
+    Container, RawBody, RawItem, RecordReader, Resume, DEFAULT_MAX_RECORD_BYTES,
 };
 
 use crate::util::write;
 
-fn read_all(path: &Path, from: Position) -> (Vec<RawItem>, RecordReader) {
+fn read_all(path: &Path, from: Option<Resume>) -> (Vec<RawItem>, RecordReader) {
     let mut reader = RecordReader::open(path, from, DEFAULT_MAX_RECORD_BYTES).unwrap();
     let mut items = Vec::new();
     while let Some(item) = reader.next_item().unwrap() {
@@ -31,7 +31,7 @@ fn jsonl_records_carry_their_lines_and_skip_blank_lines() {
         "a.jsonl",
         b"{\"a\":1}\r\n\n   \n{\"b\":2}\n{\"c\":3}",
     );
-    let (items, reader) = read_all(&path, Position::default());
+    let (items, reader) = read_all(&path, None);
     assert_eq!(reader.container(), Container::Jsonl);
     assert_eq!(items.len(), 3);
     assert_eq!(bytes(&items[0]), b"{\"a\":1}");
@@ -51,7 +51,7 @@ fn json_arrays_stream_elements_with_positions() {
     let dir = tempfile::tempdir().unwrap();
     let text = "[\n  {\"a\": \"x]}\\\"{\"},\n  {\"b\": [1, {\"c\": 2}]}\n]\n";
     let path = write(dir.path(), "a.json", text.as_bytes());
-    let (items, mut reader) = read_all(&path, Position::default());
+    let (items, mut reader) = read_all(&path, None);
     assert_eq!(reader.container(), Container::JsonArray);
     assert_eq!(items.len(), 2);
     assert_eq!(bytes(&items[0]), br#"{"a": "x]}\"{"}"#);
@@ -68,7 +68,7 @@ fn a_truncated_array_keeps_complete_records_and_rejects_the_tail() {
         "cut.json",
         b"[{\"a\": 1}, {\"b\": 2},\n {\"c\": \"unfinish",
     );
-    let (items, _) = read_all(&path, Position::default());
+    let (items, _) = read_all(&path, None);
     assert_eq!(items.len(), 3);
     assert_eq!(bytes(&items[1]), br#"{"b": 2}"#);
     match &items[2].body {
@@ -84,7 +84,7 @@ fn a_truncated_array_keeps_complete_records_and_rejects_the_tail() {
     }
 
     let path = write(dir.path(), "open.json", b"[{\"a\": 1}, {\"b\": 2}");
-    let (items, mut reader) = read_all(&path, Position::default());
+    let (items, mut reader) = read_all(&path, None);
     assert_eq!(items.len(), 2);
     let notes = reader.take_notes();
     assert_eq!(notes.len(), 1);
@@ -104,14 +104,14 @@ fn gzip_and_zstd_read_like_plain_files() {
         "p.jsonl.zst",
         &zstd::encode_all(text.as_bytes(), 3).unwrap(),
     );
-    let expected: Vec<Vec<u8>> = read_all(&plain, Position::default())
+    let expected: Vec<Vec<u8>> = read_all(&plain, None)
         .0
         .iter()
         .map(|i| bytes(i).to_vec())
         .collect();
     assert_eq!(expected.len(), 1000);
     for path in [gz, zst] {
-        let got: Vec<Vec<u8>> = read_all(&path, Position::default())
+        let got: Vec<Vec<u8>> = read_all(&path, None)
             .0
             .iter()
             .map(|i| bytes(i).to_vec())
@@ -146,15 +146,14 @@ fn reading_resumes_at_any_record_boundary() {
         ),
     ];
     for path in &files {
-        let (all, _) = read_all(path, Position::default());
+        let (all, _) = read_all(path, None);
         assert_eq!(all.len(), 50);
         for cut in [1usize, 17, 49] {
-            let mut reader =
-                RecordReader::open(path, Position::default(), DEFAULT_MAX_RECORD_BYTES).unwrap();
+            let mut reader = RecordReader::open(path, None, DEFAULT_MAX_RECORD_BYTES).unwrap();
             for _ in 0..cut {
                 reader.next_item().unwrap().unwrap();
             }
-            let resume = reader.position();
+            let resume = Some(reader.resume_point());
             let (rest, mut resumed) = read_all(path, resume);
             assert_eq!(rest.len(), 50 - cut, "{} at {cut}", path.display());
             for (a, b) in rest.iter().zip(&all[cut..]) {
@@ -173,7 +172,7 @@ fn an_oversized_line_is_skipped_without_losing_the_next_record() {
     text.extend(std::iter::repeat_n(b'x', 50 << 20));
     text.extend_from_slice(b"\"}\n{\"b\": 2}\n");
     let path = write(dir.path(), "big.jsonl", &text);
-    let mut reader = RecordReader::open(&path, Position::default(), 1 << 20).unwrap();
+    let mut reader = RecordReader::open(&path, None, 1 << 20).unwrap();
     let first = reader.next_item().unwrap().unwrap();
     assert_eq!(bytes(&first), b"{\"a\": 1}");
     let big = reader.next_item().unwrap().unwrap();
@@ -187,4 +186,85 @@ fn an_oversized_line_is_skipped_without_losing_the_next_record() {
     let last = reader.next_item().unwrap().unwrap();
     assert_eq!(bytes(&last), b"{\"b\": 2}");
     assert_eq!(last.at.line(), 3);
+}
+
+#[test]
+fn leading_space_bom_and_empty_arrays_are_handled_alike_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = b"\xef\xbb\xbf".to_vec();
+    text.extend(std::iter::repeat_n(b'\n', 9000));
+    text.extend_from_slice(b"[{\"a\":1},{\"b\":2}]");
+    let path = write(dir.path(), "spaced.json", &text);
+    let mut reader = RecordReader::open(&path, None, DEFAULT_MAX_RECORD_BYTES).unwrap();
+    assert_eq!(reader.container(), Container::JsonArray);
+    let first = reader.next_item().unwrap().unwrap();
+    assert_eq!(first.at.line(), 9001);
+    let (rest, _) = read_all(&path, Some(reader.resume_point()));
+    assert_eq!(rest.len(), 1);
+    assert_eq!(bytes(&rest[0]), b"{\"b\":2}");
+
+    let bom_blank = write(dir.path(), "bom.jsonl", b"\xef\xbb\xbf\r\n{\"a\":1}\n");
+    let (items, _) = read_all(&bom_blank, None);
+    assert_eq!(items.len(), 1);
+    assert_eq!((items[0].at.records, items[0].at.line()), (0, 2));
+
+    for (name, content) in [
+        ("e.json", &b"[ ]"[..]),
+        ("bom-only.jsonl", b"\xef\xbb\xbf"),
+        ("ws.jsonl", b"\n\n"),
+    ] {
+        let path = write(dir.path(), name, content);
+        let (items, mut reader) = read_all(&path, None);
+        assert!(items.is_empty(), "{name}");
+        let notes = reader.take_notes();
+        assert_eq!(notes.len(), 1, "{name}: {notes:?}");
+        assert_eq!(notes[0].message, "file holds no records", "{name}");
+    }
+}
+
+#[test]
+fn a_truncated_compressed_file_keeps_its_complete_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = (0..5000)
+        .map(|i| format!("{{\"n\": {i}, \"pad\": \"{}\"}}\n", "x".repeat(i % 50)))
+        .collect();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(text.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let zst = zstd::encode_all(text.as_bytes(), 3).unwrap();
+    for (name, data) in [("cut.jsonl.gz", gz), ("cut.jsonl.zst", zst)] {
+        let path = write(dir.path(), name, &data[..data.len() * 2 / 3]);
+        let (items, mut reader) = read_all(&path, None);
+        assert!(
+            items.len() > 1000 && items.len() < 5000,
+            "{name}: {}",
+            items.len()
+        );
+        for (i, item) in items.iter().enumerate() {
+            if let RawBody::Bytes(b) = &item.body {
+                assert!(b.starts_with(format!("{{\"n\": {i},").as_bytes()), "{name}");
+            }
+        }
+        let notes = reader.take_notes();
+        assert_eq!(notes.len(), 1, "{name}");
+        assert!(
+            notes[0].message.contains("stream is corrupt or truncated"),
+            "{name}: {}",
+            notes[0].message
+        );
+    }
+}
+
+#[test]
+fn the_fingerprint_sees_changes_in_the_middle_of_large_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    let a = write(dir.path(), "a.bin", &data);
+    let a2 = write(dir.path(), "a-copy.bin", &data);
+    let middle = data.len() / 2;
+    data[middle] ^= 1;
+    let b = write(dir.path(), "b.bin", &data);
+    let fp = |p| corpusdb::reader::fingerprint(p).unwrap();
+    assert_eq!(fp(&a), fp(&a2));
+    assert_ne!(fp(&a), fp(&b));
 }

@@ -5,7 +5,7 @@
 
 use crate::conversation::{Conversation, Message, Role};
 
-use super::{missing, Format, RawRecord};
+use super::{missing, system_message, Format, RawRecord};
 
 pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
     let instruction = record
@@ -20,9 +20,7 @@ pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
         user.push_str(&input);
     }
     let mut messages = Vec::with_capacity(3);
-    if let Some(system) = record.system.filter(|s| !s.trim().is_empty()) {
-        messages.push(Message::new(Role::System, system.into_owned()));
-    }
+    messages.extend(system_message(record.system));
     messages.push(Message::new(Role::User, user));
     messages.push(Message::new(Role::Assistant, output.into_owned()));
     Ok(Conversation::new(messages))

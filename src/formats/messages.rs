@@ -2,7 +2,10 @@
 //! "tools"?}`.
 //!
 //! `content` may be a string, `null` (an assistant message that only calls tools), or a
-//! list of parts of which the `text` parts are joined with newlines.
+//! list of parts of which the `text` parts are joined with newlines. OpenAI's legacy
+//! function calling (`function_call` on a message, `functions` beside the messages) maps
+//! to the same `tool_calls` / `tools` form as the current API, so both dedupe together.
+//! Empty `tool_calls` / `tools` lists count as absent.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -12,7 +15,7 @@ use serde::Deserialize;
 
 use crate::conversation::{canonical_json, Conversation, Message, Role};
 
-use super::{missing, Format, RawRecord};
+use super::{missing, system_message, Format, RawRecord};
 
 #[derive(Deserialize)]
 pub(crate) struct RawMessage<'a> {
@@ -24,6 +27,8 @@ pub(crate) struct RawMessage<'a> {
     name: Option<Cow<'a, str>>,
     #[serde(default)]
     tool_calls: Option<serde_json::Value>,
+    #[serde(default)]
+    function_call: Option<serde_json::Value>,
 }
 
 /// Message content as OpenAI-style datasets write it.
@@ -91,18 +96,19 @@ pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
         .messages
         .ok_or_else(|| missing(Format::Messages, "messages"))?;
     let mut messages = Vec::with_capacity(raw.len() + 1);
-    if let Some(system) = record.system.filter(|s| !s.trim().is_empty()) {
-        messages.push(Message::new(Role::System, system.into_owned()));
-    }
+    messages.extend(system_message(record.system));
     for (i, message) in raw.into_iter().enumerate() {
         let role_name = message
             .role
             .ok_or_else(|| format!("message {} lacks required field `role`", i + 1))?;
         let role = Role::from_alias(&role_name)
             .ok_or_else(|| format!("unknown role `{role_name}` in message {}", i + 1))?;
-        let tool_calls = message
-            .tool_calls
+        let legacy_call = message
+            .function_call
             .filter(|v| !v.is_null())
+            .map(|call| serde_json::Value::Array(vec![as_function(call)]));
+        let tool_calls = present(message.tool_calls)
+            .or(legacy_call)
             .map(|v| canonical_json(&v));
         let content = match message.content {
             Content::Text(text) => text,
@@ -118,9 +124,29 @@ pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
             tool_calls,
         });
     }
-    let tools = record
-        .tools
-        .filter(|v| !v.is_null())
+    let legacy_tools = present(record.functions).map(|functions| match functions {
+        serde_json::Value::Array(list) => {
+            serde_json::Value::Array(list.into_iter().map(as_function).collect())
+        }
+        other => other,
+    });
+    let tools = present(record.tools)
+        .or(legacy_tools)
         .map(|v| canonical_json(&v));
     Ok(Conversation { messages, tools })
+}
+
+/// `null`, `[]` and `{}` say "none".
+fn present(value: Option<serde_json::Value>) -> Option<serde_json::Value> {
+    value.filter(|v| match v {
+        serde_json::Value::Null => false,
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::Object(o) => !o.is_empty(),
+        _ => true,
+    })
+}
+
+/// A legacy function (call or schema) in the current API's wrapper.
+fn as_function(function: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"type": "function", "function": function})
 }

@@ -15,7 +15,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::conversation::Conversation;
+use crate::conversation::{Conversation, Message, Role};
 
 pub use messages::Content;
 
@@ -81,6 +81,8 @@ pub(crate) struct RawRecord<'a> {
     messages: Option<Vec<messages::RawMessage<'a>>>,
     #[serde(default)]
     tools: Option<serde_json::Value>,
+    #[serde(default)]
+    functions: Option<serde_json::Value>,
     #[serde(borrow, default)]
     conversations: Option<Vec<sharegpt::RawTurn<'a>>>,
 }
@@ -134,6 +136,13 @@ fn detect(record: &RawRecord<'_>) -> Result<Format, String> {
     }
 }
 
+/// The optional top-level `system` field some datasets carry, as a leading system message.
+fn system_message(system: Option<Cow<'_, str>>) -> Option<Message> {
+    system
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| Message::new(Role::System, s.into_owned()))
+}
+
 /// A missing required field, named with the format that needs it.
 fn missing(format: Format, field: &str) -> String {
     format!("{format} record lacks required field `{field}`")
@@ -155,7 +164,6 @@ pub fn excerpt(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conversation::Role;
 
     #[test]
     fn auto_detects_each_shape() {

@@ -1,7 +1,8 @@
 //! ShareGPT: `{"conversations": [{"from", "value"}]}`.
 //!
 //! Roles use ShareGPT's aliases: `human`/`user`, `gpt`/`chatgpt`/`bing`/`bard`/`assistant`,
-//! `system`, and tool-ish names (`function`, `observation`) for tool results.
+//! `system`, and tool-ish names (`function`, `observation`) for tool results. Some exports
+//! spell the turn fields `role`/`content`; both spellings are read.
 
 use std::borrow::Cow;
 
@@ -9,13 +10,13 @@ use serde::Deserialize;
 
 use crate::conversation::{Conversation, Message, Role};
 
-use super::{missing, Format, RawRecord};
+use super::{missing, system_message, Format, RawRecord};
 
 #[derive(Deserialize)]
 pub(crate) struct RawTurn<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, alias = "role")]
     from: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, alias = "content")]
     value: Option<Cow<'a, str>>,
 }
 
@@ -24,9 +25,7 @@ pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
         .conversations
         .ok_or_else(|| missing(Format::Sharegpt, "conversations"))?;
     let mut messages = Vec::with_capacity(turns.len() + 1);
-    if let Some(system) = record.system.filter(|s| !s.trim().is_empty()) {
-        messages.push(Message::new(Role::System, system.into_owned()));
-    }
+    messages.extend(system_message(record.system));
     for (i, turn) in turns.into_iter().enumerate() {
         let from = turn
             .from

@@ -52,7 +52,8 @@ const ALL_CFS: [&str; 6] = [
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
 const KEY_COUNTERS: &[u8] = b"counters";
 
-/// Key of a file-level ledger entry (not a record) in the rejects family.
+/// Base key of file-level ledger entries (not records) in the rejects family; a note at
+/// byte offset `b` of the file is stored under `FILE_NOTE_RECORD - b`.
 pub const FILE_NOTE_RECORD: u64 = u64::MAX;
 
 #[derive(Debug, thiserror::Error)]
@@ -413,7 +414,10 @@ impl Batch<'_> {
     }
 
     pub fn put_reject(&mut self, reject: &Reject) {
-        let record = reject.record.unwrap_or(FILE_NOTE_RECORD);
+        // File notes sort after the records, one key per position in the file.
+        let record = reject
+            .record
+            .unwrap_or(FILE_NOTE_RECORD - reject.byte_offset);
         self.put(
             CF_REJECTS,
             &import_record_key(reject.import_id, record),

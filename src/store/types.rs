@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::conversation::Conversation;
-use crate::reader::Position;
+use crate::reader::{Container, Position};
 
 /// An example as stored under its content hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +82,8 @@ pub struct ImportRecord {
     pub state: ImportState,
     /// Where to resume: just after the last committed record.
     pub checkpoint: Position,
+    /// JSONL or JSON array, decided when the import started; `None` before that.
+    pub container: Option<Container>,
     pub counts: ImportCounts,
     pub started_unix: u64,
     pub updated_unix: u64,
