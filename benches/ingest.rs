@@ -19,6 +19,11 @@ use corpusdb::ingest::{self, IngestOptions};
 use corpusdb::store::{Compression, Store, StoreOptions};
 use corpusdb::synth::{self, SynthSpec};
 
+// glibc's malloc spends measurable time freeing, on the writer thread, buffers that the
+// parse threads allocated; mimalloc handles such cross-thread frees cheaply (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -84,6 +89,10 @@ fn main() {
             started.elapsed().as_secs_f64()
         );
     }
+    if std::env::var("CORPUSDB_BENCH_PARSE_ONLY").is_ok() {
+        parse_only(&corpus);
+        return;
+    }
     let input_bytes = std::fs::metadata(&corpus).unwrap().len();
     println!(
         "corpus: {} ({} records, {:.1} MB, {:.0} B/record)",
@@ -96,6 +105,7 @@ fn main() {
         "{:<6} {:>10} {:>12} {:>9} {:>10} {:>10} {:>10}",
         "comp", "seconds", "examples/s", "MB/s", "stored", "store MB", "peak RSS"
     );
+    println!("(store MB: right after the import / after a full compaction, untimed)");
     for name in compressions.split(',') {
         let compression = match name.trim() {
             "zstd" => Compression::Zstd,
@@ -120,17 +130,62 @@ fn main() {
         store.flush().unwrap();
         let secs = started.elapsed().as_secs_f64();
         let peak = peak_rss();
+        let size_after_import = dir_size(&store_dir);
+        store.compact();
         drop(store);
+        let size_compacted = dir_size(&store_dir);
         assert!(outcome.import.counts.adds_up());
         println!(
-            "{:<6} {:>10.2} {:>12.0} {:>9.1} {:>10} {:>10.1} {:>7.0} MiB",
+            "{:<6} {:>10.2} {:>12.0} {:>9.1} {:>10} {:>10} {:>7.0} MiB",
             name,
             secs,
             outcome.run.read as f64 / secs,
             input_bytes as f64 / secs / 1e6,
             outcome.run.stored,
-            dir_size(&store_dir) as f64 / 1e6,
+            format!(
+                "{:.0}/{:.0}",
+                size_after_import as f64 / 1e6,
+                size_compacted as f64 / 1e6
+            ),
             peak as f64 / (1 << 20) as f64
         );
     }
+}
+
+/// Reader + parse + hash on the rayon pool, no store: the ceiling of the front half.
+fn parse_only(corpus: &Path) {
+    use rayon::prelude::*;
+    let started = Instant::now();
+    let mut reader = corpusdb::reader::RecordReader::open(corpus, None, 16 << 20).unwrap();
+    let mut n = 0u64;
+    let mut ok = 0u64;
+    loop {
+        let mut items = Vec::with_capacity(4096);
+        while items.len() < 4096 {
+            match reader.next_item().unwrap() {
+                Some(item) => items.push(item),
+                None => break,
+            }
+        }
+        if items.is_empty() {
+            break;
+        }
+        n += items.len() as u64;
+        ok += items
+            .into_par_iter()
+            .filter(|item| match &item.body {
+                corpusdb::reader::RawBody::Bytes(b) => {
+                    corpusdb::formats::parse_record(corpusdb::formats::Format::Auto, b)
+                        .map(|c| c.content_hash())
+                        .is_ok()
+                }
+                _ => false,
+            })
+            .count() as u64;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "parse only: {n} records ({ok} ok) in {secs:.2}s: {:.0} records/s",
+        n as f64 / secs
+    );
 }

@@ -227,7 +227,7 @@ pub fn normalize_text(text: &str) -> Cow<'_, str> {
     if memchr::memchr(b'\r', text.as_bytes()).is_some() {
         current = Cow::Owned(drop_carriage_returns_before_newlines(text));
     }
-    if !current.is_ascii() && is_nfc_quick(current.chars()) != IsNormalized::Yes {
+    if !below_combining_marks(&current) && is_nfc_quick(current.chars()) != IsNormalized::Yes {
         current = Cow::Owned(current.nfc().collect());
     }
     match current {
@@ -241,6 +241,13 @@ pub fn normalize_text(text: &str) -> Cow<'_, str> {
             }
         }
     }
+}
+
+/// Whether every character is below U+0300, where no character can change under NFC
+/// (no decompositions, no combining marks). UTF-8 lead bytes of such characters are below
+/// 0xCC, so this is a byte scan the compiler vectorises.
+fn below_combining_marks(text: &str) -> bool {
+    text.bytes().all(|b| b < 0xCC)
 }
 
 /// `\r\n` -> `\n`, and so is any run of `\r` ending in `\n` (`\r\r\n`), which keeps
@@ -333,6 +340,16 @@ mod tests {
         // "e" + combining acute accent composes to U+00E9.
         assert_eq!(normalize_text("cafe\u{301}"), "caf\u{e9}");
         assert_eq!(normalize_text("a\r\r\nb\rc"), "a\nb\rc");
+    }
+
+    #[test]
+    fn characters_below_u0300_are_their_own_nfc() {
+        for c in (0..0x300u32).filter_map(char::from_u32) {
+            let s = c.to_string();
+            assert!(below_combining_marks(&s));
+            assert_eq!(s.nfc().collect::<String>(), s, "U+{:04X}", c as u32);
+        }
+        assert!(!below_combining_marks("\u{300}"));
     }
 
     #[test]

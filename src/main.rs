@@ -1,5 +1,10 @@
 //! The `corpusdb` binary: argument parsing, printing and exit codes over the library.
 
+// glibc's malloc spends measurable time freeing, on the writer thread, buffers that the
+// parse threads allocated; mimalloc handles such cross-thread frees cheaply (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cli;
 
 use std::process::ExitCode;

@@ -172,3 +172,19 @@ fn legacy_function_calls_and_empty_tool_lists_dedupe_with_the_current_form() {
     let sharegpt_spelled_openai = parse_record(Format::Sharegpt, br#"{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#).unwrap();
     assert_eq!(sharegpt_spelled_openai.messages.len(), 2);
 }
+
+#[test]
+fn alpaca_parts_are_trimmed_before_they_are_joined() {
+    let tidy = parse_record(
+        Format::Alpaca,
+        br#"{"instruction": "Sum", "input": "1 2", "output": "3"}"#,
+    )
+    .unwrap();
+    let spaced = parse_record(
+        Format::Alpaca,
+        br#"{"instruction": "Sum  \r\n", "input": "\n1 2 ", "output": "3"}"#,
+    )
+    .unwrap();
+    assert_eq!(tidy.content_hash(), spaced.content_hash());
+    assert_eq!(spaced.messages[0].content, "Sum\n\n1 2");
+}

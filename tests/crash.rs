@@ -19,6 +19,8 @@ fn ingest_cmd(store: &Path, file: &Path) -> std::process::Command {
         "general",
         "--batch-size",
         "300",
+        "--write-buffer-mb",
+        "1",
     ]);
     cmd
 }

@@ -1,7 +1,7 @@
 //! Alpaca: `{"instruction", "input", "output"}`, optionally `"system"`.
 //!
-//! The user turn is the instruction, followed by a blank line and the input when the input
-//! is not empty; the assistant turn is the output.
+//! The user turn is the trimmed instruction, followed by a blank line and the trimmed input
+//! when the input is not empty; the assistant turn is the output.
 
 use crate::conversation::{Conversation, Message, Role};
 
@@ -14,10 +14,12 @@ pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
     let output = record
         .output
         .ok_or_else(|| missing(Format::Alpaca, "output"))?;
-    let mut user = instruction.into_owned();
+    // Each part is trimmed before joining, so spacing around the parts never splits
+    // duplicates (the whole message is normalised again later).
+    let mut user = instruction.trim().to_owned();
     if let Some(input) = record.input.filter(|input| !input.trim().is_empty()) {
         user.push_str("\n\n");
-        user.push_str(&input);
+        user.push_str(input.trim());
     }
     let mut messages = Vec::with_capacity(3);
     messages.extend(system_message(record.system));

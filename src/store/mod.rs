@@ -27,8 +27,8 @@ use rocksdb::{
 use crate::conversation::ContentHash;
 
 pub use types::{
-    Counters, ImportCounts, ImportRecord, ImportState, ProvenanceEntry, ProvenanceValue, Reject,
-    StoredExample,
+    Counters, ExampleHeader, ImportCounts, ImportRecord, ImportState, ProvenanceEntry,
+    ProvenanceValue, Reject, StoredExample,
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
@@ -79,11 +79,14 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Block compression of the examples family (the other families are small).
+/// Block compression of the examples family (the other families are small and use lz4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
     None,
+    /// lz4 on every level.
     Lz4,
+    /// lz4 on the levels compaction will rewrite soon, zstd on the bottommost level where
+    /// most data rests.
     Zstd,
 }
 
@@ -91,6 +94,12 @@ pub enum Compression {
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     pub compression: Compression,
+    /// Write-ahead log for every batch. Off by default: imports carry their own checkpoint
+    /// in the same batch, so an atomic flush of all families is as consistent a recovery
+    /// point as the log, and skipping the log saves a quarter of the ingest time
+    /// (BENCHMARKS.md). Without it, a killed process redoes the work since the last flush
+    /// (at most one write buffer).
+    pub wal: bool,
     /// Memtable size of the examples family, in bytes.
     pub write_buffer_bytes: usize,
     /// Shared block cache, in bytes.
@@ -99,11 +108,12 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        // zstd: ~2.4x smaller than lz4 on the synthetic corpus at a similar ingest rate
+        // lz4 + bottommost zstd: near lz4's ingest rate at zstd's resting size
         // (BENCHMARKS.md). Values are not compressed again by us.
         StoreOptions {
             compression: Compression::Zstd,
-            write_buffer_bytes: 64 << 20,
+            wal: false,
+            write_buffer_bytes: 128 << 20,
             block_cache_bytes: 64 << 20,
         }
     }
@@ -112,6 +122,8 @@ impl Default for StoreOptions {
 pub struct Store {
     db: DB,
     path: PathBuf,
+    /// Write options of [`Store::write`]; `None` for a read-only store.
+    write_options: Option<WriteOptions>,
 }
 
 impl Store {
@@ -130,12 +142,19 @@ impl Store {
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
         db_options.set_bytes_per_sync(1 << 20);
+        // All families flush together, so what is on disk is always one batch boundary
+        // even when batches bypass the write-ahead log.
+        db_options.set_atomic_flush(true);
         let descriptors = column_families(options);
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)
             .map_err(|e| rocks_error(path, e))?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(false);
+        write_options.disable_wal(!options.wal);
         let store = Store {
             db,
             path: path.to_owned(),
+            write_options: Some(write_options),
         };
         store.check_schema(true)?;
         Ok(store)
@@ -155,6 +174,7 @@ impl Store {
         let store = Store {
             db,
             path: path.to_owned(),
+            write_options: None,
         };
         store.check_schema(false)?;
         Ok(store)
@@ -336,13 +356,16 @@ impl Store {
             })
     }
 
-    /// Writes a batch atomically. The WAL is written but not fsynced: a killed process
-    /// loses nothing, a power cut may lose the last batches, never half of one.
+    /// Writes a batch atomically. With the write-ahead log off (the default) the batch is
+    /// durable at the next flush, which writes every family at once; with it on, the log
+    /// is written but not fsynced. Either way a crash ends the store at a batch boundary.
     pub fn write(&self, batch: Batch) -> Result<()> {
-        let mut options = WriteOptions::default();
-        options.set_sync(false);
+        let options = self
+            .write_options
+            .as_ref()
+            .ok_or_else(|| self.corrupt("opened read-only"))?;
         self.db
-            .write_opt(batch.inner, &options)
+            .write_opt(batch.inner, options)
             .map_err(|e| self.rocks(e))
     }
 
@@ -354,12 +377,21 @@ impl Store {
         }
     }
 
-    /// Flushes memtables so the data is in SST files (used before measuring size).
-    pub fn flush(&self) -> Result<()> {
+    /// Compacts every family fully, so the store is at its resting size.
+    pub fn compact(&self) {
         for name in ALL_CFS {
-            self.db.flush_cf(self.cf(name)).map_err(|e| self.rocks(e))?;
+            self.db
+                .compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
         }
-        Ok(())
+    }
+
+    /// Flushes memtables so the data is in SST files (used before measuring size).
+    /// Makes every written batch durable: one atomic flush of all families.
+    pub fn flush(&self) -> Result<()> {
+        let families: Vec<_> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
+        self.db
+            .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())
+            .map_err(|e| self.rocks(e))
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -384,6 +416,15 @@ impl Store {
     }
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Batches written without the log live in memtables until flushed.
+        if self.write_options.is_some() {
+            let _ = self.flush();
+        }
+    }
+}
+
 /// Changes written together by [`Store::write`].
 pub struct Batch<'a> {
     store: &'a Store,
@@ -391,11 +432,22 @@ pub struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    pub fn put_example(&mut self, hash: &ContentHash, example: &StoredExample) {
-        self.put(CF_EXAMPLES, hash.as_bytes(), example);
+    /// Puts a new example and its ordinal. `conversation` is the bincode encoding of the
+    /// example's `Conversation` (see [`ExampleHeader`]).
+    pub fn put_example(
+        &mut self,
+        hash: &ContentHash,
+        header: &ExampleHeader<'_>,
+        conversation: &[u8],
+    ) {
+        let mut value = Vec::with_capacity(64 + conversation.len());
+        bincode::serialize_into(&mut value, header).expect("headers always serialise");
+        value.extend_from_slice(conversation);
+        self.inner
+            .put_cf(self.store.cf(CF_EXAMPLES), hash.as_bytes(), value);
         self.inner.put_cf(
             self.store.cf(CF_ORDINALS),
-            example.ordinal.to_be_bytes(),
+            header.ordinal.to_be_bytes(),
             hash.as_bytes(),
         );
     }
@@ -447,6 +499,11 @@ impl Batch<'_> {
     }
 }
 
+/// The bincode encoding of a conversation, as [`Batch::put_example`] takes it.
+pub fn encode_conversation(conversation: &crate::conversation::Conversation) -> Vec<u8> {
+    bincode::serialize(conversation).expect("conversations always serialise")
+}
+
 fn import_record_key(import_id: u32, record: u64) -> [u8; 12] {
     let mut key = [0u8; 12];
     key[..4].copy_from_slice(&import_id.to_be_bytes());
@@ -475,11 +532,20 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                     table.set_bloom_filter(10.0, false);
                     table.set_block_size(16 << 10);
                     cf.set_write_buffer_size(options.write_buffer_bytes);
-                    cf.set_compression_type(match options.compression {
-                        Compression::None => DBCompressionType::None,
-                        Compression::Lz4 => DBCompressionType::Lz4,
-                        Compression::Zstd => DBCompressionType::Zstd,
-                    });
+                    // Absent keys (new content) are answered by a memtable bloom filter
+                    // instead of a skiplist search.
+                    cf.set_memtable_prefix_bloom_ratio(0.1);
+                    cf.set_memtable_whole_key_filtering(true);
+                    // Recent data is rewritten by compaction soon: cheap lz4 there, zstd
+                    // where data comes to rest (BENCHMARKS.md has the measurements).
+                    match options.compression {
+                        Compression::None => cf.set_compression_type(DBCompressionType::None),
+                        Compression::Lz4 => cf.set_compression_type(DBCompressionType::Lz4),
+                        Compression::Zstd => {
+                            cf.set_compression_type(DBCompressionType::Lz4);
+                            cf.set_bottommost_compression_type(DBCompressionType::Zstd);
+                        }
+                    }
                 }
                 CF_PROVENANCE => {
                     cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(20));

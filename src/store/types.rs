@@ -22,6 +22,19 @@ pub struct StoredExample {
     pub conversation: Conversation,
 }
 
+/// Every field of [`StoredExample`] but the conversation, in the same order. bincode
+/// writes a struct as its fields one after another, so `header ++ conversation` encodes
+/// exactly the `StoredExample`: the conversation can be encoded on the parallel parse
+/// stage and the writer adds the few bytes it alone knows (the ordinal).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExampleHeader<'a> {
+    pub ordinal: u64,
+    pub category: &'a str,
+    pub first_import: u32,
+    pub chars: u64,
+    pub turns: u32,
+}
+
 /// Value of a provenance entry; the key holds hash, import id and record index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvenanceValue {
