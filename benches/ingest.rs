@@ -4,6 +4,8 @@
 //! ```text
 //! cargo bench --bench ingest
 //! CORPUSDB_BENCH_RECORDS=1000000 CORPUSDB_BENCH_COMPRESSION=zstd,lz4,none cargo bench --bench ingest
+//! CORPUSDB_BENCH_WAL=1 cargo bench --bench ingest          # batches also go to the WAL
+//! CORPUSDB_BENCH_PARSE_ONLY=1 cargo bench --bench ingest    # reader + parse + hash only
 //! ```
 //!
 //! Under `cargo test --all-targets` it runs once on 2,000 records as a smoke test.
@@ -121,6 +123,7 @@ fn main() {
             &store_dir,
             &StoreOptions {
                 compression,
+                wal: std::env::var("CORPUSDB_BENCH_WAL").is_ok(),
                 ..StoreOptions::default()
             },
         )

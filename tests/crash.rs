@@ -9,7 +9,7 @@ use corpusdb::store::{ImportState, Store};
 
 use crate::util::{bin, dump, run_ok};
 
-fn ingest_cmd(store: &Path, file: &Path) -> std::process::Command {
+fn ingest_cmd(store: &Path, file: &Path, durability: &[&str]) -> std::process::Command {
     let mut cmd = bin();
     cmd.arg("--store").arg(store).arg("ingest").arg(file);
     cmd.args([
@@ -19,14 +19,25 @@ fn ingest_cmd(store: &Path, file: &Path) -> std::process::Command {
         "general",
         "--batch-size",
         "300",
-        "--write-buffer-mb",
-        "1",
     ]);
+    cmd.args(durability);
     cmd
 }
 
+/// Without the log, a kill loses what was not flushed yet: a 1 MiB write buffer makes
+/// flushes (and so durable checkpoints) happen every few hundred records.
 #[test]
-fn sigkill_at_several_points_then_resume_equals_an_uninterrupted_import() {
+fn sigkill_then_resume_equals_an_uninterrupted_import() {
+    kill_resume_compare(&["--write-buffer-mb", "1"]);
+}
+
+/// With the log, every committed batch survives a kill.
+#[test]
+fn sigkill_then_resume_equals_an_uninterrupted_import_with_the_wal() {
+    kill_resume_compare(&["--wal"]);
+}
+
+fn kill_resume_compare(durability: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("corpus.jsonl");
     run_ok(
@@ -43,7 +54,7 @@ fn sigkill_at_several_points_then_resume_equals_an_uninterrupted_import() {
     std::fs::write(&corpus, &text).unwrap();
 
     let reference = dir.path().join("reference");
-    run_ok(&mut ingest_cmd(&reference, &corpus));
+    run_ok(&mut ingest_cmd(&reference, &corpus, &[]));
     let expected = dump(&reference);
     assert_eq!(expected.counters.read, 6003);
     assert_eq!(expected.counters.rejected, 3);
@@ -56,7 +67,7 @@ fn sigkill_at_several_points_then_resume_equals_an_uninterrupted_import() {
     let mut kills = 0;
     let mut partial_seen = Vec::new();
     for wait_ms in [150u64, 400, 250, 700, 100] {
-        let mut child = ingest_cmd(&crashed, &corpus)
+        let mut child = ingest_cmd(&crashed, &corpus, durability)
             .env("CORPUSDB_TEST_BATCH_DELAY_MS", "60")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -101,7 +112,7 @@ fn sigkill_at_several_points_then_resume_equals_an_uninterrupted_import() {
             .any(|(state, read)| *state == ImportState::Partial && *read > 0),
         "some kill should land after a committed batch: {partial_seen:?}"
     );
-    let finish = run_ok(&mut ingest_cmd(&crashed, &corpus));
+    let finish = run_ok(&mut ingest_cmd(&crashed, &corpus, durability));
     let stdout = String::from_utf8_lossy(&finish.stdout);
     assert!(
         stdout.contains("resumed at record") || stdout.contains("nothing to do"),
@@ -110,7 +121,7 @@ fn sigkill_at_several_points_then_resume_equals_an_uninterrupted_import() {
     assert_eq!(dump(&crashed), expected);
 
     // And once complete, another run is a no-op.
-    let again = run_ok(&mut ingest_cmd(&crashed, &corpus));
+    let again = run_ok(&mut ingest_cmd(&crashed, &corpus, durability));
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to do"));
     assert_eq!(dump(&crashed), expected);
 }

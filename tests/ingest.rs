@@ -231,3 +231,35 @@ fn categories_are_metadata_not_content() {
     let second = ingest(&store, &b, "two", "chat");
     assert_eq!((second.run.stored, second.run.duplicates), (0, 2));
 }
+
+#[test]
+fn a_store_of_another_schema_version_is_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    drop(Store::open(&path).unwrap());
+    {
+        // Rewrite the version behind the store's back, as a future release would.
+        let cfs = [
+            "examples",
+            "provenance",
+            "ordinals",
+            "imports",
+            "rejects",
+            "meta",
+        ];
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, cfs).unwrap();
+        let meta = db.cf_handle("meta").unwrap();
+        db.put_cf(meta, b"schema_version", 99u32.to_le_bytes())
+            .unwrap();
+    }
+    for result in [Store::open(&path), Store::open_read_only(&path)] {
+        let message = result
+            .err()
+            .expect("a mismatched schema must not open")
+            .to_string();
+        assert!(
+            message.contains("has schema version 99, this corpusdb reads version 1"),
+            "{message}"
+        );
+    }
+}
