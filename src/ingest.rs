@@ -423,6 +423,10 @@ impl BatchWriter<'_> {
             write.put_example(&encoded.hash, &header, &encoded.bytes);
         }
         provenance.sort_unstable();
+        for (hash, _, _) in &provenance {
+            write.put_change(self.counters.changes, hash);
+            self.counters.changes += 1;
+        }
         for (hash, record, line) in provenance {
             write.put_provenance(&hash, import_id, record, &ProvenanceValue { line });
         }

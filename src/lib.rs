@@ -7,6 +7,7 @@
 //! - [`reader`]: records out of files (JSONL, JSON arrays; gzip, zstd), with positions.
 //! - [`store`]: the RocksDB store; the only module that imports RocksDB.
 //! - [`ingest`]: the pipeline from files into the store, resumable per record.
+//! - [`index`]: the tantivy index of categories, sources and counts, and its query language.
 //! - [`manifest`]: YAML lists of files to ingest (`configs/`).
 //! - [`synth`]: a deterministic generator of realistic data for benchmarks and tests.
 //!
@@ -26,6 +27,7 @@
 
 pub mod conversation;
 pub mod formats;
+pub mod index;
 pub mod ingest;
 pub mod manifest;
 pub mod reader;

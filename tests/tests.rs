@@ -6,5 +6,6 @@ mod util;
 mod cli;
 mod conversation;
 mod crash;
+mod index;
 mod ingest;
 mod reader;

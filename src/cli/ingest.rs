@@ -143,6 +143,9 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
             total.add(&run);
         }
     }
+    // The index follows the store's change log; bring it up to date while we hold the store.
+    let index = corpusdb::index::Index::open_or_create(store.path(), false)?;
+    super::index::catch_up(&store, &index, true)?;
     if total.read > 0 {
         println!(
             "total: read {} = stored {} + duplicates {} + rejected {} in {:.2}s",

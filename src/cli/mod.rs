@@ -1,6 +1,8 @@
 //! Command-line interface: one file per subcommand; the library does the work.
 
+mod export;
 mod generate;
+mod index;
 mod ingest;
 mod inspect;
 
@@ -23,7 +25,9 @@ Typical use:
   corpusdb stats
   corpusdb imports
   corpusdb rejects --source dolly
-  corpusdb show 3f2a9c";
+  corpusdb show 3f2a9c
+  corpusdb categories
+  corpusdb query 'category:math AND turns:>=2' --limit 5";
 
 #[derive(Parser)]
 #[command(name = "corpusdb", version, about = "Embedded corpus database for instruction-tuning data", long_about = LONG_ABOUT)]
@@ -47,6 +51,12 @@ enum Command {
     Stats(inspect::StatsArgs),
     Show(inspect::ShowArgs),
     Rejects(inspect::RejectsArgs),
+    Init(index::InitArgs),
+    Query(index::QueryArgs),
+    Categories(index::CategoriesArgs),
+    Reindex(index::ReindexArgs),
+    Check(index::CheckArgs),
+    Export(export::Args),
     Generate(generate::Args),
 }
 
@@ -58,6 +68,12 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Stats(args) => inspect::stats(&cli.store, args),
         Command::Show(args) => inspect::show(&cli.store, args),
         Command::Rejects(args) => inspect::rejects(&cli.store, args),
+        Command::Init(args) => index::init(&cli.store, args),
+        Command::Query(args) => index::query(&cli.store, args),
+        Command::Categories(args) => index::categories(&cli.store, args),
+        Command::Reindex(args) => index::reindex(&cli.store, args),
+        Command::Check(args) => index::check(&cli.store, args),
+        Command::Export(args) => export::run(&cli.store, args),
         Command::Generate(args) => generate::run(args),
     }
 }

@@ -9,6 +9,7 @@
 //! | `ordinals`   | ordinal u64 BE                        | SHA-1 (20 bytes)           |
 //! | `imports`    | import id u32 BE                      | bincode [`ImportRecord`]   |
 //! | `rejects`    | import id u32 BE, record u64 BE       | bincode [`Reject`]         |
+//! | `changes`    | sequence u64 BE                       | SHA-1 (20 bytes)           |
 //! | `meta`       | `schema_version`, `counters`          | u32 LE, bincode [`Counters`]|
 //!
 //! Every change an import makes for one batch of records, including its checkpoint and the
@@ -40,13 +41,15 @@ const CF_ORDINALS: &str = "ordinals";
 const CF_IMPORTS: &str = "imports";
 const CF_REJECTS: &str = "rejects";
 const CF_META: &str = "meta";
-const ALL_CFS: [&str; 6] = [
+const CF_CHANGES: &str = "changes";
+const ALL_CFS: [&str; 7] = [
     CF_EXAMPLES,
     CF_PROVENANCE,
     CF_ORDINALS,
     CF_IMPORTS,
     CF_REJECTS,
     CF_META,
+    CF_CHANGES,
 ];
 
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
@@ -337,6 +340,22 @@ impl Store {
         Ok(out)
     }
 
+    /// The hash stored under an ordinal.
+    pub fn hash_at(&self, ordinal: u64) -> Result<Option<ContentHash>> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_ORDINALS), ordinal.to_be_bytes())
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(bytes) => {
+                Ok(Some(ContentHash::from_slice(&bytes).ok_or_else(|| {
+                    self.corrupt("ordinal value is not a SHA-1")
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// All stored hashes in insertion order, with their ordinals.
     pub fn ordinals(&self) -> impl Iterator<Item = Result<(u64, ContentHash)>> + '_ {
         let mut options = ReadOptions::default();
@@ -353,6 +372,33 @@ impl Store {
                 let hash = ContentHash::from_slice(&value)
                     .ok_or_else(|| self.corrupt("ordinal value is not a SHA-1"))?;
                 Ok((ordinal, hash))
+            })
+    }
+
+    /// The change log from `sequence` on: (sequence, hash of a new or re-sourced example).
+    pub fn changes_from(
+        &self,
+        sequence: u64,
+    ) -> impl Iterator<Item = Result<(u64, ContentHash)>> + '_ {
+        let start = sequence.to_be_bytes();
+        let mut options = ReadOptions::default();
+        options.fill_cache(false);
+        self.db
+            .iterator_cf_opt(
+                self.cf(CF_CHANGES),
+                options,
+                IteratorMode::From(&start, Direction::Forward),
+            )
+            .map(move |item| {
+                let (key, value) = item.map_err(|e| self.rocks(e))?;
+                let sequence = u64::from_be_bytes(
+                    key.as_ref()
+                        .try_into()
+                        .map_err(|_| self.corrupt("change key is not 8 bytes"))?,
+                );
+                let hash = ContentHash::from_slice(&value)
+                    .ok_or_else(|| self.corrupt("change value is not a SHA-1"))?;
+                Ok((sequence, hash))
             })
     }
 
@@ -479,6 +525,15 @@ impl Batch<'_> {
 
     pub fn put_import(&mut self, import: &ImportRecord) {
         self.put(CF_IMPORTS, &import.id.to_be_bytes(), import);
+    }
+
+    /// Records that the example `hash` is new or gained provenance, for derived indexes.
+    pub fn put_change(&mut self, sequence: u64, hash: &ContentHash) {
+        self.inner.put_cf(
+            self.store.cf(CF_CHANGES),
+            sequence.to_be_bytes(),
+            hash.as_bytes(),
+        );
     }
 
     pub fn put_counters(&mut self, counters: &Counters) {

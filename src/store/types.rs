@@ -132,6 +132,8 @@ pub struct Counters {
     pub duplicates: u64,
     pub rejected: u64,
     pub next_import_id: u32,
+    /// Next sequence number of the change log (entries written so far).
+    pub changes: u64,
     /// Examples per category.
     pub categories: BTreeMap<String, u64>,
     /// Records per source name that are in the store (stored or duplicate).

@@ -1,0 +1,614 @@
+//! The category index: tantivy, beside the store in `<store>/index/`.
+//!
+//! One document per stored example: hash, ordinal, category, every source name
+//! (multi-valued), message/turn/character counts, first import time, and optionally the
+//! conversation text. The index is derived state: the store's change log (`changes`
+//! family: one entry per new example or new provenance) says what to (re)index, and the
+//! index's commit payload records how far it has read that log. Opening the index replays
+//! the gap, so a crash between a store commit and an index commit never leaves them
+//! disagreeing; `rebuild` recreates it from the store alone.
+
+pub mod query;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
+use tantivy::schema::{
+    Field, IndexRecordOption, NumericOptions, OwnedValue, Schema, FAST, INDEXED, STORED, STRING,
+    TEXT,
+};
+use tantivy::{DocAddress, Order, TantivyDocument, Term};
+
+use crate::conversation::ContentHash;
+use crate::store::{self, ImportRecord, Store, StoredExample};
+
+use query::{Expr, NumField, Op, TermField};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("index at {path}: {source}")]
+    Tantivy {
+        path: PathBuf,
+        source: tantivy::TantivyError,
+    },
+    #[error("index at {path} is being written by another process (an import?); try again when it finishes")]
+    Busy { path: PathBuf },
+    #[error("free-text search needs a store created with `corpusdb init --full-text`; use field terms such as category:math")]
+    NoFullText,
+    #[error(transparent)]
+    Query(#[from] query::ParseError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+const WRITER_BYTES: usize = 64 << 20;
+/// Changes replayed between two index commits (bounds memory during a long catch-up).
+const CHANGES_PER_COMMIT: usize = 200_000;
+
+#[derive(Clone, Copy)]
+struct Fields {
+    hash: Field,
+    ordinal: Field,
+    category: Field,
+    source: Field,
+    messages: Field,
+    turns: Field,
+    chars: Field,
+    imported: Field,
+    text: Option<Field>,
+}
+
+fn schema(full_text: bool) -> Schema {
+    let mut builder = Schema::builder();
+    let number = NumericOptions::default().set_indexed().set_fast();
+    builder.add_text_field("hash", STRING | STORED);
+    builder.add_u64_field("ordinal", INDEXED | FAST | STORED);
+    builder.add_text_field("category", STRING | FAST | STORED);
+    builder.add_text_field("source", STRING | FAST | STORED);
+    builder.add_u64_field("messages", number.clone());
+    builder.add_u64_field("turns", number.clone());
+    builder.add_u64_field("chars", number);
+    builder.add_u64_field("imported", FAST);
+    if full_text {
+        builder.add_text_field("text", TEXT);
+    }
+    builder.build()
+}
+
+fn fields(schema: &Schema) -> Fields {
+    let get = |name| {
+        schema
+            .get_field(name)
+            .expect("the index schema has every field")
+    };
+    Fields {
+        hash: get("hash"),
+        ordinal: get("ordinal"),
+        category: get("category"),
+        source: get("source"),
+        messages: get("messages"),
+        turns: get("turns"),
+        chars: get("chars"),
+        imported: get("imported"),
+        text: schema.get_field("text").ok(),
+    }
+}
+
+/// The index directory of a store.
+pub fn index_dir(store_path: &Path) -> PathBuf {
+    store_path.join("index")
+}
+
+pub struct Index {
+    index: tantivy::Index,
+    fields: Fields,
+    path: PathBuf,
+}
+
+/// One example as the index holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexedExample {
+    pub hash: ContentHash,
+    pub ordinal: u64,
+    pub category: String,
+    pub sources: Vec<String>,
+}
+
+impl Index {
+    /// Opens the index of a store, creating it (metadata only unless `full_text`) if absent.
+    pub fn open_or_create(store_path: &Path, full_text: bool) -> Result<Index> {
+        let path = index_dir(store_path);
+        let error = |source| Error::Tantivy {
+            path: path.clone(),
+            source,
+        };
+        let index = if path.join("meta.json").exists() {
+            tantivy::Index::open_in_dir(&path).map_err(error)?
+        } else {
+            std::fs::create_dir_all(&path).map_err(|e| {
+                error(tantivy::TantivyError::from(
+                    tantivy::directory::error::OpenDirectoryError::wrap_io_error(e, path.clone()),
+                ))
+            })?;
+            tantivy::Index::create_in_dir(&path, schema(full_text)).map_err(error)?
+        };
+        let fields = fields(&index.schema());
+        Ok(Index {
+            index,
+            fields,
+            path,
+        })
+    }
+
+    pub fn full_text(&self) -> bool {
+        self.fields.text.is_some()
+    }
+
+    fn error(&self, source: tantivy::TantivyError) -> Error {
+        match source {
+            tantivy::TantivyError::LockFailure(..) => Error::Busy {
+                path: self.path.clone(),
+            },
+            source => Error::Tantivy {
+                path: self.path.clone(),
+                source,
+            },
+        }
+    }
+
+    /// How far the index has read the store's change log.
+    pub fn indexed_through(&self) -> Result<u64> {
+        let metas = self.index.load_metas().map_err(|e| self.error(e))?;
+        Ok(metas.payload.and_then(|p| p.parse().ok()).unwrap_or(0))
+    }
+
+    /// Indexes every change the store has that the index has not seen; returns how many
+    /// changes were replayed. Needs the index's writer lock (`Error::Busy` if taken).
+    pub fn catch_up(&self, store: &Store, progress: &dyn Fn(u64, u64)) -> Result<u64> {
+        let from = self.indexed_through()?;
+        let to = store.counters()?.changes;
+        if from >= to {
+            return Ok(0);
+        }
+        let imports = imports_by_id(store)?;
+        let mut writer = self
+            .index
+            .writer::<TantivyDocument>(WRITER_BYTES)
+            .map_err(|e| self.error(e))?;
+        let mut seen = HashSet::new();
+        let mut replayed = 0u64;
+        for change in store.changes_from(from) {
+            let (seq, hash) = change?;
+            if seen.insert(hash) {
+                self.reindex_one(&writer, store, &imports, &hash)?;
+            }
+            replayed += 1;
+            if seen.len() >= CHANGES_PER_COMMIT {
+                commit(&mut writer, seq + 1).map_err(|e| self.error(e))?;
+                seen.clear();
+                progress(seq + 1 - from, to - from);
+            }
+        }
+        commit(&mut writer, to).map_err(|e| self.error(e))?;
+        progress(to - from, to - from);
+        Ok(replayed)
+    }
+
+    fn reindex_one(
+        &self,
+        writer: &tantivy::IndexWriter<TantivyDocument>,
+        store: &Store,
+        imports: &HashMap<u32, ImportRecord>,
+        hash: &ContentHash,
+    ) -> Result<()> {
+        writer.delete_term(Term::from_field_text(self.fields.hash, &hash.to_hex()));
+        if let Some(example) = store.get(hash)? {
+            let sources = source_names(store, imports, hash)?;
+            writer
+                .add_document(self.document(hash, &example, &sources, imports))
+                .map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
+    fn document(
+        &self,
+        hash: &ContentHash,
+        example: &StoredExample,
+        sources: &BTreeSet<String>,
+        imports: &HashMap<u32, ImportRecord>,
+    ) -> TantivyDocument {
+        let f = &self.fields;
+        let mut doc = TantivyDocument::default();
+        doc.add_text(f.hash, hash.to_hex());
+        doc.add_u64(f.ordinal, example.ordinal);
+        doc.add_text(f.category, &example.category);
+        for source in sources {
+            doc.add_text(f.source, source);
+        }
+        doc.add_u64(f.messages, example.conversation.messages.len() as u64);
+        doc.add_u64(f.turns, u64::from(example.turns));
+        doc.add_u64(f.chars, example.chars);
+        doc.add_u64(
+            f.imported,
+            imports
+                .get(&example.first_import)
+                .map_or(0, |i| i.started_unix),
+        );
+        if let Some(text) = f.text {
+            for message in &example.conversation.messages {
+                doc.add_text(text, &message.content);
+            }
+        }
+        doc
+    }
+
+    /// Drops every document and indexes the store from scratch (in insertion order).
+    pub fn rebuild(&self, store: &Store, progress: &dyn Fn(u64, u64)) -> Result<u64> {
+        let counters = store.counters()?;
+        let imports = imports_by_id(store)?;
+        let mut writer = self
+            .index
+            .writer::<TantivyDocument>(WRITER_BYTES)
+            .map_err(|e| self.error(e))?;
+        writer.delete_all_documents().map_err(|e| self.error(e))?;
+        let mut done = 0u64;
+        for entry in store.ordinals() {
+            let (_, hash) = entry?;
+            let example = store.get(&hash)?.ok_or_else(|| {
+                Error::Store(store::Error::Corrupt {
+                    path: store.path().to_owned(),
+                    detail: format!("ordinal points to missing example {hash}"),
+                })
+            })?;
+            let sources = source_names(store, &imports, &hash)?;
+            writer
+                .add_document(self.document(&hash, &example, &sources, &imports))
+                .map_err(|e| self.error(e))?;
+            done += 1;
+            if done % 10_000 == 0 {
+                progress(done, counters.examples);
+            }
+        }
+        commit(&mut writer, counters.changes).map_err(|e| self.error(e))?;
+        progress(done, counters.examples);
+        Ok(done)
+    }
+
+    fn searcher(&self) -> Result<tantivy::Searcher> {
+        let reader = self
+            .index
+            .reader_builder()
+            .reload_policy(tantivy::ReloadPolicy::Manual)
+            .try_into()
+            .map_err(|e| self.error(e))?;
+        Ok(reader.searcher())
+    }
+
+    /// Number of examples matching `expr`.
+    pub fn count(&self, expr: &Expr) -> Result<u64> {
+        let query = self.compile(expr)?;
+        let searcher = self.searcher()?;
+        Ok(searcher.search(&query, &Count).map_err(|e| self.error(e))? as u64)
+    }
+
+    /// Examples matching `expr` in insertion order, skipping `offset`, at most `limit`.
+    pub fn search(&self, expr: &Expr, offset: usize, limit: usize) -> Result<Vec<IndexedExample>> {
+        let query = self.compile(expr)?;
+        let searcher = self.searcher()?;
+        let collector = TopDocs::with_limit(limit.max(1))
+            .and_offset(offset)
+            .order_by_fast_field::<u64>("ordinal", Order::Asc);
+        let hits: Vec<(Option<u64>, DocAddress)> = searcher
+            .search(&query, &collector)
+            .map_err(|e| self.error(e))?;
+        let mut out = Vec::with_capacity(hits.len());
+        for (_, address) in hits.into_iter().take(limit) {
+            let doc: TantivyDocument = searcher.doc(address).map_err(|e| self.error(e))?;
+            out.push(self.indexed(&doc));
+        }
+        Ok(out)
+    }
+
+    fn indexed(&self, doc: &TantivyDocument) -> IndexedExample {
+        let text = |field| -> Vec<String> {
+            doc.get_all(field)
+                .filter_map(|v| match OwnedValue::from(v) {
+                    OwnedValue::Str(s) => Some(s),
+                    _ => None,
+                })
+                .collect()
+        };
+        let hash = text(self.fields.hash)
+            .first()
+            .and_then(|h| h.parse().ok())
+            .unwrap_or(ContentHash([0; 20]));
+        let ordinal = doc
+            .get_first(self.fields.ordinal)
+            .and_then(|v| match OwnedValue::from(v) {
+                OwnedValue::U64(n) => Some(n),
+                _ => None,
+            })
+            .unwrap_or(0);
+        IndexedExample {
+            hash,
+            ordinal,
+            category: text(self.fields.category)
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
+            sources: text(self.fields.source),
+        }
+    }
+
+    /// Ordinals of every example matching `expr`, ascending: the streaming order of
+    /// exports and selections (8 bytes per match, no per-document allocation).
+    pub fn matching_ordinals(&self, expr: &Expr) -> Result<Vec<u64>> {
+        let query = self.compile(expr)?;
+        let searcher = self.searcher()?;
+        searcher
+            .search(&query, &OrdinalCollector)
+            .map_err(|e| self.error(e))
+    }
+
+    /// Live documents per value of a term field (category or source).
+    pub fn facet(&self, field: TermField) -> Result<BTreeMap<String, u64>> {
+        let name = match field {
+            TermField::Category => "category",
+            TermField::Source => "source",
+            TermField::Hash => "hash",
+        };
+        let searcher = self.searcher()?;
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for segment in searcher.segment_readers() {
+            let Some(column) = segment.fast_fields().str(name).map_err(|e| self.error(e))? else {
+                continue;
+            };
+            let mut per_ord = vec![0u64; column.num_terms()];
+            let alive = segment.alive_bitset();
+            for doc in 0..segment.max_doc() {
+                if alive.is_some_and(|bits| !bits.is_alive(doc)) {
+                    continue;
+                }
+                for ord in column.term_ords(doc) {
+                    per_ord[ord as usize] += 1;
+                }
+            }
+            let mut value = String::new();
+            for (ord, count) in per_ord.into_iter().enumerate() {
+                if count > 0
+                    && column
+                        .ord_to_str(ord as u64, &mut value)
+                        .map_err(|e| self.error(e.into()))?
+                {
+                    *counts.entry(value.clone()).or_default() += count;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Live documents in the index.
+    pub fn num_docs(&self) -> Result<u64> {
+        Ok(self.searcher()?.num_docs())
+    }
+
+    fn compile(&self, expr: &Expr) -> Result<Box<dyn Query>> {
+        let f = &self.fields;
+        Ok(match expr {
+            Expr::All => Box::new(AllQuery),
+            Expr::Term { field, value } => {
+                let field = match field {
+                    TermField::Category => f.category,
+                    TermField::Source => f.source,
+                    TermField::Hash => f.hash,
+                };
+                Box::new(TermQuery::new(
+                    Term::from_field_text(field, value),
+                    IndexRecordOption::Basic,
+                ))
+            }
+            Expr::Range { field, op, value } => {
+                let field = match field {
+                    NumField::Chars => f.chars,
+                    NumField::Turns => f.turns,
+                    NumField::Messages => f.messages,
+                    NumField::Ordinal => f.ordinal,
+                };
+                let term = Term::from_field_u64(field, *value);
+                let (lower, upper) = match op {
+                    Op::Lt => (Bound::Unbounded, Bound::Excluded(term)),
+                    Op::Le => (Bound::Unbounded, Bound::Included(term)),
+                    Op::Gt => (Bound::Excluded(term), Bound::Unbounded),
+                    Op::Ge => (Bound::Included(term), Bound::Unbounded),
+                    Op::Eq => (Bound::Included(term.clone()), Bound::Included(term)),
+                };
+                Box::new(RangeQuery::new(lower, upper))
+            }
+            Expr::Text(text) => {
+                let field = f.text.ok_or(Error::NoFullText)?;
+                let parser = QueryParser::for_index(&self.index, vec![field]);
+                let quoted = format!("\"{}\"", text.replace(['"', '\\'], " "));
+                parser
+                    .parse_query(&quoted)
+                    .map_err(|e| self.error(e.into()))?
+            }
+            Expr::Not(inner) => Box::new(BooleanQuery::new(vec![
+                (Occur::Must, Box::new(AllQuery) as Box<dyn Query>),
+                (Occur::MustNot, self.compile(inner)?),
+            ])),
+            Expr::And(parts) => Box::new(BooleanQuery::new(
+                parts
+                    .iter()
+                    .map(|p| Ok((Occur::Must, self.compile(p)?)))
+                    .collect::<Result<_>>()?,
+            )),
+            Expr::Or(parts) => Box::new(BooleanQuery::new(
+                parts
+                    .iter()
+                    .map(|p| Ok((Occur::Should, self.compile(p)?)))
+                    .collect::<Result<_>>()?,
+            )),
+        })
+    }
+}
+
+/// Collects the `ordinal` fast field of every match.
+struct OrdinalCollector;
+
+struct OrdinalSegmentCollector {
+    column: tantivy::columnar::Column<u64>,
+    ordinals: Vec<u64>,
+}
+
+impl tantivy::collector::Collector for OrdinalCollector {
+    type Fruit = Vec<u64>;
+    type Child = OrdinalSegmentCollector;
+
+    fn for_segment(
+        &self,
+        _segment: tantivy::SegmentOrdinal,
+        reader: &tantivy::SegmentReader,
+    ) -> tantivy::Result<OrdinalSegmentCollector> {
+        Ok(OrdinalSegmentCollector {
+            column: reader.fast_fields().u64("ordinal")?,
+            ordinals: Vec::new(),
+        })
+    }
+
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+
+    fn merge_fruits(&self, fruits: Vec<Vec<u64>>) -> tantivy::Result<Vec<u64>> {
+        let mut all = fruits.concat();
+        all.sort_unstable();
+        Ok(all)
+    }
+}
+
+impl tantivy::collector::SegmentCollector for OrdinalSegmentCollector {
+    type Fruit = Vec<u64>;
+
+    fn collect(&mut self, doc: tantivy::DocId, _score: tantivy::Score) {
+        if let Some(ordinal) = self.column.first(doc) {
+            self.ordinals.push(ordinal);
+        }
+    }
+
+    fn harvest(self) -> Vec<u64> {
+        self.ordinals
+    }
+}
+
+fn commit(writer: &mut tantivy::IndexWriter<TantivyDocument>, through: u64) -> tantivy::Result<()> {
+    let mut prepared = writer.prepare_commit()?;
+    prepared.set_payload(&through.to_string());
+    prepared.commit()?;
+    Ok(())
+}
+
+fn imports_by_id(store: &Store) -> Result<HashMap<u32, ImportRecord>> {
+    Ok(store.imports()?.into_iter().map(|i| (i.id, i)).collect())
+}
+
+fn source_names(
+    store: &Store,
+    imports: &HashMap<u32, ImportRecord>,
+    hash: &ContentHash,
+) -> Result<BTreeSet<String>> {
+    Ok(store
+        .provenance(hash)?
+        .into_iter()
+        .filter_map(|p| imports.get(&p.import_id).map(|i| i.source.clone()))
+        .collect())
+}
+
+/// What `check` found.
+#[derive(Clone, Debug, Default)]
+pub struct CheckReport {
+    pub store_examples: u64,
+    pub index_documents: u64,
+    pub sampled: u64,
+    /// Human-readable disagreements; empty when store and index agree.
+    pub problems: Vec<String>,
+}
+
+/// Compares the index with the store: document and per-category counts, then `sample`
+/// documents spread evenly over the insertion order, field by field.
+pub fn check(store: &Store, index: &Index, sample: u64) -> Result<CheckReport> {
+    let counters = store.counters()?;
+    let mut report = CheckReport {
+        store_examples: counters.examples,
+        index_documents: index.num_docs()?,
+        ..CheckReport::default()
+    };
+    if report.store_examples != report.index_documents {
+        report.problems.push(format!(
+            "the store has {} examples, the index {} documents",
+            report.store_examples, report.index_documents
+        ));
+    }
+    let indexed = index.facet(TermField::Category)?;
+    for (category, &count) in &counters.categories {
+        let found = indexed.get(category).copied().unwrap_or(0);
+        if found != count {
+            report
+                .problems
+                .push(format!("category {category}: store {count}, index {found}"));
+        }
+    }
+    for (category, &found) in &indexed {
+        if !counters.categories.contains_key(category) {
+            report
+                .problems
+                .push(format!("category {category}: store 0, index {found}"));
+        }
+    }
+    let imports = imports_by_id(store)?;
+    let step = (counters.examples / sample.max(1)).max(1);
+    for entry in store
+        .ordinals()
+        .step_by(step as usize)
+        .take(sample as usize)
+    {
+        let (ordinal, hash) = entry?;
+        report.sampled += 1;
+        let expr = Expr::Term {
+            field: TermField::Hash,
+            value: hash.to_hex(),
+        };
+        let hits = index.search(&expr, 0, 2)?;
+        let Some(example) = store.get(&hash)? else {
+            report.problems.push(format!(
+                "ordinal {ordinal} points to {hash}, which the store lacks"
+            ));
+            continue;
+        };
+        let sources: Vec<String> = source_names(store, &imports, &hash)?.into_iter().collect();
+        let expected = IndexedExample {
+            hash,
+            ordinal,
+            category: example.category,
+            sources,
+        };
+        match hits.as_slice() {
+            [one] if *one == expected => {}
+            [one] => report.problems.push(format!(
+                "{hash}: store says {expected:?}, index says {one:?}"
+            )),
+            [] => report
+                .problems
+                .push(format!("{hash}: in the store, not in the index")),
+            _ => report
+                .problems
+                .push(format!("{hash}: indexed more than once")),
+        }
+    }
+    Ok(report)
+}

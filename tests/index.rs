@@ -1,0 +1,363 @@
+//! The category index: query semantics, facets against the store, recovery of a lagging
+//! index, rebuild, and the export round trip.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use corpusdb::index::query::{parse, TermField};
+use corpusdb::index::{self, Index};
+use corpusdb::store::Store;
+
+use crate::util::{bin, ingest, run_ok, write};
+
+/// Ten examples with known categories, sources, turns and lengths.
+fn known_corpus(dir: &Path) -> std::path::PathBuf {
+    let store_path = dir.join("store");
+    let store = Store::open(&store_path).unwrap();
+    let mut math = String::new();
+    for i in 0..4 {
+        // 1 turn; chars = len("What is i+i?") + len(answer)
+        math.push_str(&format!(
+            r#"{{"instruction": "What is {i}+{i}?", "output": "It is {}."}}"#,
+            2 * i
+        ));
+        math.push('\n');
+    }
+    let mut chat = String::new();
+    for i in 0..3 {
+        chat.push_str(&format!(
+            r#"{{"messages": [{{"role": "user", "content": "Hello number {i}"}}, {{"role": "assistant", "content": "Hi there, friend {i}."}}, {{"role": "user", "content": "How are you?"}}, {{"role": "assistant", "content": "Very well, thank you for asking."}}]}}"#
+        ));
+        chat.push('\n');
+    }
+    let code = r#"{"instruction": "Write hello world in Python", "output": "print('hello world')"}
+{"instruction": "Reverse a list in Python", "output": "xs[::-1] reverses the list xs and returns a new list."}
+{"instruction": "What is 1+1?", "output": "It is 2."}
+"#;
+    ingest(
+        &store,
+        &write(dir, "math.jsonl", math.as_bytes()),
+        "gsm",
+        "math",
+    );
+    ingest(
+        &store,
+        &write(dir, "chat.jsonl", chat.as_bytes()),
+        "ultrachat",
+        "conversation",
+    );
+    // The last code record repeats a math record: a duplicate from a new source.
+    ingest(
+        &store,
+        &write(dir, "code.jsonl", code.as_bytes()),
+        "codealpaca",
+        "code",
+    );
+    let index = Index::open_or_create(&store_path, false).unwrap();
+    index.catch_up(&store, &|_, _| {}).unwrap();
+    store_path
+}
+
+fn count(index: &Index, q: &str) -> u64 {
+    index.count(&parse(q).unwrap()).unwrap()
+}
+
+#[test]
+fn every_operator_selects_the_right_examples() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = known_corpus(dir.path());
+    let index = Index::open_or_create(&store_path, false).unwrap();
+    assert_eq!(count(&index, ""), 9);
+    assert_eq!(count(&index, "*"), 9);
+    assert_eq!(count(&index, "category:math"), 4);
+    assert_eq!(count(&index, "category:nothing"), 0);
+    assert_eq!(
+        count(&index, "source:codealpaca"),
+        3,
+        "the duplicate carries its new source"
+    );
+    assert_eq!(count(&index, "source:gsm source:codealpaca"), 1);
+    assert_eq!(count(&index, "source:gsm AND source:codealpaca"), 1);
+    assert_eq!(count(&index, "category:math OR category:code"), 6);
+    assert_eq!(count(&index, "NOT category:math"), 5);
+    assert_eq!(count(&index, "-category:math -category:code"), 3);
+    assert_eq!(count(&index, "turns:2"), 3);
+    assert_eq!(count(&index, "turns:>=2"), 3);
+    assert_eq!(count(&index, "turns:>1"), 3);
+    assert_eq!(count(&index, "turns:<2"), 6);
+    assert_eq!(count(&index, "turns:<=1"), 6);
+    assert_eq!(count(&index, "messages:4"), 3);
+    // Every math record is "What is i+i?" (12 characters) + "It is 2i." (8).
+    assert_eq!(count(&index, "chars:20"), 4);
+    assert_eq!(count(&index, "chars:<=20"), 4);
+    assert_eq!(count(&index, "chars:<20"), 0);
+    assert_eq!(count(&index, "chars:>20 category:math"), 0);
+    assert_eq!(
+        count(
+            &index,
+            "(category:math OR category:conversation) AND turns:>=2"
+        ),
+        3
+    );
+    assert_eq!(
+        count(
+            &index,
+            "category:math AND NOT (chars:>20 OR source:codealpaca)"
+        ),
+        3
+    );
+    assert_eq!(count(&index, "ordinal:<3"), 3);
+
+    let hits = index
+        .search(&parse("category:conversation").unwrap(), 1, 10)
+        .unwrap();
+    assert_eq!(
+        hits.iter().map(|h| h.ordinal).collect::<Vec<_>>(),
+        [5, 6],
+        "insertion order, offset applied"
+    );
+    assert_eq!(
+        index
+            .matching_ordinals(&parse("category:code").unwrap())
+            .unwrap(),
+        [7, 8]
+    );
+
+    let err = index.count(&parse("chars:<1").unwrap()).unwrap();
+    assert_eq!(err, 0, "an empty result is not an error");
+    assert!(matches!(
+        index.count(&parse("hello").unwrap()),
+        Err(index::Error::NoFullText)
+    ));
+}
+
+#[test]
+fn full_text_stores_search_the_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store");
+    run_ok(
+        bin()
+            .arg("--store")
+            .arg(&store_path)
+            .args(["init", "--full-text"]),
+    );
+    let file = write(
+        dir.path(),
+        "a.jsonl",
+        br#"{"instruction": "Tell me about rivers", "output": "Rivers carry water to the sea."}
+{"instruction": "Tell me about mountains", "output": "Mountains are tall."}
+"#,
+    );
+    run_ok(
+        bin()
+            .arg("--store")
+            .arg(&store_path)
+            .args(["ingest", "--source", "s", "--category", "geo"])
+            .arg(&file),
+    );
+    let index = Index::open_or_create(&store_path, false).unwrap();
+    assert!(index.full_text());
+    assert_eq!(count(&index, "rivers"), 1);
+    assert_eq!(count(&index, "\"to the sea\""), 1);
+    assert_eq!(count(&index, "tell category:geo"), 2);
+    assert_eq!(count(&index, "volcano"), 0);
+}
+
+#[test]
+fn facets_equal_the_store_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = known_corpus(dir.path());
+    let store = Store::open_read_only(&store_path).unwrap();
+    let index = Index::open_or_create(&store_path, false).unwrap();
+    let counters = store.counters().unwrap();
+    assert_eq!(
+        index.facet(TermField::Category).unwrap(),
+        counters.categories
+    );
+    let sources = index.facet(TermField::Source).unwrap();
+    assert_eq!(sources.get("gsm"), Some(&4));
+    assert_eq!(sources.get("codealpaca"), Some(&3));
+    assert_eq!(sources.get("ultrachat"), Some(&3));
+    assert_eq!(index.num_docs().unwrap(), counters.examples);
+}
+
+#[test]
+fn a_lagging_index_is_brought_up_to_date_and_check_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = known_corpus(dir.path());
+    // The store commits, the index does not: what a crash between the two leaves behind.
+    {
+        let store = Store::open(&store_path).unwrap();
+        let more = write(
+            dir.path(),
+            "more.jsonl",
+            br#"{"instruction": "What is 0+0?", "output": "It is 0."}
+{"instruction": "Name a prime", "output": "7"}
+"#,
+        );
+        ingest(&store, &more, "late", "math");
+        let index = Index::open_or_create(&store_path, false).unwrap();
+        assert!(index.indexed_through().unwrap() < store.counters().unwrap().changes);
+        assert_eq!(
+            index.count(&parse("category:math").unwrap()).unwrap(),
+            4,
+            "still the old state"
+        );
+    }
+    let out = run_ok(bin().arg("--store").arg(&store_path).args(["check"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("consistent"));
+    let index = Index::open_or_create(&store_path, false).unwrap();
+    assert_eq!(count(&index, "category:math"), 5);
+    assert_eq!(
+        count(&index, "source:late"),
+        2,
+        "the duplicate 0+0 gained the source `late`"
+    );
+    let store = Store::open_read_only(&store_path).unwrap();
+    assert!(index::check(&store, &index, 100)
+        .unwrap()
+        .problems
+        .is_empty());
+}
+
+#[test]
+fn check_fails_when_the_index_disagrees_and_reindex_repairs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = known_corpus(dir.path());
+    let queries = [
+        "category:math",
+        "source:codealpaca",
+        "turns:>=2 OR chars:<25",
+        "NOT category:code",
+    ];
+    let answers = |index: &Index| -> Vec<Vec<u64>> {
+        queries
+            .iter()
+            .map(|q| index.matching_ordinals(&parse(q).unwrap()).unwrap())
+            .collect()
+    };
+    let before = answers(&Index::open_or_create(&store_path, false).unwrap());
+    // Damage the index: drop it and create an empty one that claims to be up to date.
+    std::fs::remove_dir_all(index::index_dir(&store_path)).unwrap();
+    {
+        let store = Store::open(&store_path).unwrap();
+        let index = Index::open_or_create(&store_path, false).unwrap();
+        index.rebuild(&store, &|_, _| {}).unwrap();
+        // Remove one document behind the store's back.
+        let mut writer: tantivy::IndexWriter =
+            tantivy::Index::open_in_dir(index::index_dir(&store_path))
+                .unwrap()
+                .writer(15_000_000)
+                .unwrap();
+        let schema = writer.index().schema();
+        let hash = store.hash_at(0).unwrap().unwrap();
+        writer.delete_term(tantivy::Term::from_field_text(
+            schema.get_field("hash").unwrap(),
+            &hash.to_hex(),
+        ));
+        let mut commit = writer.prepare_commit().unwrap();
+        commit.set_payload(&store.counters().unwrap().changes.to_string());
+        commit.commit().unwrap();
+    }
+    let out = bin()
+        .arg("--store")
+        .arg(&store_path)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("the store has 9 examples, the index 8 documents"),
+        "{stdout}"
+    );
+    run_ok(bin().arg("--store").arg(&store_path).arg("reindex"));
+    run_ok(bin().arg("--store").arg(&store_path).arg("check"));
+    assert_eq!(
+        answers(&Index::open_or_create(&store_path, false).unwrap()),
+        before
+    );
+}
+
+#[test]
+fn export_then_ingest_gives_the_same_hash_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = known_corpus(dir.path());
+    let out_file = dir.path().join("all.jsonl");
+    run_ok(
+        bin()
+            .arg("--store")
+            .arg(&store_path)
+            .args(["export", "*", "--with-metadata", "--out"])
+            .arg(&out_file),
+    );
+    let first = std::fs::read_to_string(&out_file).unwrap();
+    let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert_eq!(first["_category"], "math");
+    assert_eq!(first["messages"][0]["role"], "user");
+    let copy = dir.path().join("copy");
+    run_ok(
+        bin()
+            .arg("--store")
+            .arg(&copy)
+            .args(["ingest", "--source", "export", "--category", "any"])
+            .arg(&out_file),
+    );
+    let hashes = |path: &Path| -> BTreeSet<String> {
+        Store::open_read_only(path)
+            .unwrap()
+            .ordinals()
+            .map(|e| e.unwrap().1.to_hex())
+            .collect()
+    };
+    assert_eq!(hashes(&copy), hashes(&store_path));
+
+    let math = dir.path().join("math.jsonl");
+    run_ok(
+        bin()
+            .arg("--store")
+            .arg(&store_path)
+            .args(["export", "category:math", "--out"])
+            .arg(&math),
+    );
+    assert_eq!(std::fs::read_to_string(&math).unwrap().lines().count(), 4);
+}
+
+#[test]
+fn query_errors_point_at_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = known_corpus(dir.path());
+    let out = bin()
+        .arg("--store")
+        .arg(&store_path)
+        .args(["query", "category:math AND (turns:>1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("query error at position 27: expected `)`, found the end of the query"),
+        "{stderr}"
+    );
+    let out = run_ok(bin().arg("--store").arg(&store_path).args([
+        "query",
+        "category:conversation",
+        "--format",
+        "jsonl",
+    ]));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["sources"][0], "ultrachat");
+    let out = run_ok(
+        bin()
+            .arg("--store")
+            .arg(&store_path)
+            .args(["categories", "--json"]),
+    );
+    let facets: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(facets["examples"], 9);
+    assert_eq!(facets["counts"][0]["name"], "math");
+}
