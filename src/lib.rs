@@ -8,6 +8,7 @@
 //! - [`store`]: the RocksDB store; the only module that imports RocksDB.
 //! - [`ingest`]: the pipeline from files into the store, resumable per record.
 //! - [`index`]: the tantivy index of categories, sources and counts, and its query language.
+//! - [`export`]: examples out of the store as JSONL.
 //! - [`manifest`]: YAML lists of files to ingest (`configs/`).
 //! - [`synth`]: a deterministic generator of realistic data for benchmarks and tests.
 //!
@@ -26,6 +27,7 @@
 //! ```
 
 pub mod conversation;
+pub mod export;
 pub mod formats;
 pub mod index;
 pub mod ingest;

@@ -361,3 +361,59 @@ fn query_errors_point_at_the_problem() {
     assert_eq!(facets["examples"], 9);
     assert_eq!(facets["counts"][0]["name"], "math");
 }
+
+#[test]
+fn readers_work_while_an_import_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store");
+    let corpus = dir.path().join("corpus.jsonl");
+    run_ok(
+        bin()
+            .args(["generate", "--records", "3000", "--out"])
+            .arg(&corpus),
+    );
+    let mut import = bin()
+        .arg("--store")
+        .arg(&store_path)
+        .args([
+            "ingest",
+            "--source",
+            "syn",
+            "--category",
+            "general",
+            "--batch-size",
+            "200",
+            "--write-buffer-mb",
+            "1",
+        ])
+        .arg(&corpus)
+        .env("CORPUSDB_TEST_BATCH_DELAY_MS", "40")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut answered = 0;
+    while import.try_wait().unwrap().is_none() {
+        if store_path.join("CURRENT").exists() {
+            let out = bin()
+                .arg("--store")
+                .arg(&store_path)
+                .args(["query", "category:general", "--count"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let n: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            assert!(n <= 3000);
+            answered += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(import.wait().unwrap().success());
+    assert!(answered > 0, "the import ended before any reader ran");
+    let out = run_ok(bin().arg("--store").arg(&store_path).arg("check"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("consistent"));
+}

@@ -135,6 +135,20 @@ pub fn catch_up(store: &Store, index: &Index, must: bool) -> anyhow::Result<()> 
     }
 }
 
+/// Catches up, waiting while a reader that is doing the same holds the index (a reader
+/// brings the index to the store state it sees, which the writer then continues from).
+pub fn catch_up_waiting(store: &Store, index: &Index) -> anyhow::Result<()> {
+    for _ in 0..600 {
+        match catch_up(store, index, true) {
+            Err(e) if matches!(e.downcast_ref(), Some(corpusdb::index::Error::Busy { .. })) => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+    catch_up(store, index, true)
+}
+
 pub fn bar(what: &str, total: u64) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(5));
     bar.set_style(

@@ -145,7 +145,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     }
     // The index follows the store's change log; bring it up to date while we hold the store.
     let index = corpusdb::index::Index::open_or_create(store.path(), false)?;
-    super::index::catch_up(&store, &index, true)?;
+    super::index::catch_up_waiting(&store, &index)?;
     if total.read > 0 {
         println!(
             "total: read {} = stored {} + duplicates {} + rejected {} in {:.2}s",

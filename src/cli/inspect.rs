@@ -204,28 +204,15 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let mut out = std::io::stdout().lock();
     if args.json {
-        let messages: Vec<_> = example
-            .conversation
-            .messages
-            .iter()
-            .map(|m| {
-                let mut v = json!({"role": m.role.as_str(), "content": m.content});
-                if let Some(name) = &m.name {
-                    v["name"] = json!(name);
-                }
-                if let Some(calls) = &m.tool_calls {
-                    v["tool_calls"] = serde_json::from_str(calls).unwrap_or(json!(calls));
-                }
-                v
-            })
-            .collect();
+        let record = corpusdb::export::messages_record(&example);
         let value = json!({
             "hash": hash.to_hex(),
             "ordinal": example.ordinal,
             "category": example.category,
             "chars": example.chars,
             "turns": example.turns,
-            "messages": messages,
+            "messages": record["messages"],
+            "tools": record.get("tools"),
             "sources": sources,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;

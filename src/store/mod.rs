@@ -210,10 +210,15 @@ impl Store {
                 }
                 Ok(())
             }
-            None if may_initialise => self
-                .db
-                .put_cf(meta, KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes())
-                .map_err(|e| self.rocks(e)),
+            None if may_initialise => {
+                self.db
+                    .put_cf(meta, KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes())
+                    .map_err(|e| self.rocks(e))?;
+                // Flushed at once, so readers opening the new store see its version.
+                self.flush()
+            }
+            // A store another process is creating right now has nothing yet: read it as empty.
+            None if self.db.get_cf(meta, KEY_COUNTERS).map_err(|e| self.rocks(e))?.is_none() => Ok(()),
             None => Err(self.corrupt("no schema version recorded")),
         }
     }
