@@ -218,7 +218,14 @@ impl Store {
                 self.flush()
             }
             // A store another process is creating right now has nothing yet: read it as empty.
-            None if self.db.get_cf(meta, KEY_COUNTERS).map_err(|e| self.rocks(e))?.is_none() => Ok(()),
+            None if self
+                .db
+                .get_cf(meta, KEY_COUNTERS)
+                .map_err(|e| self.rocks(e))?
+                .is_none() =>
+            {
+                Ok(())
+            }
             None => Err(self.corrupt("no schema version recorded")),
         }
     }
