@@ -417,3 +417,74 @@ fn readers_work_while_an_import_runs() {
     let out = run_ok(bin().arg("--store").arg(&store_path).arg("check"));
     assert!(String::from_utf8_lossy(&out.stdout).contains("consistent"));
 }
+
+#[test]
+fn parquet_export_reads_back_with_the_same_content() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = known_corpus(dir.path());
+    let jsonl = dir.path().join("all.jsonl");
+    let parquet_file = dir.path().join("all.parquet");
+    run_ok(
+        bin()
+            .arg("--store")
+            .arg(&store_path)
+            .args(["export", "*", "--with-metadata", "--out"])
+            .arg(&jsonl),
+    );
+    run_ok(
+        bin()
+            .arg("--store")
+            .arg(&store_path)
+            .args([
+                "export",
+                "*",
+                "--with-metadata",
+                "--format",
+                "parquet",
+                "--out",
+            ])
+            .arg(&parquet_file),
+    );
+    let expected: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let reader = SerializedFileReader::new(std::fs::File::open(&parquet_file).unwrap()).unwrap();
+    assert_eq!(reader.metadata().file_metadata().num_rows(), 9);
+    let rows: Vec<serde_json::Value> = reader
+        .get_row_iter(None)
+        .unwrap()
+        .map(|r| r.unwrap().to_json_value())
+        .collect();
+    assert_eq!(rows.len(), expected.len());
+    for (row, want) in rows.iter().zip(&expected) {
+        assert_eq!(row["_hash"], want["_hash"]);
+        assert_eq!(row["_category"], want["_category"]);
+        assert_eq!(row["_sources"], want["_sources"]);
+        let messages = row["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), want["messages"].as_array().unwrap().len());
+        for (got, want) in messages.iter().zip(want["messages"].as_array().unwrap()) {
+            assert_eq!(got["role"], want["role"]);
+            assert_eq!(got["content"], want["content"]);
+        }
+    }
+    // pyarrow, the reader behind Hugging Face `datasets`, when this machine has it.
+    let script = "import sys, pyarrow.parquet as pq\nt = pq.read_table(sys.argv[1])\nprint(t.num_rows, t.column('messages')[0][0]['content'])";
+    match std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&parquet_file)
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let printed = String::from_utf8_lossy(&out.stdout);
+            let want = format!(
+                "9 {}",
+                expected[0]["messages"][0]["content"].as_str().unwrap()
+            );
+            assert_eq!(printed.trim(), want);
+        }
+        _ => eprintln!("pyarrow not available: skipped reading the export with pyarrow"),
+    }
+}

@@ -1,4 +1,4 @@
-//! `corpusdb export`: stream the examples matching a query to JSONL.
+//! `corpusdb export`: stream the examples matching a query to JSONL or Parquet.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -6,17 +6,20 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use corpusdb::index::query;
 
-/// Write the examples matching a query (see `corpusdb query --help`) as JSONL in OpenAI
-/// `messages` shape, in insertion order: {"messages": [{"role", "content"}], "tools"?}.
-/// With --with-metadata each line also has "_hash", "_category" and "_sources".
+/// Write the examples matching a query (see `corpusdb query --help`) in insertion order.
+///
+/// JSONL lines are in OpenAI `messages` shape: {"messages": [{"role", "content"}],
+/// "tools"?}. Parquet has the same `messages` column as a list of {role, content, name,
+/// tool_calls} structs (what Hugging Face `datasets` and pyarrow read as chat data).
+/// With --with-metadata both add "_hash", "_category" and "_sources".
 #[derive(clap::Args)]
 pub struct Args {
     /// The query; `*` exports everything.
     query: String,
-    /// Output file (`-` for standard output).
+    /// Output file (`-` for standard output, JSONL only).
     #[arg(long)]
     out: PathBuf,
     /// Output format.
@@ -30,30 +33,46 @@ pub struct Args {
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ExportFormat {
     Jsonl,
+    Parquet,
 }
 
 pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let expr = query::parse(&args.query)?;
     let (store, index) = super::index::open_for_reading(store_path)?;
     let ordinals = index.matching_ordinals(&expr)?;
-    let sink: Box<dyn Write> = if args.out.as_os_str() == "-" {
-        Box::new(std::io::stdout().lock())
-    } else {
-        Box::new(
-            File::create(&args.out)
-                .with_context(|| format!("{}: cannot create", args.out.display()))?,
-        )
-    };
-    let mut out = BufWriter::with_capacity(1 << 20, sink);
     let bar = super::index::bar("exporting", ordinals.len() as u64);
     let started = Instant::now();
-    let written =
-        corpusdb::export::write_jsonl(&store, &ordinals, &mut out, args.with_metadata, &|done| {
-            bar.set_position(done)
-        });
+    let progress = |done| bar.set_position(done);
+    let to_stdout = args.out.as_os_str() == "-";
+    let create = || {
+        File::create(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))
+    };
+    match args.format {
+        ExportFormat::Jsonl => {
+            let sink: Box<dyn Write> = if to_stdout {
+                Box::new(std::io::stdout().lock())
+            } else {
+                Box::new(create()?)
+            };
+            let mut out = BufWriter::with_capacity(1 << 20, sink);
+            corpusdb::export::write_jsonl(
+                &store,
+                &ordinals,
+                &mut out,
+                args.with_metadata,
+                &progress,
+            )?;
+            out.flush()?;
+        }
+        ExportFormat::Parquet => {
+            if to_stdout {
+                bail!("Parquet needs a file: give --out FILE.parquet");
+            }
+            let out = BufWriter::with_capacity(1 << 20, create()?);
+            corpusdb::export::write_parquet(&store, &ordinals, out, args.with_metadata, &progress)?;
+        }
+    }
     bar.finish_and_clear();
-    written?;
-    out.flush()?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     eprintln!(
         "exported {} examples to {} in {secs:.2}s ({:.0}/s)",
