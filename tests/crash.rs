@@ -112,6 +112,10 @@ fn kill_resume_compare(durability: &[&str]) {
             .any(|(state, read)| *state == ImportState::Partial && *read > 0),
         "some kill should land after a committed batch: {partial_seen:?}"
     );
+    // The index never saw the killed imports' batches; the next command that opens it
+    // replays the store's change log, after which store and index agree.
+    let check = run_ok(bin().arg("--store").arg(&crashed).arg("check"));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("consistent"));
     let finish = run_ok(&mut ingest_cmd(&crashed, &corpus, durability));
     let stdout = String::from_utf8_lossy(&finish.stdout);
     assert!(
@@ -119,6 +123,7 @@ fn kill_resume_compare(durability: &[&str]) {
         "{stdout}"
     );
     assert_eq!(dump(&crashed), expected);
+    run_ok(bin().arg("--store").arg(&crashed).arg("check"));
 
     // And once complete, another run is a no-op.
     let again = run_ok(&mut ingest_cmd(&crashed, &corpus, durability));
