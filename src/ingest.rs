@@ -369,8 +369,7 @@ impl BatchWriter<'_> {
             .iter()
             .filter_map(|p| p.outcome.as_ref().ok().map(|e| e.hash))
             .collect();
-        let stored_before = self.store.contains_many(&hashes)?;
-        let mut stored_before = stored_before.into_iter();
+        let mut stored_by = self.store.first_imports(&hashes)?.into_iter();
         let mut new_in_batch: HashSet<ContentHash> = HashSet::with_capacity(hashes.len());
         let mut counts = ImportCounts::default();
         let mut write = self.store.batch();
@@ -379,12 +378,19 @@ impl BatchWriter<'_> {
         // share most of their search path (measured in BENCHMARKS.md).
         let mut new_examples = Vec::new();
         let mut provenance = Vec::with_capacity(batch.items.len());
+        let mut changed = Vec::new();
         for item in batch.items {
             counts.read += 1;
             match item.outcome {
                 Ok(encoded) => {
                     let hash = encoded.hash;
-                    let seen = stored_before.next().unwrap_or(false) || !new_in_batch.insert(hash);
+                    let stored_by_import = stored_by.next().flatten();
+                    let seen = stored_by_import.is_some() || !new_in_batch.insert(hash);
+                    // The index learns of new examples and of duplicates that may add a
+                    // source; a repeat within the import that stored it changes nothing.
+                    if !seen || stored_by_import.is_some_and(|first| first != import_id) {
+                        changed.push(hash);
+                    }
                     if seen {
                         counts.duplicates += 1;
                     } else {
@@ -423,7 +429,9 @@ impl BatchWriter<'_> {
             write.put_example(&encoded.hash, &header, &encoded.bytes);
         }
         provenance.sort_unstable();
-        for (hash, _, _) in &provenance {
+        changed.sort_unstable();
+        changed.dedup();
+        for hash in &changed {
             write.put_change(self.counters.changes, hash);
             self.counters.changes += 1;
         }

@@ -171,9 +171,24 @@ impl Store {
                 path: path.to_owned(),
             });
         }
-        let descriptors = column_families(&StoreOptions::default());
-        let db = DB::open_cf_descriptors_read_only(&Options::default(), path, descriptors, false)
-            .map_err(|e| rocks_error(path, e))?;
+        let mut options = Options::default();
+        // Every table file is opened up front: a writer's compaction may delete files
+        // afterwards, and open descriptors keep them readable for this snapshot.
+        options.set_max_open_files(-1);
+        let mut attempt = 0;
+        let db = loop {
+            let descriptors = column_families(&StoreOptions::default());
+            match DB::open_cf_descriptors_read_only(&options, path, descriptors, false) {
+                Ok(db) => break db,
+                // A compaction deleted a file between our reading the manifest and
+                // opening it: the next attempt reads the new manifest.
+                Err(e) if attempt < 50 && e.to_string().contains("No such file") => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(rocks_error(path, e)),
+            }
+        };
         let store = Store {
             db,
             path: path.to_owned(),
@@ -242,11 +257,11 @@ impl Store {
         }
     }
 
-    /// For each hash, whether an example with it is stored. Uses the bloom filter first, so
-    /// new content costs no disk read.
-    pub fn contains_many(&self, hashes: &[ContentHash]) -> Result<Vec<bool>> {
+    /// For each hash, the import that first stored it, or `None` when it is not stored.
+    /// Uses the bloom filters first, so new content costs no disk read.
+    pub fn first_imports(&self, hashes: &[ContentHash]) -> Result<Vec<Option<u32>>> {
         let cf = self.cf(CF_EXAMPLES);
-        let mut found = vec![false; hashes.len()];
+        let mut found = vec![None; hashes.len()];
         let mut maybe = Vec::new();
         for (i, hash) in hashes.iter().enumerate() {
             if self.db.key_may_exist_cf(cf, hash.as_bytes()) {
@@ -255,7 +270,11 @@ impl Store {
         }
         let keys = maybe.iter().map(|&i| (cf, hashes[i].as_bytes()));
         for (&i, result) in maybe.iter().zip(self.db.multi_get_cf(keys)) {
-            found[i] = result.map_err(|e| self.rocks(e))?.is_some();
+            if let Some(value) = result.map_err(|e| self.rocks(e))? {
+                let first = first_import_of(&value)
+                    .ok_or_else(|| self.corrupt("example value is shorter than its header"))?;
+                found[i] = Some(first);
+            }
         }
         Ok(found)
     }
@@ -566,6 +585,14 @@ impl Batch<'_> {
     }
 }
 
+/// Reads `first_import` out of an encoded example without decoding the conversation:
+/// ordinal (u64), category (u64 length + bytes), first_import (u32), little-endian.
+fn first_import_of(value: &[u8]) -> Option<u32> {
+    let category_len = u64::from_le_bytes(value.get(8..16)?.try_into().ok()?) as usize;
+    let at = 16usize.checked_add(category_len)?;
+    Some(u32::from_le_bytes(value.get(at..at + 4)?.try_into().ok()?))
+}
+
 /// The bincode encoding of a conversation, as [`Batch::put_example`] takes it.
 pub fn encode_conversation(conversation: &crate::conversation::Conversation) -> Vec<u8> {
     bincode::serialize(conversation).expect("conversations always serialise")
@@ -638,5 +665,39 @@ fn rocks_error(path: &Path, e: rocksdb::Error) -> Error {
             path: path.to_owned(),
             source: e,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversation::{Conversation, Message, Role};
+
+    #[test]
+    fn first_import_is_read_from_the_encoded_header() {
+        let example = StoredExample {
+            ordinal: 7,
+            category: "mäth".into(),
+            first_import: 42,
+            chars: 3,
+            turns: 1,
+            conversation: Conversation::new(vec![Message::new(Role::Assistant, "abc")]),
+        };
+        let bytes = bincode::serialize(&example).unwrap();
+        assert_eq!(first_import_of(&bytes), Some(42));
+        let header = ExampleHeader {
+            ordinal: 7,
+            category: "mäth",
+            first_import: 42,
+            chars: 3,
+            turns: 1,
+        };
+        let mut split = bincode::serialize(&header).unwrap();
+        split.extend(encode_conversation(&example.conversation));
+        assert_eq!(
+            split, bytes,
+            "header ++ conversation encodes the whole example"
+        );
+        assert_eq!(first_import_of(&bytes[..10]), None);
     }
 }
