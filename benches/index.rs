@@ -146,22 +146,34 @@ fn main() {
     println!("all ordinals of category:math: {ordinals_ms:>8.2} ms");
     println!("count of a 3-clause query:     {complex_ms:>8.2} ms");
 
-    let everything = index.matching_ordinals(&parse("*").unwrap()).unwrap();
-    for with_metadata in [false, true] {
+    use corpusdb::export::{self, Selection};
+    let math_only =
+        Selection::from_ordinals(&store, &index.matching_ordinals(&math).unwrap()).unwrap();
+    let exports = [
+        ("JSONL, everything", Selection::All, false, false),
+        ("JSONL + metadata, everything", Selection::All, true, false),
+        ("JSONL, category:math", math_only, false, false),
+        ("Parquet, everything", Selection::All, false, true),
+    ];
+    for (what, selection, with_metadata, parquet) in &exports {
         let started = Instant::now();
-        let mut sink = std::io::sink();
-        corpusdb::export::write_jsonl(&store, &everything, &mut sink, with_metadata, &|_| {})
-            .unwrap();
+        let n = if *parquet {
+            export::write_parquet(&store, selection, std::io::sink(), *with_metadata, &|_| {})
+                .unwrap()
+        } else {
+            export::write_jsonl(
+                &store,
+                selection,
+                &mut std::io::sink(),
+                *with_metadata,
+                &|_| {},
+            )
+            .unwrap()
+        };
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "export JSONL{}: {:>8.2}s  {:>9.0} examples/s",
-            if with_metadata {
-                " + metadata"
-            } else {
-                "           "
-            },
-            secs,
-            everything.len() as f64 / secs
+            "export {what:<29} {secs:>8.2}s  {:>9.0} examples/s",
+            n as f64 / secs
         );
     }
     drop(index);

@@ -7,6 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Write};
 
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::conversation::ContentHash;
@@ -22,10 +23,70 @@ pub enum Error {
     Io(#[from] io::Error),
 }
 
-/// Writes the examples at `ordinals` (in that order) as JSONL; returns how many.
+/// What to export: everything, or the examples of some hashes.
+pub enum Selection {
+    All,
+    /// Sorted ascending.
+    Hashes(Vec<ContentHash>),
+}
+
+impl Selection {
+    /// The examples at `ordinals`, visited in hash order (see [`Store::for_each_sorted`]).
+    pub fn from_ordinals(store: &Store, ordinals: &[u64]) -> Result<Selection, Error> {
+        let mut hashes = Vec::with_capacity(ordinals.len());
+        for &ordinal in ordinals {
+            hashes.push(store.hash_at(ordinal)?.ok_or(Error::Missing(ordinal))?);
+        }
+        hashes.sort_unstable();
+        Ok(Selection::Hashes(hashes))
+    }
+
+    fn for_each(
+        &self,
+        store: &Store,
+        visit: impl FnMut(&ContentHash, StoredExample) -> store::Result<()>,
+    ) -> Result<(), Error> {
+        match self {
+            Selection::All => store.for_each_example(visit)?,
+            Selection::Hashes(hashes) => store.for_each_sorted(hashes, visit)?,
+        }
+        Ok(())
+    }
+}
+
+/// One JSONL line; tools and tool calls are embedded as the JSON they are stored as.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    messages: Vec<LineMessage<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a RawValue>,
+    #[serde(rename = "_hash", skip_serializing_if = "Option::is_none")]
+    hash: Option<String>,
+    #[serde(rename = "_category", skip_serializing_if = "Option::is_none")]
+    category: Option<&'a str>,
+    #[serde(rename = "_sources", skip_serializing_if = "Option::is_none")]
+    sources: Option<BTreeSet<&'a str>>,
+}
+
+#[derive(serde::Serialize)]
+struct LineMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a RawValue>,
+}
+
+fn raw(json: Option<&str>) -> Option<&RawValue> {
+    json.and_then(|j| serde_json::from_str(j).ok())
+}
+
+/// Writes the selected examples as JSONL, in hash order (the store's physical order,
+/// which reads every table block once); returns how many.
 pub fn write_jsonl(
     store: &Store,
-    ordinals: &[u64],
+    selection: &Selection,
     out: &mut dyn Write,
     with_metadata: bool,
     progress: &dyn Fn(u64),
@@ -36,28 +97,53 @@ pub fn write_jsonl(
         .map(|i| (i.id, i.source))
         .collect();
     let mut line = Vec::with_capacity(4096);
-    for (done, &ordinal) in ordinals.iter().enumerate() {
-        let hash = store.hash_at(ordinal)?.ok_or(Error::Missing(ordinal))?;
-        let example = store.get(&hash)?.ok_or(Error::Missing(ordinal))?;
-        let mut record = messages_record(&example);
-        if with_metadata {
-            let names: BTreeSet<&str> = store
-                .provenance(&hash)?
+    let mut done = 0u64;
+    let mut failure = None;
+    selection.for_each(store, |hash, example| {
+        let provenance = if with_metadata {
+            store.provenance(hash)?
+        } else {
+            Vec::new()
+        };
+        let record = Line {
+            messages: example
+                .conversation
+                .messages
                 .iter()
-                .filter_map(|p| sources.get(&p.import_id).map(String::as_str))
-                .collect();
-            add_metadata(&mut record, &hash, &example, names);
-        }
+                .map(|m| LineMessage {
+                    role: m.role.as_str(),
+                    content: &m.content,
+                    name: m.name.as_deref(),
+                    tool_calls: raw(m.tool_calls.as_deref()),
+                })
+                .collect(),
+            tools: raw(example.conversation.tools.as_deref()),
+            hash: with_metadata.then(|| hash.to_hex()),
+            category: with_metadata.then_some(example.category.as_str()),
+            sources: with_metadata.then(|| {
+                provenance
+                    .iter()
+                    .filter_map(|p| sources.get(&p.import_id).map(String::as_str))
+                    .collect()
+            }),
+        };
         line.clear();
-        serde_json::to_writer(&mut line, &record).map_err(io::Error::from)?;
+        serde_json::to_writer(&mut line, &record).expect("export lines always serialise");
         line.push(b'\n');
-        out.write_all(&line)?;
-        if done % 8192 == 0 {
-            progress(done as u64);
+        if let Err(e) = out.write_all(&line) {
+            failure.get_or_insert(e);
         }
+        done += 1;
+        if done % 8192 == 0 {
+            progress(done);
+        }
+        Ok(())
+    })?;
+    if let Some(e) = failure {
+        return Err(Error::Io(e));
     }
-    progress(ordinals.len() as u64);
-    Ok(ordinals.len() as u64)
+    progress(done);
+    Ok(done)
 }
 
 /// The OpenAI `messages` form of an example.
@@ -82,17 +168,6 @@ pub fn messages_record(example: &StoredExample) -> Value {
         record["tools"] = serde_json::from_str(tools).unwrap_or_else(|_| json!(tools));
     }
     record
-}
-
-fn add_metadata(
-    record: &mut Value,
-    hash: &ContentHash,
-    example: &StoredExample,
-    sources: BTreeSet<&str>,
-) {
-    record["_hash"] = json!(hash.to_hex());
-    record["_category"] = json!(example.category);
-    record["_sources"] = json!(sources);
 }
 
 /// The Parquet schema of an export: `messages` is a list of structs, as Hugging Face
@@ -143,11 +218,11 @@ impl Leaf {
 
 const PARQUET_ROWS_PER_GROUP: usize = 50_000;
 
-/// Writes the examples at `ordinals` as a Parquet file (zstd-compressed, row groups of
-/// 50,000 examples); returns how many.
+/// Writes the selected examples as a Parquet file (zstd-compressed, row groups of 50,000
+/// examples, hash order); returns how many.
 pub fn write_parquet<W: Write + Send>(
     store: &Store,
-    ordinals: &[u64],
+    selection: &Selection,
     out: W,
     with_metadata: bool,
     progress: &dyn Fn(u64),
@@ -157,77 +232,102 @@ pub fn write_parquet<W: Write + Send>(
     use parquet::file::writer::SerializedFileWriter;
     use std::sync::Arc;
 
-    let parquet_error =
-        |e: parquet::errors::ParquetError| Error::Io(io::Error::other(e.to_string()));
-    let schema = Arc::new(
-        parquet::schema::parser::parse_message_type(&parquet_schema(with_metadata))
-            .map_err(parquet_error)?,
-    );
+    let schema = parquet::schema::parser::parse_message_type(&parquet_schema(with_metadata))
+        .map_err(parquet_error)?;
     let properties = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(3).map_err(parquet_error)?,
         ))
         .build();
-    let mut writer =
-        SerializedFileWriter::new(out, schema, Arc::new(properties)).map_err(parquet_error)?;
+    let mut writer = SerializedFileWriter::new(out, Arc::new(schema), Arc::new(properties))
+        .map_err(parquet_error)?;
     let sources: HashMap<u32, String> = store
         .imports()?
         .into_iter()
         .map(|i| (i.id, i.source))
         .collect();
     let leaves = if with_metadata { 8 } else { 5 };
-    for (chunk_index, chunk) in ordinals.chunks(PARQUET_ROWS_PER_GROUP).enumerate() {
-        let mut columns: Vec<Leaf> = (0..leaves).map(|_| Leaf::default()).collect();
-        for &ordinal in chunk {
-            let hash = store.hash_at(ordinal)?.ok_or(Error::Missing(ordinal))?;
-            let example = store.get(&hash)?.ok_or(Error::Missing(ordinal))?;
-            for (i, m) in example.conversation.messages.iter().enumerate() {
-                let rep = i16::from(i > 0);
-                columns[0].push(Some(m.role.as_str()), 1, rep);
-                columns[1].push(Some(&m.content), 1, rep);
-                columns[2].push(m.name.as_deref(), 1 + i16::from(m.name.is_some()), rep);
-                columns[3].push(
-                    m.tool_calls.as_deref(),
-                    1 + i16::from(m.tool_calls.is_some()),
-                    rep,
-                );
-            }
-            let tools = example.conversation.tools.as_deref();
-            columns[4].push(tools, i16::from(tools.is_some()), 0);
-            if with_metadata {
-                columns[5].push(Some(&hash.to_hex()), 0, 0);
-                columns[6].push(Some(&example.category), 0, 0);
-                let names: BTreeSet<&str> = store
-                    .provenance(&hash)?
-                    .iter()
-                    .filter_map(|p| sources.get(&p.import_id).map(String::as_str))
-                    .collect();
-                for (i, name) in names.into_iter().enumerate() {
-                    columns[7].push(Some(name), 1, i16::from(i > 0));
-                }
+    let mut columns: Vec<Leaf> = (0..leaves).map(|_| Leaf::default()).collect();
+    let mut rows = 0;
+    let mut done = 0u64;
+    let mut failure = None;
+    selection.for_each(store, |hash, example| {
+        if failure.is_some() {
+            return Ok(());
+        }
+        for (i, m) in example.conversation.messages.iter().enumerate() {
+            let rep = i16::from(i > 0);
+            columns[0].push(Some(m.role.as_str()), 1, rep);
+            columns[1].push(Some(&m.content), 1, rep);
+            columns[2].push(m.name.as_deref(), 1 + i16::from(m.name.is_some()), rep);
+            columns[3].push(
+                m.tool_calls.as_deref(),
+                1 + i16::from(m.tool_calls.is_some()),
+                rep,
+            );
+        }
+        let tools = example.conversation.tools.as_deref();
+        columns[4].push(tools, i16::from(tools.is_some()), 0);
+        if with_metadata {
+            columns[5].push(Some(&hash.to_hex()), 0, 0);
+            columns[6].push(Some(&example.category), 0, 0);
+            let provenance = store.provenance(hash)?;
+            let names: BTreeSet<&str> = provenance
+                .iter()
+                .filter_map(|p| sources.get(&p.import_id).map(String::as_str))
+                .collect();
+            for (i, name) in names.into_iter().enumerate() {
+                columns[7].push(Some(name), 1, i16::from(i > 0));
             }
         }
-        let mut group = writer.next_row_group().map_err(parquet_error)?;
-        for leaf in &columns {
-            let mut column = group
-                .next_column()
-                .map_err(parquet_error)?
-                .expect("one writer per leaf");
-            let descriptor = column
-                .typed::<parquet::data_type::ByteArrayType>()
-                .get_descriptor()
-                .clone();
-            let definition = (descriptor.max_def_level() > 0).then_some(&leaf.definition[..]);
-            let repetition = (descriptor.max_rep_level() > 0).then_some(&leaf.repetition[..]);
-            column
-                .typed::<parquet::data_type::ByteArrayType>()
-                .write_batch(&leaf.values, definition, repetition)
-                .map_err(parquet_error)?;
-            column.close().map_err(parquet_error)?;
+        rows += 1;
+        done += 1;
+        if rows == PARQUET_ROWS_PER_GROUP {
+            if let Err(e) = write_row_group(&mut writer, &mut columns) {
+                failure = Some(e);
+            }
+            rows = 0;
+            progress(done);
         }
-        group.close().map_err(parquet_error)?;
-        progress((chunk_index * PARQUET_ROWS_PER_GROUP + chunk.len()) as u64);
+        Ok(())
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if rows > 0 {
+        write_row_group(&mut writer, &mut columns)?;
     }
     writer.close().map_err(parquet_error)?;
-    Ok(ordinals.len() as u64)
+    progress(done);
+    Ok(done)
+}
+
+fn parquet_error(e: parquet::errors::ParquetError) -> Error {
+    Error::Io(io::Error::other(e.to_string()))
+}
+
+/// Writes the buffered leaves as one row group and empties them.
+fn write_row_group<W: Write + Send>(
+    writer: &mut parquet::file::writer::SerializedFileWriter<W>,
+    columns: &mut [Leaf],
+) -> Result<(), Error> {
+    use parquet::data_type::ByteArrayType;
+    let mut group = writer.next_row_group().map_err(parquet_error)?;
+    for leaf in columns.iter_mut() {
+        let mut column = group
+            .next_column()
+            .map_err(parquet_error)?
+            .expect("one writer per leaf");
+        let descriptor = column.typed::<ByteArrayType>().get_descriptor().clone();
+        let definition = (descriptor.max_def_level() > 0).then_some(&leaf.definition[..]);
+        let repetition = (descriptor.max_rep_level() > 0).then_some(&leaf.repetition[..]);
+        column
+            .typed::<ByteArrayType>()
+            .write_batch(&leaf.values, definition, repetition)
+            .map_err(parquet_error)?;
+        column.close().map_err(parquet_error)?;
+        *leaf = Leaf::default();
+    }
+    group.close().map_err(parquet_error)?;
+    Ok(())
 }

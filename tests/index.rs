@@ -291,10 +291,24 @@ fn export_then_ingest_gives_the_same_hash_set() {
             .args(["export", "*", "--with-metadata", "--out"])
             .arg(&out_file),
     );
-    let first = std::fs::read_to_string(&out_file).unwrap();
-    let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
-    assert_eq!(first["_category"], "math");
-    assert_eq!(first["messages"][0]["role"], "user");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let hashes: Vec<&str> = lines.iter().map(|l| l["_hash"].as_str().unwrap()).collect();
+    assert!(
+        hashes.windows(2).all(|w| w[0] < w[1]),
+        "exports come in hash order"
+    );
+    let math: Vec<_> = lines.iter().filter(|l| l["_category"] == "math").collect();
+    assert_eq!(math.len(), 4);
+    assert!(math.iter().all(|l| l["messages"][0]["role"] == "user"));
+    let shared = lines
+        .iter()
+        .find(|l| l["_sources"].as_array().unwrap().len() == 2)
+        .unwrap();
+    assert_eq!(shared["_sources"], serde_json::json!(["codealpaca", "gsm"]));
     let copy = dir.path().join("copy");
     run_ok(
         bin()

@@ -10,7 +10,7 @@
 
 pub mod query;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
@@ -163,14 +163,24 @@ impl Index {
 
     /// How far the index has read the store's change log.
     pub fn indexed_through(&self) -> Result<u64> {
+        Ok(self.payload()?.0)
+    }
+
+    /// The commit payload: `"<changes read> <ordinal bound>"`, where no example with an
+    /// ordinal at or above the bound is in the index (so adding it needs no delete).
+    fn payload(&self) -> Result<(u64, u64)> {
         let metas = self.index.load_metas().map_err(|e| self.error(e))?;
-        Ok(metas.payload.and_then(|p| p.parse().ok()).unwrap_or(0))
+        let payload = metas.payload.unwrap_or_default();
+        let mut numbers = payload
+            .split_whitespace()
+            .map(|n| n.parse::<u64>().unwrap_or(0));
+        Ok((numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)))
     }
 
     /// Indexes every change the store has that the index has not seen; returns how many
     /// changes were replayed. Needs the index's writer lock (`Error::Busy` if taken).
     pub fn catch_up(&self, store: &Store, progress: &dyn Fn(u64, u64)) -> Result<u64> {
-        let from = self.indexed_through()?;
+        let (from, mut bound) = self.payload()?;
         let to = store.counters()?.changes;
         if from >= to {
             return Ok(0);
@@ -180,40 +190,57 @@ impl Index {
             .index
             .writer::<TantivyDocument>(WRITER_BYTES)
             .map_err(|e| self.error(e))?;
-        let mut seen = HashSet::new();
+        let mut chunk = Vec::new();
         let mut replayed = 0u64;
         for change in store.changes_from(from) {
-            let (seq, hash) = change?;
-            if seen.insert(hash) {
-                self.reindex_one(&writer, store, &imports, &hash)?;
+            let (sequence, hash) = change?;
+            if sequence >= to {
+                break;
             }
+            chunk.push(hash);
             replayed += 1;
-            if seen.len() >= CHANGES_PER_COMMIT {
-                commit(&mut writer, seq + 1).map_err(|e| self.error(e))?;
-                seen.clear();
-                progress(seq + 1 - from, to - from);
+            if chunk.len() >= CHANGES_PER_COMMIT {
+                bound = self.index_chunk(&writer, store, &imports, &mut chunk, bound)?;
+                commit(&mut writer, sequence + 1, bound).map_err(|e| self.error(e))?;
+                progress(sequence + 1 - from, to - from);
             }
         }
-        commit(&mut writer, to).map_err(|e| self.error(e))?;
+        bound = self.index_chunk(&writer, store, &imports, &mut chunk, bound)?;
+        commit(&mut writer, to, bound).map_err(|e| self.error(e))?;
         progress(to - from, to - from);
         Ok(replayed)
     }
 
-    fn reindex_one(
+    /// (Re)indexes the examples of `chunk` in hash order, so the store reads each table
+    /// block once; returns the new ordinal bound.
+    fn index_chunk(
         &self,
         writer: &tantivy::IndexWriter<TantivyDocument>,
         store: &Store,
         imports: &HashMap<u32, ImportRecord>,
-        hash: &ContentHash,
-    ) -> Result<()> {
-        writer.delete_term(Term::from_field_text(self.fields.hash, &hash.to_hex()));
-        if let Some(example) = store.get(hash)? {
+        chunk: &mut Vec<ContentHash>,
+        bound: u64,
+    ) -> Result<u64> {
+        chunk.sort_unstable();
+        chunk.dedup();
+        let mut new_bound = bound;
+        let mut failure = None;
+        store.for_each_sorted(chunk, |hash, example| {
+            if example.ordinal < bound {
+                writer.delete_term(Term::from_field_text(self.fields.hash, &hash.to_hex()));
+            }
+            new_bound = new_bound.max(example.ordinal + 1);
             let sources = source_names(store, imports, hash)?;
-            writer
-                .add_document(self.document(hash, &example, &sources, imports))
-                .map_err(|e| self.error(e))?;
+            if let Err(e) = writer.add_document(self.document(hash, &example, &sources, imports)) {
+                failure.get_or_insert(e);
+            }
+            Ok(())
+        })?;
+        chunk.clear();
+        match failure {
+            Some(e) => Err(self.error(e)),
+            None => Ok(new_bound),
         }
-        Ok(())
     }
 
     fn document(
@@ -258,24 +285,22 @@ impl Index {
             .map_err(|e| self.error(e))?;
         writer.delete_all_documents().map_err(|e| self.error(e))?;
         let mut done = 0u64;
-        for entry in store.ordinals() {
-            let (_, hash) = entry?;
-            let example = store.get(&hash)?.ok_or_else(|| {
-                Error::Store(store::Error::Corrupt {
-                    path: store.path().to_owned(),
-                    detail: format!("ordinal points to missing example {hash}"),
-                })
-            })?;
-            let sources = source_names(store, &imports, &hash)?;
-            writer
-                .add_document(self.document(&hash, &example, &sources, &imports))
-                .map_err(|e| self.error(e))?;
+        let mut failure = None;
+        store.for_each_example(|hash, example| {
+            let sources = source_names(store, &imports, hash)?;
+            if let Err(e) = writer.add_document(self.document(hash, &example, &sources, &imports)) {
+                failure.get_or_insert(e);
+            }
             done += 1;
             if done % 10_000 == 0 {
                 progress(done, counters.examples);
             }
+            Ok(())
+        })?;
+        if let Some(e) = failure {
+            return Err(self.error(e));
         }
-        commit(&mut writer, counters.changes).map_err(|e| self.error(e))?;
+        commit(&mut writer, counters.changes, counters.examples).map_err(|e| self.error(e))?;
         progress(done, counters.examples);
         Ok(done)
     }
@@ -527,9 +552,13 @@ impl tantivy::collector::SegmentCollector for OrdinalSegmentCollector {
     }
 }
 
-fn commit(writer: &mut tantivy::IndexWriter<TantivyDocument>, through: u64) -> tantivy::Result<()> {
+fn commit(
+    writer: &mut tantivy::IndexWriter<TantivyDocument>,
+    through: u64,
+    bound: u64,
+) -> tantivy::Result<()> {
     let mut prepared = writer.prepare_commit()?;
-    prepared.set_payload(&through.to_string());
+    prepared.set_payload(&format!("{through} {bound}"));
     prepared.commit()?;
     Ok(())
 }
@@ -542,7 +571,7 @@ fn source_names(
     store: &Store,
     imports: &HashMap<u32, ImportRecord>,
     hash: &ContentHash,
-) -> Result<BTreeSet<String>> {
+) -> store::Result<BTreeSet<String>> {
     Ok(store
         .provenance(hash)?
         .into_iter()

@@ -290,6 +290,51 @@ impl Store {
         }
     }
 
+    /// Visits the examples of `hashes` (sorted ascending, as `sort_unstable` leaves them)
+    /// with one forward-seeking iterator: neighbouring keys share table blocks, so each
+    /// block is read and decompressed once instead of once per example. Hashes that are
+    /// not stored are skipped.
+    pub fn for_each_sorted(
+        &self,
+        hashes: &[ContentHash],
+        mut visit: impl FnMut(&ContentHash, StoredExample) -> Result<()>,
+    ) -> Result<()> {
+        debug_assert!(
+            hashes.windows(2).all(|w| w[0] <= w[1]),
+            "hashes must be sorted"
+        );
+        let mut iter = self.db.raw_iterator_cf(self.cf(CF_EXAMPLES));
+        for hash in hashes {
+            iter.seek(hash.as_bytes());
+            iter.status().map_err(|e| self.rocks(e))?;
+            if iter.key() == Some(hash.as_bytes().as_slice()) {
+                let value = iter.value().expect("a valid iterator has a value");
+                visit(hash, self.decode(value, "example")?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Visits every example in hash order (the store's physical order: sequential reads).
+    pub fn for_each_example(
+        &self,
+        mut visit: impl FnMut(&ContentHash, StoredExample) -> Result<()>,
+    ) -> Result<()> {
+        let mut options = ReadOptions::default();
+        options.fill_cache(false);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_EXAMPLES), options);
+        iter.seek_to_first();
+        while iter.valid() {
+            let key = iter.key().expect("a valid iterator has a key");
+            let hash = ContentHash::from_slice(key)
+                .ok_or_else(|| self.corrupt("example key is not a SHA-1"))?;
+            let value = iter.value().expect("a valid iterator has a value");
+            visit(&hash, self.decode(value, "example")?)?;
+            iter.next();
+        }
+        iter.status().map_err(|e| self.rocks(e))
+    }
+
     /// Hashes whose hex form starts with `hex_prefix` (at most `limit`).
     pub fn hashes_with_prefix(&self, hex_prefix: &str, limit: usize) -> Result<Vec<ContentHash>> {
         let even = &hex_prefix[..hex_prefix.len() & !1];
