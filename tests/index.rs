@@ -502,3 +502,50 @@ fn parquet_export_reads_back_with_the_same_content() {
         _ => eprintln!("pyarrow not available: skipped reading the export with pyarrow"),
     }
 }
+
+#[test]
+fn a_parquet_export_ingests_back_to_the_same_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = known_corpus(dir.path());
+    let parquet_file = dir.path().join("all.parquet");
+    run_ok(
+        bin()
+            .arg("--store")
+            .arg(&store_path)
+            .args(["export", "*", "--format", "parquet", "--out"])
+            .arg(&parquet_file),
+    );
+    let copy = dir.path().join("copy");
+    let out = run_ok(
+        bin()
+            .arg("--store")
+            .arg(&copy)
+            .args(["ingest", "--source", "pq", "--category", "any"])
+            .arg(&parquet_file),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("read 9, stored 9, duplicates 0, rejected 0")
+    );
+    let hashes = |path: &Path| -> BTreeSet<String> {
+        Store::open_read_only(path)
+            .unwrap()
+            .ordinals()
+            .map(|e| e.unwrap().1.to_hex())
+            .collect()
+    };
+    assert_eq!(hashes(&copy), hashes(&store_path));
+    // Resuming inside a Parquet file skips the rows already read.
+    let mut reader = corpusdb::reader::RecordReader::open(&parquet_file, None, 1 << 20).unwrap();
+    let all: Vec<_> = std::iter::from_fn(|| reader.next_item().unwrap()).collect();
+    let mut reader = corpusdb::reader::RecordReader::open(&parquet_file, None, 1 << 20).unwrap();
+    for _ in 0..4 {
+        reader.next_item().unwrap().unwrap();
+    }
+    let resume = reader.resume_point();
+    let mut resumed =
+        corpusdb::reader::RecordReader::open(&parquet_file, Some(resume), 1 << 20).unwrap();
+    let rest: Vec<_> = std::iter::from_fn(|| resumed.next_item().unwrap()).collect();
+    assert_eq!(rest.len(), all.len() - 4);
+    assert_eq!(format!("{:?}", rest[0].body), format!("{:?}", all[4].body));
+    assert_eq!(rest[0].at, all[4].at);
+}
