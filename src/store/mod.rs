@@ -148,6 +148,8 @@ impl Store {
         // All families flush together, so what is on disk is always one batch boundary
         // even when batches bypass the write-ahead log.
         db_options.set_atomic_flush(true);
+        // One memory budget for all memtables, so RSS stays bounded whatever the corpus.
+        db_options.set_db_write_buffer_size(options.write_buffer_bytes * 3);
         let descriptors = column_families(options);
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)
             .map_err(|e| rocks_error(path, e))?;
