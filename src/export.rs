@@ -99,9 +99,10 @@ pub fn write_jsonl(
     let mut line = Vec::with_capacity(4096);
     let mut done = 0u64;
     let mut failure = None;
+    let mut cursor = store.provenance_cursor();
     selection.for_each(store, |hash, example| {
         let provenance = if with_metadata {
-            store.provenance(hash)?
+            cursor.get(hash)?
         } else {
             Vec::new()
         };
@@ -251,6 +252,7 @@ pub fn write_parquet<W: Write + Send>(
     let mut rows = 0;
     let mut done = 0u64;
     let mut failure = None;
+    let mut cursor = store.provenance_cursor();
     selection.for_each(store, |hash, example| {
         if failure.is_some() {
             return Ok(());
@@ -271,7 +273,7 @@ pub fn write_parquet<W: Write + Send>(
         if with_metadata {
             columns[5].push(Some(&hash.to_hex()), 0, 0);
             columns[6].push(Some(&example.category), 0, 0);
-            let provenance = store.provenance(hash)?;
+            let provenance = cursor.get(hash)?;
             let names: BTreeSet<&str> = provenance
                 .iter()
                 .filter_map(|p| sources.get(&p.import_id).map(String::as_str))

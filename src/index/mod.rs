@@ -23,7 +23,7 @@ use tantivy::schema::{
 use tantivy::{DocAddress, Order, TantivyDocument, Term};
 
 use crate::conversation::ContentHash;
-use crate::store::{self, ImportRecord, Store, StoredExample};
+use crate::store::{self, ImportRecord, ProvenanceEntry, Store, StoredExample};
 
 use query::{Expr, NumField, Op, TermField};
 
@@ -225,12 +225,13 @@ impl Index {
         chunk.dedup();
         let mut new_bound = bound;
         let mut failure = None;
+        let mut provenance = store.provenance_cursor();
         store.for_each_sorted(chunk, |hash, example| {
             if example.ordinal < bound {
                 writer.delete_term(Term::from_field_text(self.fields.hash, &hash.to_hex()));
             }
             new_bound = new_bound.max(example.ordinal + 1);
-            let sources = source_names(store, imports, hash)?;
+            let sources = source_names(&provenance.get(hash)?, imports);
             if let Err(e) = writer.add_document(self.document(hash, &example, &sources, imports)) {
                 failure.get_or_insert(e);
             }
@@ -286,8 +287,9 @@ impl Index {
         writer.delete_all_documents().map_err(|e| self.error(e))?;
         let mut done = 0u64;
         let mut failure = None;
+        let mut provenance = store.provenance_cursor();
         store.for_each_example(|hash, example| {
-            let sources = source_names(store, &imports, hash)?;
+            let sources = source_names(&provenance.get(hash)?, &imports);
             if let Err(e) = writer.add_document(self.document(hash, &example, &sources, &imports)) {
                 failure.get_or_insert(e);
             }
@@ -568,15 +570,13 @@ fn imports_by_id(store: &Store) -> Result<HashMap<u32, ImportRecord>> {
 }
 
 fn source_names(
-    store: &Store,
+    provenance: &[ProvenanceEntry],
     imports: &HashMap<u32, ImportRecord>,
-    hash: &ContentHash,
-) -> store::Result<BTreeSet<String>> {
-    Ok(store
-        .provenance(hash)?
-        .into_iter()
+) -> BTreeSet<String> {
+    provenance
+        .iter()
         .filter_map(|p| imports.get(&p.import_id).map(|i| i.source.clone()))
-        .collect())
+        .collect()
 }
 
 /// What `check` found.
@@ -640,7 +640,9 @@ pub fn check(store: &Store, index: &Index, sample: u64) -> Result<CheckReport> {
             ));
             continue;
         };
-        let sources: Vec<String> = source_names(store, &imports, &hash)?.into_iter().collect();
+        let sources: Vec<String> = source_names(&store.provenance(&hash)?, &imports)
+            .into_iter()
+            .collect();
         let expected = IndexedExample {
             hash,
             ordinal,

@@ -385,6 +385,16 @@ impl Store {
         Ok(out)
     }
 
+    /// A reader of provenance for hashes visited in ascending order: one iterator seeks
+    /// forward instead of a new iterator per hash (used by exports and index catch-up,
+    /// which walk the store in hash order).
+    pub fn provenance_cursor(&self) -> ProvenanceCursor<'_> {
+        ProvenanceCursor {
+            store: self,
+            iter: self.db.raw_iterator_cf(self.cf(CF_PROVENANCE)),
+        }
+    }
+
     pub fn imports(&self) -> Result<Vec<ImportRecord>> {
         let mut out = Vec::new();
         for item in self
@@ -546,6 +556,36 @@ impl Drop for Store {
         if self.write_options.is_some() {
             let _ = self.flush();
         }
+    }
+}
+
+/// See [`Store::provenance_cursor`].
+pub struct ProvenanceCursor<'a> {
+    store: &'a Store,
+    iter: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+}
+
+impl ProvenanceCursor<'_> {
+    /// Every source record that produced `hash`; hashes must come in ascending order.
+    pub fn get(&mut self, hash: &ContentHash) -> Result<Vec<ProvenanceEntry>> {
+        let mut out = Vec::new();
+        self.iter.seek(hash.as_bytes());
+        while let (Some(key), Some(value)) = (self.iter.key(), self.iter.value()) {
+            if !key.starts_with(hash.as_bytes()) {
+                break;
+            }
+            let (import_id, record) = split_import_record_key(&key[20..])
+                .ok_or_else(|| self.store.corrupt("provenance key has the wrong length"))?;
+            let value: ProvenanceValue = self.store.decode(value, "provenance")?;
+            out.push(ProvenanceEntry {
+                import_id,
+                record,
+                line: value.line,
+            });
+            self.iter.next();
+        }
+        self.iter.status().map_err(|e| self.store.rocks(e))?;
+        Ok(out)
     }
 }
 
