@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Write};
 
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::conversation::ContentHash;
 use crate::store::{self, Store, StoredExample};
@@ -78,6 +78,29 @@ struct LineMessage<'a> {
     tool_calls: Option<&'a RawValue>,
 }
 
+impl<'a> Line<'a> {
+    /// The `messages` form of an example, without metadata.
+    fn of(example: &'a StoredExample) -> Line<'a> {
+        Line {
+            messages: example
+                .conversation
+                .messages
+                .iter()
+                .map(|m| LineMessage {
+                    role: m.role.as_str(),
+                    content: &m.content,
+                    name: m.name.as_deref(),
+                    tool_calls: raw(m.tool_calls.as_deref()),
+                })
+                .collect(),
+            tools: raw(example.conversation.tools.as_deref()),
+            hash: None,
+            category: None,
+            sources: None,
+        }
+    }
+}
+
 fn raw(json: Option<&str>) -> Option<&RawValue> {
     json.and_then(|j| serde_json::from_str(j).ok())
 }
@@ -106,28 +129,17 @@ pub fn write_jsonl(
         } else {
             Vec::new()
         };
-        let record = Line {
-            messages: example
-                .conversation
-                .messages
-                .iter()
-                .map(|m| LineMessage {
-                    role: m.role.as_str(),
-                    content: &m.content,
-                    name: m.name.as_deref(),
-                    tool_calls: raw(m.tool_calls.as_deref()),
-                })
-                .collect(),
-            tools: raw(example.conversation.tools.as_deref()),
-            hash: with_metadata.then(|| hash.to_hex()),
-            category: with_metadata.then_some(example.category.as_str()),
-            sources: with_metadata.then(|| {
+        let mut record = Line::of(&example);
+        if with_metadata {
+            record.hash = Some(hash.to_hex());
+            record.category = Some(&example.category);
+            record.sources = Some(
                 provenance
                     .iter()
                     .filter_map(|p| sources.get(&p.import_id).map(String::as_str))
-                    .collect()
-            }),
-        };
+                    .collect(),
+            );
+        }
         line.clear();
         serde_json::to_writer(&mut line, &record).expect("export lines always serialise");
         line.push(b'\n');
@@ -147,28 +159,9 @@ pub fn write_jsonl(
     Ok(done)
 }
 
-/// The OpenAI `messages` form of an example.
+/// The OpenAI `messages` form of an example, as a JSON value (what `show --json` prints).
 pub fn messages_record(example: &StoredExample) -> Value {
-    let messages: Vec<Value> = example
-        .conversation
-        .messages
-        .iter()
-        .map(|m| {
-            let mut v = json!({"role": m.role.as_str(), "content": m.content});
-            if let Some(name) = &m.name {
-                v["name"] = json!(name);
-            }
-            if let Some(calls) = &m.tool_calls {
-                v["tool_calls"] = serde_json::from_str(calls).unwrap_or_else(|_| json!(calls));
-            }
-            v
-        })
-        .collect();
-    let mut record = json!({ "messages": messages });
-    if let Some(tools) = &example.conversation.tools {
-        record["tools"] = serde_json::from_str(tools).unwrap_or_else(|_| json!(tools));
-    }
-    record
+    serde_json::to_value(Line::of(example)).expect("export lines always serialise")
 }
 
 /// The Parquet schema of an export: `messages` is a list of structs, as Hugging Face

@@ -385,18 +385,9 @@ impl Index {
 
     /// Live documents per value of a term field (category or source).
     pub fn facet(&self, field: TermField) -> Result<BTreeMap<String, u64>> {
-        let name = match field {
-            TermField::Category => "category",
-            TermField::Source => "source",
-            TermField::Hash => "hash",
-        };
         let searcher = self.searcher()?;
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-        let schema_field = match field {
-            TermField::Category => self.fields.category,
-            TermField::Source => self.fields.source,
-            TermField::Hash => self.fields.hash,
-        };
+        let schema_field = self.term_field(field);
         for segment in searcher.segment_readers() {
             if !segment.has_deletes() {
                 // Without deletions the term dictionary's document frequencies are exact:
@@ -414,7 +405,11 @@ impl Index {
                 }
                 continue;
             }
-            let Some(column) = segment.fast_fields().str(name).map_err(|e| self.error(e))? else {
+            let Some(column) = segment
+                .fast_fields()
+                .str(field.name())
+                .map_err(|e| self.error(e))?
+            else {
                 continue;
             };
             let mut per_ord = vec![0u64; column.num_terms()];
@@ -446,16 +441,20 @@ impl Index {
         Ok(self.searcher()?.num_docs())
     }
 
+    fn term_field(&self, field: TermField) -> Field {
+        match field {
+            TermField::Category => self.fields.category,
+            TermField::Source => self.fields.source,
+            TermField::Hash => self.fields.hash,
+        }
+    }
+
     fn compile(&self, expr: &Expr) -> Result<Box<dyn Query>> {
         let f = &self.fields;
         Ok(match expr {
             Expr::All => Box::new(AllQuery),
             Expr::Term { field, value } => {
-                let field = match field {
-                    TermField::Category => f.category,
-                    TermField::Source => f.source,
-                    TermField::Hash => f.hash,
-                };
+                let field = self.term_field(*field);
                 Box::new(TermQuery::new(
                     Term::from_field_text(field, value),
                     IndexRecordOption::Basic,
