@@ -3,7 +3,7 @@ use std::process::Stdio;
 use corpusdb::store::Store;
 use serde_json::Value;
 
-use crate::util::{bin, run_ok, write};
+use crate::util::{bin, corpusdb, run_ok, write};
 
 #[test]
 fn stats_json_has_the_documented_shape() {
@@ -18,9 +18,7 @@ not json
 "#,
     );
     let out = run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store)
+        corpusdb(&store)
             .args(["ingest", "--source", "s1", "--category", "instruction"])
             .arg(&a),
     );
@@ -35,7 +33,7 @@ not json
         "{stderr}"
     );
 
-    let out = run_ok(bin().arg("--store").arg(&store).args(["stats", "--json"]));
+    let out = run_ok(corpusdb(&store).args(["stats", "--json"]));
     let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["examples"], 1);
     assert_eq!(stats["duplicates"], 1);
@@ -43,17 +41,12 @@ not json
     assert_eq!(stats["categories"]["instruction"], 1);
     assert_eq!(stats["sources"]["s1"], 2);
 
-    let out = run_ok(bin().arg("--store").arg(&store).args(["imports", "--json"]));
+    let out = run_ok(corpusdb(&store).args(["imports", "--json"]));
     let imports: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(imports[0]["state"], "done");
     assert_eq!(imports[0]["read"], 3);
 
-    let out = run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store)
-            .args(["rejects", "--source", "s1", "--json"]),
-    );
+    let out = run_ok(corpusdb(&store).args(["rejects", "--source", "s1", "--json"]));
     let reject: Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
     assert_eq!(reject["line"], 3);
@@ -64,12 +57,7 @@ not json
         let (_, hash) = s.ordinals().next().unwrap().unwrap();
         hash.to_hex()
     };
-    let out = run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store)
-            .args(["show", &hash[..8], "--json"]),
-    );
+    let out = run_ok(corpusdb(&store).args(["show", &hash[..8], "--json"]));
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["hash"], hash);
     assert_eq!(shown["messages"][1]["content"], "Blue.");
@@ -86,9 +74,7 @@ fn a_second_writer_gets_a_clear_locked_error() {
         br#"{"instruction": "x", "output": "y"}"#,
     );
     let _held = Store::open(&store_path).unwrap();
-    let out = bin()
-        .arg("--store")
-        .arg(&store_path)
+    let out = corpusdb(&store_path)
         .args(["ingest", "--source", "s", "--category", "c"])
         .arg(&a)
         .stdin(Stdio::null())
@@ -101,7 +87,7 @@ fn a_second_writer_gets_a_clear_locked_error() {
         "{stderr}"
     );
     // Readers still work while the writer holds the store.
-    run_ok(bin().arg("--store").arg(&store_path).args(["stats"]));
+    run_ok(corpusdb(&store_path).args(["stats"]));
 }
 
 #[test]
@@ -122,13 +108,8 @@ fn the_sample_corpus_manifest_imports_with_duplicates_and_rejects() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/sample-corpus.yaml");
-    run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store)
-            .args(["ingest", "--manifest", manifest]),
-    );
-    let out = run_ok(bin().arg("--store").arg(&store).args(["stats", "--json"]));
+    run_ok(corpusdb(&store).args(["ingest", "--manifest", manifest]));
+    let out = run_ok(corpusdb(&store).args(["stats", "--json"]));
     let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
     let n = |k: &str| stats[k].as_u64().unwrap();
     assert_eq!(n("read"), n("examples") + n("duplicates") + n("rejected"));
@@ -139,12 +120,7 @@ fn the_sample_corpus_manifest_imports_with_duplicates_and_rejects() {
         "{stats}"
     );
     // Running the manifest again changes nothing.
-    let again = run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store)
-            .args(["ingest", "--manifest", manifest]),
-    );
+    let again = run_ok(corpusdb(&store).args(["ingest", "--manifest", manifest]));
     assert!(
         String::from_utf8_lossy(&again.stdout)
             .matches("nothing to do")

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use corpusdb::store::{ImportState, Store};
 
-use crate::util::{bin, dump, run_ok};
+use crate::util::{bin, corpusdb, dump, run_ok};
 
 fn ingest_cmd(store: &Path, file: &Path, durability: &[&str]) -> std::process::Command {
     let mut cmd = bin();
@@ -114,7 +114,7 @@ fn kill_resume_compare(durability: &[&str]) {
     );
     // The index never saw the killed imports' batches; the next command that opens it
     // replays the store's change log, after which store and index agree.
-    let check = run_ok(bin().arg("--store").arg(&crashed).arg("check"));
+    let check = run_ok(corpusdb(&crashed).arg("check"));
     assert!(String::from_utf8_lossy(&check.stdout).contains("consistent"));
     let finish = run_ok(&mut ingest_cmd(&crashed, &corpus, durability));
     let stdout = String::from_utf8_lossy(&finish.stdout);
@@ -123,7 +123,7 @@ fn kill_resume_compare(durability: &[&str]) {
         "{stdout}"
     );
     assert_eq!(dump(&crashed), expected);
-    run_ok(bin().arg("--store").arg(&crashed).arg("check"));
+    run_ok(corpusdb(&crashed).arg("check"));
 
     // And once complete, another run is a no-op.
     let again = run_ok(&mut ingest_cmd(&crashed, &corpus, durability));

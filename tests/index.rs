@@ -1,14 +1,13 @@
 //! The category index: query semantics, facets against the store, recovery of a lagging
 //! index, rebuild, and the export round trip.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use corpusdb::index::query::{parse, TermField};
 use corpusdb::index::{self, Index};
 use corpusdb::store::Store;
 
-use crate::util::{bin, ingest, run_ok, write};
+use crate::util::{bin, corpusdb, ingest, run_ok, stored_hashes, write};
 
 /// Ten examples with known categories, sources, turns and lengths.
 fn known_corpus(dir: &Path) -> std::path::PathBuf {
@@ -135,12 +134,7 @@ fn every_operator_selects_the_right_examples() {
 fn full_text_stores_search_the_conversation() {
     let dir = tempfile::tempdir().unwrap();
     let store_path = dir.path().join("store");
-    run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store_path)
-            .args(["init", "--full-text"]),
-    );
+    run_ok(corpusdb(&store_path).args(["init", "--full-text"]));
     let file = write(
         dir.path(),
         "a.jsonl",
@@ -149,9 +143,7 @@ fn full_text_stores_search_the_conversation() {
 "#,
     );
     run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store_path)
+        corpusdb(&store_path)
             .args(["ingest", "--source", "s", "--category", "geo"])
             .arg(&file),
     );
@@ -204,7 +196,7 @@ fn a_lagging_index_is_brought_up_to_date_and_check_passes() {
             "still the old state"
         );
     }
-    let out = run_ok(bin().arg("--store").arg(&store_path).args(["check"]));
+    let out = run_ok(corpusdb(&store_path).args(["check"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("consistent"));
     let index = Index::open_or_create(&store_path, false).unwrap();
     assert_eq!(count(&index, "category:math"), 5);
@@ -259,20 +251,15 @@ fn check_fails_when_the_index_disagrees_and_reindex_repairs_it() {
         commit.set_payload(&store.counters().unwrap().changes.to_string());
         commit.commit().unwrap();
     }
-    let out = bin()
-        .arg("--store")
-        .arg(&store_path)
-        .arg("check")
-        .output()
-        .unwrap();
+    let out = corpusdb(&store_path).arg("check").output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("the store has 9 examples, the index 8 documents"),
         "{stdout}"
     );
-    run_ok(bin().arg("--store").arg(&store_path).arg("reindex"));
-    run_ok(bin().arg("--store").arg(&store_path).arg("check"));
+    run_ok(corpusdb(&store_path).arg("reindex"));
+    run_ok(corpusdb(&store_path).arg("check"));
     assert_eq!(
         answers(&Index::open_or_create(&store_path, false).unwrap()),
         before
@@ -285,9 +272,7 @@ fn export_then_ingest_gives_the_same_hash_set() {
     let store_path = known_corpus(dir.path());
     let out_file = dir.path().join("all.jsonl");
     run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store_path)
+        corpusdb(&store_path)
             .args(["export", "*", "--with-metadata", "--out"])
             .arg(&out_file),
     );
@@ -311,26 +296,15 @@ fn export_then_ingest_gives_the_same_hash_set() {
     assert_eq!(shared["_sources"], serde_json::json!(["codealpaca", "gsm"]));
     let copy = dir.path().join("copy");
     run_ok(
-        bin()
-            .arg("--store")
-            .arg(&copy)
+        corpusdb(&copy)
             .args(["ingest", "--source", "export", "--category", "any"])
             .arg(&out_file),
     );
-    let hashes = |path: &Path| -> BTreeSet<String> {
-        Store::open_read_only(path)
-            .unwrap()
-            .ordinals()
-            .map(|e| e.unwrap().1.to_hex())
-            .collect()
-    };
-    assert_eq!(hashes(&copy), hashes(&store_path));
+    assert_eq!(stored_hashes(&copy), stored_hashes(&store_path));
 
     let math = dir.path().join("math.jsonl");
     run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store_path)
+        corpusdb(&store_path)
             .args(["export", "category:math", "--out"])
             .arg(&math),
     );
@@ -341,9 +315,7 @@ fn export_then_ingest_gives_the_same_hash_set() {
 fn query_errors_point_at_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let store_path = known_corpus(dir.path());
-    let out = bin()
-        .arg("--store")
-        .arg(&store_path)
+    let out = corpusdb(&store_path)
         .args(["query", "category:math AND (turns:>1"])
         .output()
         .unwrap();
@@ -353,24 +325,15 @@ fn query_errors_point_at_the_problem() {
         stderr.contains("query error at position 27: expected `)`, found the end of the query"),
         "{stderr}"
     );
-    let out = run_ok(bin().arg("--store").arg(&store_path).args([
-        "query",
-        "category:conversation",
-        "--format",
-        "jsonl",
-    ]));
+    let out =
+        run_ok(corpusdb(&store_path).args(["query", "category:conversation", "--format", "jsonl"]));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["sources"][0], "ultrachat");
-    let out = run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store_path)
-            .args(["categories", "--json"]),
-    );
+    let out = run_ok(corpusdb(&store_path).args(["categories", "--json"]));
     let facets: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(facets["examples"], 9);
     assert_eq!(facets["counts"][0]["name"], "math");
@@ -386,9 +349,7 @@ fn readers_work_while_an_import_runs() {
             .args(["generate", "--records", "3000", "--out"])
             .arg(&corpus),
     );
-    let mut import = bin()
-        .arg("--store")
-        .arg(&store_path)
+    let mut import = corpusdb(&store_path)
         .args([
             "ingest",
             "--source",
@@ -409,9 +370,7 @@ fn readers_work_while_an_import_runs() {
     let mut answered = 0;
     while import.try_wait().unwrap().is_none() {
         if store_path.join("CURRENT").exists() {
-            let out = bin()
-                .arg("--store")
-                .arg(&store_path)
+            let out = corpusdb(&store_path)
                 .args(["query", "category:general", "--count"])
                 .output()
                 .unwrap();
@@ -428,7 +387,7 @@ fn readers_work_while_an_import_runs() {
     }
     assert!(import.wait().unwrap().success());
     assert!(answered > 0, "the import ended before any reader ran");
-    let out = run_ok(bin().arg("--store").arg(&store_path).arg("check"));
+    let out = run_ok(corpusdb(&store_path).arg("check"));
     assert!(String::from_utf8_lossy(&out.stdout).contains("consistent"));
 }
 
@@ -440,16 +399,12 @@ fn parquet_export_reads_back_with_the_same_content() {
     let jsonl = dir.path().join("all.jsonl");
     let parquet_file = dir.path().join("all.parquet");
     run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store_path)
+        corpusdb(&store_path)
             .args(["export", "*", "--with-metadata", "--out"])
             .arg(&jsonl),
     );
     run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store_path)
+        corpusdb(&store_path)
             .args([
                 "export",
                 "*",
@@ -509,31 +464,20 @@ fn a_parquet_export_ingests_back_to_the_same_hashes() {
     let store_path = known_corpus(dir.path());
     let parquet_file = dir.path().join("all.parquet");
     run_ok(
-        bin()
-            .arg("--store")
-            .arg(&store_path)
+        corpusdb(&store_path)
             .args(["export", "*", "--format", "parquet", "--out"])
             .arg(&parquet_file),
     );
     let copy = dir.path().join("copy");
     let out = run_ok(
-        bin()
-            .arg("--store")
-            .arg(&copy)
+        corpusdb(&copy)
             .args(["ingest", "--source", "pq", "--category", "any"])
             .arg(&parquet_file),
     );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("read 9, stored 9, duplicates 0, rejected 0")
     );
-    let hashes = |path: &Path| -> BTreeSet<String> {
-        Store::open_read_only(path)
-            .unwrap()
-            .ordinals()
-            .map(|e| e.unwrap().1.to_hex())
-            .collect()
-    };
-    assert_eq!(hashes(&copy), hashes(&store_path));
+    assert_eq!(stored_hashes(&copy), stored_hashes(&store_path));
     // Resuming inside a Parquet file skips the rows already read.
     let mut reader = corpusdb::reader::RecordReader::open(&parquet_file, None, 1 << 20).unwrap();
     let all: Vec<_> = std::iter::from_fn(|| reader.next_item().unwrap()).collect();

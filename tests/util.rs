@@ -24,6 +24,22 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_corpusdb"))
 }
 
+/// The binary on the store at `store`.
+pub fn corpusdb(store: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.arg("--store").arg(store);
+    cmd
+}
+
+/// Every stored hash, in hex.
+pub fn stored_hashes(store: &Path) -> std::collections::BTreeSet<String> {
+    Store::open_read_only(store)
+        .unwrap()
+        .ordinals()
+        .map(|entry| entry.unwrap().1.to_hex())
+        .collect()
+}
+
 pub fn run_ok(cmd: &mut Command) -> Output {
     let output = cmd.output().unwrap();
     assert!(
