@@ -125,6 +125,16 @@ pub struct Conversation {
     pub tools: Option<String>,
 }
 
+/// What a source says about an example beyond the conversation: kept beside it in the
+/// store, never part of its hash.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extras {
+    /// Plain text (a `text` field), not a dialogue: a single assistant message.
+    pub raw_text: bool,
+    /// The dispreferred reply of a preference pair (HH-RLHF, UltraFeedback), whole.
+    pub rejected: Option<Vec<Message>>,
+}
+
 /// Why a conversation cannot become an example.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidConversation {
@@ -271,7 +281,7 @@ fn drop_carriage_returns_before_newlines(text: &str) -> String {
     String::from_utf8(out).expect("only ASCII carriage returns were removed")
 }
 
-fn normalize_in_place(text: &mut String) {
+pub fn normalize_in_place(text: &mut String) {
     let normalized = match normalize_text(text) {
         Cow::Borrowed(s) if s.len() == text.len() => return,
         Cow::Borrowed(s) => s.to_owned(),

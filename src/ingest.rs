@@ -20,8 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::bounded;
 use rayon::prelude::*;
 
+use crate::category::{self, Rule};
 use crate::conversation::ContentHash;
-use crate::formats::{self, Format};
+use crate::formats::{Detected, Format, Formats, Outcome};
 use crate::reader::{self, FileNote, Position, RawBody, RawItem, RecordReader, Resume};
 use crate::store::{
     self, Counters, ExampleHeader, ImportCounts, ImportRecord, ImportState, ProvenanceValue,
@@ -37,6 +38,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{}: {message}", path.display())]
+    Detect { path: PathBuf, message: String },
     #[error("{}:{line}: record {record}: {reason} (--strict stops at the first bad record; nothing of its batch was written)", path.display())]
     Strict {
         path: PathBuf,
@@ -55,7 +58,12 @@ pub struct IngestOptions {
     pub source: String,
     /// Category given to new examples (metadata, never part of the hash).
     pub category: String,
-    pub format: Format,
+    /// Content rules that may give an example another category (mixed sources).
+    pub rules: Vec<Rule>,
+    /// The record shape; `None` detects it from the file's first records.
+    pub format: Option<Format>,
+    /// Every format known, for detection.
+    pub formats: Formats,
     /// Stop at the first bad record instead of recording it and going on.
     pub strict: bool,
     /// Records per atomic batch (and per checkpoint).
@@ -70,7 +78,9 @@ impl IngestOptions {
         IngestOptions {
             source: source.into(),
             category: category.into(),
-            format: Format::Auto,
+            rules: Vec::new(),
+            format: None,
+            formats: Formats::builtin(),
             strict: false,
             batch_records: 4096,
             max_record_bytes: reader::DEFAULT_MAX_RECORD_BYTES,
@@ -109,9 +119,17 @@ pub struct FileOutcome {
     pub bytes: u64,
 }
 
+/// What the parser works on: one record, or the rows of a group joined into a JSON list.
+struct Unit {
+    at: Position,
+    /// Records of the file it covers.
+    rows: u64,
+    body: RawBody,
+}
+
 /// A slice of the file handed from the reader thread to the parser.
 struct RawBatch {
-    items: Vec<RawItem>,
+    items: Vec<Unit>,
     notes: Vec<FileNote>,
     end: Position,
     file_bytes_read: u64,
@@ -128,15 +146,21 @@ struct ParsedBatch {
 
 struct Parsed {
     at: Position,
-    outcome: std::result::Result<Encoded, (String, Vec<u8>)>,
+    rows: u64,
+    /// Each example of the unit, or why the unit gave none.
+    outcome: std::result::Result<Vec<std::result::Result<Encoded, String>>, String>,
+    /// The unit's bytes, kept only when something of it is rejected.
+    raw: Vec<u8>,
 }
 
 /// A conversation ready to store, prepared on the parallel stage.
 struct Encoded {
     hash: ContentHash,
+    /// Set by a category rule; otherwise the import's category.
+    category: Option<&'static str>,
     chars: u64,
     turns: u32,
-    /// bincode of the conversation.
+    /// bincode of the conversation and its extras.
     bytes: Vec<u8>,
 }
 
@@ -156,6 +180,16 @@ pub fn ingest_file(
         source,
     };
     let fingerprint = reader::fingerprint(path).map_err(io_error)?;
+    let reading = match &options.format {
+        Some(format) => Reading::One(format.clone()),
+        None => detect(path, options).map_err(|message| match message {
+            DetectError::Io(e) => io_error(e),
+            DetectError::Shape(message) => Error::Detect {
+                path: path.to_owned(),
+                message,
+            },
+        })?,
+    };
     let mut counters = store.counters()?;
     let existing = store
         .imports()?
@@ -189,7 +223,7 @@ pub fn ingest_file(
                 category: options.category.clone(),
                 path: path.display().to_string(),
                 fingerprint,
-                format: options.format.name().to_string(),
+                format: reading.describe(options.format.is_none()),
                 state: ImportState::Partial,
                 checkpoint: Position::default(),
                 container: None,
@@ -204,8 +238,7 @@ pub fn ingest_file(
         at: import.checkpoint,
         container,
     });
-    let mut reader =
-        RecordReader::open(path, resume, options.max_record_bytes).map_err(io_error)?;
+    let reader = RecordReader::open(path, resume, options.max_record_bytes).map_err(io_error)?;
     import.container = Some(reader.container());
     let (_, file_len) = reader.file_progress();
     observer.file_started(path, file_len, resumed_from);
@@ -221,24 +254,34 @@ pub fn ingest_file(
         notes: Vec::new(),
         path,
     };
-    let format = options.format;
+    let reading = &reading;
+    let rules = &options.rules;
     std::thread::scope(|scope| -> Result<()> {
         let (raw_tx, raw_rx) = bounded::<std::io::Result<RawBatch>>(2);
         let (parsed_tx, parsed_rx) = bounded::<std::io::Result<ParsedBatch>>(2);
         let batch_records = options.batch_records.max(1);
+        let group_by = reading.group_by().cloned();
+        let max_record_bytes = options.max_record_bytes;
         scope.spawn(move || {
             let progress = reader.progress_counter();
+            let mut units = Units {
+                reader,
+                group_by,
+                max_bytes: max_record_bytes,
+                pending: None,
+                lookahead: None,
+            };
             loop {
                 let mut items = Vec::with_capacity(batch_records);
                 let mut bytes = 0;
                 let mut last = false;
                 while items.len() < batch_records && bytes < BATCH_BYTES {
-                    match reader.next_item() {
-                        Ok(Some(item)) => {
-                            if let RawBody::Bytes(b) = &item.body {
+                    match units.next_unit() {
+                        Ok(Some(unit)) => {
+                            if let RawBody::Bytes(b) = &unit.body {
                                 bytes += b.len();
                             }
-                            items.push(item);
+                            items.push(unit);
                         }
                         Ok(None) => {
                             last = true;
@@ -252,8 +295,8 @@ pub fn ingest_file(
                 }
                 let batch = RawBatch {
                     items,
-                    notes: reader.take_notes(),
-                    end: reader.position(),
+                    notes: units.reader.take_notes(),
+                    end: units.resume_position(),
                     file_bytes_read: progress.load(Ordering::Relaxed),
                     last,
                 };
@@ -268,7 +311,7 @@ pub fn ingest_file(
                     items: batch
                         .items
                         .into_par_iter()
-                        .map(|item| parse_item(format, item))
+                        .map(|item| parse_unit(reading, rules, item))
                         .collect(),
                     notes: batch.notes,
                     end: batch.end,
@@ -315,22 +358,233 @@ pub fn ingest_file(
     })
 }
 
-fn parse_item(format: Format, item: RawItem) -> Parsed {
-    let outcome = match item.body {
-        RawBody::Bytes(bytes) => match formats::parse_record(format, &bytes) {
-            Ok(conversation) => Ok(Encoded {
-                hash: conversation.content_hash(),
-                chars: conversation.char_count(),
-                turns: conversation.turn_count(),
-                bytes: store::encode_conversation(&conversation),
-            }),
-            Err(reason) => Err((reason, bytes)),
-        },
-        RawBody::Unreadable { reason, prefix } => Err((reason, prefix)),
+/// How a file's records are parsed.
+enum Reading {
+    One(Format),
+    /// Records of different shapes: each is detected on its own.
+    PerRecord(Formats),
+}
+
+impl Reading {
+    fn group_by(&self) -> Option<&crate::formats::template::JsonPath> {
+        match self {
+            Reading::One(format) => format.group_by(),
+            Reading::PerRecord(_) => None,
+        }
+    }
+
+    fn parse(&self, bytes: &[u8]) -> Outcome {
+        match self {
+            Reading::One(format) => format.parse(bytes),
+            Reading::PerRecord(formats) => formats.parse_detected(bytes),
+        }
+    }
+
+    /// The format as the import record shows it.
+    fn describe(&self, detected: bool) -> String {
+        match (self, detected) {
+            (Reading::One(format), false) => format.name().to_string(),
+            (Reading::One(format), true) => format!("auto: {}", format.name()),
+            (Reading::PerRecord(_), _) => "auto: per record".to_string(),
+        }
+    }
+}
+
+enum DetectError {
+    Io(std::io::Error),
+    Shape(String),
+}
+
+/// Records sampled from the start of a file to detect its format. Always the start, so a
+/// resumed import decides the same way.
+const DETECT_SAMPLE: usize = 64;
+
+fn detect(path: &Path, options: &IngestOptions) -> std::result::Result<Reading, DetectError> {
+    let mut reader =
+        RecordReader::open(path, None, options.max_record_bytes).map_err(DetectError::Io)?;
+    let mut sample = Vec::new();
+    while sample.len() < DETECT_SAMPLE {
+        match reader.next_item().map_err(DetectError::Io)? {
+            Some(RawItem {
+                body: RawBody::Bytes(bytes),
+                ..
+            }) => sample.push(bytes),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    if sample.is_empty() {
+        // Nothing readable: the import records the file's notes and rejects.
+        return Ok(Reading::PerRecord(options.formats.clone()));
+    }
+    match options
+        .formats
+        .detect_sample(sample.iter().map(Vec::as_slice))
+    {
+        Ok(Detected::One(format)) => Ok(Reading::One(format)),
+        Ok(Detected::PerRecord) => Ok(Reading::PerRecord(options.formats.clone())),
+        Err(message) => Err(DetectError::Shape(format!(
+            "cannot detect the format from the first records: {message}"
+        ))),
+    }
+}
+
+/// Records as the parser takes them: one by one, or, for row formats, consecutive rows
+/// with the same key joined into one JSON list.
+struct Units {
+    reader: RecordReader,
+    group_by: Option<crate::formats::template::JsonPath>,
+    max_bytes: usize,
+    /// Rows of the group being collected: its key, start and the rows' bytes.
+    pending: Option<(String, Position, Vec<Vec<u8>>, usize)>,
+    /// A unit that ended the group before it and waits its turn.
+    lookahead: Option<Unit>,
+}
+
+impl Units {
+    fn next_unit(&mut self) -> std::io::Result<Option<Unit>> {
+        if let Some(unit) = self.lookahead.take() {
+            return Ok(Some(unit));
+        }
+        let Some(group_by) = &self.group_by else {
+            return Ok(self.reader.next_item()?.map(|item| Unit {
+                at: item.at,
+                rows: 1,
+                body: item.body,
+            }));
+        };
+        loop {
+            let Some(item) = self.reader.next_item()? else {
+                return Ok(self.pending.take().map(joined));
+            };
+            let key = match &item.body {
+                RawBody::Bytes(bytes) => group_key(group_by, bytes),
+                RawBody::Unreadable { reason, .. } => Err(reason.clone()),
+            };
+            let key = match key {
+                Ok(key) => key,
+                Err(reason) => {
+                    // A row that cannot join a group is a unit of its own; it closes the
+                    // group before it so units stay in file order.
+                    let prefix = match item.body {
+                        RawBody::Bytes(bytes) | RawBody::Unreadable { prefix: bytes, .. } => bytes,
+                    };
+                    let unit = Unit {
+                        at: item.at,
+                        rows: 1,
+                        body: RawBody::Unreadable { reason, prefix },
+                    };
+                    return Ok(Some(match self.pending.take() {
+                        Some(group) => {
+                            self.lookahead = Some(unit);
+                            joined(group)
+                        }
+                        None => unit,
+                    }));
+                }
+            };
+            let RawBody::Bytes(bytes) = item.body else {
+                unreachable!("unreadable rows were handled above")
+            };
+            match &mut self.pending {
+                Some((pending_key, _, rows, size))
+                    if *pending_key == key && *size + bytes.len() <= self.max_bytes =>
+                {
+                    *size += bytes.len() + 1;
+                    rows.push(bytes);
+                }
+                _ => {
+                    let size = bytes.len() + 2;
+                    let done = self.pending.replace((key, item.at, vec![bytes], size));
+                    if let Some(group) = done {
+                        return Ok(Some(joined(group)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where a resumed import starts: the first row of the group still being collected,
+    /// else just after the last record read.
+    fn resume_position(&self) -> Position {
+        match (&self.lookahead, &self.pending) {
+            (Some(unit), _) => unit.at,
+            (None, Some((_, at, _, _))) => *at,
+            (None, None) => self.reader.position(),
+        }
+    }
+}
+
+fn group_key(
+    group_by: &crate::formats::template::JsonPath,
+    bytes: &[u8],
+) -> std::result::Result<String, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON: {e}"))?;
+    group_by
+        .resolve(&value)
+        .map(crate::conversation::canonical_json)
+        .ok_or_else(|| {
+            format!(
+                "row lacks the field `{}` that groups rows",
+                group_by.as_str()
+            )
+        })
+}
+
+fn joined((_, at, rows, size): (String, Position, Vec<Vec<u8>>, usize)) -> Unit {
+    let mut body = Vec::with_capacity(size);
+    body.push(b'[');
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(row);
+    }
+    body.push(b']');
+    Unit {
+        at,
+        rows: rows.len() as u64,
+        body: RawBody::Bytes(body),
+    }
+}
+
+fn parse_unit(reading: &Reading, rules: &[Rule], unit: Unit) -> Parsed {
+    let (outcome, raw) = match unit.body {
+        RawBody::Bytes(bytes) => {
+            let outcome = reading.parse(&bytes).and_then(|examples| {
+                if examples.is_empty() {
+                    return Err("the record gives no conversation".to_string());
+                }
+                Ok(examples
+                    .into_iter()
+                    .map(|example| {
+                        example.map(|example| Encoded {
+                            hash: example.conversation.content_hash(),
+                            category: category::assign(rules, &example.conversation),
+                            chars: example.conversation.char_count(),
+                            turns: example.conversation.turn_count(),
+                            bytes: store::encode_conversation(
+                                &example.conversation,
+                                &example.extras,
+                            ),
+                        })
+                    })
+                    .collect::<Vec<_>>())
+            });
+            let rejects = match &outcome {
+                Ok(list) => list.iter().any(|e| e.is_err()),
+                Err(_) => true,
+            };
+            (outcome, if rejects { bytes } else { Vec::new() })
+        }
+        RawBody::Unreadable { reason, prefix } => (Err(reason), prefix),
     };
     Parsed {
-        at: item.at,
+        at: unit.at,
+        rows: unit.rows,
         outcome,
+        raw,
     }
 }
 
@@ -349,25 +603,27 @@ struct BatchWriter<'a> {
 impl BatchWriter<'_> {
     fn commit(&mut self, batch: ParsedBatch) -> Result<()> {
         if self.options.strict {
-            if let Some(bad) = batch.items.iter().find(|p| p.outcome.is_err()) {
-                let reason = bad
-                    .outcome
-                    .as_ref()
-                    .err()
-                    .map(|(r, _)| r.clone())
-                    .unwrap_or_default();
-                return Err(Error::Strict {
-                    path: self.path.to_owned(),
-                    line: bad.at.line(),
-                    record: bad.at.records,
-                    reason,
-                });
+            for item in &batch.items {
+                let reason = match &item.outcome {
+                    Err(reason) => Some(reason),
+                    Ok(list) => list.iter().find_map(|e| e.as_ref().err()),
+                };
+                if let Some(reason) = reason {
+                    return Err(Error::Strict {
+                        path: self.path.to_owned(),
+                        line: item.at.line(),
+                        record: item.at.records,
+                        reason: reason.clone(),
+                    });
+                }
             }
         }
         let hashes: Vec<ContentHash> = batch
             .items
             .iter()
-            .filter_map(|p| p.outcome.as_ref().ok().map(|e| e.hash))
+            .filter_map(|p| p.outcome.as_ref().ok())
+            .flatten()
+            .filter_map(|e| e.as_ref().ok().map(|e| e.hash))
             .collect();
         let mut stored_by = self.store.first_imports(&hashes)?.into_iter();
         let mut new_in_batch: HashSet<ContentHash> = HashSet::with_capacity(hashes.len());
@@ -380,40 +636,55 @@ impl BatchWriter<'_> {
         let mut provenance = Vec::with_capacity(batch.items.len());
         let mut changed = Vec::new();
         for item in batch.items {
-            counts.read += 1;
-            match item.outcome {
-                Ok(encoded) => {
-                    let hash = encoded.hash;
-                    let stored_by_import = stored_by.next().flatten();
-                    let seen = stored_by_import.is_some() || !new_in_batch.insert(hash);
-                    // The index learns of new examples and of duplicates that may add a
-                    // source; a repeat within the import that stored it changes nothing.
-                    if !seen || stored_by_import.is_some_and(|first| first != import_id) {
-                        changed.push(hash);
+            counts.read += item.rows;
+            counts.joined += item.rows - 1;
+            let examples = match item.outcome {
+                Ok(examples) => examples,
+                Err(reason) => vec![Err(reason)],
+            };
+            counts.extra += examples.len() as u64 - 1;
+            let several = examples.len() > 1;
+            let mut raw = Some(item.raw);
+            for (part, example) in examples.into_iter().enumerate() {
+                match example {
+                    Ok(encoded) => {
+                        let hash = encoded.hash;
+                        let stored_by_import = stored_by.next().flatten();
+                        let seen = stored_by_import.is_some() || !new_in_batch.insert(hash);
+                        // The index learns of new examples and of duplicates that may add
+                        // a source; a repeat within the import that stored it changes
+                        // nothing.
+                        if !seen || stored_by_import.is_some_and(|first| first != import_id) {
+                            changed.push(hash);
+                        }
+                        if seen {
+                            counts.duplicates += 1;
+                        } else {
+                            counts.stored += 1;
+                            new_examples.push((self.counters.examples, encoded));
+                            self.counters.examples += 1;
+                        }
+                        provenance.push((hash, item.at.records, item.at.line()));
                     }
-                    if seen {
-                        counts.duplicates += 1;
-                    } else {
-                        counts.stored += 1;
-                        new_examples.push((self.counters.examples, encoded));
-                        self.counters.examples += 1;
+                    Err(reason) => {
+                        counts.rejected += 1;
+                        let reason = if several {
+                            format!("conversation {}: {reason}", part + 1)
+                        } else {
+                            reason
+                        };
+                        if self.first_rejects.len() < FIRST_REJECTS_KEPT {
+                            self.first_rejects.push((item.at.line(), reason.clone()));
+                        }
+                        // The record's bytes are kept once, with its first reject.
+                        let mut raw = raw.take().unwrap_or_default();
+                        let raw_truncated = raw.len() > Reject::RAW_LIMIT;
+                        raw.truncate(Reject::RAW_LIMIT);
+                        let mut reject =
+                            self.reject(Some(item.at.records), item.at, reason, raw, raw_truncated);
+                        reject.part = part as u32;
+                        write.put_reject(&reject);
                     }
-                    provenance.push((hash, item.at.records, item.at.line()));
-                }
-                Err((reason, mut raw)) => {
-                    counts.rejected += 1;
-                    if self.first_rejects.len() < FIRST_REJECTS_KEPT {
-                        self.first_rejects.push((item.at.line(), reason.clone()));
-                    }
-                    let raw_truncated = raw.len() > Reject::RAW_LIMIT;
-                    raw.truncate(Reject::RAW_LIMIT);
-                    write.put_reject(&self.reject(
-                        Some(item.at.records),
-                        item.at,
-                        reason,
-                        raw,
-                        raw_truncated,
-                    ));
                 }
             }
         }
@@ -421,7 +692,7 @@ impl BatchWriter<'_> {
         for (ordinal, encoded) in &new_examples {
             let header = ExampleHeader {
                 ordinal: *ordinal,
-                category: &self.import.category,
+                category: encoded.category.unwrap_or(&self.import.category),
                 first_import: import_id,
                 chars: encoded.chars,
                 turns: encoded.turns,
@@ -443,12 +714,14 @@ impl BatchWriter<'_> {
                 .push(format!("line {}: {}", note.at.line(), note.message));
             write.put_reject(&self.reject(None, note.at, note.message, Vec::new(), false));
         }
-        if counts.stored > 0 {
-            *self
-                .counters
-                .categories
-                .entry(self.import.category.clone())
-                .or_default() += counts.stored;
+        for (_, encoded) in &new_examples {
+            let category = encoded.category.unwrap_or(&self.import.category);
+            match self.counters.categories.get_mut(category) {
+                Some(count) => *count += 1,
+                None => {
+                    self.counters.categories.insert(category.to_string(), 1);
+                }
+            }
         }
         if counts.stored + counts.duplicates > 0 {
             *self
@@ -460,6 +733,8 @@ impl BatchWriter<'_> {
         self.counters.read += counts.read;
         self.counters.duplicates += counts.duplicates;
         self.counters.rejected += counts.rejected;
+        self.counters.joined += counts.joined;
+        self.counters.extra += counts.extra;
         self.import.counts.add(&counts);
         self.import.checkpoint = batch.end;
         self.import.updated_unix = unix_now();
@@ -486,6 +761,7 @@ impl BatchWriter<'_> {
             source: self.import.source.clone(),
             path: self.import.path.clone(),
             record,
+            part: 0,
             line: at.line(),
             byte_offset: at.bytes,
             reason,

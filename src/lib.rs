@@ -26,6 +26,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod category;
 pub mod conversation;
 pub mod export;
 pub mod formats;
@@ -33,5 +34,6 @@ pub mod index;
 pub mod ingest;
 pub mod manifest;
 pub mod reader;
+pub mod registry;
 pub mod store;
 pub mod synth;

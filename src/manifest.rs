@@ -4,7 +4,9 @@
 //! imports:
 //!   - source: dolly            # dataset name kept in provenance
 //!     category: instruction    # category of new examples
-//!     format: auto             # auto | alpaca | messages | sharegpt (default auto)
+//!     format: dolly            # a format of `corpusdb formats`, or auto (the default)
+//!     # mapping: dolly.yaml    # or a field-mapping file instead of a format
+//!     rules: [code, math]      # optional category rules for mixed sources
 //!     files: [../data/dolly.jsonl]
 //! ```
 //!
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::formats::Format;
+use crate::category::Rule;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,18 +29,20 @@ pub struct Manifest {
 pub struct ManifestImport {
     pub source: String,
     pub category: String,
-    #[serde(default = "auto")]
-    pub format: Format,
+    /// A format name; `None` or `auto` detects it.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// A field-mapping file (relative to the manifest) defining the format.
+    #[serde(default)]
+    pub mapping: Option<PathBuf>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
     pub files: Vec<PathBuf>,
-}
-
-fn auto() -> Format {
-    Format::Auto
 }
 
 /// `base/rel` with `.` and `name/..` folded away, so messages show `data/x.jsonl` rather
 /// than `configs/../data/x.jsonl`. Purely textual: symlinks are not resolved.
-fn lexical_join(base: &Path, relative: &Path) -> PathBuf {
+pub(crate) fn lexical_join(base: &Path, relative: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
     for component in base.join(relative).components() {
@@ -81,6 +85,9 @@ impl Manifest {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for import in &mut manifest.imports {
+            if let Some(mapping) = &mut import.mapping {
+                *mapping = lexical_join(base, mapping);
+            }
             for file in &mut import.files {
                 if file.is_relative() {
                     *file = lexical_join(base, file);

@@ -1,5 +1,5 @@
 use corpusdb::conversation::{ContentHash, Conversation, Message, Role};
-use corpusdb::formats::{parse_record, Format};
+use corpusdb::formats::parse_record;
 
 fn conv(messages: &[(Role, &str)]) -> Conversation {
     let mut c = Conversation::new(messages.iter().map(|(r, t)| Message::new(*r, *t)).collect());
@@ -70,17 +70,17 @@ fn framing_prevents_collisions_by_concatenation_or_role() {
 #[test]
 fn the_same_conversation_in_three_formats_has_one_hash() {
     let alpaca = parse_record(
-        Format::Alpaca,
+        "alpaca",
         br#"{"instruction": "Name a color.", "input": "", "output": "Blue."}"#,
     )
     .unwrap();
     let messages = parse_record(
-        Format::Messages,
+        "messages",
         br#"{"messages": [{"role": "user", "content": "Name a color.\r\n"}, {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}"#,
     )
     .unwrap();
     let sharegpt = parse_record(
-        Format::Sharegpt,
+        "sharegpt",
         br#"{"id": "x", "conversations": [{"from": "human", "value": "Name a color."}, {"from": "gpt", "value": " Blue. "}]}"#,
     )
     .unwrap();
@@ -94,23 +94,23 @@ fn sharegpt_role_aliases_and_alpaca_input() {
         let record = format!(
             r#"{{"conversations": [{{"from": "user", "value": "q"}}, {{"from": "{alias}", "value": "a"}}]}}"#
         );
-        let c = parse_record(Format::Sharegpt, record.as_bytes()).unwrap();
+        let c = parse_record("sharegpt", record.as_bytes()).unwrap();
         assert_eq!(c.messages[1].role, Role::Assistant, "{alias}");
     }
-    let c = parse_record(Format::Sharegpt, br#"{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}"#).unwrap();
+    let c = parse_record("sharegpt", br#"{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}"#).unwrap();
     assert_eq!(
         c.messages.iter().map(|m| m.role).collect::<Vec<_>>(),
         [Role::System, Role::User, Role::Assistant]
     );
     let err = parse_record(
-        Format::Sharegpt,
+        "sharegpt",
         br#"{"conversations": [{"from": "wizard", "value": "q"}]}"#,
     )
     .unwrap_err();
     assert_eq!(err, "unknown role `wizard` in turn 1");
 
     let c = parse_record(
-        Format::Alpaca,
+        "alpaca",
         br#"{"instruction": "Translate", "input": "hola", "output": "hello"}"#,
     )
     .unwrap();
@@ -125,7 +125,7 @@ fn tool_calls_and_schemas_are_part_of_the_content() {
                      {"role": "assistant", "content": null, "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}]},
                      {"role": "tool", "name": "f", "content": "ok"},
                      {"role": "assistant", "content": "done"}]}"#;
-    let c = parse_record(Format::Messages, record).unwrap();
+    let c = parse_record("messages", record).unwrap();
     assert_eq!(
         c.messages[1].tool_calls.as_deref(),
         Some(r#"[{"function":{"arguments":"{}","name":"f"},"id":"1"}]"#)
@@ -137,11 +137,11 @@ fn tool_calls_and_schemas_are_part_of_the_content() {
 #[test]
 fn conversations_that_cannot_train_are_refused() {
     assert_eq!(
-        parse_record(Format::Messages, br#"{"messages": []}"#).unwrap_err(),
+        parse_record("messages", br#"{"messages": []}"#).unwrap_err(),
         "empty conversation: no messages"
     );
     assert_eq!(
-        parse_record(Format::Alpaca, br#"{"instruction": "x", "output": "   "}"#).unwrap_err(),
+        parse_record("alpaca", br#"{"instruction": "x", "output": "   "}"#).unwrap_err(),
         "no assistant message with content"
     );
 }
@@ -149,39 +149,39 @@ fn conversations_that_cannot_train_are_refused() {
 #[test]
 fn legacy_function_calls_and_empty_tool_lists_dedupe_with_the_current_form() {
     let current = parse_record(
-        Format::Messages,
+        "messages",
         br#"{"tools": [{"type": "function", "function": {"name": "f"}}], "messages": [{"role": "user", "content": "go"},
             {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}"#,
     )
     .unwrap();
     let legacy = parse_record(
-        Format::Messages,
+        "messages",
         br#"{"functions": [{"name": "f"}], "messages": [{"role": "user", "content": "go"},
             {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}]}"#,
     )
     .unwrap();
     assert_eq!(current.content_hash(), legacy.content_hash());
 
-    let plain = parse_record(Format::Messages, br#"{"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#).unwrap();
-    let empty_lists = parse_record(Format::Messages, br#"{"tools": [], "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "tool_calls": []}]}"#).unwrap();
+    let plain = parse_record("messages", br#"{"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#).unwrap();
+    let empty_lists = parse_record("messages", br#"{"tools": [], "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "tool_calls": []}]}"#).unwrap();
     assert_eq!(plain.content_hash(), empty_lists.content_hash());
     assert_eq!(
-        parse_record(Format::Messages, br#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": []}]}"#).unwrap_err(),
+        parse_record("messages", br#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": []}]}"#).unwrap_err(),
         "message 2 lacks required field `content`"
     );
-    let sharegpt_spelled_openai = parse_record(Format::Sharegpt, br#"{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#).unwrap();
+    let sharegpt_spelled_openai = parse_record("sharegpt", br#"{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#).unwrap();
     assert_eq!(sharegpt_spelled_openai.messages.len(), 2);
 }
 
 #[test]
 fn alpaca_parts_are_trimmed_before_they_are_joined() {
     let tidy = parse_record(
-        Format::Alpaca,
+        "alpaca",
         br#"{"instruction": "Sum", "input": "1 2", "output": "3"}"#,
     )
     .unwrap();
     let spaced = parse_record(
-        Format::Alpaca,
+        "alpaca",
         br#"{"instruction": "Sum  \r\n", "input": "\n1 2 ", "output": "3"}"#,
     )
     .unwrap();

@@ -48,12 +48,9 @@ fn duplicates_across_sources_are_stored_once_with_every_provenance() {
     assert_eq!(counters.sources.get("alpaca-set"), Some(&3));
     assert_eq!(counters.sources.get("chat-set"), Some(&2));
 
-    let hash = corpusdb::formats::parse_record(
-        corpusdb::formats::Format::Auto,
-        MESSAGES.lines().next().unwrap().as_bytes(),
-    )
-    .unwrap()
-    .content_hash();
+    let hash = corpusdb::formats::parse_record("auto", MESSAGES.lines().next().unwrap().as_bytes())
+        .unwrap()
+        .content_hash();
     let example = store.get(&hash).unwrap().unwrap();
     assert_eq!(
         example.category, "instruction",
@@ -251,7 +248,10 @@ fn a_store_of_another_schema_version_is_refused_with_a_message() {
             .expect("a mismatched schema must not open")
             .to_string();
         assert!(
-            message.contains("has schema version 99, this corpusdb reads version 1"),
+            message.contains(&format!(
+                "has schema version 99, this corpusdb reads version {}",
+                corpusdb::store::SCHEMA_VERSION
+            )),
             "{message}"
         );
     }

@@ -6,36 +6,57 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use corpusdb::formats::Format;
+use corpusdb::category::Rule;
+use corpusdb::formats::Formats;
 use corpusdb::ingest::{self, IngestOptions, Observer};
 use corpusdb::manifest::Manifest;
 use corpusdb::reader::{human_bytes, Position};
+use corpusdb::registry::Registry;
 use corpusdb::store::{ImportCounts, Store, StoreOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Import JSONL / JSON-array files (optionally .gz or .zst) into the store.
+/// Import dataset files (or a manifest, or a registry of them) into the store.
 ///
-/// Each file is one import, identified by --source and the file's content fingerprint:
-/// running it again does nothing, and an interrupted import continues from its last
-/// committed record. Records that cannot be read go to the rejects ledger (see
-/// `corpusdb rejects`) and the import goes on, unless --strict is given.
+/// Files are .jsonl, .json (an array of records) or .parquet, optionally .gz or .zst. Each
+/// file is one import, identified by --source and the file's content fingerprint: running
+/// it again does nothing, and an interrupted import continues from its last committed
+/// record. Records that cannot be read go to the rejects ledger (see `corpusdb rejects`)
+/// and the import goes on, unless --strict is given. `corpusdb formats` lists the record
+/// shapes; without --format the shape is detected from each file's first records.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Files to import: .jsonl, .json (an array of records), optionally .gz or .zst.
-    #[arg(required_unless_present = "manifest")]
+    /// Files to import: .jsonl, .json (an array of records), .parquet; optionally .gz/.zst.
+    #[arg(required_unless_present_any = ["manifest", "registry"])]
     files: Vec<PathBuf>,
     /// Dataset name kept in the provenance of every record (e.g. gsm8k).
-    #[arg(long, required_unless_present = "manifest")]
+    #[arg(long, required_unless_present_any = ["manifest", "registry"])]
     source: Option<String>,
     /// Category of the new examples (metadata only, never part of the hash).
-    #[arg(long, required_unless_present = "manifest")]
+    #[arg(long, required_unless_present_any = ["manifest", "registry"])]
     category: Option<String>,
-    /// Record shape; `auto` decides per record from its fields.
-    #[arg(long, value_enum, default_value_t = Format::Auto)]
-    format: Format,
+    /// Record shape (see `corpusdb formats`); `auto` detects it from the first records.
+    #[arg(long, default_value = "auto", conflicts_with = "mapping")]
+    format: String,
+    /// A YAML field mapping that defines the record shape (see `corpusdb formats --help`).
+    #[arg(long)]
+    mapping: Option<PathBuf>,
+    /// Category rules for mixed sources, tried in order: an example with tool calls,
+    /// code or math gets the category `tool`, `code` or `math` instead of --category.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    rules: Vec<Rule>,
     /// A YAML manifest listing sources, categories and files (see configs/).
-    #[arg(long, conflicts_with_all = ["files", "source", "category"])]
+    #[arg(long, conflicts_with_all = ["files", "source", "category", "registry"])]
     manifest: Option<PathBuf>,
+    /// The source registry (configs/sources.yaml): imports every listed dataset whose
+    /// files are present under --data-dir and says which are missing.
+    #[arg(long, requires = "data_dir", conflicts_with_all = ["files", "source", "category"])]
+    registry: Option<PathBuf>,
+    /// Where the registry's datasets were downloaded: DIR/<source name>/... by default.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// With --registry: import only these sources (comma-separated names).
+    #[arg(long, value_delimiter = ',', requires = "registry")]
+    only: Vec<String>,
     /// Stop at the first bad record instead of recording it and going on.
     #[arg(long)]
     strict: bool,
@@ -55,26 +76,105 @@ pub struct Args {
     batch_size: usize,
 }
 
-pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
-    let jobs: Vec<(IngestOptions, Vec<PathBuf>)> = match &args.manifest {
-        Some(path) => Manifest::load(path)?
-            .imports
-            .into_iter()
-            .map(|import| {
-                let mut options = IngestOptions::new(import.source, import.category);
-                options.format = import.format;
-                (options, import.files)
-            })
-            .collect(),
-        None => {
-            let source = args.source.clone().context("--source is required")?;
-            let category = args.category.clone().context("--category is required")?;
-            let mut options = IngestOptions::new(source, category);
-            options.format = args.format;
-            vec![(options, args.files.clone())]
-        }
+/// Options for one source: its format resolved against the known formats.
+fn options_for(
+    formats: &mut Formats,
+    source: String,
+    category: String,
+    format: Option<&str>,
+    mapping: Option<&Path>,
+    rules: Vec<Rule>,
+) -> anyhow::Result<IngestOptions> {
+    let mut options = IngestOptions::new(source, category);
+    options.rules = rules;
+    options.format = match (format, mapping) {
+        (_, Some(mapping)) => Some(formats.load_mapping(mapping).map_err(anyhow::Error::msg)?),
+        (None | Some("auto"), None) => None,
+        (Some(name), None) => Some(formats.get(name).map_err(anyhow::Error::msg)?),
     };
-    for (options, files) in &jobs {
+    Ok(options)
+}
+
+pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
+    let mut formats = Formats::builtin();
+    let mut jobs: Vec<(IngestOptions, Vec<PathBuf>)> = Vec::new();
+    if let Some(path) = &args.manifest {
+        for import in Manifest::load(path)?.imports {
+            let options = options_for(
+                &mut formats,
+                import.source,
+                import.category,
+                import.format.as_deref(),
+                import.mapping.as_deref(),
+                import.rules,
+            )
+            .with_context(|| format!("{}", path.display()))?;
+            jobs.push((options, import.files));
+        }
+    } else if let Some(path) = &args.registry {
+        let data_dir = args.data_dir.as_deref().context("--data-dir is required")?;
+        if !data_dir.is_dir() {
+            bail!("{}: no such directory (--data-dir)", data_dir.display());
+        }
+        let registry = Registry::load(path)?;
+        for name in &args.only {
+            if !registry.sources.iter().any(|s| &s.name == name) {
+                bail!("--only {name}: no such source in {}", path.display());
+            }
+        }
+        let (mut present, mut missing) = (0, Vec::new());
+        for source in registry.sources {
+            if !args.only.is_empty() && !args.only.contains(&source.name) {
+                continue;
+            }
+            let files = source.files(data_dir)?;
+            if files.is_empty() {
+                missing.push(source);
+                continue;
+            }
+            present += 1;
+            let options = options_for(
+                &mut formats,
+                source.name.clone(),
+                source.category.clone(),
+                source.format.as_deref(),
+                source.mapping.as_deref(),
+                source.rules.clone(),
+            )
+            .with_context(|| format!("{}: source {}", path.display(), source.name))?;
+            jobs.push((options, files));
+        }
+        for source in &missing {
+            let hub = source
+                .hub
+                .as_deref()
+                .map(|hub| format!(" (Hugging Face: {hub})"))
+                .unwrap_or_default();
+            eprintln!(
+                "note: skipping {}{hub}: no readable files under {}",
+                source.name,
+                data_dir.join(&source.name).display()
+            );
+        }
+        println!(
+            "registry: {present} source(s) with files, {} skipped",
+            missing.len()
+        );
+    } else {
+        let source = args.source.clone().context("--source is required")?;
+        let category = args.category.clone().context("--category is required")?;
+        let options = options_for(
+            &mut formats,
+            source,
+            category,
+            Some(&args.format),
+            args.mapping.as_deref(),
+            args.rules.clone(),
+        )?;
+        jobs.push((options, args.files.clone()));
+    }
+    for (options, files) in &mut jobs {
+        options.formats = formats.clone();
         if options.source.trim().is_empty() || options.category.trim().is_empty() {
             bail!("source and category must not be empty");
         }
@@ -136,8 +236,15 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
                 None => String::new(),
             };
             println!(
-                "{name}{resumed}: read {}, stored {}, duplicates {}, rejected {} in {:.2}s ({:.0} records/s, {}/s)",
-                run.read, run.stored, run.duplicates, run.rejected, secs, run.read as f64 / secs,
+                "{name}{resumed}: {}: read {}{}, stored {}, duplicates {}, rejected {} in {:.2}s ({:.0} records/s, {}/s)",
+                outcome.import.format,
+                run.read,
+                shape_note(&run),
+                run.stored,
+                run.duplicates,
+                run.rejected,
+                secs,
+                run.read as f64 / secs,
                 human_bytes((outcome.bytes as f64 / secs) as u64)
             );
             total.add(&run);
@@ -148,8 +255,9 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     super::index::catch_up_waiting(&store, &index)?;
     if total.read > 0 {
         println!(
-            "total: read {} = stored {} + duplicates {} + rejected {} in {:.2}s",
+            "total: read {}{} = stored {} + duplicates {} + rejected {} in {:.2}s",
             total.read,
+            shape_note(&total),
             total.stored,
             total.duplicates,
             total.rejected,
@@ -157,6 +265,24 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How records became examples when that is not one to one.
+pub fn shape_note(counts: &ImportCounts) -> String {
+    let mut note = String::new();
+    if counts.joined > 0 {
+        note.push_str(&format!(
+            " - {} rows joined into conversations",
+            counts.joined
+        ));
+    }
+    if counts.extra > 0 {
+        note.push_str(&format!(
+            " + {} more conversations from records giving several",
+            counts.extra
+        ));
+    }
+    note
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).

@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand; the library does the work.
 
 mod export;
+mod formats;
 mod generate;
 mod index;
 mod ingest;
@@ -22,6 +23,8 @@ rejects ledger with file, line and reason.
 Typical use:
   corpusdb ingest data/dolly.jsonl --source dolly --category instruction
   corpusdb ingest --manifest configs/sample-corpus.yaml
+  corpusdb ingest --registry configs/sources.yaml --data-dir ~/datasets
+  corpusdb formats
   corpusdb stats
   corpusdb imports
   corpusdb rejects --source dolly
@@ -47,6 +50,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Ingest(ingest::Args),
+    Formats(formats::Args),
     Imports(inspect::ImportsArgs),
     Stats(inspect::StatsArgs),
     Show(inspect::ShowArgs),
@@ -64,6 +68,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Ingest(args) => ingest::run(&cli.store, args),
+        Command::Formats(args) => formats::run(args),
         Command::Imports(args) => inspect::imports(&cli.store, args),
         Command::Stats(args) => inspect::stats(&cli.store, args),
         Command::Show(args) => inspect::show(&cli.store, args),

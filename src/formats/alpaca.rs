@@ -5,15 +5,13 @@
 
 use crate::conversation::{Conversation, Message, Role};
 
-use super::{missing, system_message, Format, RawRecord};
+use super::{missing, system_message, RawRecord};
 
 pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
     let instruction = record
         .instruction
-        .ok_or_else(|| missing(Format::Alpaca, "instruction"))?;
-    let output = record
-        .output
-        .ok_or_else(|| missing(Format::Alpaca, "output"))?;
+        .ok_or_else(|| missing("alpaca", "instruction"))?;
+    let output = record.output.ok_or_else(|| missing("alpaca", "output"))?;
     // Each part is trimmed before joining, so spacing around the parts never splits
     // duplicates (the whole message is normalised again later).
     let mut user = instruction.trim().to_owned();

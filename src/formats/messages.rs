@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::conversation::{canonical_json, Conversation, Message, Role};
 
-use super::{missing, system_message, Format, RawRecord};
+use super::{missing, system_message, RawRecord};
 
 #[derive(Deserialize)]
 pub(crate) struct RawMessage<'a> {
@@ -94,7 +94,7 @@ impl<'de> Visitor<'de> for ContentVisitor {
 pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
     let raw = record
         .messages
-        .ok_or_else(|| missing(Format::Messages, "messages"))?;
+        .ok_or_else(|| missing("messages", "messages"))?;
     let mut messages = Vec::with_capacity(raw.len() + 1);
     messages.extend(system_message(record.system));
     for (i, message) in raw.into_iter().enumerate() {

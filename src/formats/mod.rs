@@ -1,68 +1,487 @@
-//! Dataset formats: each maps one JSON record to the canonical [`Conversation`].
+//! Dataset formats: each maps one JSON record to canonical [`Conversation`]s.
 //!
-//! A record is parsed once into [`RawRecord`], a struct holding every field any format here
-//! reads (unknown fields are skipped without allocation); the format then maps those fields.
-//! `Format::Auto` picks the format per record from which fields are present, so a file that
-//! mixes shapes still imports. This module knows nothing of files or the store: it turns
-//! bytes into a conversation or a reason why not.
+//! A [`Format`] is either code (the common chat shapes, trees, function calling) or a
+//! field mapping written in YAML ([`mapping`]); most built-in formats are mappings too, in
+//! `builtin.yaml`. [`Formats`] is the set a run knows: the built-ins plus mappings loaded
+//! from files. A record yields one example, or several (OASST trees give one per path,
+//! APPS one per solution); formats with `group` take consecutive rows sharing a key (the
+//! reader joins them into one JSON array). Auto-detection scores each format by the fields
+//! it needs that a record has. This module knows nothing of files or the store: it turns
+//! bytes into examples or reasons why not.
 
 mod alpaca;
+pub mod mapping;
 mod messages;
+mod oasst;
 mod sharegpt;
+mod special;
+pub mod template;
 
 use std::borrow::Cow;
 use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
+use serde_json::Value;
 
-use crate::conversation::{Conversation, Message, Role};
+use crate::conversation::{Conversation, Extras, Message, Role};
 
+use mapping::{Mapping, MappingSpec};
 pub use messages::Content;
+use template::JsonPath;
 
-/// The record shapes this build can read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// Decide per record from its fields.
-    Auto,
-    /// `{"instruction", "input"?, "output", "system"?}`.
-    Alpaca,
-    /// OpenAI chat: `{"messages": [{"role", "content"}], "tools"?}`.
-    Messages,
-    /// `{"conversations": [{"from", "value"}]}` with role aliases (human, gpt, ...).
-    Sharegpt,
+/// The reply given to questions a dataset marks as unanswerable (SQuAD v2, MS MARCO).
+pub const UNANSWERABLE: &str = "The context does not contain the answer to this question.";
+
+/// A conversation with what is kept beside it (never hashed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Example {
+    pub conversation: Conversation,
+    pub extras: Extras,
 }
 
-impl Format {
-    /// Every concrete format, with the fields it reads.
-    pub const CONCRETE: [(Format, &'static str); 3] = [
-        (
-            Format::Alpaca,
-            "instruction, input (optional), output, system (optional)",
-        ),
-        (
-            Format::Messages,
-            "messages: [{role, content, name?, tool_calls?}], tools (optional)",
-        ),
-        (
-            Format::Sharegpt,
-            "conversations: [{from, value}], system (optional)",
-        ),
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Auto => "auto",
-            Format::Alpaca => "alpaca",
-            Format::Messages => "messages",
-            Format::Sharegpt => "sharegpt",
+impl Example {
+    pub fn new(conversation: Conversation) -> Example {
+        Example {
+            conversation,
+            extras: Extras::default(),
         }
     }
 }
 
+/// What one record became: its examples (each valid or not), or why it is none.
+pub type Outcome = Result<Vec<Result<Example, String>>, String>;
+
+#[derive(Debug)]
+enum Kind {
+    Alpaca,
+    Messages,
+    Sharegpt,
+    Oasst { best: bool },
+    OasstRows { best: bool },
+    Glaive,
+    MultipleChoice,
+    Prm800k,
+    Hotpotqa,
+    Msmarco,
+    Mapping(Box<Mapping>),
+}
+
+#[derive(Debug)]
+struct FormatDef {
+    name: String,
+    description: String,
+    fields: String,
+    /// Alternative sets of fields; a record matching all of one set is a candidate.
+    detect: Vec<Vec<JsonPath>>,
+    /// Considered by auto-detection (variants of another format's shape are not).
+    detectable: bool,
+    group_by: Option<JsonPath>,
+    kind: Kind,
+}
+
+/// A record shape: cheap to clone, shared between the pipeline's threads.
+#[derive(Clone, Debug)]
+pub struct Format(Arc<FormatDef>);
+
 impl fmt::Display for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(&self.0.name)
+    }
+}
+
+impl PartialEq for Format {
+    fn eq(&self, other: &Format) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Format {
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn description(&self) -> &str {
+        &self.0.description
+    }
+
+    /// The fields a record of this shape has (`?` marks optional ones).
+    pub fn fields(&self) -> &str {
+        &self.0.fields
+    }
+
+    /// For row formats: the key whose consecutive equal values make one record.
+    pub fn group_by(&self) -> Option<&JsonPath> {
+        self.0.group_by.as_ref()
+    }
+
+    /// Turns one record's bytes into its examples, normalised and validated.
+    pub fn parse(&self, bytes: &[u8]) -> Outcome {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
+        let opening = if self.0.group_by.is_some() {
+            b'['
+        } else {
+            b'{'
+        };
+        check_opening(text, opening)?;
+        let name = |e: String| {
+            if e.starts_with("lacks required field") {
+                format!("{} record {e}", self.0.name)
+            } else {
+                e
+            }
+        };
+        let examples = match &self.0.kind {
+            Kind::Alpaca | Kind::Messages | Kind::Sharegpt => {
+                let record: RawRecord<'_> =
+                    serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+                let conversation = match self.0.kind {
+                    Kind::Alpaca => alpaca::convert(record)?,
+                    Kind::Messages => messages::convert(record)?,
+                    _ => sharegpt::convert(record)?,
+                };
+                vec![Ok(Example::new(conversation))]
+            }
+            kind => {
+                let value: Value =
+                    serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+                match kind {
+                    Kind::Oasst { best } => oasst::convert_nested(&value, *best).map_err(name)?,
+                    Kind::OasstRows { best } => oasst::convert_rows(&value, *best).map_err(name)?,
+                    Kind::Glaive => special::glaive(&value).map_err(name)?,
+                    Kind::MultipleChoice => special::multiple_choice(&value).map_err(name)?,
+                    Kind::Prm800k => special::prm800k(&value).map_err(name)?,
+                    Kind::Hotpotqa => special::hotpotqa(&value).map_err(name)?,
+                    Kind::Msmarco => special::msmarco(&value).map_err(name)?,
+                    Kind::Mapping(mapping) => mapping.convert(&value).map_err(name)?,
+                    Kind::Alpaca | Kind::Messages | Kind::Sharegpt => unreachable!(),
+                }
+            }
+        };
+        Ok(examples
+            .into_iter()
+            .map(|e| e.map_err(name).and_then(finish))
+            .collect())
+    }
+
+    /// How specifically this format matches `record` (the depth of the matched fields),
+    /// or `None` when it does not.
+    fn score(&self, record: &Value) -> Option<usize> {
+        self.0
+            .detect
+            .iter()
+            .filter(|set| set.iter().all(|path| path.resolve(record).is_some()))
+            .map(|set| set.iter().map(JsonPath::depth).sum())
+            .max()
+    }
+
+    fn detect_fields(&self) -> String {
+        self.0.detect[0]
+            .iter()
+            .map(JsonPath::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn check_opening(text: &str, opening: u8) -> Result<(), String> {
+    let first = text.trim_start().as_bytes().first().copied();
+    if first == Some(opening) {
+        return Ok(());
+    }
+    Err(match first {
+        None => "empty record".to_string(),
+        Some(b'[') => "record is a JSON array, expected an object".to_string(),
+        Some(b'{') => "record is a JSON object, expected a list of rows".to_string(),
+        Some(_) => format!(
+            "malformed JSON: expected an object, found `{}`",
+            excerpt(text, 40)
+        ),
+    })
+}
+
+fn finish(mut example: Example) -> Result<Example, String> {
+    example.conversation.normalize();
+    if let Some(rejected) = &mut example.extras.rejected {
+        for message in rejected.iter_mut() {
+            crate::conversation::normalize_in_place(&mut message.content);
+        }
+    }
+    example.conversation.validate().map_err(|e| e.to_string())?;
+    Ok(example)
+}
+
+/// The formats a run knows: built-ins and loaded mappings.
+#[derive(Clone, Debug)]
+pub struct Formats {
+    list: Vec<Format>,
+}
+
+/// How a file's records are to be read, decided from its first records.
+#[derive(Clone, Debug)]
+pub enum Detected {
+    /// Every sampled record has this shape.
+    One(Format),
+    /// The sampled records have different shapes: each record is detected on its own.
+    PerRecord,
+}
+
+impl Formats {
+    /// The built-in formats.
+    pub fn builtin() -> Formats {
+        static BUILTIN: OnceLock<Vec<Format>> = OnceLock::new();
+        let list = BUILTIN.get_or_init(|| {
+            let code = |name: &str, description: &str, fields: &str, detect: &[&[&str]], kind: Kind| {
+                Format(Arc::new(FormatDef {
+                    name: name.to_string(),
+                    description: description.to_string(),
+                    fields: fields.to_string(),
+                    detect: detect
+                        .iter()
+                        .map(|set| set.iter().map(|p| JsonPath::parse(p).expect("valid")).collect())
+                        .collect(),
+                    detectable: !name.ends_with("-best"),
+                    group_by: matches!(kind, Kind::OasstRows { .. })
+                        .then(|| JsonPath::parse("message_tree_id").expect("valid")),
+                    kind,
+                }))
+            };
+            let tree = "message_tree_id, prompt: {message_id, role, text, rank?, deleted?, replies: [...]}";
+            let rows = "rows grouped by message_tree_id: message_id, parent_id, role, text, rank?, deleted?";
+            let mut list = vec![
+                code("alpaca", "Alpaca instructions (also Code Alpaca, WizardLM, MathInstruct)",
+                    "instruction, input?, output, system?", &[&["instruction", "output"]], Kind::Alpaca),
+                code("messages", "OpenAI chat messages, with tools / tool_calls (function calling)",
+                    "messages: [{role, content, name?, tool_calls?}], tools?", &[&["messages"]], Kind::Messages),
+                code("sharegpt", "ShareGPT conversations (also OpenHermes, SlimOrca, WizardLM v2)",
+                    "conversations: [{from, value}], system?", &[&["conversations"]], Kind::Sharegpt),
+                code("oasst", "OpenAssistant nested trees; one example per root-to-leaf path",
+                    tree, &[&["message_tree_id", "prompt.text"]], Kind::Oasst { best: false }),
+                code("oasst-best", "OpenAssistant nested trees; only the best-ranked path",
+                    tree, &[&["message_tree_id", "prompt.text"]], Kind::Oasst { best: true }),
+                code("oasst-rows", "OpenAssistant flat message rows; one example per root-to-leaf path",
+                    rows, &[&["message_id", "message_tree_id", "role", "text"]], Kind::OasstRows { best: false }),
+                code("oasst-rows-best", "OpenAssistant flat message rows; only the best-ranked path",
+                    rows, &[&["message_id", "message_tree_id", "role", "text"]], Kind::OasstRows { best: true }),
+                code("glaive", "Glaive function calling v2 (function schemas in `system`, markers in `chat`)",
+                    "system (SYSTEM: ... {schema}), chat (USER: / ASSISTANT: <functioncall> / FUNCTION RESPONSE:)",
+                    &[&["system", "chat"]], Kind::Glaive),
+                code("multiple-choice", "Multiple choice (MMLU, ARC, ETHICS-like): lettered choices, letter answer",
+                    "question, choices: [..] or {text, label}, answer (index or letter) or answerKey",
+                    &[&["question", "choices", "answer"], &["question", "choices.text", "answerKey"]], Kind::MultipleChoice),
+                code("prm800k", "PRM800K step lists; the chosen completion of each step",
+                    "question.problem, label.steps: [{completions: [{text}], chosen_completion, human_completion?}]",
+                    &[&["question.problem", "label.steps"]], Kind::Prm800k),
+                code("hotpotqa", "HotpotQA multi-hop QA: context paragraphs, question, answer",
+                    "question, answer, context: {title: [..], sentences: [[..]]}",
+                    &[&["question", "answer", "context", "supporting_facts"]], Kind::Hotpotqa),
+                code("msmarco", "MS MARCO: selected passages and query; \"No Answer Present.\" is unanswerable",
+                    "query, answers: [..], wellFormedAnswers?, passages: {passage_text: [..], is_selected: [..]}",
+                    &[&["query", "answers", "passages"]], Kind::Msmarco),
+            ];
+            let specs: Vec<MappingSpec> = serde_yaml::from_str(include_str!("builtin.yaml"))
+                .expect("builtin.yaml is valid");
+            for spec in specs {
+                list.push(Format::from_mapping(Mapping::compile(&spec).expect("builtin mapping compiles")));
+            }
+            list
+        });
+        Formats { list: list.clone() }
+    }
+
+    /// Loads a mapping file and adds its format; its name must be new.
+    pub fn load_mapping(&mut self, path: &Path) -> Result<Format, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let spec: MappingSpec =
+            serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mapping = Mapping::compile(&spec).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(existing) = self.list.iter().find(|f| f.name() == mapping.name) {
+            if let Kind::Mapping(_) = existing.0.kind {
+                // The same file loaded twice (two registry entries) is fine.
+                if existing.fields() == mapping.fields() {
+                    return Ok(existing.clone());
+                }
+            }
+            return Err(format!(
+                "{}: format `{}` already exists; give the mapping another name",
+                path.display(),
+                mapping.name
+            ));
+        }
+        let format = Format::from_mapping(mapping);
+        self.list.push(format.clone());
+        Ok(format)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Format> {
+        self.list.iter()
+    }
+
+    /// The format called `name`, or an error listing the known names.
+    pub fn get(&self, name: &str) -> Result<Format, String> {
+        self.list
+            .iter()
+            .find(|f| f.name() == name)
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "unknown format `{name}`; known formats: auto, {} (details: `corpusdb formats`)",
+                    self.list.iter().map(Format::name).collect::<Vec<_>>().join(", ")
+                )
+            })
+    }
+
+    /// The format of one record, chosen by the most specific match.
+    pub fn detect(&self, bytes: &[u8]) -> Result<Format, String> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
+        check_opening(text, b'{')?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+        let mut candidates: Vec<(usize, &Format)> = self
+            .list
+            .iter()
+            .filter(|f| f.0.detectable)
+            .filter_map(|f| f.score(&value).map(|s| (s, f)))
+            .collect();
+        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        match candidates.as_slice() {
+            [] => {
+                let fields = value
+                    .as_object()
+                    .map(|o| o.keys().map(String::as_str).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default();
+                Err(format!(
+                    "unknown record shape: fields ({fields}) match no format; see `corpusdb formats`, or write a mapping"
+                ))
+            }
+            [(best, _), (second, _), ..] if best == second => {
+                let tied: Vec<String> = candidates
+                    .iter()
+                    .take_while(|(s, _)| s == best)
+                    .map(|(_, f)| format!("{} ({})", f.name(), f.detect_fields()))
+                    .collect();
+                Err(format!(
+                    "ambiguous record shape: it matches {}; pass --format",
+                    tied.join(", ")
+                ))
+            }
+            [(_, best), ..] => Ok((*best).clone()),
+        }
+    }
+
+    /// Decides a file's format from its first records.
+    pub fn detect_sample<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Detected, String> {
+        let mut seen: Vec<Format> = Vec::new();
+        let mut first_error = None;
+        for bytes in records {
+            match self.detect(bytes) {
+                Ok(format) => {
+                    if !seen.contains(&format) {
+                        seen.push(format);
+                    }
+                }
+                // Bad records are reported when they are imported; an ambiguous shape
+                // must be settled by the user.
+                Err(e) if e.starts_with("ambiguous") => return Err(e),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match seen.as_slice() {
+            [one] => Ok(Detected::One(one.clone())),
+            [] => Err(first_error.unwrap_or_else(|| "the file has no records".to_string())),
+            many => match many.iter().find(|f| f.group_by().is_some()) {
+                Some(rows) => Err(format!(
+                    "the first records mix {} rows with other shapes ({}); pass --format",
+                    rows.name(),
+                    many.iter().map(Format::name).collect::<Vec<_>>().join(", ")
+                )),
+                None => Ok(Detected::PerRecord),
+            },
+        }
+    }
+
+    /// The format of which the record has the largest share of detection fields (at
+    /// least one), when only one format does: a record that matches no format is then
+    /// reported as that format's record with what it lacks.
+    fn closest(&self, bytes: &[u8]) -> Option<Format> {
+        let value: Value = serde_json::from_slice(bytes).ok()?;
+        // (present, needed) compared as fractions.
+        let mut best: Option<(usize, usize, &Format)> = None;
+        let mut tied = false;
+        for format in self.list.iter().filter(|f| f.0.detectable) {
+            for set in &format.0.detect {
+                let present = set.iter().filter(|p| p.resolve(&value).is_some()).count();
+                if present == 0 {
+                    continue;
+                }
+                match best {
+                    Some((p, n, f)) if p * set.len() > present * n || f == format => {}
+                    Some((p, n, _)) if p * set.len() == present * n => tied = true,
+                    _ => {
+                        best = Some((present, set.len(), format));
+                        tied = false;
+                    }
+                }
+            }
+        }
+        best.filter(|_| !tied).map(|(_, _, f)| f.clone())
+    }
+
+    /// Detects the record's format, then parses it (files of mixed shapes).
+    pub fn parse_detected(&self, bytes: &[u8]) -> Outcome {
+        let format = match self.detect(bytes) {
+            Ok(format) => format,
+            Err(e) if e.starts_with("unknown record shape") => match self.closest(bytes) {
+                Some(closest) => closest,
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        if format.group_by().is_some() {
+            return Err(format!(
+                "a {} row in a file of mixed shapes; rows are imported with --format {}",
+                format.name(),
+                format.name()
+            ));
+        }
+        format.parse(bytes)
+    }
+}
+
+impl Format {
+    fn from_mapping(mapping: Mapping) -> Format {
+        Format(Arc::new(FormatDef {
+            name: mapping.name.clone(),
+            description: mapping.description.clone(),
+            fields: mapping.fields(),
+            detect: vec![mapping.detect.clone()],
+            detectable: true,
+            group_by: mapping.group.as_ref().map(|(by, _)| by.clone()),
+            kind: Kind::Mapping(Box::new(mapping)),
+        }))
+    }
+}
+
+/// Parses a record that must give exactly one conversation, in the built-in format `name`
+/// (`auto` detects it): a convenience for tests and single records.
+pub fn parse_record(name: &str, bytes: &[u8]) -> Result<Conversation, String> {
+    let formats = Formats::builtin();
+    let outcome = match name {
+        "auto" => formats.parse_detected(bytes)?,
+        name => formats.get(name)?.parse(bytes)?,
+    };
+    let mut examples = outcome.into_iter();
+    match (examples.next(), examples.next()) {
+        (Some(example), None) => example.map(|e| e.conversation),
+        _ => Err("the record does not give exactly one conversation".to_string()),
     }
 }
 
@@ -87,55 +506,6 @@ pub(crate) struct RawRecord<'a> {
     conversations: Option<Vec<sharegpt::RawTurn<'a>>>,
 }
 
-/// Parses one record (the bytes of one JSONL line or one JSON array element) in `format`
-/// into a normalised, validated conversation, or says why it cannot be one.
-pub fn parse_record(format: Format, bytes: &[u8]) -> Result<Conversation, String> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
-    let first = text.trim_start().as_bytes().first().copied();
-    if first != Some(b'{') {
-        return Err(match first {
-            None => "empty record".to_string(),
-            Some(b'[') => "record is a JSON array, expected an object".to_string(),
-            Some(_) => format!(
-                "malformed JSON: expected an object, found `{}`",
-                excerpt(text, 40)
-            ),
-        });
-    }
-    let record: RawRecord<'_> =
-        serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
-    let format = match format {
-        Format::Auto => detect(&record)?,
-        explicit => explicit,
-    };
-    let mut conversation = match format {
-        Format::Alpaca => alpaca::convert(record)?,
-        Format::Messages => messages::convert(record)?,
-        Format::Sharegpt => sharegpt::convert(record)?,
-        Format::Auto => unreachable!("resolved above"),
-    };
-    conversation.normalize();
-    conversation.validate().map_err(|e| e.to_string())?;
-    Ok(conversation)
-}
-
-fn detect(record: &RawRecord<'_>) -> Result<Format, String> {
-    if record.messages.is_some() {
-        Ok(Format::Messages)
-    } else if record.conversations.is_some() {
-        Ok(Format::Sharegpt)
-    } else if record.instruction.is_some() || record.output.is_some() {
-        Ok(Format::Alpaca)
-    } else {
-        Err(
-            "unknown record shape: no `messages`, `conversations` or `instruction`/`output` \
-             field (formats: alpaca, messages, sharegpt)"
-                .to_string(),
-        )
-    }
-}
-
 /// The optional top-level `system` field some datasets carry, as a leading system message.
 fn system_message(system: Option<Cow<'_, str>>) -> Option<Message> {
     system
@@ -144,7 +514,7 @@ fn system_message(system: Option<Cow<'_, str>>) -> Option<Message> {
 }
 
 /// A missing required field, named with the format that needs it.
-fn missing(format: Format, field: &str) -> String {
+fn missing(format: &str, field: &str) -> String {
     format!("{format} record lacks required field `{field}`")
 }
 
@@ -168,33 +538,33 @@ mod tests {
     #[test]
     fn auto_detects_each_shape() {
         let alpaca = br#"{"instruction":"Add","input":"2+2","output":"4"}"#;
-        let conv = parse_record(Format::Auto, alpaca).unwrap();
+        let conv = parse_record("auto", alpaca).unwrap();
         assert_eq!(conv.messages[0].content, "Add\n\n2+2");
         assert_eq!(conv.messages[1].role, Role::Assistant);
 
         let msgs = br#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#;
-        assert_eq!(parse_record(Format::Auto, msgs).unwrap().messages.len(), 2);
+        assert_eq!(parse_record("auto", msgs).unwrap().messages.len(), 2);
 
         let share =
             br#"{"conversations":[{"from":"human","value":"hi"},{"from":"gpt","value":"hello"}]}"#;
         assert_eq!(
-            parse_record(Format::Auto, share).unwrap(),
-            parse_record(Format::Auto, msgs).unwrap()
+            parse_record("auto", share).unwrap(),
+            parse_record("auto", msgs).unwrap()
         );
     }
 
     #[test]
     fn reasons_are_specific() {
-        let err = parse_record(Format::Alpaca, br#"{"instruction":"x"}"#).unwrap_err();
+        let err = parse_record("alpaca", br#"{"instruction":"x"}"#).unwrap_err();
         assert_eq!(err, "alpaca record lacks required field `output`");
-        let err = parse_record(Format::Auto, br#"{"foo":1}"#).unwrap_err();
+        let err = parse_record("auto", br#"{"foo":1}"#).unwrap_err();
         assert!(err.starts_with("unknown record shape"), "{err}");
-        let err = parse_record(Format::Auto, b"{\"messages\": [").unwrap_err();
+        let err = parse_record("auto", b"{\"messages\": [").unwrap_err();
         assert!(
             err.starts_with("malformed JSON: EOF while parsing"),
             "{err}"
         );
-        let err = parse_record(Format::Auto, b"{\"a\": \"\xff\"}").unwrap_err();
+        let err = parse_record("auto", b"{\"a\": \"\xff\"}").unwrap_err();
         assert_eq!(err, "invalid UTF-8 at byte 7 of the record");
     }
 }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::conversation::{Conversation, Message, Role};
 
-use super::{missing, system_message, Format, RawRecord};
+use super::{missing, system_message, RawRecord};
 
 #[derive(Deserialize)]
 pub(crate) struct RawTurn<'a> {
@@ -23,7 +23,7 @@ pub(crate) struct RawTurn<'a> {
 pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
     let turns = record
         .conversations
-        .ok_or_else(|| missing(Format::Sharegpt, "conversations"))?;
+        .ok_or_else(|| missing("sharegpt", "conversations"))?;
     let mut messages = Vec::with_capacity(turns.len() + 1);
     messages.extend(system_message(record.system));
     for (i, turn) in turns.into_iter().enumerate() {

@@ -33,7 +33,7 @@ pub use types::{
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 const CF_EXAMPLES: &str = "examples";
 const CF_PROVENANCE: &str = "provenance";
@@ -634,11 +634,10 @@ impl Batch<'_> {
         let record = reject
             .record
             .unwrap_or(FILE_NOTE_RECORD - reject.byte_offset);
-        self.put(
-            CF_REJECTS,
-            &import_record_key(reject.import_id, record),
-            reject,
-        );
+        let mut key = [0u8; 16];
+        key[..12].copy_from_slice(&import_record_key(reject.import_id, record));
+        key[12..].copy_from_slice(&reject.part.to_be_bytes());
+        self.put(CF_REJECTS, &key, reject);
     }
 
     pub fn put_import(&mut self, import: &ImportRecord) {
@@ -680,9 +679,13 @@ fn first_import_of(value: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(value.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// The bincode encoding of a conversation, as [`Batch::put_example`] takes it.
-pub fn encode_conversation(conversation: &crate::conversation::Conversation) -> Vec<u8> {
-    bincode::serialize(conversation).expect("conversations always serialise")
+/// The bincode encoding of a conversation and its extras, as [`Batch::put_example`]
+/// takes it (the last two fields of [`StoredExample`]).
+pub fn encode_conversation(
+    conversation: &crate::conversation::Conversation,
+    extras: &crate::conversation::Extras,
+) -> Vec<u8> {
+    bincode::serialize(&(conversation, extras)).expect("conversations always serialise")
 }
 
 fn import_record_key(import_id: u32, record: u64) -> [u8; 12] {
@@ -758,7 +761,7 @@ fn rocks_error(path: &Path, e: rocksdb::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conversation::{Conversation, Message, Role};
+    use crate::conversation::{Conversation, Extras, Message, Role};
 
     #[test]
     fn first_import_is_read_from_the_encoded_header() {
@@ -769,6 +772,10 @@ mod tests {
             chars: 3,
             turns: 1,
             conversation: Conversation::new(vec![Message::new(Role::Assistant, "abc")]),
+            extras: Extras {
+                raw_text: true,
+                rejected: None,
+            },
         };
         let bytes = bincode::serialize(&example).unwrap();
         assert_eq!(first_import_of(&bytes), Some(42));
@@ -780,7 +787,7 @@ mod tests {
             turns: 1,
         };
         let mut split = bincode::serialize(&header).unwrap();
-        split.extend(encode_conversation(&example.conversation));
+        split.extend(encode_conversation(&example.conversation, &example.extras));
         assert_eq!(
             split, bytes,
             "header ++ conversation encodes the whole example"

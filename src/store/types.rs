@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::conversation::Conversation;
+use crate::conversation::{Conversation, Extras};
 use crate::reader::{Container, Position};
 
 /// An example as stored under its content hash.
@@ -20,6 +20,8 @@ pub struct StoredExample {
     pub chars: u64,
     pub turns: u32,
     pub conversation: Conversation,
+    /// Never part of the hash: raw-text flag, rejected side of a preference pair.
+    pub extras: Extras,
 }
 
 /// Every field of [`StoredExample`] but the conversation, in the same order. bincode
@@ -61,16 +63,28 @@ pub enum ImportState {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportCounts {
+    /// Records (lines, array elements, rows) read from the file.
     pub read: u64,
     pub stored: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// Rows joined into the conversation of an earlier row (OASST rows, dialogue turns).
+    pub joined: u64,
+    /// Examples beyond the first that one record gave (tree paths, one per solution).
+    pub extra: u64,
 }
 
 impl ImportCounts {
-    /// The invariant every import keeps: read = stored + duplicates + rejected.
+    /// The invariant every import keeps: every record read is stored, a duplicate or
+    /// rejected, once rows joined into one conversation and records giving several are
+    /// counted: read - joined + extra = stored + duplicates + rejected.
     pub fn adds_up(&self) -> bool {
-        self.read == self.stored + self.duplicates + self.rejected
+        self.read + self.extra == self.stored + self.duplicates + self.rejected + self.joined
+    }
+
+    /// Examples produced: stored + duplicates + rejected.
+    pub fn examples(&self) -> u64 {
+        self.read + self.extra - self.joined
     }
 
     pub fn add(&mut self, other: &ImportCounts) {
@@ -78,6 +92,8 @@ impl ImportCounts {
         self.stored += other.stored;
         self.duplicates += other.duplicates;
         self.rejected += other.rejected;
+        self.joined += other.joined;
+        self.extra += other.extra;
     }
 }
 
@@ -110,6 +126,8 @@ pub struct Reject {
     pub path: String,
     /// 0-based record index; `None` for a note about the whole file.
     pub record: Option<u64>,
+    /// Which of the record's examples (0 for the first or only one).
+    pub part: u32,
     pub line: u64,
     pub byte_offset: u64,
     pub reason: String,
@@ -131,6 +149,9 @@ pub struct Counters {
     pub read: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// See [`ImportCounts::joined`] and [`ImportCounts::extra`].
+    pub joined: u64,
+    pub extra: u64,
     pub next_import_id: u32,
     /// Next sequence number of the change log (entries written so far).
     pub changes: u64,

@@ -1,0 +1,189 @@
+//! OpenAssistant message trees (OASST1/OASST2).
+//!
+//! Nested exports hold one tree per record: `{"message_tree_id", "prompt": {"text", "role",
+//! "replies": [...]}}` (a bare root message is accepted too). Flat exports hold one message
+//! per row (`message_id`, `parent_id`, `message_tree_id`, `role`, `text`, `rank`); the
+//! reader groups consecutive rows of a tree into one record. Every root-to-leaf path is one
+//! conversation, or with `best` only the path that follows the best-ranked reply (lowest
+//! `rank`) at each step. Deleted messages and their subtrees are skipped, and a path that
+//! ends with a prompter message loses that last message.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::conversation::{Conversation, Message, Role};
+
+use super::Example;
+
+/// One message of a tree, borrowed from the record.
+struct Node<'v> {
+    value: &'v Value,
+    replies: Vec<usize>,
+}
+
+struct Tree<'v> {
+    nodes: Vec<Node<'v>>,
+    root: usize,
+}
+
+fn is_deleted(message: &Value) -> bool {
+    message.get("deleted").and_then(Value::as_bool) == Some(true)
+}
+
+/// Rank for ordering replies: lower is better, unranked last, ties in input order.
+fn rank(message: &Value) -> f64 {
+    message
+        .get("rank")
+        .and_then(Value::as_f64)
+        .unwrap_or(f64::INFINITY)
+}
+
+/// A nested tree record.
+pub fn convert_nested(record: &Value, best: bool) -> Result<Vec<Result<Example, String>>, String> {
+    let root = match record.get("prompt") {
+        Some(prompt) if prompt.is_object() => prompt,
+        Some(_) => return Err("field `prompt` is not a message object".into()),
+        None if record.get("text").is_some() => record,
+        None => return Err("oasst record lacks required field `prompt`".into()),
+    };
+    let mut nodes = Vec::new();
+    fn add<'v>(nodes: &mut Vec<Node<'v>>, value: &'v Value) -> usize {
+        let index = nodes.len();
+        nodes.push(Node {
+            value,
+            replies: Vec::new(),
+        });
+        let replies = value
+            .get("replies")
+            .and_then(Value::as_array)
+            .map(|r| r.as_slice())
+            .unwrap_or_default();
+        for reply in replies {
+            if !is_deleted(reply) {
+                let child = add(nodes, reply);
+                nodes[index].replies.push(child);
+            }
+        }
+        index
+    }
+    add(&mut nodes, root);
+    paths(&mut Tree { nodes, root: 0 }, best)
+}
+
+/// The rows of one tree, in any order.
+pub fn convert_rows(rows: &Value, best: bool) -> Result<Vec<Result<Example, String>>, String> {
+    let rows = rows
+        .as_array()
+        .ok_or("a grouped record must be a list of rows")?;
+    let mut nodes = Vec::with_capacity(rows.len());
+    let mut by_id = HashMap::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let id = row
+            .get("message_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("row {} lacks required field `message_id`", i + 1))?;
+        if is_deleted(row) {
+            continue;
+        }
+        by_id.insert(id, nodes.len());
+        nodes.push(Node {
+            value: row,
+            replies: Vec::new(),
+        });
+    }
+    let mut root = None;
+    for child in 0..nodes.len() {
+        match nodes[child].value.get("parent_id").and_then(Value::as_str) {
+            None => {
+                if root.replace(child).is_some() {
+                    return Err("tree has more than one root message (parent_id null)".into());
+                }
+            }
+            Some(parent) => match by_id.get(parent) {
+                Some(&p) => nodes[p].replies.push(child),
+                // The parent was deleted (or is missing): the subtree is not reachable.
+                None if rows.iter().any(|r| r.get("message_id").and_then(Value::as_str) == Some(parent)) => {}
+                None => {
+                    return Err(format!(
+                        "message {} has parent {parent}, which is not in the tree's rows (are the rows of a tree contiguous?)",
+                        nodes[child].value.get("message_id").and_then(Value::as_str).unwrap_or("?")
+                    ))
+                }
+            },
+        }
+    }
+    let root = root.ok_or("tree has no root message (a row with parent_id null)")?;
+    paths(&mut Tree { nodes, root }, best)
+}
+
+fn paths(tree: &mut Tree<'_>, best: bool) -> Result<Vec<Result<Example, String>>, String> {
+    for node in 0..tree.nodes.len() {
+        let mut replies = std::mem::take(&mut tree.nodes[node].replies);
+        replies.sort_by(|&a, &b| rank(tree.nodes[a].value).total_cmp(&rank(tree.nodes[b].value)));
+        tree.nodes[node].replies = replies;
+    }
+    let mut found: Vec<Vec<usize>> = Vec::new();
+    let mut path = vec![tree.root];
+    walk(tree, &mut path, best, &mut found);
+    if found.is_empty() {
+        return Err("tree has no assistant reply".into());
+    }
+    Ok(found.iter().map(|path| conversation(tree, path)).collect())
+}
+
+/// Collects the root-to-leaf paths, each cut back to its last assistant message; two
+/// leaves cut back to the same message give one path.
+fn walk(tree: &Tree<'_>, path: &mut Vec<usize>, best: bool, found: &mut Vec<Vec<usize>>) {
+    let node = &tree.nodes[*path.last().expect("path is never empty")];
+    let replies = if best {
+        &node.replies[..node.replies.len().min(1)]
+    } else {
+        &node.replies[..]
+    };
+    if replies.is_empty() {
+        let mut end = path.len();
+        while end > 0 && role_of(tree.nodes[path[end - 1]].value) != Some(Role::Assistant) {
+            end -= 1;
+        }
+        if end > 0 && !found.iter().any(|p| p[..] == path[..end]) {
+            found.push(path[..end].to_vec());
+        }
+        return;
+    }
+    for &reply in replies {
+        path.push(reply);
+        walk(tree, path, best, found);
+        path.pop();
+    }
+}
+
+fn role_of(message: &Value) -> Option<Role> {
+    message
+        .get("role")
+        .and_then(Value::as_str)
+        .and_then(Role::from_alias)
+}
+
+fn conversation(tree: &Tree<'_>, path: &[usize]) -> Result<Example, String> {
+    let mut messages = Vec::with_capacity(path.len());
+    for &node in path {
+        let value = tree.nodes[node].value;
+        let id = value
+            .get("message_id")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        let role_name = value
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("message {id} lacks required field `role`"))?;
+        let role = Role::from_alias(role_name)
+            .ok_or_else(|| format!("unknown role `{role_name}` in message {id}"))?;
+        let text = value
+            .get("text")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("message {id} lacks required field `text`"))?;
+        messages.push(Message::new(role, text));
+    }
+    Ok(Example::new(Conversation::new(messages)))
+}

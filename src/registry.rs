@@ -1,0 +1,221 @@
+//! The source registry: every dataset of the corpus plan, and which of them are present.
+//!
+//! ```yaml
+//! sources:
+//!   - name: gsm8k              # source name in provenance; default folder DIR/gsm8k/
+//!     hub: openai/gsm8k        # Hugging Face dataset id (where to download it from)
+//!     format: gsm8k            # a format of `corpusdb formats` (default: auto)
+//!     # mapping: mappings/x.yaml   # or a field-mapping file, relative to the registry
+//!     category: math
+//!     rules: [code]            # optional category rules for mixed sources
+//!     target: 100000           # examples the corpus plan expects from it
+//!     files: ["gsm8k/**"]      # optional globs under the data directory
+//! ```
+//!
+//! `corpusdb ingest --registry FILE --data-dir DIR` imports every source whose files are
+//! present; each file is an ordinary import, so a second run resumes or skips it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::category::Rule;
+use crate::manifest::lexical_join;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    pub sources: Vec<Source>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub name: String,
+    #[serde(default)]
+    pub hub: Option<String>,
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub mapping: Option<PathBuf>,
+    pub category: String,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    #[serde(default)]
+    pub target: Option<u64>,
+    /// Globs relative to the data directory; default `<name>/**`.
+    #[serde(default)]
+    pub files: Vec<String>,
+}
+
+/// File extensions the readers take (compressed variants included).
+const READABLE: [&str; 7] = [
+    ".jsonl", ".json", ".ndjson", ".parquet", ".gz", ".zst", ".zstd",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Registry {
+    pub fn load(path: &Path) -> Result<Registry, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut registry: Registry = serde_yaml::from_str(&text).map_err(|source| Error::Yaml {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut names = std::collections::HashSet::new();
+        for source in &mut registry.sources {
+            if !names.insert(source.name.clone()) {
+                return Err(Error::Invalid {
+                    path: path.to_owned(),
+                    message: format!("source `{}` is listed twice", source.name),
+                });
+            }
+            if source.format.is_some() && source.mapping.is_some() {
+                return Err(Error::Invalid {
+                    path: path.to_owned(),
+                    message: format!("source `{}` gives both `format` and `mapping`", source.name),
+                });
+            }
+            if let Some(mapping) = &mut source.mapping {
+                *mapping = lexical_join(base, mapping);
+            }
+        }
+        Ok(registry)
+    }
+}
+
+impl Source {
+    /// The source's readable files under `data_dir`, sorted; empty when none are present.
+    pub fn files(&self, data_dir: &Path) -> Result<Vec<PathBuf>, Error> {
+        let default = [format!("{}/**", self.name)];
+        let patterns: &[String] = if self.files.is_empty() {
+            &default
+        } else {
+            &self.files
+        };
+        let mut found = Vec::new();
+        for pattern in patterns {
+            let pattern: Vec<&str> = pattern.split('/').filter(|p| !p.is_empty()).collect();
+            // Walk from the literal directories at the front of the pattern.
+            let literal = pattern
+                .iter()
+                .take_while(|p| !p.contains(['*', '?', '[']))
+                .count();
+            let mut root = data_dir.to_path_buf();
+            for part in &pattern[..literal] {
+                root.push(part);
+            }
+            if root.is_file() {
+                found.push(root);
+                continue;
+            }
+            if !root.is_dir() {
+                continue;
+            }
+            walk(&root, &mut Vec::new(), &pattern[literal..], &mut found)?;
+        }
+        found.retain(|f| {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            READABLE.iter().any(|ext| name.ends_with(ext))
+        });
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+}
+
+fn walk(
+    dir: &Path,
+    relative: &mut Vec<String>,
+    pattern: &[&str],
+    found: &mut Vec<PathBuf>,
+) -> Result<(), Error> {
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| Error::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        relative.push(name);
+        if path.is_dir() {
+            walk(&path, relative, pattern, found)?;
+        } else if matches(pattern, relative) {
+            found.push(path);
+        }
+        relative.pop();
+    }
+    Ok(())
+}
+
+/// Glob match of path components: `**` any number of components, `*` and `?` within one.
+fn matches(pattern: &[&str], path: &[String]) -> bool {
+    match (pattern.first(), path.first()) {
+        (None, None) => true,
+        (Some(&"**"), _) => {
+            matches(&pattern[1..], path) || (!path.is_empty() && matches(pattern, &path[1..]))
+        }
+        (Some(p), Some(name)) => {
+            component(p.as_bytes(), name.as_bytes()) && matches(&pattern[1..], &path[1..])
+        }
+        _ => false,
+    }
+}
+
+fn component(pattern: &[u8], name: &[u8]) -> bool {
+    match (pattern.first(), name.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            component(&pattern[1..], name) || (!name.is_empty() && component(pattern, &name[1..]))
+        }
+        (Some(b'?'), Some(_)) => component(&pattern[1..], &name[1..]),
+        (Some(p), Some(n)) if p == n => component(&pattern[1..], &name[1..]),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(pattern: &str, path: &str) -> bool {
+        let pattern: Vec<&str> = pattern.split('/').collect();
+        let path: Vec<String> = path.split('/').map(String::from).collect();
+        matches(&pattern, &path)
+    }
+
+    #[test]
+    fn globs() {
+        assert!(m("**", "a/b/c.jsonl"));
+        assert!(m("**/*.parquet", "data/train-0001.parquet"));
+        assert!(m("*.jsonl", "x.jsonl"));
+        assert!(!m("*.jsonl", "d/x.jsonl"));
+        assert!(m("train-?.json", "train-1.json"));
+        assert!(!m("**/*.parquet", "x.jsonl"));
+    }
+}
