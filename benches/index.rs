@@ -158,8 +158,15 @@ fn main() {
     for (what, selection, with_metadata, parquet) in &exports {
         let started = Instant::now();
         let n = if *parquet {
-            export::write_parquet(&store, selection, std::io::sink(), *with_metadata, &|_| {})
-                .unwrap()
+            export::write_parquet(
+                &store,
+                selection,
+                std::io::sink(),
+                *with_metadata,
+                export::PARQUET_ROWS_PER_GROUP,
+                &|_| {},
+            )
+            .unwrap()
         } else {
             export::write_jsonl(
                 &store,

@@ -210,15 +210,17 @@ impl Leaf {
     }
 }
 
-const PARQUET_ROWS_PER_GROUP: usize = 50_000;
+/// Rows per Parquet row group in exports: the unit readers stream and skip by.
+pub const PARQUET_ROWS_PER_GROUP: usize = 50_000;
 
-/// Writes the selected examples as a Parquet file (zstd-compressed, row groups of 50,000
-/// examples, hash order); returns how many.
+/// Writes the selected examples as a Parquet file (zstd-compressed, row groups of
+/// `rows_per_group` examples, hash order); returns how many.
 pub fn write_parquet<W: Write + Send>(
     store: &Store,
     selection: &Selection,
     out: W,
     with_metadata: bool,
+    rows_per_group: usize,
     progress: &dyn Fn(u64),
 ) -> Result<u64, Error> {
     use parquet::basic::{Compression, ZstdLevel};
@@ -277,7 +279,7 @@ pub fn write_parquet<W: Write + Send>(
         }
         rows += 1;
         done += 1;
-        if rows == PARQUET_ROWS_PER_GROUP {
+        if rows == rows_per_group.max(1) {
             if let Err(e) = write_row_group(&mut writer, &mut columns) {
                 failure = Some(e);
             }

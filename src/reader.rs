@@ -263,10 +263,32 @@ impl RecordReader {
                 format!("not a readable Parquet file: {e}"),
             )
         };
-        let reader = SerializedFileReader::new(File::open(path)?).map_err(invalid)?;
+        // Resuming skips whole row groups by their metadata, then rows within one group.
+        let (skipped_groups, skipped_rows) = {
+            let reader = SerializedFileReader::new(File::open(path)?).map_err(invalid)?;
+            let mut groups = 0;
+            let mut rows = 0u64;
+            for group in reader.metadata().row_groups() {
+                let group_rows = group.num_rows().max(0) as u64;
+                if rows + group_rows > start.records {
+                    break;
+                }
+                rows += group_rows;
+                groups += 1;
+            }
+            (groups, rows)
+        };
+        let skip_groups = move |_: &parquet::file::metadata::RowGroupMetaData, index: usize| {
+            index >= skipped_groups
+        };
+        let options = parquet::file::serialized_reader::ReadOptionsBuilder::new()
+            .with_predicate(Box::new(skip_groups))
+            .build();
+        let reader =
+            SerializedFileReader::new_with_options(File::open(path)?, options).map_err(invalid)?;
         let total = reader.metadata().file_metadata().num_rows().max(0) as u64;
         let mut rows = reader.into_iter();
-        for _ in 0..start.records {
+        for _ in skipped_rows..start.records {
             if rows.next().is_none() {
                 break;
             }

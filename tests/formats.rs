@@ -129,3 +129,207 @@ fn every_format_has_a_fixture_whose_output_is_pinned() {
     }
     assert!(mismatched.is_empty(), "{}", mismatched.join("\n"));
 }
+
+fn fixture_records(name: &str) -> Vec<String> {
+    let fixture = name.strip_suffix("-best").unwrap_or(name);
+    std::fs::read_to_string(fixtures().join(format!("{fixture}.jsonl")))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn each_fixture_is_detected_as_its_format_and_ties_name_the_candidates() {
+    let formats = Formats::builtin();
+    for format in formats.iter() {
+        let name = format.name();
+        if name.ends_with("-best") {
+            continue;
+        }
+        let records = fixture_records(name);
+        let detected = formats.detect_sample(records.iter().map(|r| r.as_bytes()));
+        match name {
+            // Both are {question, answer}: the user must say which.
+            "gsm8k" | "natural-questions" => {
+                let message = detected.unwrap_err();
+                assert!(
+                    message.starts_with("ambiguous record shape")
+                        && message.contains("gsm8k (question, answer)")
+                        && message.contains("natural-questions (question, answer)")
+                        && message.ends_with("pass --format"),
+                    "{message}"
+                );
+            }
+            _ => match detected {
+                Ok(corpusdb::formats::Detected::One(found)) => {
+                    assert_eq!(found.name(), name, "fixture of {name}")
+                }
+                other => panic!("fixture of {name}: {other:?}"),
+            },
+        }
+    }
+    let unknown = formats.detect(br#"{"foo": 1, "bar": 2}"#).unwrap_err();
+    assert_eq!(
+        unknown,
+        "unknown record shape: fields (bar, foo) match no format; see `corpusdb formats`, or write a mapping"
+    );
+    // Different shapes in one file: each record is detected on its own.
+    let mixed = [
+        br#"{"instruction": "a", "output": "b"}"#.as_slice(),
+        br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#,
+    ];
+    assert!(matches!(
+        formats.detect_sample(mixed),
+        Ok(corpusdb::formats::Detected::PerRecord)
+    ));
+}
+
+#[test]
+fn auto_detection_imports_a_file_and_an_ambiguous_file_is_refused_with_the_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let options = IngestOptions::new("dolly", "instruction");
+    let outcome = ingest::ingest_file(
+        &store,
+        &fixtures().join("dolly.jsonl"),
+        &options,
+        &ingest::Quiet,
+    )
+    .unwrap();
+    assert_eq!(outcome.import.format, "auto: dolly");
+    assert_eq!(outcome.run.stored, 3);
+    let error = ingest::ingest_file(
+        &store,
+        &fixtures().join("gsm8k.jsonl"),
+        &options,
+        &ingest::Quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("gsm8k.jsonl: cannot detect the format"),
+        "{error}"
+    );
+    assert!(error.contains("natural-questions"), "{error}");
+    // Nothing of the refused file was imported.
+    assert_eq!(store.imports().unwrap().len(), 1);
+}
+
+/// Whether `fields` (a format's field list) marks `field` as optional.
+fn optional(fields: &str, field: &str) -> bool {
+    fields
+        .split([',', ' ', ':', '{', '}', '[', ']', '(', ')'])
+        .any(|f| f == format!("{field}?"))
+}
+
+#[test]
+fn a_missing_required_field_is_rejected_with_the_field_named_in_every_format() {
+    let formats = Formats::builtin();
+    let mut checked = 0;
+    for format in formats.iter() {
+        let record: serde_json::Value =
+            serde_json::from_str(&fixture_records(format.name())[0]).unwrap();
+        let keys: Vec<String> = record.as_object().unwrap().keys().cloned().collect();
+        for key in keys {
+            // Only fields the format reads: those named in its field list.
+            let listed = format
+                .fields()
+                .split([',', ' ', ':', '{', '}', '[', ']', '(', ')', '.', '?'])
+                .any(|f| f == key);
+            // The reader groups rows by their key; the format never sees it missing.
+            let group_key = format.group_by().map(|g| g.as_str()) == Some(key.as_str());
+            if !listed || group_key || optional(format.fields(), &key) {
+                continue;
+            }
+            let mut broken = record.clone();
+            broken.as_object_mut().unwrap().remove(&key);
+            let bytes = if format.group_by().is_some() {
+                format!("[{broken}]")
+            } else {
+                broken.to_string()
+            };
+            let outcome = format.parse(bytes.as_bytes());
+            let reason = match outcome {
+                Err(reason) => reason,
+                Ok(examples) => match examples.into_iter().find_map(Result::err) {
+                    Some(reason) => reason,
+                    None => panic!("{}: a record without `{key}` was accepted", format.name()),
+                },
+            };
+            assert!(
+                reason.contains(&key),
+                "{}: removing `{key}` gave `{reason}`, which does not name it",
+                format.name()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 60, "only {checked} fields were checked");
+}
+
+/// Seeded random damage to every fixture: no format may panic, and an import of damaged
+/// files still accounts for every record.
+#[test]
+fn damaged_records_of_every_format_never_panic_and_counts_add_up() {
+    use corpusdb::synth::SplitMix64;
+    let formats = Formats::builtin();
+    let mut rng = SplitMix64::new(0x5eed);
+    let alphabet = b"{}[]\",:\\ 0a\xff\n";
+    let dir = tempfile::tempdir().unwrap();
+    for format in formats.iter() {
+        let records = fixture_records(format.name());
+        let mut damaged_file = Vec::new();
+        for round in 0..150 {
+            let source = &records[rng.below(records.len() as u64) as usize];
+            let mut bytes = source.as_bytes().to_vec();
+            for _ in 0..=rng.below(3) {
+                let at = rng.below(bytes.len() as u64 + 1) as usize;
+                match rng.below(4) {
+                    0 => bytes.truncate(at),
+                    1 => {
+                        let end = (at + rng.below(20) as usize).min(bytes.len());
+                        bytes.drain(at..end);
+                    }
+                    2 => bytes.insert(at, alphabet[rng.below(alphabet.len() as u64) as usize]),
+                    _ => {
+                        if at < bytes.len() {
+                            bytes[at] ^= 1 << rng.below(8);
+                        }
+                    }
+                }
+            }
+            let unit = if format.group_by().is_some() {
+                [b"[".as_slice(), &bytes, b"]"].concat()
+            } else {
+                bytes.clone()
+            };
+            let _ = format.parse(&unit);
+            let _ = formats.parse_detected(&bytes);
+            if round < 40 {
+                bytes.retain(|&b| b != b'\n' && b != b'\r');
+                if bytes.iter().all(u8::is_ascii_whitespace) {
+                    // A blank line is not a record.
+                    bytes.push(b'x');
+                }
+                damaged_file.extend_from_slice(&bytes);
+                damaged_file.push(b'\n');
+            }
+        }
+        let path = dir.path().join(format!("{}.jsonl", format.name()));
+        std::fs::write(&path, &damaged_file).unwrap();
+        let store = Store::open(&dir.path().join(format!("store-{}", format.name()))).unwrap();
+        let mut options = IngestOptions::new(format.name(), "test");
+        options.format = Some(format.clone());
+        let outcome = ingest::ingest_file(&store, &path, &options, &ingest::Quiet).unwrap();
+        let counts = outcome.import.counts;
+        assert_eq!(counts.read, 40, "{}", format.name());
+        assert!(counts.adds_up(), "{}: {counts:?}", format.name());
+        assert_eq!(
+            store.rejects(None).unwrap().len() as u64,
+            counts.rejected,
+            "{}: one ledger entry per rejected example",
+            format.name()
+        );
+    }
+}

@@ -83,6 +83,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
                 &selection,
                 out,
                 args.with_metadata,
+                corpusdb::export::PARQUET_ROWS_PER_GROUP,
                 &progress,
             )?;
         }

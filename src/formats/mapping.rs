@@ -646,6 +646,9 @@ impl Mapping {
         if self.group.is_some() {
             return Ok(vec![self.convert_rows(record)]);
         }
+        // The fields that identify the shape are required, even where a template would
+        // tolerate their absence (an unanswerable SQuAD question still has `answers`).
+        self.check_detected(record)?;
         for (path, expected) in &self.require {
             let found = path.resolve(record).unwrap_or(&Value::Null);
             if !json_equal(found, expected) {
@@ -695,6 +698,17 @@ impl Mapping {
                 })
             })
             .collect())
+    }
+
+    fn check_detected(&self, record: &Value) -> Result<(), String> {
+        match self
+            .detect
+            .iter()
+            .find(|path| path.resolve(record).is_none())
+        {
+            Some(path) => Err(format!("lacks required field `{}`", path.as_str())),
+            None => Ok(()),
+        }
     }
 
     fn example(&self, scope: &Scope<'_>) -> Result<Example, String> {

@@ -248,8 +248,8 @@ impl Formats {
                     kind,
                 }))
             };
-            let tree = "message_tree_id, prompt: {message_id, role, text, rank?, deleted?, replies: [...]}";
-            let rows = "rows grouped by message_tree_id: message_id, parent_id, role, text, rank?, deleted?";
+            let tree = "message_tree_id?, prompt: {message_id, role, text, rank?, deleted?, replies: [...]}";
+            let rows = "rows grouped by message_tree_id: message_id, parent_id? (null at the root), role, text, rank?, deleted?";
             let mut list = vec![
                 code("alpaca", "Alpaca instructions (also Code Alpaca, WizardLM, MathInstruct)",
                     "instruction, input?, output, system?", &[&["instruction", "output"]], Kind::Alpaca),
@@ -275,10 +275,10 @@ impl Formats {
                     "question.problem, label.steps: [{completions: [{text}], chosen_completion, human_completion?}]",
                     &[&["question.problem", "label.steps"]], Kind::Prm800k),
                 code("hotpotqa", "HotpotQA multi-hop QA: context paragraphs, question, answer",
-                    "question, answer, context: {title: [..], sentences: [[..]]}",
+                    "question, answer, context?: {title: [..], sentences: [[..]]}",
                     &[&["question", "answer", "context", "supporting_facts"]], Kind::Hotpotqa),
                 code("msmarco", "MS MARCO: selected passages and query; \"No Answer Present.\" is unanswerable",
-                    "query, answers: [..], wellFormedAnswers?, passages: {passage_text: [..], is_selected: [..]}",
+                    "query, answers: [..], wellFormedAnswers?, passages?: {passage_text: [..], is_selected: [..]}",
                     &[&["query", "answers", "passages"]], Kind::Msmarco),
             ];
             let specs: Vec<MappingSpec> = serde_yaml::from_str(include_str!("builtin.yaml"))

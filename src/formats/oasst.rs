@@ -118,6 +118,23 @@ pub fn convert_rows(rows: &Value, best: bool) -> Result<Vec<Result<Example, Stri
 }
 
 fn paths(tree: &mut Tree<'_>, best: bool) -> Result<Vec<Result<Example, String>>, String> {
+    for node in &tree.nodes {
+        let id = node
+            .value
+            .get("message_id")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        match node.value.get("role").and_then(Value::as_str) {
+            None => return Err(format!("message {id} lacks required field `role`")),
+            Some(name) if Role::from_alias(name).is_none() => {
+                return Err(format!("unknown role `{name}` in message {id}"))
+            }
+            Some(_) => {}
+        }
+        if !node.value.get("text").is_some_and(Value::is_string) {
+            return Err(format!("message {id} lacks required field `text`"));
+        }
+    }
     for node in 0..tree.nodes.len() {
         let mut replies = std::mem::take(&mut tree.nodes[node].replies);
         replies.sort_by(|&a, &b| rank(tree.nodes[a].value).total_cmp(&rank(tree.nodes[b].value)));

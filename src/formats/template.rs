@@ -148,9 +148,11 @@ impl Filter {
                     })
                     .collect::<Result<_, _>>()?,
             ),
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "unknown filter `{text}` (filters: letters, letter, lines, json, values(k=v,...))"
-            )),
+            ))
+            }
         })
     }
 
