@@ -128,3 +128,96 @@ fn the_sample_corpus_manifest_imports_with_duplicates_and_rejects() {
             == 6
     );
 }
+
+#[test]
+fn formats_lists_every_format_and_a_mapping_file_defines_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(bin().arg("formats"));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "alpaca",
+        "oasst-rows",
+        "glaive",
+        "squad",
+        "empathetic-dialogues",
+        "text",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.starts_with(name)),
+            "{name} missing from:\n{listing}"
+        );
+    }
+    assert!(
+        listing.contains("fields: rows grouped by conv_id"),
+        "{listing}"
+    );
+
+    let mapping = write(
+        dir.path(),
+        "faq.yaml",
+        br#"name: faq
+description: Support FAQ export
+detect: [q, a.text]
+system: "{persona?}"
+turns:
+  - role: user
+    content: ["{topic?}", "{q}"]
+  - role: assistant
+    content: "{a.text}"
+"#,
+    );
+    let out = run_ok(bin().args(["formats", "--json", "--mapping"]).arg(&mapping));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let faq = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "faq")
+        .unwrap();
+    assert_eq!(faq["fields"], "persona?, topic?, q, a.text");
+
+    let data = write(
+        dir.path(),
+        "faq.jsonl",
+        br#"{"q": "How do I reset my password?", "a": {"text": "Use the link on the sign-in page."}, "topic": "Accounts"}
+{"q": "Where is my invoice?", "a": {}}
+"#,
+    );
+    let store = dir.path().join("store");
+    let out = run_ok(
+        corpusdb(&store)
+            .args(["ingest", "--source", "faq", "--category", "qa", "--mapping"])
+            .arg(&mapping)
+            .arg(&data),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("faq: read 2, stored 1, duplicates 0, rejected 1"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("faq.jsonl:2: rejected: faq record lacks required field `a.text`"),
+        "{stderr}"
+    );
+    // An unknown format name lists the known ones.
+    let out = corpusdb(&store)
+        .args([
+            "ingest",
+            "--source",
+            "x",
+            "--category",
+            "qa",
+            "--format",
+            "nope",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown format `nope`; known formats: auto, alpaca, messages"),
+        "{stderr}"
+    );
+}

@@ -10,3 +10,4 @@ mod formats;
 mod index;
 mod ingest;
 mod reader;
+mod registry;

@@ -69,6 +69,8 @@ fn import_json(import: &ImportRecord) -> serde_json::Value {
         "stored": import.counts.stored,
         "duplicates": import.counts.duplicates,
         "rejected": import.counts.rejected,
+        "joined": import.counts.joined,
+        "extra": import.counts.extra,
         "checkpoint": {"records": import.checkpoint.records, "line": import.checkpoint.line(), "byte": import.checkpoint.bytes},
     })
 }
@@ -120,6 +122,8 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
             "read": counters.read,
             "duplicates": counters.duplicates,
             "rejected": counters.rejected,
+            "joined": counters.joined,
+            "extra": counters.extra,
             "categories": counters.categories,
             "sources": counters.sources,
             "imports": {"total": imports.len(), "partial": partial},
@@ -129,9 +133,14 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(out, "store      {}", store.path().display())?;
     writeln!(out, "examples   {}", counters.examples)?;
+    let shape = super::ingest::shape_note(&corpusdb::store::ImportCounts {
+        joined: counters.joined,
+        extra: counters.extra,
+        ..Default::default()
+    });
     writeln!(
         out,
-        "read       {} = stored {} + duplicates {} + rejected {}",
+        "read       {}{shape} = stored {} + duplicates {} + rejected {}",
         counters.read, counters.examples, counters.duplicates, counters.rejected
     )?;
     writeln!(out, "imports    {} ({} partial)", imports.len(), partial)?;
@@ -275,6 +284,7 @@ pub fn rejects(store_path: &Path, args: RejectsArgs) -> anyhow::Result<ExitCode>
                     "source": reject.source,
                     "file": reject.path,
                     "record": reject.record,
+                    "part": reject.part,
                     "line": reject.line,
                     "byte": reject.byte_offset,
                     "reason": reject.reason,

@@ -722,10 +722,15 @@ impl Mapping {
         self.body.render(scope, &mut messages)?;
         let mut conversation = Conversation::new(messages);
         if let Some(tools) = &self.tools {
-            conversation.tools = scope
-                .resolve(tools)
-                .filter(|v| v.as_array().is_none_or(|a| !a.is_empty()))
-                .map(canonical_json);
+            // Tools given as JSON text are that JSON.
+            let decoded = match scope.resolve(tools) {
+                Some(Value::String(text)) => serde_json::from_str::<Value>(text).ok(),
+                Some(other) => Some(other.clone()),
+                None => None,
+            };
+            conversation.tools = decoded
+                .filter(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+                .map(|v| canonical_json(&v));
         }
         let rejected = match &self.rejected {
             Some(body) => {

@@ -136,8 +136,16 @@ pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
     Ok(Conversation { messages, tools })
 }
 
-/// `null`, `[]` and `{}` say "none".
+/// `null`, `[]` and `{}` say "none". Many datasets (and Parquet columns) hold tools and
+/// tool calls as JSON text: a string that parses as a list or object is that value.
 fn present(value: Option<serde_json::Value>) -> Option<serde_json::Value> {
+    let value = value.map(|v| match v {
+        serde_json::Value::String(text) => match serde_json::from_str(&text) {
+            Ok(parsed @ (serde_json::Value::Array(_) | serde_json::Value::Object(_))) => parsed,
+            _ => serde_json::Value::String(text),
+        },
+        other => other,
+    });
     value.filter(|v| match v {
         serde_json::Value::Null => false,
         serde_json::Value::Array(a) => !a.is_empty(),
