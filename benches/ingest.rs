@@ -8,6 +8,10 @@
 //! CORPUSDB_BENCH_PARSE_ONLY=1 cargo bench --bench ingest    # reader + parse + hash only
 //! ```
 //!
+//! After the import it exports the stored examples as `messages` JSONL and as Parquet
+//! (nested list-of-struct messages, zstd) and imports each into a fresh store, to compare
+//! the two inputs on the same data (`CORPUSDB_BENCH_PARQUET=0` skips this).
+//!
 //! Under `cargo test --all-targets` it runs once on 2,000 records as a smoke test.
 //! The corpus is kept at `target/bench-ingest/corpus-N.jsonl` so the Python baseline
 //! (`benches/baseline_merge.py`) can run on the same input.
@@ -153,6 +157,60 @@ fn main() {
             peak as f64 / (1 << 20) as f64
         );
     }
+    if std::env::var("CORPUSDB_BENCH_PARQUET").as_deref() != Ok("0") {
+        let first = compressions.split(',').next().unwrap_or("zstd").trim();
+        parquet_vs_jsonl(&work, &work.join(format!("store-{first}")), records);
+    }
+}
+
+/// The same examples as `messages` JSONL and as Parquet, each imported into a fresh store.
+fn parquet_vs_jsonl(work: &Path, source_store: &Path, records: u64) {
+    use corpusdb::export::{self, Selection};
+    let jsonl = work.join(format!("export-{records}.jsonl"));
+    let parquet = work.join(format!("export-{records}.parquet"));
+    {
+        let store = Store::open_read_only(source_store).unwrap();
+        let mut out = BufWriter::new(File::create(&jsonl).unwrap());
+        export::write_jsonl(&store, &Selection::All, &mut out, false, &|_| {}).unwrap();
+        out.flush().unwrap();
+        export::write_parquet(
+            &store,
+            &Selection::All,
+            BufWriter::new(File::create(&parquet).unwrap()),
+            false,
+            export::PARQUET_ROWS_PER_GROUP,
+            &|_| {},
+        )
+        .unwrap();
+    }
+    println!(
+        "\n{:<8} {:>10} {:>10} {:>12} {:>10}",
+        "input", "file MB", "seconds", "examples/s", "stored"
+    );
+    let messages = corpusdb::formats::Formats::builtin()
+        .get("messages")
+        .unwrap();
+    for (name, file) in [("jsonl", &jsonl), ("parquet", &parquet)] {
+        let store_dir = work.join(format!("store-from-{name}"));
+        let _ = std::fs::remove_dir_all(&store_dir);
+        let started = Instant::now();
+        let store = Store::open(&store_dir).unwrap();
+        let mut options = IngestOptions::new("bench", "general");
+        options.format = Some(messages.clone());
+        let outcome = ingest::ingest_file(&store, file, &options, &ingest::Quiet).unwrap();
+        store.flush().unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        assert!(outcome.import.counts.adds_up());
+        assert_eq!(outcome.run.rejected, 0);
+        println!(
+            "{:<8} {:>10.1} {:>10.2} {:>12.0} {:>10}",
+            name,
+            std::fs::metadata(file).unwrap().len() as f64 / 1e6,
+            secs,
+            outcome.run.read as f64 / secs,
+            outcome.run.stored
+        );
+    }
 }
 
 /// Reader + parse + hash on the rayon pool, no store: the ceiling of the front half.
@@ -177,11 +235,9 @@ fn parse_only(corpus: &Path) {
         ok += items
             .into_par_iter()
             .filter(|item| match &item.body {
-                corpusdb::reader::RawBody::Bytes(b) => {
-                    corpusdb::formats::parse_record(corpusdb::formats::Format::Auto, b)
-                        .map(|c| c.content_hash())
-                        .is_ok()
-                }
+                corpusdb::reader::RawBody::Bytes(b) => corpusdb::formats::parse_record("auto", b)
+                    .map(|c| c.content_hash())
+                    .is_ok(),
                 _ => false,
             })
             .count() as u64;

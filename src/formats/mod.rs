@@ -168,11 +168,11 @@ impl Format {
 
     /// How specifically this format matches `record` (the depth of the matched fields),
     /// or `None` when it does not.
-    fn score(&self, record: &Value) -> Option<usize> {
+    fn score(&self, fields: &TopFields<'_>) -> Option<usize> {
         self.0
             .detect
             .iter()
-            .filter(|set| set.iter().all(|path| path.resolve(record).is_some()))
+            .filter(|set| set.iter().all(|path| path.present_in(fields)))
             .map(|set| set.iter().map(JsonPath::depth).sum())
             .max()
     }
@@ -212,6 +212,9 @@ fn finish(mut example: Example) -> Result<Example, String> {
     example.conversation.validate().map_err(|e| e.to_string())?;
     Ok(example)
 }
+
+/// A record's top-level fields, values left unparsed.
+type TopFields<'a> = std::collections::HashMap<Cow<'a, str>, &'a serde_json::value::RawValue>;
 
 /// The formats a run knows: built-ins and loaded mappings.
 #[derive(Clone, Debug)]
@@ -338,21 +341,20 @@ impl Formats {
         let text = std::str::from_utf8(bytes)
             .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
         check_opening(text, b'{')?;
-        let value: Value =
+        let fields: TopFields<'_> =
             serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
         let mut candidates: Vec<(usize, &Format)> = self
             .list
             .iter()
             .filter(|f| f.0.detectable)
-            .filter_map(|f| f.score(&value).map(|s| (s, f)))
+            .filter_map(|f| f.score(&fields).map(|s| (s, f)))
             .collect();
         candidates.sort_by(|a, b| b.0.cmp(&a.0));
         match candidates.as_slice() {
             [] => {
-                let fields = value
-                    .as_object()
-                    .map(|o| o.keys().map(String::as_str).collect::<Vec<_>>().join(", "))
-                    .unwrap_or_default();
+                let mut names: Vec<&str> = fields.keys().map(|k| k.as_ref()).collect();
+                names.sort_unstable();
+                let fields = names.join(", ");
                 Err(format!(
                     "unknown record shape: fields ({fields}) match no format; see `corpusdb formats`, or write a mapping"
                 ))

@@ -77,6 +77,26 @@ impl JsonPath {
         }
     }
 
+    /// Whether the path resolves in a record given as its top-level fields, unparsed:
+    /// detection reads only the fields it needs (deeper paths parse their top field).
+    pub fn present_in(
+        &self,
+        fields: &std::collections::HashMap<std::borrow::Cow<'_, str>, &serde_json::value::RawValue>,
+    ) -> bool {
+        let Some(Step::Key(head)) = self.steps.first() else {
+            return false;
+        };
+        let Some(raw) = fields.get(head.as_str()) else {
+            return false;
+        };
+        if self.steps.len() == 1 {
+            return raw.get() != "null";
+        }
+        serde_json::from_str::<Value>(raw.get())
+            .ok()
+            .is_some_and(|value| Self::walk(&self.steps[1..], &value).is_some())
+    }
+
     /// The value at this path, or `None` when a step is missing or the value is null.
     pub fn resolve<'v>(&self, value: &'v Value) -> Option<&'v Value> {
         Self::walk(&self.steps, value)
