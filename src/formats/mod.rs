@@ -14,6 +14,7 @@ pub mod mapping;
 mod messages;
 mod oasst;
 mod sharegpt;
+mod sniff;
 mod special;
 pub mod template;
 
@@ -214,7 +215,7 @@ fn finish(mut example: Example) -> Result<Example, String> {
 }
 
 /// A record's top-level fields, values left unparsed.
-type TopFields<'a> = std::collections::HashMap<Cow<'a, str>, &'a serde_json::value::RawValue>;
+pub(crate) type TopFields<'a> = [(Cow<'a, str>, &'a str)];
 
 /// The formats a run knows: built-ins and loaded mappings.
 #[derive(Clone, Debug)]
@@ -341,8 +342,15 @@ impl Formats {
         let text = std::str::from_utf8(bytes)
             .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
         check_opening(text, b'{')?;
-        let fields: TopFields<'_> =
-            serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+        let fields = match sniff::top_fields(text) {
+            Some(fields) => fields,
+            // Not a well-formed object: let the parser say what is wrong.
+            None => {
+                serde_json::from_str::<serde::de::IgnoredAny>(text)
+                    .map_err(|e| format!("malformed JSON: {e}"))?;
+                return Err("malformed JSON: not an object".to_string());
+            }
+        };
         let mut candidates: Vec<(usize, &Format)> = self
             .list
             .iter()
@@ -352,7 +360,7 @@ impl Formats {
         candidates.sort_by(|a, b| b.0.cmp(&a.0));
         match candidates.as_slice() {
             [] => {
-                let mut names: Vec<&str> = fields.keys().map(|k| k.as_ref()).collect();
+                let mut names: Vec<&str> = fields.iter().map(|(k, _)| k.as_ref()).collect();
                 names.sort_unstable();
                 let fields = names.join(", ");
                 Err(format!(

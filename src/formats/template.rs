@@ -79,20 +79,17 @@ impl JsonPath {
 
     /// Whether the path resolves in a record given as its top-level fields, unparsed:
     /// detection reads only the fields it needs (deeper paths parse their top field).
-    pub fn present_in(
-        &self,
-        fields: &std::collections::HashMap<std::borrow::Cow<'_, str>, &serde_json::value::RawValue>,
-    ) -> bool {
+    pub fn present_in(&self, fields: &[(std::borrow::Cow<'_, str>, &str)]) -> bool {
         let Some(Step::Key(head)) = self.steps.first() else {
             return false;
         };
-        let Some(raw) = fields.get(head.as_str()) else {
+        let Some((_, raw)) = fields.iter().rev().find(|(name, _)| name == head) else {
             return false;
         };
         if self.steps.len() == 1 {
-            return raw.get() != "null";
+            return *raw != "null";
         }
-        serde_json::from_str::<Value>(raw.get())
+        serde_json::from_str::<Value>(raw)
             .ok()
             .is_some_and(|value| Self::walk(&self.steps[1..], &value).is_some())
     }
