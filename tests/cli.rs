@@ -112,7 +112,13 @@ fn the_sample_corpus_manifest_imports_with_duplicates_and_rejects() {
     let out = run_ok(corpusdb(&store).args(["stats", "--json"]));
     let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
     let n = |k: &str| stats[k].as_u64().unwrap();
-    assert_eq!(n("read"), n("examples") + n("duplicates") + n("rejected"));
+    assert_eq!(
+        n("read") - n("joined") + n("extra"),
+        n("examples") + n("duplicates") + n("rejected")
+    );
+    // OASST rows join into trees and one tree gives two paths.
+    assert_eq!((n("joined"), n("extra")), (5, 1), "{stats}");
+    assert_eq!(stats["categories"]["tool"], 3, "{stats}");
     assert!(n("duplicates") >= 7, "{stats}");
     assert!(n("rejected") >= 5, "{stats}");
     assert!(
@@ -125,7 +131,7 @@ fn the_sample_corpus_manifest_imports_with_duplicates_and_rejects() {
         String::from_utf8_lossy(&again.stdout)
             .matches("nothing to do")
             .count()
-            == 6
+            == 9
     );
 }
 

@@ -267,22 +267,15 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// How records became examples when that is not one to one.
+/// How records became examples when that is not one to one: rows joined into one
+/// conversation, and records (trees, solution lists) that gave several.
 pub fn shape_note(counts: &ImportCounts) -> String {
-    let mut note = String::new();
-    if counts.joined > 0 {
-        note.push_str(&format!(
-            " - {} rows joined into conversations",
-            counts.joined
-        ));
+    match (counts.joined, counts.extra) {
+        (0, 0) => String::new(),
+        (joined, 0) => format!(" (-{joined} joined rows)"),
+        (0, extra) => format!(" (+{extra} extra examples)"),
+        (joined, extra) => format!(" (-{joined} joined rows, +{extra} extra examples)"),
     }
-    if counts.extra > 0 {
-        note.push_str(&format!(
-            " + {} more conversations from records giving several",
-            counts.extra
-        ));
-    }
-    note
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).

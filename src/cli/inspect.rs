@@ -222,6 +222,13 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
             "turns": example.turns,
             "messages": record["messages"],
             "tools": record.get("tools"),
+            "raw_text": example.extras.raw_text,
+            "rejected": example.extras.rejected.as_ref().map(|messages| {
+                messages
+                    .iter()
+                    .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
+                    .collect::<Vec<_>>()
+            }),
             "sources": sources,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
@@ -253,6 +260,22 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", message.content)?;
         if let Some(calls) = &message.tool_calls {
             writeln!(out, "(tool calls) {calls}")?;
+        }
+    }
+    if let Some(tools) = &example.conversation.tools {
+        writeln!(out, "\n(tools) {tools}")?;
+    }
+    if example.extras.raw_text {
+        writeln!(out, "\n(raw text, not a dialogue)")?;
+    }
+    if let Some(rejected) = &example.extras.rejected {
+        writeln!(
+            out,
+            "\n--- rejected side (kept for preference training, not hashed) ---"
+        )?;
+        for message in rejected {
+            writeln!(out, "\n[{}]", message.role)?;
+            writeln!(out, "{}", message.content)?;
         }
     }
     Ok(ExitCode::SUCCESS)

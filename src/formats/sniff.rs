@@ -112,15 +112,27 @@ mod tests {
 
     #[test]
     fn finds_top_level_fields_and_their_raw_values() {
-        let fields = top_fields(r#" {"a": "x\"}", "b":[1,{"c":"]"}], "n" : null, "k\u0041": 2} "#)
-            .unwrap();
+        let fields =
+            top_fields(r#" {"a": "x\"}", "b":[1,{"c":"]"}], "n" : null, "k\u0041": 2} "#).unwrap();
         let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_ref(), *v)).collect();
         assert_eq!(
             pairs,
-            [("a", r#""x\"}""#), ("b", r#"[1,{"c":"]"}]"#), ("n", "null"), ("kA", "2")]
+            [
+                ("a", r#""x\"}""#),
+                ("b", r#"[1,{"c":"]"}]"#),
+                ("n", "null"),
+                ("kA", "2")
+            ]
         );
         assert_eq!(top_fields("{}").unwrap().len(), 0);
-        for bad in [r#"{"a": 1"#, r#"{"a" 1}"#, r#"{"a": "x}"#, "[1]", r#"{"a": 1} x"#, r#"{"a": }"#] {
+        for bad in [
+            r#"{"a": 1"#,
+            r#"{"a" 1}"#,
+            r#"{"a": "x}"#,
+            "[1]",
+            r#"{"a": 1} x"#,
+            r#"{"a": }"#,
+        ] {
             assert!(top_fields(bad).is_none(), "{bad}");
         }
     }
