@@ -49,7 +49,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    Ingest(ingest::Args),
+    Ingest(Box<ingest::Args>),
     Formats(formats::Args),
     Imports(inspect::ImportsArgs),
     Stats(inspect::StatsArgs),
@@ -67,7 +67,7 @@ enum Command {
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Ingest(args) => ingest::run(&cli.store, args),
+        Command::Ingest(args) => ingest::run(&cli.store, *args),
         Command::Formats(args) => formats::run(args),
         Command::Imports(args) => inspect::imports(&cli.store, args),
         Command::Stats(args) => inspect::stats(&cli.store, args),

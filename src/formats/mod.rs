@@ -357,7 +357,7 @@ impl Formats {
             .filter(|f| f.0.detectable)
             .filter_map(|f| f.score(&fields).map(|s| (s, f)))
             .collect();
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         match candidates.as_slice() {
             [] => {
                 let mut names: Vec<&str> = fields.iter().map(|(k, _)| k.as_ref()).collect();

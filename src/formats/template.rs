@@ -340,7 +340,7 @@ impl Template {
                                     .map_err(|e| format!("field `{}`: {e}", path.as_str()))?,
                                 None => scalar(value, &mut out),
                             }
-                            any_value |= out[start..].trim().len() > 0;
+                            any_value |= !out[start..].trim().is_empty();
                         }
                         None if *optional => {}
                         None => return Err(format!("lacks required field `{}`", path.as_str())),
