@@ -59,6 +59,7 @@ pub(crate) fn lexical_join(base: &Path, relative: &Path) -> PathBuf {
     out
 }
 
+/// Why a YAML config (manifest, registry) cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}: {source}", path.display())]
@@ -71,18 +72,25 @@ pub enum Error {
         path: PathBuf,
         source: serde_yaml::Error,
     },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Reads and deserialises a YAML file, naming the file in any error.
+pub(crate) fn load_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_yaml::from_str(&text).map_err(|source| Error::Yaml {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Manifest {
     pub fn load(path: &Path) -> Result<Manifest, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut manifest: Manifest = serde_yaml::from_str(&text).map_err(|source| Error::Yaml {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mut manifest: Manifest = load_yaml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for import in &mut manifest.imports {
             if let Some(mapping) = &mut import.mapping {

@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::category::Rule;
-use crate::manifest::lexical_join;
+pub use crate::manifest::Error;
+use crate::manifest::{lexical_join, load_yaml};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,32 +54,9 @@ const READABLE: [&str; 7] = [
     ".jsonl", ".json", ".ndjson", ".parquet", ".gz", ".zst", ".zstd",
 ];
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {source}", path.display())]
-    Yaml {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
-    #[error("{}: {message}", path.display())]
-    Invalid { path: PathBuf, message: String },
-}
-
 impl Registry {
     pub fn load(path: &Path) -> Result<Registry, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut registry: Registry = serde_yaml::from_str(&text).map_err(|source| Error::Yaml {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mut registry: Registry = load_yaml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut names = std::collections::HashSet::new();
         for source in &mut registry.sources {

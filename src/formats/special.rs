@@ -21,6 +21,14 @@ fn single(example: Example) -> Vec<Result<Example, String>> {
     vec![Ok(example)]
 }
 
+/// One question and its answer.
+fn exchange(user: impl Into<String>, assistant: impl Into<String>) -> Vec<Result<Example, String>> {
+    single(Example::new(Conversation::new(vec![
+        Message::new(Role::User, user),
+        Message::new(Role::Assistant, assistant),
+    ])))
+}
+
 /// Glaive function calling v2: `{"system": "SYSTEM: ... -\n{schema}\n{schema}", "chat":
 /// "USER: ...\n\n\nASSISTANT: <functioncall> {...} <|endoftext|>\n\n\nFUNCTION RESPONSE:
 /// ..."}`. Function schemas become the example's tools, `<functioncall>` payloads become
@@ -186,10 +194,7 @@ pub fn multiple_choice(record: &Value) -> Result<Vec<Result<Example, String>>, S
         user.push_str(&format!("{label}. {}", text.trim()));
     }
     let reply = format!("{}. {}", labels[index], texts[index].trim());
-    Ok(single(Example::new(Conversation::new(vec![
-        Message::new(Role::User, user),
-        Message::new(Role::Assistant, reply),
-    ]))))
+    Ok(exchange(user, reply))
 }
 
 /// PRM800K: `question.problem` and `label.steps[]`, each step with `completions` and the
@@ -223,10 +228,7 @@ pub fn prm800k(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
     if answer.is_empty() {
         return Err("no step has a chosen completion".into());
     }
-    Ok(single(Example::new(Conversation::new(vec![
-        Message::new(Role::User, problem),
-        Message::new(Role::Assistant, answer.join("\n")),
-    ]))))
+    Ok(exchange(problem, answer.join("\n")))
 }
 
 /// HotpotQA: the context paragraphs (`context: {title: [...], sentences: [[...]]}` or a
@@ -271,10 +273,7 @@ pub fn hotpotqa(record: &Value) -> Result<Vec<Result<Example, String>>, String> 
         Some(_) => return Err("field `context` is neither a list nor an object".into()),
     }
     paragraphs.push(question.trim().to_string());
-    Ok(single(Example::new(Conversation::new(vec![
-        Message::new(Role::User, paragraphs.join("\n\n")),
-        Message::new(Role::Assistant, answer),
-    ]))))
+    Ok(exchange(paragraphs.join("\n\n"), answer))
 }
 
 /// MS MARCO: the selected passages then the `query`; the answer is the first well-formed
@@ -311,8 +310,5 @@ pub fn msmarco(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
         }
     }
     parts.push(query.trim().to_string());
-    Ok(single(Example::new(Conversation::new(vec![
-        Message::new(Role::User, parts.join("\n\n")),
-        Message::new(Role::Assistant, answer),
-    ]))))
+    Ok(exchange(parts.join("\n\n"), answer))
 }
