@@ -64,6 +64,8 @@ pub struct IngestOptions {
     pub format: Option<Format>,
     /// Every format known, for detection.
     pub formats: Formats,
+    /// Quality filters: a record failing one is rejected with the filter's name.
+    pub filters: Option<std::sync::Arc<crate::filters::Filters>>,
     /// Stop at the first bad record instead of recording it and going on.
     pub strict: bool,
     /// Records per atomic batch (and per checkpoint).
@@ -81,6 +83,7 @@ impl IngestOptions {
             rules: Vec::new(),
             format: None,
             formats: Formats::builtin(),
+            filters: None,
             strict: false,
             batch_records: 4096,
             max_record_bytes: reader::DEFAULT_MAX_RECORD_BYTES,
@@ -256,6 +259,7 @@ pub fn ingest_file(
     };
     let reading = &reading;
     let rules = &options.rules;
+    let filters = options.filters.as_deref();
     std::thread::scope(|scope| -> Result<()> {
         let (raw_tx, raw_rx) = bounded::<std::io::Result<RawBatch>>(2);
         let (parsed_tx, parsed_rx) = bounded::<std::io::Result<ParsedBatch>>(2);
@@ -311,7 +315,7 @@ pub fn ingest_file(
                     items: batch
                         .items
                         .into_par_iter()
-                        .map(|item| parse_unit(reading, rules, item))
+                        .map(|item| parse_unit(reading, rules, filters, item))
                         .collect(),
                     notes: batch.notes,
                     end: batch.end,
@@ -549,7 +553,12 @@ fn joined((_, at, rows, size): (String, Position, Vec<Vec<u8>>, usize)) -> Unit 
     }
 }
 
-fn parse_unit(reading: &Reading, rules: &[Rule], unit: Unit) -> Parsed {
+fn parse_unit(
+    reading: &Reading,
+    rules: &[Rule],
+    filters: Option<&crate::filters::Filters>,
+    unit: Unit,
+) -> Parsed {
     let (outcome, raw) = match unit.body {
         RawBody::Bytes(bytes) => {
             let outcome = reading.parse(&bytes).and_then(|examples| {
@@ -559,6 +568,12 @@ fn parse_unit(reading: &Reading, rules: &[Rule], unit: Unit) -> Parsed {
                 Ok(examples
                     .into_iter()
                     .map(|example| {
+                        let example = example.and_then(|example| {
+                            match filters.and_then(|f| f.first_failure(&example.conversation)) {
+                                Some(failure) => Err(failure.reason()),
+                                None => Ok(example),
+                            }
+                        });
                         example.map(|example| Encoded {
                             hash: example.conversation.content_hash(),
                             category: category::assign(rules, &example.conversation),

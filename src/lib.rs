@@ -29,6 +29,7 @@
 pub mod category;
 pub mod conversation;
 pub mod export;
+pub mod filters;
 pub mod formats;
 pub mod index;
 pub mod ingest;

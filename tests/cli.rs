@@ -131,7 +131,7 @@ fn the_sample_corpus_manifest_imports_with_duplicates_and_rejects() {
         String::from_utf8_lossy(&again.stdout)
             .matches("nothing to do")
             .count()
-            == 9
+            == 10
     );
 }
 

@@ -40,7 +40,10 @@ pub enum ExportFormat {
 pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let expr = query::parse(&args.query)?;
     let (store, index) = super::index::open_for_reading(store_path)?;
-    let selection = if expr == query::Expr::All {
+    // The whole store is read sequentially, unless some examples are excluded by a
+    // quality filter: those are left out, through the index like any other query.
+    let any_excluded = store.exclusions().next().is_some();
+    let selection = if expr == query::Expr::All && !any_excluded {
         corpusdb::export::Selection::All
     } else {
         corpusdb::export::Selection::from_ordinals(&store, &index.matching_ordinals(&expr)?)?

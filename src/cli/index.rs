@@ -68,6 +68,8 @@ pub struct CategoriesArgs {
 pub enum FacetBy {
     Category,
     Source,
+    /// Examples excluded per quality filter (`*`: by any filter).
+    Excluded,
 }
 
 /// Rebuild the index from the store (the store is the source of truth).
@@ -230,9 +232,11 @@ pub fn categories(store_path: &Path, args: CategoriesArgs) -> anyhow::Result<Exi
     let field = match args.by {
         FacetBy::Category => TermField::Category,
         FacetBy::Source => TermField::Source,
+        FacetBy::Excluded => TermField::Excluded,
     };
     let counts = index.facet(field)?;
-    let total = index.num_docs()?;
+    // Shares are of the examples in use; excluded ones are counted apart.
+    let total = index.count(&query::Expr::All)?;
     let mut rows: Vec<_> = counts.into_iter().collect();
     rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let share = |n: u64| {

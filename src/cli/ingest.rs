@@ -57,6 +57,10 @@ pub struct Args {
     /// With --registry: import only these sources (comma-separated names).
     #[arg(long, value_delimiter = ',', requires = "registry")]
     only: Vec<String>,
+    /// Quality filters (e.g. configs/filters.yaml) applied while importing: a record
+    /// that fails one is rejected with the filter's name and what it measured.
+    #[arg(long, value_name = "FILE")]
+    filters: Option<PathBuf>,
     /// Stop at the first bad record instead of recording it and going on.
     #[arg(long)]
     strict: bool,
@@ -173,8 +177,13 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
         )?;
         jobs.push((options, args.files.clone()));
     }
+    let filters = match &args.filters {
+        Some(path) => Some(std::sync::Arc::new(corpusdb::filters::Filters::load(path)?)),
+        None => None,
+    };
     for (options, files) in &mut jobs {
         options.formats = formats.clone();
+        options.filters = filters.clone();
         if options.source.trim().is_empty() || options.category.trim().is_empty() {
             bail!("source and category must not be empty");
         }

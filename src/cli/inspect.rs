@@ -47,6 +47,44 @@ pub struct RejectsArgs {
     /// Show at most this many (0 = all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
+    /// Count the rejects per kind of reason (and source) instead of listing them.
+    #[arg(long)]
+    by_reason: bool,
+}
+
+/// The kind of a reject reason: details (positions, numbers, what follows a colon) left
+/// out, the filter or field kept: "malformed JSON", "filter `max-turns`",
+/// "alpaca record lacks required field `output`".
+pub fn reason_kind(reason: &str) -> String {
+    let mut reason = reason;
+    if let Some(rest) = reason.strip_prefix("conversation ") {
+        if let Some((n, rest)) = rest.split_once(": ") {
+            if n.bytes().all(|b| b.is_ascii_digit()) {
+                reason = rest;
+            }
+        }
+    }
+    let kind = match reason.strip_prefix("filter `") {
+        Some(rest) => match rest.find('`') {
+            Some(end) => &reason[..end + "filter `".len() + 1],
+            None => reason,
+        },
+        None => reason.split(": ").next().unwrap_or(reason),
+    };
+    let mut out = String::with_capacity(kind.len());
+    let mut in_number = false;
+    for c in kind.chars() {
+        if c.is_ascii_digit() || (in_number && c == '.') {
+            if !in_number {
+                out.push('N');
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn state_name(state: ImportState) -> &'static str {
@@ -294,6 +332,40 @@ pub fn rejects(store_path: &Path, args: RejectsArgs) -> anyhow::Result<ExitCode>
         }
     }
     let mut out = std::io::stdout().lock();
+    if args.by_reason {
+        let mut kinds: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for import in &selected {
+            for reject in store.rejects(Some(import.id))? {
+                *kinds
+                    .entry(reason_kind(&reject.reason))
+                    .or_default()
+                    .entry(reject.source.clone())
+                    .or_default() += 1;
+            }
+        }
+        let mut rows: Vec<(u64, String, BTreeMap<String, u64>)> = kinds
+            .into_iter()
+            .map(|(kind, sources)| (sources.values().sum(), kind, sources))
+            .collect();
+        rows.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        if args.json {
+            let list: Vec<_> = rows
+                .iter()
+                .map(|(n, kind, sources)| json!({"reason": kind, "rejects": n, "sources": sources}))
+                .collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        writeln!(out, "{:>9}  reason (sources)", "rejects")?;
+        for (n, kind, sources) in &rows {
+            let sources: Vec<String> = sources.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            writeln!(out, "{n:>9}  {kind} ({})", sources.join(", "))?;
+        }
+        if rows.is_empty() {
+            writeln!(out, "no rejects")?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut shown = 0;
     'imports: for import in selected {
         for reject in store.rejects(Some(import.id))? {

@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand; the library does the work.
 
 mod export;
+mod filter;
 mod formats;
 mod generate;
 mod index;
@@ -25,6 +26,7 @@ Typical use:
   corpusdb ingest --manifest configs/sample-corpus.yaml
   corpusdb ingest --registry configs/sources.yaml --data-dir ~/datasets
   corpusdb formats
+  corpusdb filter --dry-run
   corpusdb stats
   corpusdb imports
   corpusdb rejects --source dolly
@@ -51,6 +53,7 @@ struct Cli {
 enum Command {
     Ingest(Box<ingest::Args>),
     Formats(formats::Args),
+    Filter(filter::Args),
     Imports(inspect::ImportsArgs),
     Stats(inspect::StatsArgs),
     Show(inspect::ShowArgs),
@@ -69,6 +72,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ingest(args) => ingest::run(&cli.store, *args),
         Command::Formats(args) => formats::run(args),
+        Command::Filter(args) => filter::run(&cli.store, args),
         Command::Imports(args) => inspect::imports(&cli.store, args),
         Command::Stats(args) => inspect::stats(&cli.store, args),
         Command::Show(args) => inspect::show(&cli.store, args),

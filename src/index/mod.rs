@@ -60,8 +60,13 @@ struct Fields {
     turns: Field,
     chars: Field,
     imported: Field,
+    /// Names of the filters that exclude the example, plus [`EXCLUDED_MARK`].
+    excluded: Field,
     text: Option<Field>,
 }
+
+/// The `excluded` value every excluded example has, whatever filters exclude it.
+pub const EXCLUDED_MARK: &str = "*";
 
 fn schema(full_text: bool) -> Schema {
     let mut builder = Schema::builder();
@@ -74,6 +79,7 @@ fn schema(full_text: bool) -> Schema {
     builder.add_u64_field("turns", number.clone());
     builder.add_u64_field("chars", number);
     builder.add_u64_field("imported", FAST);
+    builder.add_text_field("excluded", STRING | FAST | STORED);
     if full_text {
         builder.add_text_field("text", TEXT);
     }
@@ -95,6 +101,7 @@ fn fields(schema: &Schema) -> Fields {
         turns: get("turns"),
         chars: get("chars"),
         imported: get("imported"),
+        excluded: get("excluded"),
         text: schema.get_field("text").ok(),
     }
 }
@@ -127,8 +134,32 @@ impl Index {
             path: path.clone(),
             source,
         };
-        let index = if path.join("meta.json").exists() {
-            tantivy::Index::open_in_dir(&path).map_err(error)?
+        let existing = if path.join("meta.json").exists() {
+            let index = tantivy::Index::open_in_dir(&path).map_err(error)?;
+            // An index of an older layout is rebuilt from the store's change log.
+            let current = schema(index.schema().get_field("text").is_ok());
+            if current
+                .fields()
+                .all(|(_, entry)| index.schema().get_field(entry.name()).is_ok())
+            {
+                Some(index)
+            } else {
+                drop(index);
+                std::fs::remove_dir_all(&path).map_err(|e| {
+                    error(tantivy::TantivyError::from(
+                        tantivy::directory::error::OpenDirectoryError::wrap_io_error(
+                            e,
+                            path.clone(),
+                        ),
+                    ))
+                })?;
+                None
+            }
+        } else {
+            None
+        };
+        let index = if let Some(index) = existing {
+            index
         } else {
             std::fs::create_dir_all(&path).map_err(|e| {
                 error(tantivy::TantivyError::from(
@@ -221,6 +252,7 @@ impl Index {
         chunk: &mut Vec<ContentHash>,
         bound: u64,
     ) -> Result<u64> {
+        let excluded = exclusions_by_hash(store)?;
         chunk.sort_unstable();
         chunk.dedup();
         let mut new_bound = bound;
@@ -232,7 +264,8 @@ impl Index {
             }
             new_bound = new_bound.max(example.ordinal + 1);
             let sources = source_names(&provenance.get(hash)?, imports);
-            if let Err(e) = writer.add_document(self.document(hash, &example, &sources, imports)) {
+            let doc = self.document(hash, &example, &sources, imports, excluded.get(hash));
+            if let Err(e) = writer.add_document(doc) {
                 failure.get_or_insert(e);
             }
             Ok(())
@@ -250,6 +283,7 @@ impl Index {
         example: &StoredExample,
         sources: &BTreeSet<String>,
         imports: &HashMap<u32, ImportRecord>,
+        excluded: Option<&Vec<String>>,
     ) -> TantivyDocument {
         let f = &self.fields;
         let mut doc = TantivyDocument::default();
@@ -268,6 +302,12 @@ impl Index {
                 .get(&example.first_import)
                 .map_or(0, |i| i.started_unix),
         );
+        if let Some(filters) = excluded.filter(|f| !f.is_empty()) {
+            doc.add_text(f.excluded, EXCLUDED_MARK);
+            for filter in filters {
+                doc.add_text(f.excluded, filter);
+            }
+        }
         if let Some(text) = f.text {
             for message in &example.conversation.messages {
                 doc.add_text(text, &message.content);
@@ -285,12 +325,14 @@ impl Index {
             .writer::<TantivyDocument>(WRITER_BYTES)
             .map_err(|e| self.error(e))?;
         writer.delete_all_documents().map_err(|e| self.error(e))?;
+        let excluded = exclusions_by_hash(store)?;
         let mut done = 0u64;
         let mut failure = None;
         let mut provenance = store.provenance_cursor();
         store.for_each_example(|hash, example| {
             let sources = source_names(&provenance.get(hash)?, &imports);
-            if let Err(e) = writer.add_document(self.document(hash, &example, &sources, &imports)) {
+            let doc = self.document(hash, &example, &sources, &imports, excluded.get(hash));
+            if let Err(e) = writer.add_document(doc) {
                 failure.get_or_insert(e);
             }
             done += 1;
@@ -319,14 +361,14 @@ impl Index {
 
     /// Number of examples matching `expr`.
     pub fn count(&self, expr: &Expr) -> Result<u64> {
-        let query = self.compile(expr)?;
+        let query = self.compile_visible(expr)?;
         let searcher = self.searcher()?;
         Ok(searcher.search(&query, &Count).map_err(|e| self.error(e))? as u64)
     }
 
     /// Examples matching `expr` in insertion order, skipping `offset`, at most `limit`.
     pub fn search(&self, expr: &Expr, offset: usize, limit: usize) -> Result<Vec<IndexedExample>> {
-        let query = self.compile(expr)?;
+        let query = self.compile_visible(expr)?;
         let searcher = self.searcher()?;
         let collector = TopDocs::with_limit(limit.max(1))
             .and_offset(offset)
@@ -376,15 +418,42 @@ impl Index {
     /// Ordinals of every example matching `expr`, ascending: the streaming order of
     /// exports and selections (8 bytes per match, no per-document allocation).
     pub fn matching_ordinals(&self, expr: &Expr) -> Result<Vec<u64>> {
-        let query = self.compile(expr)?;
+        let query = self.compile_visible(expr)?;
         let searcher = self.searcher()?;
         searcher
             .search(&query, &OrdinalCollector)
             .map_err(|e| self.error(e))
     }
 
-    /// Live documents per value of a term field (category or source).
+    /// Examples per value of a term field (category, source, excluded), excluded
+    /// examples left out (but counted for `excluded` itself).
     pub fn facet(&self, field: TermField) -> Result<BTreeMap<String, u64>> {
+        let mut counts = self.facet_all(field)?;
+        if field == TermField::Excluded {
+            return Ok(counts);
+        }
+        let searcher = self.searcher()?;
+        let hidden = searcher
+            .search(
+                &self.excluded_query(),
+                &FacetCollector {
+                    field: field.name(),
+                },
+            )
+            .map_err(|e| self.error(e))?;
+        for (value, n) in hidden {
+            if let Some(count) = counts.get_mut(&value) {
+                *count -= n.min(*count);
+                if *count == 0 {
+                    counts.remove(&value);
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Live documents per value of a term field, excluded examples included.
+    pub fn facet_all(&self, field: TermField) -> Result<BTreeMap<String, u64>> {
         let searcher = self.searcher()?;
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
         let schema_field = self.term_field(field);
@@ -446,7 +515,28 @@ impl Index {
             TermField::Category => self.fields.category,
             TermField::Source => self.fields.source,
             TermField::Hash => self.fields.hash,
+            TermField::Excluded => self.fields.excluded,
         }
+    }
+
+    /// `expr` as a query that leaves out excluded examples, unless it asks about
+    /// exclusions or names a hash.
+    fn compile_visible(&self, expr: &Expr) -> Result<Box<dyn Query>> {
+        let query = self.compile(expr)?;
+        if expr.mentions(TermField::Excluded) || expr.mentions(TermField::Hash) {
+            return Ok(query);
+        }
+        Ok(Box::new(BooleanQuery::new(vec![
+            (Occur::Must, query),
+            (Occur::MustNot, Box::new(self.excluded_query())),
+        ])))
+    }
+
+    fn excluded_query(&self) -> TermQuery {
+        TermQuery::new(
+            Term::from_field_text(self.fields.excluded, EXCLUDED_MARK),
+            IndexRecordOption::Basic,
+        )
     }
 
     fn compile(&self, expr: &Expr) -> Result<Box<dyn Query>> {
@@ -502,6 +592,76 @@ impl Index {
                     .collect::<Result<_>>()?,
             )),
         })
+    }
+}
+
+/// Counts the values of a string fast field over the matches.
+struct FacetCollector {
+    field: &'static str,
+}
+
+struct FacetSegmentCollector {
+    column: Option<tantivy::columnar::StrColumn>,
+    per_ord: Vec<u64>,
+}
+
+impl tantivy::collector::Collector for FacetCollector {
+    type Fruit = BTreeMap<String, u64>;
+    type Child = FacetSegmentCollector;
+
+    fn for_segment(
+        &self,
+        _segment: tantivy::SegmentOrdinal,
+        reader: &tantivy::SegmentReader,
+    ) -> tantivy::Result<FacetSegmentCollector> {
+        let column = reader.fast_fields().str(self.field)?;
+        let terms = column.as_ref().map_or(0, |c| c.num_terms());
+        Ok(FacetSegmentCollector {
+            column,
+            per_ord: vec![0; terms],
+        })
+    }
+
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+
+    fn merge_fruits(
+        &self,
+        fruits: Vec<BTreeMap<String, u64>>,
+    ) -> tantivy::Result<BTreeMap<String, u64>> {
+        let mut all = BTreeMap::new();
+        for fruit in fruits {
+            for (value, n) in fruit {
+                *all.entry(value).or_default() += n;
+            }
+        }
+        Ok(all)
+    }
+}
+
+impl tantivy::collector::SegmentCollector for FacetSegmentCollector {
+    type Fruit = BTreeMap<String, u64>;
+
+    fn collect(&mut self, doc: tantivy::DocId, _score: tantivy::Score) {
+        if let Some(column) = &self.column {
+            for ord in column.term_ords(doc) {
+                self.per_ord[ord as usize] += 1;
+            }
+        }
+    }
+
+    fn harvest(self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        if let Some(column) = &self.column {
+            let mut value = String::new();
+            for (ord, n) in self.per_ord.into_iter().enumerate() {
+                if n > 0 && column.ord_to_str(ord as u64, &mut value).unwrap_or(false) {
+                    out.insert(value.clone(), n);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -564,6 +724,16 @@ fn commit(
     Ok(())
 }
 
+/// The filters excluding each excluded example (a small set next to the store).
+fn exclusions_by_hash(store: &Store) -> Result<HashMap<ContentHash, Vec<String>>> {
+    let mut map: HashMap<ContentHash, Vec<String>> = HashMap::new();
+    for item in store.exclusions() {
+        let (hash, exclusion) = item?;
+        map.entry(hash).or_default().push(exclusion.filter);
+    }
+    Ok(map)
+}
+
 fn imports_by_id(store: &Store) -> Result<HashMap<u32, ImportRecord>> {
     Ok(store.imports()?.into_iter().map(|i| (i.id, i)).collect())
 }
@@ -603,7 +773,7 @@ pub fn check(store: &Store, index: &Index, sample: u64) -> Result<CheckReport> {
             report.store_examples, report.index_documents
         ));
     }
-    let indexed = index.facet(TermField::Category)?;
+    let indexed = index.facet_all(TermField::Category)?;
     for (category, &count) in &counters.categories {
         let found = indexed.get(category).copied().unwrap_or(0);
         if found != count {

@@ -9,8 +9,10 @@
 //! op       := "<" | "<=" | ">" | ">=" | "="
 //! ```
 //!
-//! Fields: `category`, `source`, `hash` (terms), and `chars`, `turns`, `messages`,
-//! `ordinal` (numbers, with ranges). A bare word or quoted phrase searches the
+//! Fields: `category`, `source`, `hash`, `excluded` (terms), and `chars`, `turns`,
+//! `messages`, `ordinal` (numbers, with ranges). Examples excluded by a quality filter
+//! match only queries that name `excluded` (e.g. `excluded:*`, `excluded:max-turns`) or
+//! a `hash`. A bare word or quoted phrase searches the
 //! conversation text when the store indexes full text. Keywords are upper case; `*` alone
 //! matches everything. Errors name the byte position and what was expected there.
 
@@ -33,6 +35,8 @@ pub enum TermField {
     Category,
     Source,
     Hash,
+    /// The filters that exclude an example (`excluded:*` for any).
+    Excluded,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +73,19 @@ impl TermField {
             TermField::Category => "category",
             TermField::Source => "source",
             TermField::Hash => "hash",
+            TermField::Excluded => "excluded",
+        }
+    }
+}
+
+impl Expr {
+    /// Whether the query names `field` anywhere.
+    pub fn mentions(&self, field: TermField) -> bool {
+        match self {
+            Expr::Term { field: f, .. } => *f == field,
+            Expr::Not(inner) => inner.mentions(field),
+            Expr::And(parts) | Expr::Or(parts) => parts.iter().any(|p| p.mentions(field)),
+            Expr::All | Expr::Range { .. } | Expr::Text(_) => false,
         }
     }
 }
@@ -343,6 +360,7 @@ impl Parser {
             "category" => Some(TermField::Category),
             "source" => Some(TermField::Source),
             "hash" => Some(TermField::Hash),
+            "excluded" => Some(TermField::Excluded),
             _ => None,
         };
         if let Some(field) = term_field {

@@ -10,6 +10,7 @@
 //! | `imports`    | import id u32 BE                      | bincode [`ImportRecord`]   |
 //! | `rejects`    | import id u32 BE, record u64 BE       | bincode [`Reject`]         |
 //! | `changes`    | sequence u64 BE                       | SHA-1 (20 bytes)           |
+//! | `excluded`   | SHA-1, filter name                    | bincode [`Exclusion`]      |
 //! | `meta`       | `schema_version`, `counters`          | u32 LE, bincode [`Counters`]|
 //!
 //! Every change an import makes for one batch of records, including its checkpoint and the
@@ -28,7 +29,7 @@ use rocksdb::{
 use crate::conversation::ContentHash;
 
 pub use types::{
-    Counters, ExampleHeader, ImportCounts, ImportRecord, ImportState, ProvenanceEntry,
+    Counters, ExampleHeader, Exclusion, ImportCounts, ImportRecord, ImportState, ProvenanceEntry,
     ProvenanceValue, Reject, StoredExample,
 };
 
@@ -42,7 +43,8 @@ const CF_IMPORTS: &str = "imports";
 const CF_REJECTS: &str = "rejects";
 const CF_META: &str = "meta";
 const CF_CHANGES: &str = "changes";
-const ALL_CFS: [&str; 7] = [
+const CF_EXCLUDED: &str = "excluded";
+const ALL_CFS: [&str; 8] = [
     CF_EXAMPLES,
     CF_PROVENANCE,
     CF_ORDINALS,
@@ -50,6 +52,7 @@ const ALL_CFS: [&str; 7] = [
     CF_REJECTS,
     CF_META,
     CF_CHANGES,
+    CF_EXCLUDED,
 ];
 
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
@@ -464,6 +467,34 @@ impl Store {
     }
 
     /// The change log from `sequence` on: (sequence, hash of a new or re-sourced example).
+    /// Every exclusion, in (hash, filter) order.
+    pub fn exclusions(&self) -> impl Iterator<Item = Result<(ContentHash, Exclusion)>> + '_ {
+        self.db
+            .iterator_cf(self.cf(CF_EXCLUDED), IteratorMode::Start)
+            .map(move |item| {
+                let (key, value) = item.map_err(|e| self.rocks(e))?;
+                let hash = ContentHash::from_slice(&key[..20.min(key.len())])
+                    .ok_or_else(|| self.corrupt("exclusion key is not a SHA-1 and a name"))?;
+                Ok((hash, self.decode(&value, "exclusion")?))
+            })
+    }
+
+    /// The filters that exclude `hash` (empty when it is not excluded).
+    pub fn exclusions_of(&self, hash: &ContentHash) -> Result<Vec<Exclusion>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_EXCLUDED),
+            IteratorMode::From(hash.as_bytes(), Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            if !key.starts_with(hash.as_bytes()) {
+                break;
+            }
+            out.push(self.decode(&value, "exclusion")?);
+        }
+        Ok(out)
+    }
+
     pub fn changes_from(
         &self,
         sequence: u64,
@@ -653,6 +684,18 @@ impl Batch<'_> {
         );
     }
 
+    /// Marks `hash` as excluded by the filter named in `exclusion`.
+    pub fn put_exclusion(&mut self, hash: &ContentHash, exclusion: &Exclusion) {
+        let key = exclusion_key(hash, &exclusion.filter);
+        self.put(CF_EXCLUDED, &key, exclusion);
+    }
+
+    /// Lifts the exclusion of `hash` by `filter`.
+    pub fn delete_exclusion(&mut self, hash: &ContentHash, filter: &str) {
+        let key = exclusion_key(hash, filter);
+        self.inner.delete_cf(self.store.cf(CF_EXCLUDED), key);
+    }
+
     pub fn put_counters(&mut self, counters: &Counters) {
         self.put(CF_META, KEY_COUNTERS, counters);
     }
@@ -686,6 +729,13 @@ pub fn encode_conversation(
     extras: &crate::conversation::Extras,
 ) -> Vec<u8> {
     bincode::serialize(&(conversation, extras)).expect("conversations always serialise")
+}
+
+fn exclusion_key(hash: &ContentHash, filter: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(20 + filter.len());
+    key.extend_from_slice(hash.as_bytes());
+    key.extend_from_slice(filter.as_bytes());
+    key
 }
 
 fn import_record_key(import_id: u32, record: u64) -> [u8; 12] {

@@ -160,3 +160,13 @@ pub struct Counters {
     /// Records per source name that are in the store (stored or duplicate).
     pub sources: BTreeMap<String, u64>,
 }
+
+/// An example set aside by a quality filter: skipped by queries, exports and samplers,
+/// kept in the store (`corpusdb filter --undo NAME` lifts it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exclusion {
+    pub filter: String,
+    /// What the filter measured, e.g. "41 turns > 32".
+    pub measured: String,
+    pub unix: u64,
+}
