@@ -6,6 +6,7 @@ mod util;
 mod cli;
 mod conversation;
 mod crash;
+mod filters;
 mod formats;
 mod index;
 mod ingest;
