@@ -26,6 +26,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod analyze;
 pub mod category;
 pub mod conversation;
 pub mod export;
@@ -36,5 +37,6 @@ pub mod ingest;
 pub mod manifest;
 pub mod reader;
 pub mod registry;
+pub mod report;
 pub mod store;
 pub mod synth;

@@ -3,6 +3,7 @@
 
 mod util;
 
+mod analyze;
 mod cli;
 mod conversation;
 mod crash;

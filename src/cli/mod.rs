@@ -1,5 +1,6 @@
 //! Command-line interface: one file per subcommand; the library does the work.
 
+mod analyze;
 mod export;
 mod filter;
 mod formats;
@@ -27,6 +28,7 @@ Typical use:
   corpusdb ingest --registry configs/sources.yaml --data-dir ~/datasets
   corpusdb formats
   corpusdb filter --dry-run
+  corpusdb analyze --html report.html
   corpusdb stats
   corpusdb imports
   corpusdb rejects --source dolly
@@ -54,6 +56,7 @@ enum Command {
     Ingest(Box<ingest::Args>),
     Formats(formats::Args),
     Filter(filter::Args),
+    Analyze(analyze::Args),
     Imports(inspect::ImportsArgs),
     Stats(inspect::StatsArgs),
     Show(inspect::ShowArgs),
@@ -73,6 +76,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Ingest(args) => ingest::run(&cli.store, *args),
         Command::Formats(args) => formats::run(args),
         Command::Filter(args) => filter::run(&cli.store, args),
+        Command::Analyze(args) => analyze::run(&cli.store, args),
         Command::Imports(args) => inspect::imports(&cli.store, args),
         Command::Stats(args) => inspect::stats(&cli.store, args),
         Command::Show(args) => inspect::show(&cli.store, args),
