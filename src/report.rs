@@ -111,9 +111,9 @@ svg text {{ font-family: inherit; font-size: 12px; fill: #333; }}
     html.push_str(
         "<table><tr><th>category</th><th>examples</th><th>share</th><th>target</th><th>status</th>",
     );
-    let _ = write!(
+    let _ = writeln!(
         html,
-        "<th>{tokens_label}</th><th>mean</th><th>median</th><th>p95</th><th>turns</th><th>duplicates</th><th>rejected</th><th>excluded</th></tr>\n"
+        "<th>{tokens_label}</th><th>mean</th><th>median</th><th>p95</th><th>turns</th><th>duplicates</th><th>rejected</th><th>excluded</th></tr>"
     );
     for row in &analysis.targets {
         let group = analysis.categories.iter().find(|g| g.name == row.category);
@@ -153,9 +153,9 @@ svg text {{ font-family: inherit; font-size: 12px; fill: #333; }}
     // 4. Sources.
     html.push_str("<section id=\"sources\">\n<h2>Sources</h2>\n");
     html.push_str(&source_chart(&analysis.sources));
-    let _ = write!(
+    let _ = writeln!(
         html,
-        "<table><tr><th>source</th><th>examples</th><th>share</th><th>{tokens_label}</th><th>mean</th><th>median</th><th>p95</th><th>turns</th><th>duplicates</th><th>rejected</th><th>excluded</th></tr>\n"
+        "<table><tr><th>source</th><th>examples</th><th>share</th><th>{tokens_label}</th><th>mean</th><th>median</th><th>p95</th><th>turns</th><th>duplicates</th><th>rejected</th><th>excluded</th></tr>"
     );
     for group in &analysis.sources {
         let _ = write!(

@@ -153,10 +153,21 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|i| i.state == ImportState::Partial)
         .count();
+    // Examples excluded by at least one quality filter.
+    let mut excluded = 0u64;
+    let mut last = None;
+    for item in store.exclusions() {
+        let (hash, _) = item?;
+        if last != Some(hash) {
+            excluded += 1;
+            last = Some(hash);
+        }
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         let value = json!({
             "examples": counters.examples,
+            "excluded": excluded,
             "read": counters.read,
             "duplicates": counters.duplicates,
             "rejected": counters.rejected,
@@ -170,7 +181,11 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     writeln!(out, "store      {}", store.path().display())?;
-    writeln!(out, "examples   {}", counters.examples)?;
+    writeln!(
+        out,
+        "examples   {} ({} excluded by quality filters)",
+        counters.examples, excluded
+    )?;
     let shape = super::ingest::shape_note(&corpusdb::store::ImportCounts {
         joined: counters.joined,
         extra: counters.extra,
