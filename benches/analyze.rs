@@ -34,17 +34,14 @@ fn main() {
     let store_dir = work.join(format!("store-{records}"));
     if !store_dir.exists() {
         let corpus = work.join(format!("corpus-{records}.jsonl"));
-        let mut out = BufWriter::new(std::fs::File::create(&corpus).unwrap());
-        synth::generate(
-            &mut out,
+        synth::generate_file(
+            &corpus,
             &SynthSpec {
                 records,
                 ..SynthSpec::default()
             },
         )
         .unwrap();
-        out.flush().unwrap();
-        drop(out);
         let store = Store::open(&store_dir).unwrap();
         let started = Instant::now();
         ingest::ingest_file(

@@ -8,8 +8,6 @@
 //!
 //! Under `cargo test --all-targets` it runs once on 2,000 records as a smoke test.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -62,14 +60,12 @@ fn parts(work: &Path, records: u64) -> Vec<PathBuf> {
         .map(|(i, category)| {
             let path = work.join(format!("part-{records}-{category}.jsonl"));
             if !path.exists() {
-                let mut out = BufWriter::new(File::create(&path).unwrap());
                 let spec = SynthSpec {
                     records: records / 10,
                     seed: 1000 + i as u64,
                     ..SynthSpec::default()
                 };
-                synth::generate(&mut out, &spec).unwrap();
-                out.flush().unwrap();
+                synth::generate_file(&path, &spec).unwrap();
             }
             path
         })

@@ -78,16 +78,14 @@ fn main() {
     let corpus = work.join(format!("corpus-{records}.jsonl"));
     if !corpus.exists() {
         let started = Instant::now();
-        let mut out = BufWriter::new(File::create(&corpus).unwrap());
-        let stats = synth::generate(
-            &mut out,
+        let stats = synth::generate_file(
+            &corpus,
             &SynthSpec {
                 records,
                 ..SynthSpec::default()
             },
         )
         .unwrap();
-        out.flush().unwrap();
         eprintln!(
             "generated {} records ({} unique) in {:.1}s",
             stats.records,

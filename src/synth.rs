@@ -284,6 +284,14 @@ fn record(content_seed: u64, variant: u64) -> serde_json::Value {
     }
 }
 
+/// Writes `spec.records` JSONL records to a new file at `path`.
+pub fn generate_file(path: &std::path::Path, spec: &SynthSpec) -> io::Result<SynthStats> {
+    let mut out = io::BufWriter::new(std::fs::File::create(path)?);
+    let stats = generate(&mut out, spec)?;
+    out.flush()?;
+    Ok(stats)
+}
+
 /// Writes `spec.records` JSONL records to `out`.
 pub fn generate(out: &mut impl Write, spec: &SynthSpec) -> io::Result<SynthStats> {
     let mut rng = SplitMix64::new(spec.seed);
