@@ -325,6 +325,63 @@ impl Acc {
 /// Examples whose text is collected before tokenizing them in parallel.
 const TOKEN_CHUNK: usize = 4096;
 
+/// Token counts of every example by ordinal, from the tokenizer's cache in the store;
+/// examples not counted yet are tokenized (in parallel) and the cache is updated. The
+/// second value is a note when the cache could not be written.
+pub fn token_counts(
+    store: &Store,
+    counter: &TokenCounter,
+    progress: &dyn Fn(u64, u64),
+) -> store::Result<(Vec<u32>, Option<String>)> {
+    let examples = store.counters()?.examples;
+    let mut cache = TokenCache::open(store.path(), &counter.fingerprint, examples);
+    let missing = cache.counts.iter().filter(|&&n| n == NOT_COUNTED).count() as u64;
+    if missing > 0 {
+        let mut pending: Vec<(u64, Vec<String>)> = Vec::new();
+        let mut done = 0u64;
+        let mut count = |pending: &mut Vec<(u64, Vec<String>)>, cache: &mut TokenCache| {
+            let counted: Vec<(u64, u32)> = pending
+                .par_iter()
+                .map(|(ordinal, contents)| (*ordinal, counter.count(contents)))
+                .collect();
+            for (ordinal, n) in counted {
+                cache.counts[ordinal as usize] = n;
+            }
+            cache.dirty = true;
+            done += pending.len() as u64;
+            progress(done, missing);
+            pending.clear();
+        };
+        store.for_each_example(|_, example| {
+            if cache
+                .counts
+                .get(example.ordinal as usize)
+                .is_some_and(|&n| n == NOT_COUNTED)
+            {
+                let contents = example
+                    .conversation
+                    .messages
+                    .into_iter()
+                    .map(|m| m.content)
+                    .collect();
+                pending.push((example.ordinal, contents));
+                if pending.len() >= TOKEN_CHUNK {
+                    count(&mut pending, &mut cache);
+                }
+            }
+            Ok(())
+        })?;
+        count(&mut pending, &mut cache);
+    }
+    let note = cache.save().err().map(|e| {
+        format!(
+            "token counts not cached ({}: {e}); the next run counts again",
+            cache.path.display()
+        )
+    });
+    Ok((cache.counts, note))
+}
+
 /// Analyses the store. `progress(done, total)` is called as examples are read.
 pub fn analyze(
     store: &Store,
@@ -341,25 +398,16 @@ pub fn analyze(
         excluded_hashes.insert(item?.0);
     }
     let mut names = Names::default();
-    let mut cache =
-        tokens.map(|t| TokenCache::open(store.path(), &t.fingerprint, counters.examples));
-    let mut rows: Vec<Row> = Vec::with_capacity(counters.examples as usize);
-    let mut pending: Vec<(u64, Vec<String>)> = Vec::new();
-    let count_pending = |pending: &mut Vec<(u64, Vec<String>)>, cache: &mut Option<TokenCache>| {
-        if let (Some(counter), Some(cache)) = (tokens, cache.as_mut()) {
-            let counted: Vec<(u64, u32)> = pending
-                .par_iter()
-                .map(|(ordinal, contents)| (*ordinal, counter.count(contents)))
-                .collect();
-            for (ordinal, n) in counted {
-                if let Some(slot) = cache.counts.get_mut(ordinal as usize) {
-                    *slot = n;
-                    cache.dirty = true;
-                }
-            }
+    let mut notes = Vec::new();
+    let token_counts = match tokens {
+        Some(counter) => {
+            let (counts, note) = token_counts(store, counter, progress)?;
+            notes.extend(note);
+            Some(counts)
         }
-        pending.clear();
+        None => None,
     };
+    let mut rows: Vec<Row> = Vec::with_capacity(counters.examples as usize);
     let mut provenance = store.provenance_cursor();
     let mut done = 0u64;
     store.for_each_example(|hash, example| {
@@ -377,41 +425,13 @@ pub fn analyze(
             duplicates: sources.len().saturating_sub(1) as u32,
             excluded: excluded_hashes.contains(hash),
         });
-        if let Some(cache) = &cache {
-            if cache
-                .counts
-                .get(example.ordinal as usize)
-                .is_some_and(|&n| n == NOT_COUNTED)
-            {
-                let contents = example
-                    .conversation
-                    .messages
-                    .into_iter()
-                    .map(|m| m.content)
-                    .collect();
-                pending.push((example.ordinal, contents));
-            }
-        }
-        if pending.len() >= TOKEN_CHUNK {
-            count_pending(&mut pending, &mut cache);
-        }
         done += 1;
         if done % 16_384 == 0 {
             progress(done, counters.examples);
         }
         Ok(())
     })?;
-    count_pending(&mut pending, &mut cache);
     progress(done, counters.examples);
-    let mut notes = Vec::new();
-    if let Some(cache) = &cache {
-        if let Err(e) = cache.save() {
-            notes.push(format!(
-                "token counts not cached ({}: {e}); the next analysis counts again",
-                cache.path.display()
-            ));
-        }
-    }
 
     let in_use = rows.iter().filter(|r| !r.excluded).count() as u64;
     let mut categories: BTreeMap<u32, Acc> = BTreeMap::new();
@@ -419,8 +439,8 @@ pub fn analyze(
     let mut sources_per_category: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let (mut total_chars, mut total_tokens) = (0u64, 0u64);
     for row in &rows {
-        let tokens = match &cache {
-            Some(cache) => u64::from(cache.counts[row.ordinal as usize]),
+        let tokens = match &token_counts {
+            Some(counts) => u64::from(counts[row.ordinal as usize]),
             None => row.chars.div_ceil(4),
         };
         for acc in [

@@ -27,8 +27,10 @@
 //! ```
 
 pub mod analyze;
+pub mod batches;
 pub mod category;
 pub mod conversation;
+pub mod curriculum;
 pub mod export;
 pub mod filters;
 pub mod formats;

@@ -8,6 +8,7 @@ mod generate;
 mod index;
 mod ingest;
 mod inspect;
+mod plan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ Typical use:
   corpusdb formats
   corpusdb filter --dry-run
   corpusdb analyze --html report.html
+  corpusdb plan --curriculum configs/curriculum/emergent_personality.yaml
+  corpusdb batches --curriculum configs/curriculum/emergent_personality.yaml --tokenizer DIR
   corpusdb stats
   corpusdb imports
   corpusdb rejects --source dolly
@@ -57,6 +60,8 @@ enum Command {
     Formats(formats::Args),
     Filter(filter::Args),
     Analyze(analyze::Args),
+    Plan(plan::PlanArgs),
+    Batches(plan::BatchesArgs),
     Imports(inspect::ImportsArgs),
     Stats(inspect::StatsArgs),
     Show(inspect::ShowArgs),
@@ -77,6 +82,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Formats(args) => formats::run(args),
         Command::Filter(args) => filter::run(&cli.store, args),
         Command::Analyze(args) => analyze::run(&cli.store, args),
+        Command::Plan(args) => plan::plan(&cli.store, args),
+        Command::Batches(args) => plan::batches(&cli.store, args),
         Command::Imports(args) => inspect::imports(&cli.store, args),
         Command::Stats(args) => inspect::stats(&cli.store, args),
         Command::Show(args) => inspect::show(&cli.store, args),

@@ -62,6 +62,9 @@ struct Fields {
     imported: Field,
     /// Names of the filters that exclude the example, plus [`EXCLUDED_MARK`].
     excluded: Field,
+    /// The first 8 bytes of the hash, big-endian: a stable pseudo-random key per content
+    /// (held-out splits are chosen by it).
+    split: Field,
     text: Option<Field>,
 }
 
@@ -80,6 +83,7 @@ fn schema(full_text: bool) -> Schema {
     builder.add_u64_field("chars", number);
     builder.add_u64_field("imported", FAST);
     builder.add_text_field("excluded", STRING | FAST | STORED);
+    builder.add_u64_field("split", FAST);
     if full_text {
         builder.add_text_field("text", TEXT);
     }
@@ -102,6 +106,7 @@ fn fields(schema: &Schema) -> Fields {
         chars: get("chars"),
         imported: get("imported"),
         excluded: get("excluded"),
+        split: get("split"),
         text: schema.get_field("text").ok(),
     }
 }
@@ -289,6 +294,7 @@ impl Index {
         let mut doc = TantivyDocument::default();
         doc.add_text(f.hash, hash.to_hex());
         doc.add_u64(f.ordinal, example.ordinal);
+        doc.add_u64(f.split, split_key(hash));
         doc.add_text(f.category, &example.category);
         for source in sources {
             doc.add_text(f.source, source);
@@ -422,6 +428,15 @@ impl Index {
         let searcher = self.searcher()?;
         searcher
             .search(&query, &OrdinalCollector)
+            .map_err(|e| self.error(e))
+    }
+
+    /// (ordinal, split key) of every visible match, in ordinal order.
+    pub fn selection(&self, expr: &Expr) -> Result<Vec<(u64, u64)>> {
+        let query = self.compile_visible(expr)?;
+        let searcher = self.searcher()?;
+        searcher
+            .search(&query, &SelectionCollector)
             .map_err(|e| self.error(e))
     }
 
@@ -592,6 +607,61 @@ impl Index {
                     .collect::<Result<_>>()?,
             )),
         })
+    }
+}
+
+/// The split key of a hash: its first 8 bytes, big-endian.
+pub fn split_key(hash: &ContentHash) -> u64 {
+    u64::from_be_bytes(hash.as_bytes()[..8].try_into().expect("20 bytes"))
+}
+
+/// Collects (ordinal, split key) of every match.
+struct SelectionCollector;
+
+struct SelectionSegmentCollector {
+    ordinal: tantivy::columnar::Column<u64>,
+    split: tantivy::columnar::Column<u64>,
+    out: Vec<(u64, u64)>,
+}
+
+impl tantivy::collector::Collector for SelectionCollector {
+    type Fruit = Vec<(u64, u64)>;
+    type Child = SelectionSegmentCollector;
+
+    fn for_segment(
+        &self,
+        _segment: tantivy::SegmentOrdinal,
+        reader: &tantivy::SegmentReader,
+    ) -> tantivy::Result<SelectionSegmentCollector> {
+        Ok(SelectionSegmentCollector {
+            ordinal: reader.fast_fields().u64("ordinal")?,
+            split: reader.fast_fields().u64("split")?,
+            out: Vec::new(),
+        })
+    }
+
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+
+    fn merge_fruits(&self, fruits: Vec<Vec<(u64, u64)>>) -> tantivy::Result<Vec<(u64, u64)>> {
+        let mut all = fruits.concat();
+        all.sort_unstable();
+        Ok(all)
+    }
+}
+
+impl tantivy::collector::SegmentCollector for SelectionSegmentCollector {
+    type Fruit = Vec<(u64, u64)>;
+
+    fn collect(&mut self, doc: tantivy::DocId, _score: tantivy::Score) {
+        if let (Some(ordinal), Some(split)) = (self.ordinal.first(doc), self.split.first(doc)) {
+            self.out.push((ordinal, split));
+        }
+    }
+
+    fn harvest(self) -> Vec<(u64, u64)> {
+        self.out
     }
 }
 

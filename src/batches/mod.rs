@@ -1,0 +1,333 @@
+//! Training batches straight from the store: plan positions -> conversations -> chat
+//! template and tokens with a loss mask -> packed (or padded) rows -> candle tensors.
+//!
+//! A step takes the next `ranks × batch_size` positions of the plan's global order (never
+//! crossing a phase, whose learning rate applies to the whole step); rank `r` gets every
+//! `ranks`-th of them starting at `r`. The sampler state after the step is the position
+//! after that window, so a run resumed from it, with any number of ranks, continues the
+//! same global order without repeating or skipping an example.
+//!
+//! Rows hold `max_seq_len` tokens. With packing, examples are placed first-fit by
+//! decreasing length; each keeps its own position ids (from 0) and segment id, and
+//! `cu_seqlens` gives every example's start and end in the flattened rows, so attention
+//! never crosses examples. Without packing each example has its own row, padded to the
+//! longest in the batch. An example longer than `max_seq_len` keeps its first
+//! `max_seq_len` tokens (counted as truncated).
+
+pub mod template;
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::curriculum::{Plan, SamplerState};
+use crate::store::Store;
+pub use template::{ChatTokenizer, Tokenized};
+
+/// Label of a token that is not trained (the usual ignore index of cross-entropy).
+pub const IGNORE: i64 = -100;
+
+#[derive(Clone, Debug)]
+pub struct BatchOptions {
+    /// Examples per rank per step.
+    pub batch_size: usize,
+    pub max_seq_len: usize,
+    pub packing: bool,
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            batch_size: 8,
+            max_seq_len: 2048,
+            packing: true,
+            rank: 0,
+            ranks: 1,
+        }
+    }
+}
+
+/// One step's batch for one rank.
+#[derive(Debug)]
+pub struct Batch {
+    /// Global plan positions of this rank's examples, in row order of `cu_seqlens`.
+    pub positions: Vec<u64>,
+    pub ordinals: Vec<u64>,
+    pub phase: usize,
+    pub learning_rate: f64,
+    /// `[rows, width]` token ids (u32), padding with the tokenizer's pad id.
+    pub input_ids: Tensor,
+    /// `[rows, width]` (i64): the token id where trained, [`IGNORE`] elsewhere.
+    pub labels: Tensor,
+    /// `[rows, width]` (u32): position of each token within its own example.
+    pub position_ids: Tensor,
+    /// `[rows, width]` (u32): 1 + index of the token's example in the batch, 0 for padding.
+    pub segment_ids: Tensor,
+    /// `[examples + 1]` (u32): start offsets of the examples in the flattened rows.
+    pub cu_seqlens: Tensor,
+    /// Real tokens, trained tokens, row capacity (rows × width), truncated tokens.
+    pub tokens: usize,
+    pub trained_tokens: usize,
+    pub capacity: usize,
+    pub truncated: usize,
+    /// Examples that could not be tokenized (see `skipped_reasons`), left out.
+    pub skipped: Vec<(u64, String)>,
+    /// Where the run stands after this step (for every rank alike).
+    pub next: SamplerState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("ordinal {0} is in the plan but not in the store")]
+    Missing(u64),
+}
+
+/// The window of global positions a step starting at `position` covers.
+pub fn step_window(plan: &Plan, position: u64, options: &BatchOptions) -> Option<(u64, u64)> {
+    let here = plan.at(position)?;
+    let phase = &plan.phases[here.phase];
+    let end =
+        (position + (options.ranks * options.batch_size) as u64).min(phase.start + phase.len());
+    Some((position, end))
+}
+
+/// Builds the batch of `options.rank` for the step starting at `position`; `None` when
+/// the plan is finished.
+pub fn batch_at(
+    store: &Store,
+    plan: &Plan,
+    tokenizer: &ChatTokenizer,
+    position: u64,
+    options: &BatchOptions,
+) -> Result<Option<Batch>, Error> {
+    let Some((start, end)) = step_window(plan, position, options) else {
+        return Ok(None);
+    };
+    let mine: Vec<u64> = (start + options.rank as u64..end)
+        .step_by(options.ranks.max(1))
+        .collect();
+    let mut items = Vec::with_capacity(mine.len());
+    for &p in &mine {
+        let planned = plan.at(p).expect("inside the plan");
+        let hash = store
+            .hash_at(planned.ordinal)?
+            .ok_or(Error::Missing(planned.ordinal))?;
+        let example = store.get(&hash)?.ok_or(Error::Missing(planned.ordinal))?;
+        items.push((p, planned.ordinal, example.conversation));
+    }
+    let encoded: Vec<(u64, u64, Result<Tokenized, String>)> = items
+        .into_par_iter()
+        .map(|(p, ordinal, conversation)| (p, ordinal, tokenizer.encode(&conversation)))
+        .collect();
+    let phase = plan.at(start).expect("inside the plan").phase;
+    let mut examples = Vec::with_capacity(encoded.len());
+    let mut skipped = Vec::new();
+    let mut truncated = 0;
+    for (p, ordinal, result) in encoded {
+        match result {
+            Ok(mut tokens) => {
+                if tokens.ids.len() > options.max_seq_len {
+                    truncated += tokens.ids.len() - options.max_seq_len;
+                    tokens.ids.truncate(options.max_seq_len);
+                    tokens.trained.truncate(options.max_seq_len);
+                }
+                examples.push((p, ordinal, tokens));
+            }
+            Err(reason) => skipped.push((ordinal, reason)),
+        }
+    }
+    let mut batch = assemble(examples, tokenizer.pad_id, options)?;
+    batch.phase = phase;
+    batch.learning_rate = plan.phases[phase].learning_rate;
+    batch.truncated = truncated;
+    batch.skipped = skipped;
+    batch.next = plan.state(end);
+    Ok(Some(batch))
+}
+
+/// Rows of examples: packed first-fit by decreasing length, or one per row.
+fn assemble(
+    mut examples: Vec<(u64, u64, Tokenized)>,
+    pad_id: u32,
+    options: &BatchOptions,
+) -> Result<Batch, Error> {
+    // Row of each example and its offset in that row.
+    let mut rows: Vec<usize> = Vec::new(); // used length per row
+    let mut placed: Vec<(usize, usize)> = Vec::with_capacity(examples.len());
+    let width;
+    if options.packing {
+        width = options.max_seq_len;
+        // Longest first; equal lengths keep plan order, so the layout is deterministic.
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        order.sort_by(|&a, &b| {
+            examples[b]
+                .2
+                .ids
+                .len()
+                .cmp(&examples[a].2.ids.len())
+                .then(a.cmp(&b))
+        });
+        let mut slot = vec![(0, 0); examples.len()];
+        for i in order {
+            let len = examples[i].2.ids.len();
+            let row = match rows.iter().position(|&used| used + len <= width) {
+                Some(row) => row,
+                None => {
+                    rows.push(0);
+                    rows.len() - 1
+                }
+            };
+            slot[i] = (row, rows[row]);
+            rows[row] += len;
+        }
+        // Examples in row-major order of the layout, for cu_seqlens.
+        let mut by_layout: Vec<usize> = (0..examples.len()).collect();
+        by_layout.sort_by_key(|&i| slot[i]);
+        let mut reordered = Vec::with_capacity(examples.len());
+        let mut taken: Vec<Option<(u64, u64, Tokenized)>> =
+            examples.into_iter().map(Some).collect();
+        for i in by_layout {
+            placed.push(slot[i]);
+            reordered.push(taken[i].take().expect("each once"));
+        }
+        examples = reordered;
+    } else {
+        width = examples
+            .iter()
+            .map(|e| e.2.ids.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        for (i, e) in examples.iter().enumerate() {
+            rows.push(e.2.ids.len());
+            placed.push((i, 0));
+        }
+    }
+    let n_rows = rows.len().max(1);
+    let mut input_ids = vec![pad_id; n_rows * width];
+    let mut labels = vec![IGNORE; n_rows * width];
+    let mut position_ids = vec![0u32; n_rows * width];
+    let mut segment_ids = vec![0u32; n_rows * width];
+    let mut cu_seqlens = Vec::with_capacity(examples.len() + 1);
+    let (mut tokens, mut trained_tokens) = (0, 0);
+    for (i, ((_, _, example), &(row, offset))) in examples.iter().zip(&placed).enumerate() {
+        let base = row * width + offset;
+        cu_seqlens.push(base as u32);
+        for (j, (&id, &trained)) in example.ids.iter().zip(&example.trained).enumerate() {
+            input_ids[base + j] = id;
+            position_ids[base + j] = j as u32;
+            segment_ids[base + j] = i as u32 + 1;
+            if trained {
+                labels[base + j] = i64::from(id);
+                trained_tokens += 1;
+            }
+        }
+        tokens += example.ids.len();
+    }
+    let end = examples
+        .last()
+        .zip(placed.last())
+        .map_or(0, |((_, _, e), &(row, offset))| {
+            row * width + offset + e.ids.len()
+        });
+    cu_seqlens.push(end as u32);
+    let device = Device::Cpu;
+    let shape = (n_rows, width);
+    Ok(Batch {
+        positions: examples.iter().map(|e| e.0).collect(),
+        ordinals: examples.iter().map(|e| e.1).collect(),
+        phase: 0,
+        learning_rate: 0.0,
+        input_ids: Tensor::from_vec(input_ids, shape, &device)?,
+        labels: Tensor::from_vec(labels, shape, &device)?,
+        position_ids: Tensor::from_vec(position_ids, shape, &device)?,
+        segment_ids: Tensor::from_vec(segment_ids, shape, &device)?,
+        cu_seqlens: Tensor::new(cu_seqlens.as_slice(), &device)?,
+        tokens,
+        trained_tokens,
+        capacity: n_rows * width,
+        truncated: 0,
+        skipped: Vec::new(),
+        next: SamplerState {
+            fingerprint: String::new(),
+            position: 0,
+        },
+    })
+}
+
+/// Totals of a stream of batches.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StreamStats {
+    pub batches: u64,
+    pub examples: u64,
+    pub tokens: u64,
+    pub trained_tokens: u64,
+    pub capacity: u64,
+    pub truncated: u64,
+    pub skipped: u64,
+    pub seconds_to_first_batch: f64,
+    pub seconds: f64,
+}
+
+/// Streams this rank's batches from `position` on: a background thread builds them into
+/// a bounded queue (`prefetch` batches ahead) while `consume` uses them; `consume`
+/// returns `false` to stop.
+pub fn stream(
+    store: &Store,
+    plan: &Plan,
+    tokenizer: &ChatTokenizer,
+    position: u64,
+    options: &BatchOptions,
+    prefetch: usize,
+    mut consume: impl FnMut(Batch) -> bool,
+) -> Result<StreamStats, Error> {
+    let started = Instant::now();
+    let mut stats = StreamStats::default();
+    std::thread::scope(|scope| -> Result<(), Error> {
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Batch, Error>>(prefetch.max(1));
+        scope.spawn(move || {
+            let mut at = position;
+            loop {
+                match batch_at(store, plan, tokenizer, at, options) {
+                    Ok(Some(batch)) => {
+                        at = batch.next.position;
+                        if tx.send(Ok(batch)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        for batch in rx {
+            let batch = batch?;
+            if stats.batches == 0 {
+                stats.seconds_to_first_batch = started.elapsed().as_secs_f64();
+            }
+            stats.batches += 1;
+            stats.examples += batch.positions.len() as u64;
+            stats.tokens += batch.tokens as u64;
+            stats.trained_tokens += batch.trained_tokens as u64;
+            stats.capacity += batch.capacity as u64;
+            stats.truncated += batch.truncated as u64;
+            stats.skipped += batch.skipped.len() as u64;
+            if !consume(batch) {
+                break;
+            }
+        }
+        Ok(())
+    })?;
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
+}

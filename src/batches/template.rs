@@ -1,0 +1,258 @@
+//! Conversations to token ids with a loss mask: the model's chat template, then the
+//! tokenizer.
+//!
+//! The template is `chat_template` of `tokenizer_config.json`, rendered with minijinja the
+//! way Hugging Face renders it (`trim_blocks`, `lstrip_blocks`, Python string methods,
+//! `raise_exception`, `bos_token` / `eos_token`, `add_generation_prompt = false`); without
+//! one, ChatML (`<|im_start|>role\n...<|im_end|>\n`). In the rendered text each assistant
+//! message's content, plus the end-of-turn token right after it, is a trained span; the
+//! text is tokenized span by span so the mask falls exactly on token boundaries.
+
+use std::path::{Path, PathBuf};
+
+use crate::conversation::{Conversation, Role};
+
+/// A tokenizer with its chat template.
+pub struct ChatTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    template: Template,
+    /// End-of-turn text trained after each assistant message when the template puts it
+    /// right after the content.
+    end_of_turn: String,
+    pub pad_id: u32,
+}
+
+enum Template {
+    Jinja(Box<minijinja::Environment<'static>>, Specials),
+    ChatMl,
+}
+
+struct Specials {
+    bos: String,
+    eos: String,
+}
+
+/// One tokenized example: ids and, per id, whether it is trained (an assistant token).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tokenized {
+    pub ids: Vec<u32>,
+    pub trained: Vec<bool>,
+}
+
+fn token_text(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
+
+impl ChatTokenizer {
+    /// Loads `tokenizer.json` and, beside it, `tokenizer_config.json` if present. `path`
+    /// is the file or the directory holding it.
+    pub fn load(path: &Path) -> Result<ChatTokenizer, String> {
+        let (file, dir): (PathBuf, PathBuf) = if path.is_dir() {
+            (path.join("tokenizer.json"), path.to_owned())
+        } else {
+            (
+                path.to_owned(),
+                path.parent().unwrap_or(Path::new(".")).to_owned(),
+            )
+        };
+        let tokenizer = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| format!("{}: not a tokenizer.json: {e}", file.display()))?;
+        let config_file = dir.join("tokenizer_config.json");
+        let config: Option<serde_json::Value> = match std::fs::read_to_string(&config_file) {
+            Ok(text) => Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("{}: {e}", config_file.display()))?,
+            ),
+            Err(_) => None,
+        };
+        let template_source = config.as_ref().and_then(|c| match c.get("chat_template")? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            // A list of named templates: the default one.
+            serde_json::Value::Array(list) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(String::from)),
+            _ => None,
+        });
+        let specials = Specials {
+            bos: token_text(config.as_ref().and_then(|c| c.get("bos_token"))).unwrap_or_default(),
+            eos: token_text(config.as_ref().and_then(|c| c.get("eos_token"))).unwrap_or_default(),
+        };
+        let (template, end_of_turn) = match template_source {
+            Some(source) => {
+                let mut env = minijinja::Environment::new();
+                env.set_syntax(
+                    minijinja::syntax::SyntaxConfig::builder()
+                        .trim_blocks(true)
+                        .lstrip_blocks(true)
+                        .build()
+                        .map_err(|e| e.to_string())?,
+                );
+                env.set_unknown_method_callback(
+                    minijinja_contrib::pycompat::unknown_method_callback,
+                );
+                env.add_function(
+                    "raise_exception",
+                    |message: String| -> Result<String, minijinja::Error> {
+                        Err(minijinja::Error::new(
+                            minijinja::ErrorKind::InvalidOperation,
+                            message,
+                        ))
+                    },
+                );
+                env.add_template_owned("chat", source)
+                    .map_err(|e| format!("{}: chat_template: {e}", config_file.display()))?;
+                // Templates end assistant turns with their own marker; ChatML-style
+                // templates use <|im_end|>, most others the eos token.
+                let end = if env
+                    .get_template("chat")
+                    .map(|t| t.source().contains("<|im_end|>"))
+                    .unwrap_or(false)
+                {
+                    "<|im_end|>".to_string()
+                } else {
+                    specials.eos.clone()
+                };
+                (Template::Jinja(Box::new(env), specials), end)
+            }
+            None => (Template::ChatMl, "<|im_end|>".to_string()),
+        };
+        let pad_id = ["<pad>", "<|pad|>", "[PAD]", "<|endoftext|>", "</s>"]
+            .iter()
+            .find_map(|t| tokenizer.token_to_id(t))
+            .unwrap_or(0);
+        Ok(ChatTokenizer {
+            tokenizer,
+            template,
+            end_of_turn,
+            pad_id,
+        })
+    }
+
+    /// Whether a chat template from tokenizer_config.json is used (else ChatML).
+    pub fn has_model_template(&self) -> bool {
+        matches!(self.template, Template::Jinja(..))
+    }
+
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The conversation as the model sees it.
+    pub fn render(&self, conversation: &Conversation) -> Result<String, String> {
+        match &self.template {
+            Template::ChatMl => {
+                let mut text = String::new();
+                for m in &conversation.messages {
+                    text.push_str("<|im_start|>");
+                    text.push_str(m.role.as_str());
+                    text.push('\n');
+                    text.push_str(&m.content);
+                    if let Some(calls) = &m.tool_calls {
+                        if !m.content.is_empty() {
+                            text.push('\n');
+                        }
+                        text.push_str(calls);
+                    }
+                    text.push_str("<|im_end|>\n");
+                }
+                Ok(text)
+            }
+            Template::Jinja(env, specials) => {
+                let messages: Vec<serde_json::Value> = conversation
+                    .messages
+                    .iter()
+                    .map(|m| {
+                        let mut v =
+                            serde_json::json!({"role": m.role.as_str(), "content": m.content});
+                        if let Some(name) = &m.name {
+                            v["name"] = name.clone().into();
+                        }
+                        if let Some(calls) = &m.tool_calls {
+                            v["tool_calls"] =
+                                serde_json::from_str(calls).unwrap_or(serde_json::Value::Null);
+                        }
+                        v
+                    })
+                    .collect();
+                let tools: Option<serde_json::Value> = conversation
+                    .tools
+                    .as_deref()
+                    .and_then(|t| serde_json::from_str(t).ok());
+                let template = env.get_template("chat").map_err(|e| e.to_string())?;
+                template
+                    .render(minijinja::context! {
+                        messages => minijinja::Value::from(minijinja::value::Serde(&messages)),
+                        tools => minijinja::Value::from(minijinja::value::Serde(&tools)),
+                        add_generation_prompt => false,
+                        bos_token => specials.bos.as_str(),
+                        eos_token => specials.eos.as_str(),
+                    })
+                    .map_err(|e| format!("chat template: {e}"))
+            }
+        }
+    }
+
+    /// Byte spans of the rendered text that are trained: each assistant message's content
+    /// and the end-of-turn marker right after it.
+    fn trained_spans(
+        &self,
+        text: &str,
+        conversation: &Conversation,
+    ) -> Result<Vec<(usize, usize)>, String> {
+        let mut spans = Vec::new();
+        let mut cursor = 0;
+        for m in conversation
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+        {
+            if m.content.is_empty() {
+                continue;
+            }
+            let at = text[cursor..].find(m.content.as_str()).ok_or_else(|| {
+                "the chat template changes the assistant's text, so its tokens cannot be found"
+                    .to_string()
+            })? + cursor;
+            let mut end = at + m.content.len();
+            if !self.end_of_turn.is_empty() && text[end..].starts_with(self.end_of_turn.as_str()) {
+                end += self.end_of_turn.len();
+            }
+            spans.push((at, end));
+            cursor = end;
+        }
+        Ok(spans)
+    }
+
+    /// Token ids of the rendered conversation and which of them are trained.
+    pub fn encode(&self, conversation: &Conversation) -> Result<Tokenized, String> {
+        let text = self.render(conversation)?;
+        let spans = self.trained_spans(&text, conversation)?;
+        let mut out = Tokenized::default();
+        let mut push = |segment: &str, trained: bool| -> Result<(), String> {
+            if segment.is_empty() {
+                return Ok(());
+            }
+            let encoding = self
+                .tokenizer
+                .encode_fast(segment, false)
+                .map_err(|e| format!("tokenizer: {e}"))?;
+            out.ids.extend_from_slice(encoding.get_ids());
+            out.trained
+                .extend(std::iter::repeat_n(trained, encoding.len()));
+            Ok(())
+        };
+        let mut at = 0;
+        for (start, end) in spans {
+            push(&text[at..start], false)?;
+            push(&text[start..end], true)?;
+            at = end;
+        }
+        push(&text[at..], false)?;
+        Ok(out)
+    }
+}

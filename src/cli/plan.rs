@@ -1,0 +1,308 @@
+//! `corpusdb plan` and `corpusdb batches`: the curriculum's order, and training batches
+//! streamed from it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use corpusdb::batches::{self, BatchOptions, ChatTokenizer};
+use corpusdb::curriculum::{Curriculum, Plan, SamplerState};
+use serde_json::json;
+
+/// Show what a curriculum trains on, phase by phase.
+///
+/// Per phase: examples per epoch and in all, epochs, learning rate, steps for a batch
+/// size, and per mixture group the examples available, used per epoch, the repeat factor
+/// and the target against the realised share. With --tokenizer, the exact number of
+/// content tokens the phase trains on (counts cached in the store, as `analyze` does).
+/// The plan's order is a pure function of the store, the curriculum and its seed; its
+/// fingerprint names it in sampler states.
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// The curriculum (YAML), e.g. configs/curriculum/emergent_personality.yaml.
+    #[arg(long)]
+    curriculum: PathBuf,
+    /// A tokenizer.json (or a model directory) for exact token counts.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Examples per optimizer step (all ranks together), for the step counts.
+    #[arg(long, default_value_t = 32)]
+    batch_size: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn plan(store_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode> {
+    let curriculum = Curriculum::load(&args.curriculum)?;
+    let (store, index) = super::index::open_for_reading(store_path)?;
+    let started = std::time::Instant::now();
+    let plan = Plan::build(&index, &curriculum)?;
+    let built = started.elapsed().as_secs_f64();
+    let tokens = match &args.tokenizer {
+        Some(path) => {
+            let counter =
+                corpusdb::analyze::TokenCounter::load(path).map_err(anyhow::Error::msg)?;
+            let bar = super::index::bar("counting tokens", 0);
+            let (counts, note) =
+                corpusdb::analyze::token_counts(&store, &counter, &|done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done)
+                })?;
+            bar.finish_and_clear();
+            if let Some(note) = note {
+                eprintln!("note: {note}");
+            }
+            Some(counts)
+        }
+        None => None,
+    };
+    let batch = args.batch_size.max(1);
+    let mut phases = Vec::new();
+    for (i, phase) in plan.phases.iter().enumerate() {
+        let phase_tokens = tokens.as_ref().map(|counts| {
+            (phase.start..phase.start + phase.len())
+                .map(|p| u64::from(counts[plan.at(p).expect("in plan").ordinal as usize]))
+                .sum::<u64>()
+        });
+        let groups: Vec<_> = phase
+            .groups
+            .iter()
+            .map(|g| {
+                json!({
+                    "name": g.name,
+                    "available": g.ordinals.len(),
+                    "per_epoch": g.quota,
+                    "repeat": if g.ordinals.is_empty() { 0.0 } else { g.quota as f64 / g.ordinals.len() as f64 },
+                    "target_share": g.target_share,
+                    "share": if phase.per_epoch == 0 { 0.0 } else { g.quota as f64 / phase.per_epoch as f64 },
+                })
+            })
+            .collect();
+        phases.push(json!({
+            "phase": i + 1,
+            "name": phase.name,
+            "select": curriculum.phases[i].select,
+            "epochs": phase.epochs,
+            "learning_rate": phase.learning_rate,
+            "per_epoch": phase.per_epoch,
+            "examples": phase.len(),
+            "steps": phase.len().div_ceil(batch),
+            "tokens": phase_tokens,
+            "unmixed": phase.unmixed,
+            "groups": groups,
+            "notes": phase.notes,
+        }));
+    }
+    let value = json!({
+        "curriculum": curriculum.name,
+        "fingerprint": plan.fingerprint,
+        "examples": plan.total,
+        "held_out": plan.eval.len(),
+        "batch_size": batch,
+        "steps": phases.iter().map(|p| p["steps"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "build_seconds": built,
+        "phases": phases,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "curriculum {} (plan {}): {} examples in {} phases, {} held out for evaluation; built in {:.2}s",
+        curriculum.name,
+        plan.fingerprint,
+        plan.total,
+        plan.phases.len(),
+        plan.eval.len(),
+        built
+    );
+    for phase in value["phases"].as_array().expect("phases") {
+        println!(
+            "\n{}. {}  [{}]\n   {} epoch(s) x {} = {} examples, lr {}, {} steps of {}{}",
+            phase["phase"],
+            phase["name"].as_str().unwrap_or(""),
+            phase["select"].as_str().unwrap_or(""),
+            phase["epochs"],
+            phase["per_epoch"],
+            phase["examples"],
+            phase["learning_rate"],
+            phase["steps"],
+            batch,
+            match phase["tokens"].as_u64() {
+                Some(t) => format!(", {t} tokens"),
+                None => String::new(),
+            }
+        );
+        if phase["groups"]
+            .as_array()
+            .is_some_and(|g| g.len() > 1 || g[0]["target_share"] != serde_json::Value::Null)
+        {
+            println!(
+                "   {:<16} {:>10} {:>10} {:>7} {:>8} {:>8}",
+                "group", "available", "per epoch", "repeat", "target", "share"
+            );
+            for g in phase["groups"].as_array().expect("groups") {
+                println!(
+                    "   {:<16} {:>10} {:>10} {:>7.2} {:>7.1}% {:>7.1}%",
+                    g["name"].as_str().unwrap_or(""),
+                    g["available"].as_u64().unwrap_or(0),
+                    g["per_epoch"].as_u64().unwrap_or(0),
+                    g["repeat"].as_f64().unwrap_or(0.0),
+                    100.0 * g["target_share"].as_f64().unwrap_or(0.0),
+                    100.0 * g["share"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+        for note in phase["notes"].as_array().into_iter().flatten() {
+            println!("   note: {}", note.as_str().unwrap_or(""));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Stream training batches from the store and report throughput.
+///
+/// Each step takes the next `ranks x batch-size` examples of the plan's order (never
+/// across a phase); this rank gets every `ranks`-th of them. Conversations are rendered
+/// with the model's chat template (tokenizer_config.json beside tokenizer.json, else
+/// ChatML), tokenized with assistant tokens as the only trained labels, and packed into
+/// rows of --max-seq-len tokens (or padded with --no-packing). Prints tokens/s, packing or
+/// padding efficiency and the time to the first batch; --state saves where the run
+/// stands, --resume continues from such a file (with any number of ranks).
+#[derive(clap::Args)]
+pub struct BatchesArgs {
+    #[arg(long)]
+    curriculum: PathBuf,
+    /// tokenizer.json, or a model directory holding it (and tokenizer_config.json).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Examples per rank per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_seq_len: usize,
+    /// One example per row, padded, instead of packing several into each row.
+    #[arg(long)]
+    no_packing: bool,
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
+    /// Stop after this many batches (0: the whole plan).
+    #[arg(long, default_value_t = 0)]
+    limit: u64,
+    /// Write every batch as a JSON line (positions, ordinals, ids, labels, boundaries).
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Continue from a sampler state file written by --state.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Write the sampler state after the last batch to this file.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Batches built ahead on the background thread.
+    #[arg(long, default_value_t = 4)]
+    prefetch: usize,
+}
+
+pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode> {
+    if args.ranks == 0 || args.rank >= args.ranks {
+        bail!("--rank must be below --ranks");
+    }
+    let curriculum = Curriculum::load(&args.curriculum)?;
+    let tokenizer = ChatTokenizer::load(&args.tokenizer).map_err(anyhow::Error::msg)?;
+    let (store, index) = super::index::open_for_reading(store_path)?;
+    let plan = Plan::build(&index, &curriculum)?;
+    let position = match &args.resume {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+            let state: SamplerState =
+                serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+            plan.resume(&state)?
+        }
+        None => 0,
+    };
+    let options = BatchOptions {
+        batch_size: args.batch_size.max(1),
+        max_seq_len: args.max_seq_len.max(1),
+        packing: !args.no_packing,
+        rank: args.rank,
+        ranks: args.ranks,
+    };
+    let mut dump = match &args.dump {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| path.display().to_string())?,
+        )),
+        None => None,
+    };
+    let mut last_state = plan.state(position);
+    let mut failure = None;
+    let mut seen = 0u64;
+    let stats = batches::stream(
+        &store,
+        &plan,
+        &tokenizer,
+        position,
+        &options,
+        args.prefetch,
+        |batch| {
+            last_state = batch.next.clone();
+            if let Some(out) = &mut dump {
+                let line = json!({
+                    "phase": batch.phase,
+                    "learning_rate": batch.learning_rate,
+                    "positions": batch.positions,
+                    "ordinals": batch.ordinals,
+                    "input_ids": batch.input_ids.to_vec2::<u32>().unwrap_or_default(),
+                    "labels": batch.labels.to_vec2::<i64>().unwrap_or_default(),
+                    "position_ids": batch.position_ids.to_vec2::<u32>().unwrap_or_default(),
+                    "cu_seqlens": batch.cu_seqlens.to_vec1::<u32>().unwrap_or_default(),
+                    "next": batch.next,
+                });
+                if let Err(e) = writeln!(out, "{line}") {
+                    failure = Some(e);
+                    return false;
+                }
+            }
+            for (ordinal, reason) in &batch.skipped {
+                eprintln!("skipped ordinal {ordinal}: {reason}");
+            }
+            seen += 1;
+            args.limit == 0 || seen < args.limit
+        },
+    )?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    if let Some(out) = &mut dump {
+        out.flush()?;
+    }
+    if let Some(path) = &args.state {
+        std::fs::write(path, serde_json::to_string(&last_state)?)?;
+    }
+    let secs = stats.seconds.max(1e-9);
+    println!(
+        "{} batches, {} examples, {} tokens ({} trained) in {:.2}s: {:.0} tokens/s",
+        stats.batches,
+        stats.examples,
+        stats.tokens,
+        stats.trained_tokens,
+        secs,
+        stats.tokens as f64 / secs
+    );
+    println!(
+        "{} efficiency {:.1}% (real tokens / row capacity), first batch after {:.3}s, {} tokens truncated, {} examples skipped",
+        if options.packing { "packing" } else { "padding" },
+        100.0 * stats.tokens as f64 / stats.capacity.max(1) as f64,
+        stats.seconds_to_first_batch,
+        stats.truncated,
+        stats.skipped
+    );
+    println!(
+        "state: position {} of {} (plan {})",
+        last_state.position, plan.total, plan.fingerprint
+    );
+    Ok(ExitCode::SUCCESS)
+}
