@@ -7,6 +7,7 @@ mod analyze;
 mod cli;
 mod conversation;
 mod crash;
+mod curriculum;
 mod filters;
 mod formats;
 mod index;

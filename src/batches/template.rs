@@ -6,7 +6,8 @@
 //! `raise_exception`, `bos_token` / `eos_token`, `add_generation_prompt = false`); without
 //! one, ChatML (`<|im_start|>role\n...<|im_end|>\n`). In the rendered text each assistant
 //! message's content, plus the end-of-turn token right after it, is a trained span; the
-//! text is tokenized span by span so the mask falls exactly on token boundaries.
+//! whole text is tokenized once and every token whose bytes overlap a trained span is
+//! trained.
 
 use std::path::{Path, PathBuf};
 
@@ -228,31 +229,27 @@ impl ChatTokenizer {
         Ok(spans)
     }
 
-    /// Token ids of the rendered conversation and which of them are trained.
+    /// Token ids of the rendered conversation and which of them are trained: the whole
+    /// text is tokenized at once (so merges and prefix spaces are as the model sees them)
+    /// and a token is trained when its bytes overlap a trained span.
     pub fn encode(&self, conversation: &Conversation) -> Result<Tokenized, String> {
         let text = self.render(conversation)?;
         let spans = self.trained_spans(&text, conversation)?;
-        let mut out = Tokenized::default();
-        let mut push = |segment: &str, trained: bool| -> Result<(), String> {
-            if segment.is_empty() {
-                return Ok(());
+        let encoding = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        let mut trained = Vec::with_capacity(encoding.len());
+        let mut span = 0;
+        for &(start, end) in encoding.get_offsets() {
+            while span < spans.len() && spans[span].1 <= start {
+                span += 1;
             }
-            let encoding = self
-                .tokenizer
-                .encode_fast(segment, false)
-                .map_err(|e| format!("tokenizer: {e}"))?;
-            out.ids.extend_from_slice(encoding.get_ids());
-            out.trained
-                .extend(std::iter::repeat_n(trained, encoding.len()));
-            Ok(())
-        };
-        let mut at = 0;
-        for (start, end) in spans {
-            push(&text[at..start], false)?;
-            push(&text[start..end], true)?;
-            at = end;
+            trained.push(span < spans.len() && start < spans[span].1 && end > spans[span].0);
         }
-        push(&text[at..], false)?;
-        Ok(out)
+        Ok(Tokenized {
+            ids: encoding.get_ids().to_vec(),
+            trained,
+        })
     }
 }
