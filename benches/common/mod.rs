@@ -1,0 +1,97 @@
+//! Shared by the analysis and batch benchmarks: a synthetic store of `records` records
+//! and a byte-level BPE tokenizer trained on it, kept in `target/bench-analyze/`.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use corpusdb::ingest::{self, IngestOptions};
+use corpusdb::store::Store;
+use corpusdb::synth::{self, SynthSpec};
+
+/// The store directory and tokenizer.json, built on first use.
+pub fn store_and_tokenizer(records: u64, vocab: usize) -> (PathBuf, PathBuf) {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let work = PathBuf::from(target).join("bench-analyze");
+    std::fs::create_dir_all(&work).unwrap();
+    let store_dir = work.join(format!("store-{records}"));
+    if !store_dir.exists() {
+        let corpus = work.join(format!("corpus-{records}.jsonl"));
+        synth::generate_file(
+            &corpus,
+            &SynthSpec {
+                records,
+                ..SynthSpec::default()
+            },
+        )
+        .unwrap();
+        let store = Store::open(&store_dir).unwrap();
+        let started = Instant::now();
+        ingest::ingest_file(
+            &store,
+            &corpus,
+            &IngestOptions::new("bench", "general"),
+            &ingest::Quiet,
+        )
+        .unwrap();
+        eprintln!("built the store in {:.1}s", started.elapsed().as_secs_f64());
+        std::fs::remove_file(&corpus).unwrap();
+    }
+    let tokenizer = work.join(format!("tokenizer-chat-{vocab}.json"));
+    if !tokenizer.exists() {
+        train_tokenizer(&store_dir, &tokenizer, vocab, &work);
+    }
+    (store_dir, tokenizer)
+}
+
+/// A byte-level BPE (no prefix space, as chat models use) trained on the text of the
+/// first 20,000 examples, with ChatML's markers as special tokens.
+fn train_tokenizer(store_dir: &Path, out: &Path, vocab: usize, work: &Path) {
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, Tokenizer};
+
+    let text = work.join("train.txt");
+    {
+        let store = Store::open_read_only(store_dir).unwrap();
+        let mut file = BufWriter::new(std::fs::File::create(&text).unwrap());
+        let mut n = 0;
+        store
+            .for_each_example(|_, example| {
+                if n < 20_000 {
+                    for m in &example.conversation.messages {
+                        writeln!(file, "{}", m.content.replace('\n', " ")).unwrap();
+                    }
+                    n += 1;
+                }
+                Ok(())
+            })
+            .unwrap();
+        file.flush().unwrap();
+    }
+    let started = Instant::now();
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab)
+        .min_frequency(2)
+        .show_progress(false)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(vec![
+            AddedToken::from("<|im_start|>", true),
+            AddedToken::from("<|im_end|>", true),
+        ])
+        .build()
+        .into();
+    tokenizer
+        .train_from_files(&mut trainer, vec![text.to_string_lossy().into_owned()])
+        .unwrap();
+    tokenizer.save(out, false).unwrap();
+    std::fs::remove_file(&text).unwrap();
+    eprintln!(
+        "trained the tokenizer in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
