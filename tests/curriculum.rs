@@ -299,6 +299,9 @@ fn fixture(dir: &Path) -> (Store, Plan, ChatTokenizer) {
     (store, plan, tokenizer)
 }
 
+/// One batch as the tests compare them: its plan positions and input ids.
+type Seen = (Vec<u64>, Vec<Vec<u32>>);
+
 /// (positions, input ids) of every batch of one rank from `position`, at most `limit`.
 fn run(
     store: &Store,
@@ -307,7 +310,7 @@ fn run(
     position: u64,
     o: &BatchOptions,
     limit: usize,
-) -> (Vec<(Vec<u64>, Vec<Vec<u32>>)>, u64) {
+) -> (Vec<Seen>, u64) {
     let mut out = Vec::new();
     let mut next = position;
     batches::stream(store, plan, tokenizer, position, o, 2, |batch| {
@@ -467,4 +470,87 @@ fn packed_sequences_never_attend_across_examples() {
         assert!(batch.trained_tokens > 0 && batch.trained_tokens < batch.tokens);
         assert_eq!(batch.learning_rate, 2.0e-5);
     }
+}
+
+#[test]
+fn plan_and_batches_commands_on_the_sample_corpus() {
+    use crate::util::{corpusdb, run_ok};
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let store = dir.path().join("store");
+    run_ok(
+        corpusdb(&store)
+            .args(["ingest", "--manifest"])
+            .arg(root.join("configs/sample-corpus.yaml")),
+    );
+    let curriculum = root.join("configs/curriculum/emergent_personality.yaml");
+    let out = run_ok(
+        corpusdb(&store)
+            .args(["plan", "--json", "--batch-size", "8", "--curriculum"])
+            .arg(&curriculum),
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let phases = plan["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 5);
+    assert_eq!(phases[3]["name"], "mixed-fluency");
+    assert_eq!(phases[3]["epochs"], 2);
+    assert_eq!(phases[1]["learning_rate"], 1.5e-5);
+    let total: u64 = phases.iter().map(|p| p["examples"].as_u64().unwrap()).sum();
+    assert_eq!(plan["examples"], total);
+    assert!(phases[3]["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n.as_str().unwrap().contains("`emotional` has no examples")));
+
+    let tokenizer = trained_tokenizer(dir.path(), "hello world\nthe answer is four\n");
+    let state = dir.path().join("state.json");
+    let dump = dir.path().join("dump.jsonl");
+    let out = run_ok(
+        corpusdb(&store)
+            .args([
+                "batches",
+                "--limit",
+                "2",
+                "--batch-size",
+                "4",
+                "--curriculum",
+            ])
+            .arg(&curriculum)
+            .arg("--tokenizer")
+            .arg(&tokenizer)
+            .arg("--state")
+            .arg(&state)
+            .arg("--dump")
+            .arg(&dump),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 batches, 8 examples"), "{stdout}");
+    assert!(stdout.contains("packing efficiency"), "{stdout}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(saved["position"], 8);
+    assert_eq!(saved["fingerprint"], plan["fingerprint"]);
+    assert_eq!(std::fs::read_to_string(&dump).unwrap().lines().count(), 2);
+    let out = run_ok(
+        corpusdb(&store)
+            .args([
+                "batches",
+                "--limit",
+                "1",
+                "--batch-size",
+                "2",
+                "--ranks",
+                "2",
+                "--rank",
+                "1",
+                "--curriculum",
+            ])
+            .arg(&curriculum)
+            .arg("--tokenizer")
+            .arg(&tokenizer)
+            .arg("--resume")
+            .arg(&state),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("state: position 12 of"));
 }
