@@ -168,31 +168,10 @@ fn every_prefix_keeps_mixture_shares_within_one_example() {
 
 /// A byte-level BPE trained on `text`, with ChatML's markers as special tokens.
 fn trained_tokenizer(dir: &Path, text: &str) -> PathBuf {
-    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-    use tokenizers::models::TrainerWrapper;
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    use tokenizers::{AddedToken, Tokenizer};
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, text).unwrap();
-    let mut tokenizer = Tokenizer::new(BPE::default());
-    // As chat models configure it: no space added before the text.
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    tokenizer.with_decoder(Some(ByteLevel::default()));
-    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
-        .vocab_size(600)
-        .show_progress(false)
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .special_tokens(vec![
-            AddedToken::from("<|im_start|>", true),
-            AddedToken::from("<|im_end|>", true),
-        ])
-        .build()
-        .into();
-    tokenizer
-        .train_from_files(&mut trainer, vec![corpus.to_string_lossy().into_owned()])
-        .unwrap();
     let path = dir.join("tokenizer.json");
-    tokenizer.save(&path, false).unwrap();
+    batches::template::train_byte_level_bpe(&corpus, 600, &path).unwrap();
     path
 }
 

@@ -47,11 +47,6 @@ pub fn store_and_tokenizer(records: u64, vocab: usize) -> (PathBuf, PathBuf) {
 /// A byte-level BPE (no prefix space, as chat models use) trained on the text of the
 /// first 20,000 examples, with ChatML's markers as special tokens.
 fn train_tokenizer(store_dir: &Path, out: &Path, vocab: usize, work: &Path) {
-    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-    use tokenizers::models::TrainerWrapper;
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    use tokenizers::{AddedToken, Tokenizer};
-
     let text = work.join("train.txt");
     {
         let store = Store::open_read_only(store_dir).unwrap();
@@ -71,24 +66,7 @@ fn train_tokenizer(store_dir: &Path, out: &Path, vocab: usize, work: &Path) {
         file.flush().unwrap();
     }
     let started = Instant::now();
-    let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    tokenizer.with_decoder(Some(ByteLevel::default()));
-    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
-        .vocab_size(vocab)
-        .min_frequency(2)
-        .show_progress(false)
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .special_tokens(vec![
-            AddedToken::from("<|im_start|>", true),
-            AddedToken::from("<|im_end|>", true),
-        ])
-        .build()
-        .into();
-    tokenizer
-        .train_from_files(&mut trainer, vec![text.to_string_lossy().into_owned()])
-        .unwrap();
-    tokenizer.save(out, false).unwrap();
+    corpusdb::batches::template::train_byte_level_bpe(&text, vocab, out).unwrap();
     std::fs::remove_file(&text).unwrap();
     eprintln!(
         "trained the tokenizer in {:.1}s",

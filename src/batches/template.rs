@@ -253,3 +253,34 @@ impl ChatTokenizer {
         })
     }
 }
+
+/// Trains a small byte-level BPE tokenizer (no prefix space, ChatML's markers as special
+/// tokens) on the lines of `text_file` and writes it as `tokenizer.json` to `out`: a real
+/// tokenizer for tests, benchmarks and demos when no model's tokenizer is at hand.
+pub fn train_byte_level_bpe(text_file: &Path, vocab: usize, out: &Path) -> Result<(), String> {
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, Tokenizer};
+
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab)
+        .min_frequency(2)
+        .show_progress(false)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(vec![
+            AddedToken::from("<|im_start|>", true),
+            AddedToken::from("<|im_end|>", true),
+        ])
+        .build()
+        .into();
+    tokenizer
+        .train_from_files(&mut trainer, vec![text_file.to_string_lossy().into_owned()])
+        .map_err(|e| format!("training a tokenizer on {}: {e}", text_file.display()))?;
+    tokenizer
+        .save(out, false)
+        .map_err(|e| format!("{}: {e}", out.display()))
+}

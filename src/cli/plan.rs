@@ -306,3 +306,49 @@ pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode>
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// Train a small byte-level BPE tokenizer on the store's text (for trying `batches` and
+/// `analyze --tokenizer` without a model at hand; real training uses the model's own).
+#[derive(clap::Args)]
+pub struct TrainTokenizerArgs {
+    /// Where to write tokenizer.json.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 8000)]
+    vocab: usize,
+    /// Examples whose text trains it (in hash order).
+    #[arg(long, default_value_t = 20_000)]
+    examples: usize,
+}
+
+pub fn train_tokenizer(store_path: &Path, args: TrainTokenizerArgs) -> anyhow::Result<ExitCode> {
+    let store = corpusdb::store::Store::open_read_only(store_path)?;
+    let text = args.out.with_extension("training.txt");
+    {
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(&text).with_context(|| text.display().to_string())?,
+        );
+        let mut n = 0;
+        let mut failure = None;
+        store.for_each_example(|_, example| {
+            if n < args.examples && failure.is_none() {
+                for m in &example.conversation.messages {
+                    if let Err(e) = writeln!(file, "{}", m.content) {
+                        failure = Some(e);
+                    }
+                }
+                n += 1;
+            }
+            Ok(())
+        })?;
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        file.flush()?;
+    }
+    let result = batches::template::train_byte_level_bpe(&text, args.vocab, &args.out);
+    let _ = std::fs::remove_file(&text);
+    result.map_err(anyhow::Error::msg)?;
+    println!("tokenizer written to {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
