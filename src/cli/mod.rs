@@ -21,7 +21,9 @@ corpusdb turns heterogeneous instruction-tuning datasets into one deduplicated c
 Every example is a conversation stored under the SHA-1 of its canonical content, so the
 same conversation from two datasets is stored once and both sources are kept as provenance.
 Imports resume where they stopped and are no-ops when repeated; bad records are kept in a
-rejects ledger with file, line and reason.
+rejects ledger with file, line and reason. Quality filters set examples aside reversibly,
+`analyze` checks the distribution against the corpus plan, and `plan` / `batches` stream
+curriculum-ordered, tokenized training batches straight from the store.
 
 Typical use:
   corpusdb ingest data/dolly.jsonl --source dolly --category instruction
