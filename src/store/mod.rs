@@ -186,8 +186,13 @@ impl Store {
             match DB::open_cf_descriptors_read_only(&options, path, descriptors, false) {
                 Ok(db) => break db,
                 // A compaction deleted a file between our reading the manifest and
-                // opening it: the next attempt reads the new manifest.
-                Err(e) if attempt < 50 && e.to_string().contains("No such file") => {
+                // opening it, or a writer is still creating the store's column
+                // families: the next attempt reads the new manifest.
+                Err(e)
+                    if attempt < 50
+                        && (e.to_string().contains("No such file")
+                            || e.to_string().contains("Column family not found")) =>
+                {
                     attempt += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
