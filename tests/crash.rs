@@ -9,18 +9,15 @@ use corpusdb::store::{ImportState, Store};
 
 use crate::util::{bin, corpusdb, dump, run_ok};
 
-fn ingest_cmd(store: &Path, file: &Path, durability: &[&str]) -> std::process::Command {
+/// The import of `file`: `args` add a format, a batch size, durability options.
+fn ingest_cmd(store: &Path, file: &Path, args: &[&str]) -> std::process::Command {
     let mut cmd = bin();
     cmd.arg("--store").arg(store).arg("ingest").arg(file);
-    cmd.args([
-        "--source",
-        "synthetic",
-        "--category",
-        "general",
-        "--batch-size",
-        "300",
-    ]);
-    cmd.args(durability);
+    cmd.args(["--source", "synthetic", "--category", "general"]);
+    if !args.contains(&"--batch-size") {
+        cmd.args(["--batch-size", "300"]);
+    }
+    cmd.args(args);
     cmd
 }
 
@@ -35,6 +32,57 @@ fn sigkill_then_resume_equals_an_uninterrupted_import() {
 #[test]
 fn sigkill_then_resume_equals_an_uninterrupted_import_with_the_wal() {
     kill_resume_compare(&["--wal"]);
+}
+
+/// Row formats join consecutive rows into one conversation: a checkpoint must never split
+/// a conversation, also when a kill lands while a group's rows are being read. Small
+/// batches put checkpoints inside groups all the time; a broken row sits mid-group.
+#[test]
+fn sigkill_then_resume_of_a_row_format_equals_an_uninterrupted_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("rows.jsonl");
+    let mut text = String::new();
+    let mut rng = corpusdb::synth::SplitMix64::new(5);
+    for dialogue in 0..2500u64 {
+        let rows = 1 + rng.below(4);
+        for response in 0..rows {
+            if dialogue == 1200 && response == 1 {
+                text.push_str("{\"dialogue_id\": 1200, \"broken\n");
+            }
+            text.push_str(&format!(
+                "{{\"dialogue_id\": {dialogue}, \"response_id\": {response}, \"context\": \"question {} of dialogue {dialogue}\", \"response\": \"answer {}\"}}\n",
+                response,
+                rng.below(50)
+            ));
+        }
+    }
+    std::fs::write(&corpus, text).unwrap();
+    let args = ["--format", "prosocial-dialog", "--batch-size", "7", "--wal"];
+    let reference = dir.path().join("reference");
+    run_ok(&mut ingest_cmd(&reference, &corpus, &args));
+    let expected = dump(&reference);
+    assert!(expected.counters.joined > 2000, "{:?}", expected.counters);
+    assert_eq!(expected.counters.rejected, 1);
+
+    let crashed = dir.path().join("crashed");
+    let mut kills = 0;
+    for wait_ms in [120u64, 300, 200, 450, 90] {
+        let mut child = ingest_cmd(&crashed, &corpus, &args)
+            .env("CORPUSDB_TEST_BATCH_DELAY_MS", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(kills >= 2, "killed only {kills} times");
+    run_ok(&mut ingest_cmd(&crashed, &corpus, &args));
+    assert_eq!(dump(&crashed), expected);
 }
 
 fn kill_resume_compare(durability: &[&str]) {
