@@ -492,7 +492,7 @@ impl Units {
             };
             match &mut self.pending {
                 Some((pending_key, _, rows, size))
-                    if *pending_key == key && *size + bytes.len() <= self.max_bytes =>
+                    if *pending_key == key && *size + bytes.len() + 1 <= self.max_bytes =>
                 {
                     *size += bytes.len() + 1;
                     rows.push(bytes);

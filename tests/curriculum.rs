@@ -379,8 +379,10 @@ fn packed_sequences_never_attend_across_examples() {
         let labels = batch.labels.to_vec2::<i64>().unwrap();
         let ids = batch.input_ids.to_vec2::<u32>().unwrap();
         let cu = batch.cu_seqlens.to_vec1::<u32>().unwrap();
+        let starts = batch.seq_starts.to_vec1::<u32>().unwrap();
         let width = segments[0].len();
         assert_eq!(cu.len(), batch.positions.len() + 1);
+        assert_eq!(starts.len(), batch.positions.len());
         if packing {
             assert_eq!(width, 4096);
             assert!(
@@ -392,40 +394,26 @@ fn packed_sequences_never_attend_across_examples() {
         }
         let flat = |v: &Vec<Vec<u32>>| v.concat();
         let (seg, pos) = (flat(&segments), flat(&positions));
-        let mut real = 0;
-        for (i, pair) in cu.windows(2).enumerate() {
-            let (start, end) = (pair[0] as usize, pair[1] as usize);
-            // Each example: one segment, inside one row, positions from 0.
-            let len = seg[start..]
-                .iter()
-                .take_while(|&&s| s == i as u32 + 1)
-                .count();
-            assert!(len > 0 && start / width == (start + len - 1) / width);
-            assert!((0..len).all(|j| pos[start + j] == j as u32));
-            assert!(end >= start + len);
-            real += len;
-        }
-        assert_eq!(real, batch.tokens);
-        // Attention allowed by the segment ids (causal, same segment) must be exactly
-        // attention within one span of cu_seqlens (runs of positions from 0).
+        // Every example: inside one row from its start, its length from cu_seqlens, its
+        // own segment id, positions from 0; the spans never overlap.
         let mut span_of = vec![usize::MAX; seg.len()];
-        for (i, &start) in cu[..cu.len() - 1].iter().enumerate() {
-            let start = start as usize;
-            let mut j = 0;
-            while start + j < pos.len()
-                && pos[start + j] == j as u32
-                && (j == 0 || span_of[start + j] == usize::MAX)
-            {
-                if j > 0 && start + j < pos.len() && (start + j) % width == 0 {
-                    break;
-                }
+        for (i, &start) in starts.iter().enumerate() {
+            let (start, len) = (start as usize, (cu[i + 1] - cu[i]) as usize);
+            assert!(
+                len > 0 && start / width == (start + len - 1) / width,
+                "example {i} crosses a row"
+            );
+            for j in 0..len {
+                assert_eq!(seg[start + j], i as u32 + 1);
+                assert_eq!(pos[start + j], j as u32);
+                assert_eq!(span_of[start + j], usize::MAX, "spans overlap");
                 span_of[start + j] = i;
-                j += 1;
-                if start + j < pos.len() && pos[start + j] == 0 {
-                    break;
-                }
             }
         }
+        assert_eq!(cu[cu.len() - 1] as usize, batch.tokens);
+        assert_eq!(seg.iter().filter(|&&s| s != 0).count(), batch.tokens);
+        // Attention allowed by the segment ids (causal, same segment) is exactly attention
+        // within one example's span.
         for row in 0..segments.len() {
             for q in 0..width {
                 for k in 0..=q {

@@ -9,8 +9,8 @@
 //!
 //! Rows hold `max_seq_len` tokens. With packing, examples are placed first-fit by
 //! decreasing length; each keeps its own position ids (from 0) and segment id, and
-//! `cu_seqlens` gives every example's start and end in the flattened rows, so attention
-//! never crosses examples. Without packing each example has its own row, padded to the
+//! `seq_starts` / `cu_seqlens` give every example's place in the rows and its length, so
+//! attention never crosses examples. Without packing each example has its own row, padded to the
 //! longest in the batch. An example longer than `max_seq_len` keeps its first
 //! `max_seq_len` tokens (counted as truncated).
 
@@ -53,7 +53,7 @@ impl Default for BatchOptions {
 /// One step's batch for one rank.
 #[derive(Debug)]
 pub struct Batch {
-    /// Global plan positions of this rank's examples, in row order of `cu_seqlens`.
+    /// Global plan positions of this rank's examples, in the order of `seq_starts`.
     pub positions: Vec<u64>,
     pub ordinals: Vec<u64>,
     pub phase: usize,
@@ -66,8 +66,11 @@ pub struct Batch {
     pub position_ids: Tensor,
     /// `[rows, width]` (u32): 1 + index of the token's example in the batch, 0 for padding.
     pub segment_ids: Tensor,
-    /// `[examples + 1]` (u32): start offsets of the examples in the flattened rows.
+    /// `[examples + 1]` (u32): cumulative example lengths (flash-attention's varlen
+    /// form): example `i` has `cu_seqlens[i+1] - cu_seqlens[i]` tokens.
     pub cu_seqlens: Tensor,
+    /// `[examples]` (u32): where each example starts in the flattened `[rows × width]`.
+    pub seq_starts: Tensor,
     /// Real tokens, trained tokens, row capacity (rows × width), truncated tokens.
     pub tokens: usize,
     pub trained_tokens: usize,
@@ -93,8 +96,8 @@ pub enum Error {
 pub fn step_window(plan: &Plan, position: u64, options: &BatchOptions) -> Option<(u64, u64)> {
     let here = plan.at(position)?;
     let phase = &plan.phases[here.phase];
-    let end =
-        (position + (options.ranks * options.batch_size) as u64).min(phase.start + phase.len());
+    let end = (position + (options.ranks.max(1) * options.batch_size.max(1)) as u64)
+        .min(phase.start + phase.len());
     Some((position, end))
 }
 
@@ -187,7 +190,7 @@ fn assemble(
             slot[i] = (row, rows[row]);
             rows[row] += len;
         }
-        // Examples in row-major order of the layout, for cu_seqlens.
+        // Examples in row-major order of the layout, for seq_starts and cu_seqlens.
         let mut by_layout: Vec<usize> = (0..examples.len()).collect();
         by_layout.sort_by_key(|&i| slot[i]);
         let mut reordered = Vec::with_capacity(examples.len());
@@ -216,10 +219,12 @@ fn assemble(
     let mut position_ids = vec![0u32; n_rows * width];
     let mut segment_ids = vec![0u32; n_rows * width];
     let mut cu_seqlens = Vec::with_capacity(examples.len() + 1);
+    let mut seq_starts = Vec::with_capacity(examples.len());
+    cu_seqlens.push(0u32);
     let (mut tokens, mut trained_tokens) = (0, 0);
     for (i, ((_, _, example), &(row, offset))) in examples.iter().zip(&placed).enumerate() {
         let base = row * width + offset;
-        cu_seqlens.push(base as u32);
+        seq_starts.push(base as u32);
         for (j, (&id, &trained)) in example.ids.iter().zip(&example.trained).enumerate() {
             input_ids[base + j] = id;
             position_ids[base + j] = j as u32;
@@ -230,14 +235,8 @@ fn assemble(
             }
         }
         tokens += example.ids.len();
+        cu_seqlens.push(tokens as u32);
     }
-    let end = examples
-        .last()
-        .zip(placed.last())
-        .map_or(0, |((_, _, e), &(row, offset))| {
-            row * width + offset + e.ids.len()
-        });
-    cu_seqlens.push(end as u32);
     let device = Device::Cpu;
     let shape = (n_rows, width);
     Ok(Batch {
@@ -250,6 +249,7 @@ fn assemble(
         position_ids: Tensor::from_vec(position_ids, shape, &device)?,
         segment_ids: Tensor::from_vec(segment_ids, shape, &device)?,
         cu_seqlens: Tensor::new(cu_seqlens.as_slice(), &device)?,
+        seq_starts: Tensor::new(seq_starts.as_slice(), &device)?,
         tokens,
         trained_tokens,
         capacity: n_rows * width,

@@ -259,6 +259,7 @@ pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode>
                     "labels": batch.labels.to_vec2::<i64>().unwrap_or_default(),
                     "position_ids": batch.position_ids.to_vec2::<u32>().unwrap_or_default(),
                     "cu_seqlens": batch.cu_seqlens.to_vec1::<u32>().unwrap_or_default(),
+                "seq_starts": batch.seq_starts.to_vec1::<u32>().unwrap_or_default(),
                     "next": batch.next,
                 });
                 if let Err(e) = writeln!(out, "{line}") {

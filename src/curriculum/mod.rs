@@ -304,7 +304,14 @@ impl Plan {
                     }
                     let selected = select(None)?.len() as u64;
                     let grouped: u64 = groups.iter().map(|g| g.ordinals.len() as u64).sum();
-                    let per_epoch = mixture.examples.unwrap_or(grouped);
+                    let per_epoch = if groups.is_empty() {
+                        notes.push(
+                            "no group of the mixture has examples: the phase is empty".into(),
+                        );
+                        0
+                    } else {
+                        mixture.examples.unwrap_or(grouped)
+                    };
                     let quotas = apportion(
                         &groups
                             .iter()
@@ -348,6 +355,7 @@ impl Plan {
                 }
             }
             let quotas: Vec<u64> = groups.iter().map(|g| g.quota).collect();
+            debug_assert_eq!(quotas.iter().sum::<u64>(), per_epoch);
             let phase = PhasePlan {
                 name: spec.name.clone(),
                 epochs: spec.epochs,

@@ -57,9 +57,11 @@ impl Permutation {
 const BLOCK: usize = 1024;
 
 /// Which group fills each position of an epoch, so that after every prefix each group's
-/// count is within one of its exact share: at each position the group with the largest
-/// deficit (its quota times the prefix length over the epoch length, minus what it has)
-/// goes next; ties go to the larger quota, then to the earlier group.
+/// count is within one of its exact share (`quota × prefix / total`). Item k (from 1) of a
+/// group with quota q may take prefix length τ only inside (k−1)·T/q < τ < k·T/q + 1;
+/// earliest-deadline-first over those windows always succeeds (Tijdeman: a sequence with
+/// discrepancy below 1 exists for any shares, and EDF is optimal for unit jobs with
+/// release times and deadlines). Ties go to the earlier group.
 #[derive(Clone, Debug)]
 pub struct Schedule {
     quotas: Vec<u64>,
@@ -82,6 +84,10 @@ impl Schedule {
                 checkpoints: Vec::new(),
             };
         }
+        let t128 = u128::from(total);
+        // Release (earliest prefix length) and deadline (latest) of item k of a group.
+        let release = |k: u64, q: u64| (u128::from(k - 1) * t128 / u128::from(q)) as u64 + 1;
+        let deadline = |k: u64, q: u64| (u128::from(k) * t128).div_ceil(u128::from(q)) as u64;
         let mut groups = Vec::with_capacity(total as usize);
         let mut checkpoints = Vec::with_capacity((total as usize / BLOCK + 1) * g);
         let mut counts = vec![0u64; g];
@@ -89,21 +95,20 @@ impl Schedule {
             if t as usize % BLOCK == 0 {
                 checkpoints.extend(counts.iter().map(|&c| c as u32));
             }
-            // deficit_g = (t+1) * quota_g / total - count_g, compared times `total`.
-            let mut best = usize::MAX;
-            let mut best_deficit = i128::MIN;
+            let tau = t + 1;
+            let mut best: Option<(u64, usize)> = None;
             for (i, (&quota, &count)) in quotas.iter().zip(&counts).enumerate() {
-                if count >= quota {
+                if count >= quota || release(count + 1, quota) > tau {
                     continue;
                 }
-                let deficit = (t as i128 + 1) * quota as i128 - count as i128 * total as i128;
-                if deficit > best_deficit || (deficit == best_deficit && quota > quotas[best]) {
-                    best = i;
-                    best_deficit = deficit;
+                let due = deadline(count + 1, quota);
+                if best.is_none_or(|(d, _)| due < d) {
+                    best = Some((due, i));
                 }
             }
-            counts[best] += 1;
-            groups.push(best as u8);
+            let (_, chosen) = best.expect("some group always has a released item");
+            counts[chosen] += 1;
+            groups.push(chosen as u8);
         }
         Schedule {
             quotas: quotas.to_vec(),

@@ -337,6 +337,9 @@ impl Body {
         if t.markers.is_empty() {
             return Err("`transcript` needs at least one marker".into());
         }
+        if t.markers.keys().any(|m| m.trim().is_empty()) {
+            return Err("`transcript` markers must not be empty or blank".into());
+        }
         Ok(Body::Transcript {
             path: JsonPath::parse(&t.path)?,
             markers: t
@@ -553,6 +556,19 @@ impl Mapping {
         .map_err(in_mapping)?;
         if spec.group.is_some() && !matches!(body, Body::Turns(_)) {
             return Err(in_mapping("`group` works with `turns` only".into()));
+        }
+        if spec.group.is_some()
+            && (spec.each.is_some()
+                || spec.rejected.is_some()
+                || spec.tools.is_some()
+                || !spec.require.is_empty())
+        {
+            return Err(in_mapping(
+                "`group` cannot be combined with `each`, `rejected`, `tools` or `require`".into(),
+            ));
+        }
+        if spec.each.as_ref().is_some_and(|e| e.limit == Some(0)) {
+            return Err(in_mapping("`each.limit` must be at least 1".into()));
         }
         Ok(Mapping {
             name: spec.name.clone(),

@@ -187,7 +187,10 @@ impl Filter {
             }
             Filter::Letter => match value {
                 Value::Number(n) => {
-                    let i = n.as_u64().ok_or("`letter` needs a non-negative index")?;
+                    let i = n
+                        .as_u64()
+                        .filter(|&i| i < 26)
+                        .ok_or("`letter` needs an index from 0 to 25")?;
                     out.push(letter(i as usize));
                 }
                 other => scalar(other, out),
