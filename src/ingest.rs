@@ -125,9 +125,27 @@ pub struct FileOutcome {
 /// What the parser works on: one record, or the rows of a group joined into a JSON list.
 struct Unit {
     at: Position,
-    /// Records of the file it covers.
+    /// Records of the file it covers (including `rejects`).
     rows: u64,
     body: RawBody,
+    /// Rows inside the group that could not join it (unreadable, no key): rejected on
+    /// their own, committed with the group so a checkpoint never splits it.
+    rejects: Vec<RowReject>,
+}
+
+struct RowReject {
+    at: Position,
+    reason: String,
+    raw: Vec<u8>,
+}
+
+/// The rows of a group being collected.
+struct Pending {
+    key: String,
+    at: Position,
+    rows: Vec<Vec<u8>>,
+    size: usize,
+    rejects: Vec<RowReject>,
 }
 
 /// A slice of the file handed from the reader thread to the parser.
@@ -150,6 +168,7 @@ struct ParsedBatch {
 struct Parsed {
     at: Position,
     rows: u64,
+    row_rejects: Vec<RowReject>,
     /// Each example of the unit, or why the unit gave none.
     outcome: std::result::Result<Vec<std::result::Result<Encoded, String>>, String>,
     /// The unit's bytes, kept only when something of it is rejected.
@@ -273,7 +292,6 @@ pub fn ingest_file(
                 group_by,
                 max_bytes: max_record_bytes,
                 pending: None,
-                lookahead: None,
             };
             loop {
                 let mut items = Vec::with_capacity(batch_records);
@@ -439,22 +457,18 @@ struct Units {
     reader: RecordReader,
     group_by: Option<crate::formats::template::JsonPath>,
     max_bytes: usize,
-    /// Rows of the group being collected: its key, start and the rows' bytes.
-    pending: Option<(String, Position, Vec<Vec<u8>>, usize)>,
-    /// A unit that ended the group before it and waits its turn.
-    lookahead: Option<Unit>,
+    /// The group being collected.
+    pending: Option<Pending>,
 }
 
 impl Units {
     fn next_unit(&mut self) -> std::io::Result<Option<Unit>> {
-        if let Some(unit) = self.lookahead.take() {
-            return Ok(Some(unit));
-        }
         let Some(group_by) = &self.group_by else {
             return Ok(self.reader.next_item()?.map(|item| Unit {
                 at: item.at,
                 rows: 1,
                 body: item.body,
+                rejects: Vec::new(),
             }));
         };
         loop {
@@ -468,38 +482,54 @@ impl Units {
             let key = match key {
                 Ok(key) => key,
                 Err(reason) => {
-                    // A row that cannot join a group is a unit of its own; it closes the
-                    // group before it so units stay in file order.
-                    let prefix = match item.body {
+                    let raw = match item.body {
                         RawBody::Bytes(bytes) | RawBody::Unreadable { prefix: bytes, .. } => bytes,
                     };
-                    let unit = Unit {
+                    let reject = RowReject {
                         at: item.at,
-                        rows: 1,
-                        body: RawBody::Unreadable { reason, prefix },
+                        reason,
+                        raw,
                     };
-                    return Ok(Some(match self.pending.take() {
-                        Some(group) => {
-                            self.lookahead = Some(unit);
-                            joined(group)
+                    // Inside a group the row is rejected with the group; the group goes
+                    // on, so one bad row does not split a conversation in two.
+                    match &mut self.pending {
+                        Some(pending) => {
+                            pending.rejects.push(reject);
+                            continue;
                         }
-                        None => unit,
-                    }));
+                        None => {
+                            return Ok(Some(Unit {
+                                at: reject.at,
+                                rows: 1,
+                                body: RawBody::Unreadable {
+                                    reason: reject.reason,
+                                    prefix: reject.raw,
+                                },
+                                rejects: Vec::new(),
+                            }))
+                        }
+                    }
                 }
             };
             let RawBody::Bytes(bytes) = item.body else {
                 unreachable!("unreadable rows were handled above")
             };
             match &mut self.pending {
-                Some((pending_key, _, rows, size))
-                    if *pending_key == key && *size + bytes.len() + 1 <= self.max_bytes =>
+                Some(pending)
+                    if pending.key == key && pending.size + bytes.len() + 1 <= self.max_bytes =>
                 {
-                    *size += bytes.len() + 1;
-                    rows.push(bytes);
+                    pending.size += bytes.len() + 1;
+                    pending.rows.push(bytes);
                 }
                 _ => {
                     let size = bytes.len() + 2;
-                    let done = self.pending.replace((key, item.at, vec![bytes], size));
+                    let done = self.pending.replace(Pending {
+                        key,
+                        at: item.at,
+                        rows: vec![bytes],
+                        size,
+                        rejects: Vec::new(),
+                    });
                     if let Some(group) = done {
                         return Ok(Some(joined(group)));
                     }
@@ -511,10 +541,9 @@ impl Units {
     /// Where a resumed import starts: the first row of the group still being collected,
     /// else just after the last record read.
     fn resume_position(&self) -> Position {
-        match (&self.lookahead, &self.pending) {
-            (Some(unit), _) => unit.at,
-            (None, Some((_, at, _, _))) => *at,
-            (None, None) => self.reader.position(),
+        match &self.pending {
+            Some(pending) => pending.at,
+            None => self.reader.position(),
         }
     }
 }
@@ -536,10 +565,10 @@ fn group_key(
         })
 }
 
-fn joined((_, at, rows, size): (String, Position, Vec<Vec<u8>>, usize)) -> Unit {
-    let mut body = Vec::with_capacity(size);
+fn joined(group: Pending) -> Unit {
+    let mut body = Vec::with_capacity(group.size);
     body.push(b'[');
-    for (i, row) in rows.iter().enumerate() {
+    for (i, row) in group.rows.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
@@ -547,9 +576,10 @@ fn joined((_, at, rows, size): (String, Position, Vec<Vec<u8>>, usize)) -> Unit 
     }
     body.push(b']');
     Unit {
-        at,
-        rows: rows.len() as u64,
+        at: group.at,
+        rows: (group.rows.len() + group.rejects.len()) as u64,
         body: RawBody::Bytes(body),
+        rejects: group.rejects,
     }
 }
 
@@ -598,6 +628,7 @@ fn parse_unit(
     Parsed {
         at: unit.at,
         rows: unit.rows,
+        row_rejects: unit.rejects,
         outcome,
         raw,
     }
@@ -619,15 +650,23 @@ impl BatchWriter<'_> {
     fn commit(&mut self, batch: ParsedBatch) -> Result<()> {
         if self.options.strict {
             for item in &batch.items {
-                let reason = match &item.outcome {
-                    Err(reason) => Some(reason),
-                    Ok(list) => list.iter().find_map(|e| e.as_ref().err()),
-                };
-                if let Some(reason) = reason {
+                // A bad row inside a group comes first in the file.
+                let bad =
+                    item.row_rejects
+                        .first()
+                        .map(|r| (r.at, &r.reason))
+                        .or(match &item.outcome {
+                            Err(reason) => Some((item.at, reason)),
+                            Ok(list) => list
+                                .iter()
+                                .find_map(|e| e.as_ref().err())
+                                .map(|reason| (item.at, reason)),
+                        });
+                if let Some((at, reason)) = bad {
                     return Err(Error::Strict {
                         path: self.path.to_owned(),
-                        line: item.at.line(),
-                        record: item.at.records,
+                        line: at.line(),
+                        record: at.records,
                         reason: reason.clone(),
                     });
                 }
@@ -652,7 +691,23 @@ impl BatchWriter<'_> {
         let mut changed = Vec::new();
         for item in batch.items {
             counts.read += item.rows;
-            counts.joined += item.rows - 1;
+            counts.joined += item.rows - 1 - item.row_rejects.len() as u64;
+            for row in item.row_rejects {
+                counts.rejected += 1;
+                if self.first_rejects.len() < FIRST_REJECTS_KEPT {
+                    self.first_rejects.push((row.at.line(), row.reason.clone()));
+                }
+                let mut raw = row.raw;
+                let raw_truncated = raw.len() > Reject::RAW_LIMIT;
+                raw.truncate(Reject::RAW_LIMIT);
+                write.put_reject(&self.reject(
+                    Some(row.at.records),
+                    row.at,
+                    row.reason,
+                    raw,
+                    raw_truncated,
+                ));
+            }
             let examples = match item.outcome {
                 Ok(examples) => examples,
                 Err(reason) => vec![Err(reason)],

@@ -392,3 +392,57 @@ fn parquet_with_nested_messages_streams_by_row_group_and_resumes_at_any_row() {
     };
     assert_eq!(hashes(&copy), hashes(&store));
 }
+
+/// A broken row inside a group is rejected on its own and the group stays one
+/// conversation (it is not split around the broken row).
+#[test]
+fn a_broken_row_inside_a_group_does_not_split_the_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rows.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"dialogue_id": 1, "response_id": 0, "context": "q1", "response": "a1"}"#,
+            "\n",
+            r#"{"dialogue_id": 1, "response_id": 1, "context": "q2", "response": "a2"}"#,
+            "\n",
+            r#"{"dialogue_id": 1, "broken"#,
+            "\n",
+            r#"{"dialogue_id": 1, "response_id": 2, "context": "q3", "response": "a3"}"#,
+            "\n",
+            r#"{"dialogue_id": 2, "response_id": 0, "context": "q", "response": "a"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let mut options = IngestOptions::new("rows", "test");
+    options.format = Some(Formats::builtin().get("prosocial-dialog").unwrap());
+    let outcome = ingest::ingest_file(&store, &file, &options, &ingest::Quiet).unwrap();
+    let c = outcome.import.counts;
+    assert_eq!(
+        (c.read, c.joined, c.stored, c.rejected),
+        (5, 2, 2, 1),
+        "{c:?}"
+    );
+    assert!(c.adds_up());
+    let (_, first) = store.ordinals().next().unwrap().unwrap();
+    assert_eq!(
+        store
+            .get(&first)
+            .unwrap()
+            .unwrap()
+            .conversation
+            .messages
+            .len(),
+        6
+    );
+    let rejects = store.rejects(None).unwrap();
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0].line, 3);
+    assert!(
+        rejects[0].reason.starts_with("malformed JSON"),
+        "{}",
+        rejects[0].reason
+    );
+}

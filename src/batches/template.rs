@@ -145,10 +145,21 @@ impl ChatTokenizer {
 
     /// The conversation as the model sees it.
     pub fn render(&self, conversation: &Conversation) -> Result<String, String> {
+        self.render_messages(conversation, conversation.messages.len(), false)
+    }
+
+    /// The first `upto` messages, optionally followed by the assistant's turn header.
+    fn render_messages(
+        &self,
+        conversation: &Conversation,
+        upto: usize,
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        let shown = &conversation.messages[..upto];
         match &self.template {
             Template::ChatMl => {
                 let mut text = String::new();
-                for m in &conversation.messages {
+                for m in shown {
                     text.push_str("<|im_start|>");
                     text.push_str(m.role.as_str());
                     text.push('\n');
@@ -161,11 +172,13 @@ impl ChatTokenizer {
                     }
                     text.push_str("<|im_end|>\n");
                 }
+                if add_generation_prompt {
+                    text.push_str("<|im_start|>assistant\n");
+                }
                 Ok(text)
             }
             Template::Jinja(env, specials) => {
-                let messages: Vec<serde_json::Value> = conversation
-                    .messages
+                let messages: Vec<serde_json::Value> = shown
                     .iter()
                     .map(|m| {
                         let mut v =
@@ -189,7 +202,7 @@ impl ChatTokenizer {
                     .render(minijinja::context! {
                         messages => minijinja::Value::from(minijinja::value::Serde(&messages)),
                         tools => minijinja::Value::from(minijinja::value::Serde(&tools)),
-                        add_generation_prompt => false,
+                        add_generation_prompt => add_generation_prompt,
                         bos_token => specials.bos.as_str(),
                         eos_token => specials.eos.as_str(),
                     })
@@ -199,7 +212,10 @@ impl ChatTokenizer {
     }
 
     /// Byte spans of the rendered text that are trained: each assistant message's content
-    /// and the end-of-turn marker right after it.
+    /// and the end-of-turn marker right after it. The search for message `i` starts where
+    /// the conversation rendered up to it (with the assistant's turn header) ends, so a
+    /// reply that also occurs earlier (a choice letter, a role name) is found in its own
+    /// turn.
     fn trained_spans(
         &self,
         text: &str,
@@ -207,13 +223,13 @@ impl ChatTokenizer {
     ) -> Result<Vec<(usize, usize)>, String> {
         let mut spans = Vec::new();
         let mut cursor = 0;
-        for m in conversation
-            .messages
-            .iter()
-            .filter(|m| m.role == Role::Assistant)
-        {
-            if m.content.is_empty() {
+        for (i, m) in conversation.messages.iter().enumerate() {
+            if m.role != Role::Assistant || m.content.is_empty() {
                 continue;
+            }
+            let prefix = self.render_messages(conversation, i, true)?;
+            if text.starts_with(prefix.as_str()) {
+                cursor = cursor.max(prefix.len());
             }
             let at = text[cursor..].find(m.content.as_str()).ok_or_else(|| {
                 "the chat template changes the assistant's text, so its tokens cannot be found"

@@ -189,7 +189,7 @@ impl Store {
                 // opening it, or a writer is still creating the store's column
                 // families: the next attempt reads the new manifest.
                 Err(e)
-                    if attempt < 50
+                    if attempt < 250
                         && (e.to_string().contains("No such file")
                             || e.to_string().contains("Column family not found")) =>
                 {
