@@ -516,7 +516,7 @@ impl Units {
             };
             match &mut self.pending {
                 Some(pending)
-                    if pending.key == key && pending.size + bytes.len() + 1 <= self.max_bytes =>
+                    if pending.key == key && pending.size + bytes.len() < self.max_bytes =>
                 {
                     pending.size += bytes.len() + 1;
                     pending.rows.push(bytes);
