@@ -1,7 +1,6 @@
 //! Shared by the analysis and batch benchmarks: a synthetic store of `records` records
 //! and a byte-level BPE tokenizer trained on it, kept in `target/bench-analyze/`.
 
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -39,35 +38,17 @@ pub fn store_and_tokenizer(records: u64, vocab: usize) -> (PathBuf, PathBuf) {
     }
     let tokenizer = work.join(format!("tokenizer-chat-{vocab}.json"));
     if !tokenizer.exists() {
-        train_tokenizer(&store_dir, &tokenizer, vocab, &work);
+        train_tokenizer(&store_dir, &tokenizer, vocab);
     }
     (store_dir, tokenizer)
 }
 
-/// A byte-level BPE (no prefix space, as chat models use) trained on the text of the
-/// first 20,000 examples, with ChatML's markers as special tokens.
-fn train_tokenizer(store_dir: &Path, out: &Path, vocab: usize, work: &Path) {
-    let text = work.join("train.txt");
-    {
-        let store = Store::open_read_only(store_dir).unwrap();
-        let mut file = BufWriter::new(std::fs::File::create(&text).unwrap());
-        let mut n = 0;
-        store
-            .for_each_example(|_, example| {
-                if n < 20_000 {
-                    for m in &example.conversation.messages {
-                        writeln!(file, "{}", m.content.replace('\n', " ")).unwrap();
-                    }
-                    n += 1;
-                }
-                Ok(())
-            })
-            .unwrap();
-        file.flush().unwrap();
-    }
+/// A byte-level BPE (no prefix space, ChatML's markers as special tokens) trained on the
+/// text of the first 20,000 examples.
+fn train_tokenizer(store_dir: &Path, out: &Path, vocab: usize) {
+    let store = Store::open_read_only(store_dir).unwrap();
     let started = Instant::now();
-    corpusdb::batches::template::train_byte_level_bpe(&text, vocab, out).unwrap();
-    std::fs::remove_file(&text).unwrap();
+    corpusdb::batches::template::train_from_store(&store, 20_000, vocab, out).unwrap();
     eprintln!(
         "trained the tokenizer in {:.1}s",
         started.elapsed().as_secs_f64()

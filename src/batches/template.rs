@@ -158,20 +158,7 @@ impl ChatTokenizer {
         let shown = &conversation.messages[..upto];
         match &self.template {
             Template::ChatMl => {
-                let mut text = String::new();
-                for m in shown {
-                    text.push_str("<|im_start|>");
-                    text.push_str(m.role.as_str());
-                    text.push('\n');
-                    text.push_str(&m.content);
-                    if let Some(calls) = &m.tool_calls {
-                        if !m.content.is_empty() {
-                            text.push('\n');
-                        }
-                        text.push_str(calls);
-                    }
-                    text.push_str("<|im_end|>\n");
-                }
+                let (mut text, _) = chatml(shown);
                 if add_generation_prompt {
                     text.push_str("<|im_start|>assistant\n");
                 }
@@ -221,6 +208,10 @@ impl ChatTokenizer {
         text: &str,
         conversation: &Conversation,
     ) -> Result<Vec<(usize, usize)>, String> {
+        if let Template::ChatMl = self.template {
+            // Our own rendering knows where every reply is.
+            return Ok(chatml(&conversation.messages).1);
+        }
         let mut spans = Vec::new();
         let mut cursor = 0;
         for (i, m) in conversation.messages.iter().enumerate() {
@@ -270,6 +261,38 @@ impl ChatTokenizer {
     }
 }
 
+/// ChatML text of `messages`, and the trained spans: each assistant reply, with the
+/// `<|im_end|>` right after it when nothing (tool calls) comes between.
+fn chatml(messages: &[crate::conversation::Message]) -> (String, Vec<(usize, usize)>) {
+    let mut text = String::new();
+    let mut spans = Vec::new();
+    for m in messages {
+        text.push_str("<|im_start|>");
+        text.push_str(m.role.as_str());
+        text.push('\n');
+        let start = text.len();
+        text.push_str(&m.content);
+        let content_end = text.len();
+        if let Some(calls) = &m.tool_calls {
+            if !m.content.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(calls);
+        }
+        text.push_str("<|im_end|>");
+        if m.role == Role::Assistant && !m.content.is_empty() {
+            let end = if m.tool_calls.is_some() {
+                content_end
+            } else {
+                text.len()
+            };
+            spans.push((start, end));
+        }
+        text.push('\n');
+    }
+    (text, spans)
+}
+
 /// Trains a small byte-level BPE tokenizer (no prefix space, ChatML's markers as special
 /// tokens) on the lines of `text_file` and writes it as `tokenizer.json` to `out`: a real
 /// tokenizer for tests, benchmarks and demos when no model's tokenizer is at hand.
@@ -299,4 +322,42 @@ pub fn train_byte_level_bpe(text_file: &Path, vocab: usize, out: &Path) -> Resul
     tokenizer
         .save(out, false)
         .map_err(|e| format!("{}: {e}", out.display()))
+}
+
+/// Trains [`train_byte_level_bpe`] on the message texts of the store's first `examples`
+/// examples (hash order), through a temporary text file beside `out`.
+pub fn train_from_store(
+    store: &crate::store::Store,
+    examples: usize,
+    vocab: usize,
+    out: &Path,
+) -> Result<(), String> {
+    use std::io::Write;
+    let text = out.with_extension("training.txt");
+    let written = (|| -> Result<(), String> {
+        let io = |e: std::io::Error| format!("{}: {e}", text.display());
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&text).map_err(io)?);
+        let mut n = 0;
+        let mut failure = None;
+        store
+            .for_each_example(|_, example| {
+                if n < examples && failure.is_none() {
+                    for m in &example.conversation.messages {
+                        if let Err(e) = writeln!(file, "{}", m.content) {
+                            failure = Some(e);
+                        }
+                    }
+                    n += 1;
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(e) = failure {
+            return Err(io(e));
+        }
+        file.flush().map_err(io)
+    })();
+    let result = written.and_then(|()| train_byte_level_bpe(&text, vocab, out));
+    let _ = std::fs::remove_file(&text);
+    result
 }

@@ -324,32 +324,8 @@ pub struct TrainTokenizerArgs {
 
 pub fn train_tokenizer(store_path: &Path, args: TrainTokenizerArgs) -> anyhow::Result<ExitCode> {
     let store = corpusdb::store::Store::open_read_only(store_path)?;
-    let text = args.out.with_extension("training.txt");
-    {
-        let mut file = std::io::BufWriter::new(
-            std::fs::File::create(&text).with_context(|| text.display().to_string())?,
-        );
-        let mut n = 0;
-        let mut failure = None;
-        store.for_each_example(|_, example| {
-            if n < args.examples && failure.is_none() {
-                for m in &example.conversation.messages {
-                    if let Err(e) = writeln!(file, "{}", m.content) {
-                        failure = Some(e);
-                    }
-                }
-                n += 1;
-            }
-            Ok(())
-        })?;
-        if let Some(e) = failure {
-            return Err(e.into());
-        }
-        file.flush()?;
-    }
-    let result = batches::template::train_byte_level_bpe(&text, args.vocab, &args.out);
-    let _ = std::fs::remove_file(&text);
-    result.map_err(anyhow::Error::msg)?;
+    batches::template::train_from_store(&store, args.examples, args.vocab, &args.out)
+        .map_err(anyhow::Error::msg)?;
     println!("tokenizer written to {}", args.out.display());
     Ok(ExitCode::SUCCESS)
 }
