@@ -12,5 +12,6 @@ mod filters;
 mod formats;
 mod index;
 mod ingest;
+mod model;
 mod reader;
 mod registry;

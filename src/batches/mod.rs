@@ -155,8 +155,9 @@ pub fn batch_at(
     Ok(Some(batch))
 }
 
-/// Rows of examples: packed first-fit by decreasing length, or one per row.
-fn assemble(
+/// Rows of examples `(position, ordinal, tokens)`: packed first-fit by decreasing
+/// length, or one per row.
+pub fn assemble(
     mut examples: Vec<(u64, u64, Tokenized)>,
     pad_id: u32,
     options: &BatchOptions,

@@ -198,6 +198,39 @@ impl ChatTokenizer {
         }
     }
 
+    /// Token ids of a prompt: the conversation followed by the assistant's turn header,
+    /// ready for generation.
+    pub fn encode_prompt(&self, conversation: &Conversation) -> Result<Vec<u32>, String> {
+        let text = self.render_messages(conversation, conversation.messages.len(), true)?;
+        let encoding = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Ids that end an assistant turn: the end-of-turn marker and the eos token.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = [self.end_of_turn.as_str(), "<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>"]
+            .iter()
+            .filter(|t| !t.is_empty())
+            .filter_map(|t| self.tokenizer.token_to_id(t))
+            .collect();
+        if let Template::Jinja(_, specials) = &self.template {
+            ids.extend(self.tokenizer.token_to_id(&specials.eos));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Text of generated ids (special tokens left out).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| format!("tokenizer: {e}"))
+    }
+
     /// Byte spans of the rendered text that are trained: each assistant message's content
     /// and the end-of-turn marker right after it. The search for message `i` starts where
     /// the conversation rendered up to it (with the assistant's turn header) ends, so a

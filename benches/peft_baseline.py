@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Baseline: LoRA training throughput of PyTorch + PEFT on CPU, float32.
+
+The reference point for corpusdb's candle LoRA trainer: the same model, the same LoRA
+(q/k/v/o/gate/up/down projections), AdamW at lr 1e-4, random token ids (seeded) with every
+position trained (labels = input ids). One warm-up step, then --steps timed steps of
+forward + backward + optimizer step. Prints tokens/s (batch * seq-len * steps / seconds)
+and the peak RSS of the process.
+
+    python3 benches/peft_baseline.py --model DIR --batch 1 --seq-len 256 --steps 3
+
+DIR is a Hugging Face Llama folder (config.json + model.safetensors). Needs torch,
+transformers and peft; --threads sets torch.set_num_threads (default: all cores).
+"""
+
+import argparse
+import json
+import os
+import resource
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="Hugging Face Llama folder")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps, after 1 warm-up step")
+    ap.add_argument("--r", type=int, default=32)
+    ap.add_argument("--alpha", type=float, default=64)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.config.use_cache = False
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen)
+               for _ in range(args.steps + 1)]
+
+    def step(ids: torch.Tensor) -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step(batches[0])  # warm-up
+    times, losses = [], []
+    for ids in batches[1:]:
+        t0 = time.perf_counter()
+        losses.append(step(ids))
+        times.append(time.perf_counter() - t0)
+
+    seconds = sum(times)
+    result = {
+        "model": args.model,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "r": args.r,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "threads": torch.get_num_threads(),
+        "trainable_params": trainable,
+        "attn_implementation": model.config._attn_implementation,
+        "seconds": round(seconds, 3),
+        "step_seconds": [round(t, 3) for t in times],
+        "tokens_per_s": round(args.batch * args.seq_len * args.steps / seconds, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "losses": [round(x, 4) for x in losses],
+        "torch": torch.__version__,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['tokens_per_s']} tokens/s  ({seconds:.2f} s for {args.steps} steps of "
+              f"{args.batch}x{args.seq_len}, {result['threads']} threads)  "
+              f"peak RSS {result['peak_rss_mib']} MiB  trainable {trainable:,}  "
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

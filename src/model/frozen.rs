@@ -1,0 +1,72 @@
+//! A linear layer whose weight never gets a gradient.
+//!
+//! candle's matmul backward computes the gradient of both operands, so `x.matmul(&w.t())`
+//! on a frozen base weight would allocate a gradient as large as the weight for every
+//! projection of the model on every step. [`frozen_linear`] runs the same matmul as a custom
+//! op whose backward returns only the input's gradient (`grad · W`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+
+struct FrozenLinear {
+    /// `[out, in]`, as stored by Hugging Face.
+    weight: Tensor,
+}
+
+impl FrozenLinear {
+    fn dims(&self, layout: &Layout) -> Result<(usize, usize, usize)> {
+        let (m, k) = layout.shape().dims2()?;
+        let (n, k_weight) = self.weight.dims2()?;
+        if k != k_weight {
+            candle_core::bail!("frozen linear: input has {k} features, weight expects {k_weight}")
+        }
+        Ok((m, n, k))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, n, k) = self.dims(layout)?;
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(weight) = &*weight else {
+            candle_core::bail!("frozen linear: input on the CPU, weight elsewhere")
+        };
+        let out = storage.matmul(weight, (1, m, n, k), layout, &weight_layout.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, n, k) = self.dims(layout)?;
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let Storage::Cuda(weight) = &*weight else {
+            candle_core::bail!("frozen linear: input on CUDA, weight elsewhere")
+        };
+        let out = storage.matmul(weight, (1, m, n, k), layout, &weight_layout.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _input: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight)?))
+    }
+}
+
+/// `x · Wᵀ` for `x: [m, in]` and a frozen `W: [out, in]`; only `x` receives a gradient.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        x.contiguous()?.apply_op1(FrozenLinear {
+            weight: weight.clone(),
+        })
+    } else {
+        // Nothing upstream needs a gradient: a plain matmul builds no graph either.
+        x.matmul(&weight.t()?)
+    }
+}

@@ -1,0 +1,572 @@
+//! A Llama-family decoder in candle, written for training adapters on it.
+//!
+//! Every op on the path from a LoRA parameter to the loss has a backward in candle: RMS
+//! norm, softmax and rotary embeddings are composed from elementary ops here instead of
+//! using candle's fused kernels (`ops::rms_norm`, `ops::softmax_last_dim`, `rope`), which
+//! have none and would silently cut the gradient. Base projections are [`frozen_linear`],
+//! so no gradient buffer is ever allocated for a base weight.
+//!
+//! Attention is grouped-query with a causal mask that also stops at packed-sequence
+//! boundaries (tokens only see earlier tokens of their own segment), positions come from
+//! the batch (each packed example restarts at 0), and a [`KvCache`] serves generation.
+
+pub mod frozen;
+pub mod lora;
+pub mod rng;
+pub mod weights;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+pub use frozen::frozen_linear;
+pub use lora::{DropoutKey, Lora, LoraConfig, Target};
+
+/// The fields of a Hugging Face `config.json` that a Llama-family model needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// `{"rope_type": "llama3" | "linear", "factor": ..}` as in transformers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<serde_json::Value>,
+    /// One id or a list of ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_positions() -> usize {
+    2048
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// `(out, in)` features of a projection.
+    pub fn projection_shape(&self, target: Target) -> (usize, usize) {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim(),
+            self.kv_heads() * self.head_dim(),
+        );
+        match target {
+            Target::Q => (q, h),
+            Target::K | Target::V => (kv, h),
+            Target::O => (h, q),
+            Target::Gate | Target::Up => (i, h),
+            Target::Down => (h, i),
+        }
+    }
+
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .filter_map(|v| v.as_u64().map(|n| n as u32))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// `config.json` as transformers writes it for `LlamaForCausalLM`.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("plain data");
+        let object = value.as_object_mut().expect("a struct");
+        object.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        object.insert("model_type".into(), "llama".into());
+        object.insert("hidden_act".into(), "silu".into());
+        object.insert("torch_dtype".into(), "float32".into());
+        object.insert("attention_bias".into(), false.into());
+        object.insert("mlp_bias".into(), false.into());
+        value
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.num_attention_heads == 0 || self.kv_heads() == 0 {
+            return Err("num_attention_heads and num_key_value_heads must be positive".into());
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} is odd: rotary embeddings need pairs", self.head_dim()));
+        }
+        Ok(())
+    }
+
+    /// Rotary inverse frequencies, with `rope_scaling` applied.
+    fn inverse_frequencies(&self) -> Vec<f32> {
+        let dim = self.head_dim();
+        let mut inv: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / dim as f64))
+            .collect();
+        let scaling = self.rope_scaling.as_ref();
+        let kind = scaling
+            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let number = |key: &str, default: f64| {
+            scaling
+                .and_then(|s| s.get(key))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(default)
+        };
+        let factor = number("factor", 1.0);
+        match kind {
+            "linear" => inv.iter_mut().for_each(|f| *f /= factor),
+            "llama3" => {
+                let low = number("low_freq_factor", 1.0);
+                let high = number("high_freq_factor", 4.0);
+                let original = number("original_max_position_embeddings", 8192.0);
+                let (low_wavelen, high_wavelen) = (original / low, original / high);
+                for f in inv.iter_mut() {
+                    let wavelen = std::f64::consts::TAU / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (original / wavelen - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            _ => {}
+        }
+        inv.into_iter().map(|f| f as f32).collect()
+    }
+}
+
+/// The seven projections of a decoder layer, in [`Target`] order.
+pub struct Layer {
+    pub input_norm: Tensor,
+    pub post_attention_norm: Tensor,
+    pub projections: [Tensor; 7],
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// `None` when tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// An adapter applied during a forward pass, and the dropout of this pass (training).
+#[derive(Clone, Copy)]
+pub struct Adapter<'a> {
+    pub lora: &'a Lora,
+    pub dropout: Option<DropoutKey>,
+}
+
+/// Keys and values of earlier positions, per layer, for generation.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The Hugging Face name of a tensor of layer `layer`.
+pub fn layer_tensor_name(layer: usize, target: Target) -> String {
+    format!(
+        "model.layers.{layer}.{}.{}.weight",
+        target.module(),
+        target.name()
+    )
+}
+
+impl Llama {
+    /// Builds the model from tensors named as in Hugging Face checkpoints
+    /// (`model.layers.0.self_attn.q_proj.weight`, ...), converted to `dtype` on `device`.
+    pub fn from_tensors(
+        config: LlamaConfig,
+        mut tensor: impl FnMut(&str) -> Result<Option<Tensor>>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Llama> {
+        config.check().map_err(candle_core::Error::msg)?;
+        let mut fetch = |name: &str, shape: &[usize], required: bool| -> Result<Option<Tensor>> {
+            let Some(t) = tensor(name)? else {
+                if required {
+                    candle_core::bail!("missing tensor `{name}`")
+                }
+                return Ok(None);
+            };
+            if t.dims() != shape {
+                candle_core::bail!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims())
+            }
+            Ok(Some(t.to_device(device)?.to_dtype(dtype)?.contiguous()?))
+        };
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            Ok(fetch(name, shape, true)?.expect("required"))
+        };
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = get("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let mut projections = Vec::with_capacity(7);
+            for target in Target::ALL {
+                let (out, inp) = config.projection_shape(target);
+                projections.push(get(&layer_tensor_name(l, target), &[out, inp])?);
+            }
+            layers.push(Layer {
+                input_norm: get(&format!("model.layers.{l}.input_layernorm.weight"), &[h])?,
+                post_attention_norm: get(
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
+                projections: projections.try_into().expect("seven"),
+            });
+        }
+        let norm = get("model.norm.weight", &[h])?;
+        // Some checkpoints leave out a head equal to the embeddings.
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            fetch("lm_head.weight", &[v, h], false)?
+        };
+        let (cos, sin) = rotary_tables(&config, device, dtype)?;
+        Ok(Llama {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Every tensor by its Hugging Face name (for saving merged weights).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (l, layer) in self.layers.iter().enumerate() {
+            out.push((format!("model.layers.{l}.input_layernorm.weight"), layer.input_norm.clone()));
+            out.push((
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                layer.post_attention_norm.clone(),
+            ));
+            for target in Target::ALL {
+                out.push((layer_tensor_name(l, target), layer.projections[target as usize].clone()));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.clone()));
+        }
+        out
+    }
+
+    fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` (after the last norm).
+    ///
+    /// `positions` are each token's position in its own sequence; `mask` is additive,
+    /// `[batch, 1, seq, past + seq]` (see [`packed_causal_mask`]), or `None` for a single
+    /// new token.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        adapter: Option<Adapter>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let h = self.config.hidden_size;
+        let flat_ids = input_ids.flatten_all()?;
+        let mut x = self.embed_tokens.index_select(&flat_ids, 0)?.reshape((b, t, h))?;
+        let flat_positions = positions.flatten_all()?;
+        let half = self.config.head_dim() / 2;
+        let cos = self.cos.index_select(&flat_positions, 0)?.reshape((b, 1, t, half))?;
+        let sin = self.sin.index_select(&flat_positions, 0)?.reshape((b, 1, t, half))?;
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.layers.resize(self.layers.len(), None);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let normed = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let attended = self.attention(l, &normed, &cos, &sin, mask, adapter, layer_cache)?;
+            x = (residual + attended)?;
+            let normed = rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
+            let mlp = self.mlp(l, &normed, adapter)?;
+            x = (x + mlp)?;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Logits `[.., vocab]` (f32, or f64 for f64 models) of hidden states `[.., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let h = *dims.last().expect("rank >= 1");
+        let rows = hidden.elem_count() / h;
+        let flat = hidden.reshape((rows, h))?;
+        let logits = frozen_linear(&flat, self.lm_head())?.to_dtype(reduction_dtype(self.dtype))?;
+        let mut shape = dims;
+        *shape.last_mut().expect("rank >= 1") = self.config.vocab_size;
+        logits.reshape(shape)
+    }
+
+    /// Full forward pass: logits `[batch, seq, vocab]`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        adapter: Option<Adapter>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, positions, mask, adapter, cache)?;
+        self.logits(&hidden)
+    }
+
+    /// Base projection plus the adapter's update, on `x: [m, in]`.
+    fn project(&self, layer: usize, target: Target, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
+        let base = frozen_linear(x, &self.layers[layer].projections[target as usize])?;
+        match adapter {
+            Some(adapter) => match adapter.lora.delta(layer, target, x, adapter.dropout.as_ref())? {
+                Some(delta) => {
+                    let dtype = base.dtype();
+                    base + delta.to_dtype(dtype)?
+                }
+                None => Ok(base),
+            },
+            None => Ok(base),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        adapter: Option<Adapter>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let (heads, kv_heads, dim) = (
+            self.config.num_attention_heads,
+            self.config.kv_heads(),
+            self.config.head_dim(),
+        );
+        let x = x.reshape((b * t, h))?;
+        let split = |y: Tensor, n: usize| y.reshape((b, t, n, dim))?.transpose(1, 2);
+        let q = split(self.project(layer, Target::Q, &x, adapter)?, heads)?;
+        let k = split(self.project(layer, Target::K, &x, adapter)?, kv_heads)?;
+        let v = split(self.project(layer, Target::V, &x, adapter)?, kv_heads)?;
+        let q = rotate(&q, cos, sin)?;
+        let mut k = rotate(&k, cos, sin)?;
+        let mut v = v.contiguous()?;
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let s = k.dim(2)?;
+        let group = heads / kv_heads;
+        // Query heads sharing a key/value head are stacked along the sequence axis, so
+        // keys and values are never repeated in memory.
+        let q = q.contiguous()?.reshape((b, kv_heads, group * t, dim))?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (dim as f64).sqrt()))?
+            .to_dtype(reduction_dtype(v.dtype()))?
+            .reshape((b, kv_heads, group, t, s))?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(&mask.reshape((b, 1, 1, t, s))?.to_dtype(scores.dtype())?)?,
+            None => scores,
+        };
+        let probs = softmax_last_dim(&scores)?
+            .to_dtype(v.dtype())?
+            .reshape((b, kv_heads, group * t, s))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, heads, t, dim))?
+            .transpose(1, 2)?
+            .reshape((b * t, heads * dim))?;
+        self.project(layer, Target::O, &out, adapter)?.reshape((b, t, h))
+    }
+
+    fn mlp(&self, layer: usize, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let x = x.reshape((b * t, h))?;
+        let gate = self.project(layer, Target::Gate, &x, adapter)?;
+        let up = self.project(layer, Target::Up, &x, adapter)?;
+        let act = (gate.silu()? * up)?;
+        self.project(layer, Target::Down, &act, adapter)?.reshape((b, t, h))
+    }
+}
+
+/// `cos` and `sin` of every position up to `max_position_embeddings`: `[positions, dim/2]`.
+fn rotary_tables(config: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let inv = config.inverse_frequencies();
+    let positions = config.max_position_embeddings.max(1);
+    let half = inv.len();
+    let mut angles = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        angles.extend(inv.iter().map(|f| p as f32 * f));
+    }
+    let angles = Tensor::from_vec(angles, (positions, half), device)?;
+    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+}
+
+/// Rotary embedding in the Hugging Face layout (first half / second half of each head),
+/// from differentiable ops. `x: [b, heads, t, dim]`, `cos`/`sin`: `[b, 1, t, dim/2]`.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let first = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let second = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[first, second], D::Minus1)
+}
+
+/// The dtype reductions (norms, softmax, loss) run in: f32, or f64 for f64 models.
+pub fn reduction_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// RMS norm composed from elementary ops, computed in f32 (or f64).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(reduction_dtype(dtype))?;
+    let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    x.broadcast_div(&scale)?.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last axis from elementary ops (the max is a constant shift, so it
+/// needs no gradient).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// A large negative number rather than -inf, so masked scores never produce NaN.
+pub const MASKED: f32 = -1e9;
+
+/// Additive attention mask `[rows, 1, width, width]` for packed rows: a token sees
+/// earlier tokens (and itself) of the same segment only.
+pub fn packed_causal_mask(segment_ids: &[u32], rows: usize, width: usize, device: &Device) -> Result<Tensor> {
+    let mut mask = vec![MASKED; rows * width * width];
+    for r in 0..rows {
+        let seg = &segment_ids[r * width..(r + 1) * width];
+        for i in 0..width {
+            let out = &mut mask[(r * width + i) * width..(r * width + i + 1) * width];
+            for j in 0..=i {
+                if seg[j] == seg[i] {
+                    out[j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(mask, (rows, 1, width, width), device)
+}
+
+/// Causal mask `[1, 1, new, past + new]` for `new` tokens after `past` cached ones.
+pub fn causal_mask(past: usize, new: usize, device: &Device) -> Result<Tensor> {
+    let total = past + new;
+    let mask: Vec<f32> = (0..new)
+        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
+        .collect();
+    Tensor::from_vec(mask, (1, 1, new, total), device)
+}
+
+/// Greedy decoding with a KV cache: the prompt once, then one token per step. Stops at
+/// any of `stop` or after `max_new_tokens`.
+pub fn generate_greedy(
+    model: &Llama,
+    adapter: Option<&Lora>,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop: &[u32],
+) -> Result<Vec<u32>> {
+    let device = &model.device;
+    let adapter = adapter.map(|lora| Adapter { lora, dropout: None });
+    let mut cache = KvCache::default();
+    let mut out = Vec::new();
+    let limit = model.config.max_position_embeddings;
+    let mut next_input: Vec<u32> = prompt.to_vec();
+    while out.len() < max_new_tokens {
+        let past = cache.len();
+        let new = next_input.len();
+        if past + new > limit {
+            break;
+        }
+        let ids = Tensor::new(next_input.as_slice(), device)?.unsqueeze(0)?;
+        let positions: Vec<u32> = (past as u32..(past + new) as u32).collect();
+        let positions = Tensor::new(positions.as_slice(), device)?.unsqueeze(0)?;
+        let mask = if new > 1 { Some(causal_mask(past, new, device)?) } else { None };
+        let hidden = model.hidden_states(&ids, &positions, mask.as_ref(), adapter, Some(&mut cache))?;
+        let last = hidden.narrow(1, new - 1, 1)?;
+        let logits = model.logits(&last)?.flatten_all()?;
+        let token = logits.argmax(0)?.to_scalar::<u32>()?;
+        if stop.contains(&token) {
+            break;
+        }
+        out.push(token);
+        next_input = vec![token];
+    }
+    Ok(out)
+}

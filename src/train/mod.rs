@@ -1,0 +1,450 @@
+//! LoRA training driven by the curriculum: batches stream from the store in plan order,
+//! each step accumulates gradients over `gradient_accumulation` micro-batches of the same
+//! phase, clips them and applies AdamW at the phase's learning rate (warmup and decay
+//! within each phase).
+//!
+//! Everything a run depends on is a function of `(config, store snapshot, step)`: the
+//! batches come from the plan position, dropout masks from `(seed, step, micro-batch)`.
+//! A checkpoint therefore holds only the adapter, the optimizer moments, the step and
+//! the sampler position, and a resumed run on the CPU computes exactly the losses an
+//! uninterrupted run would have.
+
+pub mod checkpoint;
+pub mod loss;
+pub mod optim;
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::batches::{self, BatchOptions, ChatTokenizer};
+use crate::curriculum::Plan;
+use crate::model::{Adapter, DropoutKey, Llama, Lora, LoraConfig};
+use crate::store::Store;
+pub use checkpoint::{Checkpoint, TrainerState};
+pub use loss::{token_nll, Targets};
+pub use optim::{AdamW, Decay, OptimizerConfig, ScheduleConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Batches(#[from] batches::Error),
+    #[error(transparent)]
+    Curriculum(#[from] crate::curriculum::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Checkpoint(String),
+}
+
+pub(crate) fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    /// The device and the dtype of the frozen base weights on it (LoRA parameters and
+    /// optimizer state are always f32).
+    pub fn open(self) -> Result<(Device, DType), Error> {
+        match self {
+            DeviceKind::Cpu => Ok((Device::Cpu, DType::F32)),
+            DeviceKind::Cuda => {
+                if !cfg!(feature = "cuda") {
+                    return Err(Error::Config(
+                        "device `cuda` needs a build with `--features cuda`".into(),
+                    ));
+                }
+                Ok((Device::new_cuda(0)?, DType::BF16))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many optimizer steps (and at the end of every phase).
+    #[serde(default = "default_every")]
+    pub every: u64,
+    /// Checkpoints kept; older ones are deleted.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_every() -> u64 {
+    500
+}
+fn default_keep() -> usize {
+    3
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every: default_every(),
+            keep: default_keep(),
+        }
+    }
+}
+
+/// A training config (`configs/training/*.yaml`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The curriculum whose plan orders the batches and sets each phase's rate.
+    pub curriculum: PathBuf,
+    #[serde(default)]
+    pub lora: LoraConfig,
+    /// Examples per micro-batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_accumulation")]
+    pub gradient_accumulation: usize,
+    #[serde(default = "default_seq")]
+    pub max_seq_len: usize,
+    #[serde(default = "default_true")]
+    pub packing: bool,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    /// Where checkpoints, the final adapter and `metrics.jsonl` go.
+    pub output: PathBuf,
+    #[serde(default)]
+    pub device: DeviceKind,
+    /// Seed of adapter initialisation and dropout; the curriculum's seed if absent.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop after this many optimizer steps (a checkpoint is written).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+}
+
+fn default_batch() -> usize {
+    8
+}
+fn default_accumulation() -> usize {
+    1
+}
+fn default_seq() -> usize {
+    2048
+}
+fn default_true() -> bool {
+    true
+}
+
+impl TrainConfig {
+    pub fn load(path: &Path) -> Result<TrainConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(io_error(path))?;
+        let config: TrainConfig = serde_yaml::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        config
+            .check()
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        Ok(config)
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if self.batch_size == 0 || self.gradient_accumulation == 0 || self.max_seq_len < 2 {
+            return Err("batch_size and gradient_accumulation must be at least 1, max_seq_len at least 2".into());
+        }
+        if self.checkpoint.every == 0 || self.checkpoint.keep == 0 {
+            return Err("checkpoint.every and checkpoint.keep must be at least 1".into());
+        }
+        self.lora.targets().map(|_| ())
+    }
+
+    pub fn batch_options(&self) -> BatchOptions {
+        BatchOptions {
+            batch_size: self.batch_size,
+            max_seq_len: self.max_seq_len,
+            packing: self.packing,
+            rank: 0,
+            ranks: 1,
+        }
+    }
+
+    /// Positions one optimizer step covers.
+    fn step_span(&self) -> u64 {
+        (self.batch_size * self.gradient_accumulation) as u64
+    }
+}
+
+/// Optimizer steps of each phase of the plan (a step never crosses a phase).
+pub fn steps_per_phase(plan: &Plan, config: &TrainConfig) -> Vec<u64> {
+    plan.phases
+        .iter()
+        .map(|p| p.len().div_ceil(config.step_span()))
+        .collect()
+}
+
+/// One optimizer step's record (a line of `metrics.jsonl`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub phase: String,
+    /// Mean next-token loss over the step's trained tokens.
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub trained_tokens: u64,
+    pub tokens_per_second: f64,
+    pub elapsed_seconds: f64,
+    /// Plan position after the step.
+    pub position: u64,
+}
+
+/// How a run starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// A fresh adapter (refused if the output already has checkpoints).
+    No,
+    /// The newest checkpoint in the output directory.
+    Latest,
+    /// A given checkpoint directory.
+    From(PathBuf),
+}
+
+pub struct RunOptions {
+    pub resume: Resume,
+    /// Overrides `max_steps` of the config.
+    pub max_steps: Option<u64>,
+    pub progress: bool,
+    /// Recorded as `base_model_name_or_path` in saved adapters.
+    pub base_model: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub first_step: u64,
+    pub steps: Vec<StepMetrics>,
+    pub adapter: PathBuf,
+    pub checkpoints: Vec<PathBuf>,
+    pub finished: bool,
+    pub seconds: f64,
+}
+
+/// Trains a LoRA adapter on `model` through the curriculum `plan`.
+pub fn run(
+    config: &TrainConfig,
+    model: &Llama,
+    tokenizer: &ChatTokenizer,
+    store: &Store,
+    plan: &Plan,
+    options: &RunOptions,
+) -> Result<RunSummary, Error> {
+    let started = Instant::now();
+    let seed = config.seed.unwrap_or(plan.curriculum.seed);
+    let device = model.device.clone();
+    std::fs::create_dir_all(&config.output).map_err(io_error(&config.output))?;
+    let checkpoints_dir = config.output.join("checkpoints");
+    let resume_from = match &options.resume {
+        Resume::No => {
+            if let Some(existing) = checkpoint::latest(&checkpoints_dir)? {
+                return Err(Error::Checkpoint(format!(
+                    "{} already holds checkpoints ({}); pass --resume to continue, or choose another output",
+                    checkpoints_dir.display(),
+                    existing.display()
+                )));
+            }
+            None
+        }
+        Resume::Latest => Some(checkpoint::latest(&checkpoints_dir)?.ok_or_else(|| {
+            Error::Checkpoint(format!("no checkpoint in {} to resume from", checkpoints_dir.display()))
+        })?),
+        Resume::From(dir) => Some(dir.clone()),
+    };
+
+    let mut lora = Lora::new(config.lora.clone(), &model.config, seed, &device)?;
+    let mut optimizer = AdamW::new(config.optimizer.clone());
+    let mut step = 0u64;
+    let mut position = 0u64;
+    if let Some(dir) = &resume_from {
+        let state = checkpoint::load(dir, &mut lora, &mut optimizer, &device)?;
+        position = plan.resume(&state.sampler)?;
+        step = state.step;
+    }
+    let first_step = step;
+    let max_steps = options.max_steps.or(config.max_steps);
+    let phase_steps = steps_per_phase(plan, config);
+    let total_steps: u64 = phase_steps.iter().sum::<u64>();
+    let last_step = max_steps.map_or(total_steps, |m| m.min(total_steps));
+
+    let metrics_file = config.output.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_file)
+        .map_err(io_error(&metrics_file))?;
+    let bar = if options.progress {
+        indicatif::ProgressBar::new(last_step.saturating_sub(step))
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("template"),
+    );
+
+    let params: Vec<(String, candle_core::Var)> = lora
+        .named_vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.clone()))
+        .collect();
+    let param_refs: Vec<(String, &candle_core::Var)> = params.iter().map(|(k, v)| (k.clone(), v)).collect();
+    let options_batches = config.batch_options();
+
+    let mut summary = RunSummary {
+        first_step,
+        steps: Vec::new(),
+        adapter: config.output.join("adapter"),
+        checkpoints: Vec::new(),
+        finished: false,
+        seconds: 0.0,
+    };
+    if step >= last_step || position >= plan.total {
+        summary.finished = position >= plan.total;
+        return Ok(summary);
+    }
+
+    // Accumulated over the micro-batches of the current step.
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let (mut nll_sum, mut targets_n, mut tokens, mut trained) = (0f64, 0u64, 0u64, 0u64);
+    let mut micro = 0u64;
+    let mut step_started = Instant::now();
+    let mut failure: Option<Error> = None;
+
+    let start = position;
+    let mut on_batch = |batch: batches::Batch| -> Result<bool, Error> {
+        let targets = Targets::of(&batch)?;
+        if !targets.is_empty() {
+            let adapter = Adapter {
+                lora: &lora,
+                dropout: Some(DropoutKey {
+                    seed,
+                    step,
+                    micro_batch: micro,
+                }),
+            };
+            let nll = token_nll(model, Some(adapter), &batch, &targets)?.sum_all()?;
+            let backward = nll.backward()?;
+            for (key, var) in &params {
+                if let Some(g) = backward.get(var.as_tensor()) {
+                    let g = g.detach();
+                    match grads.remove(key) {
+                        Some(sum) => grads.insert(key.clone(), (sum + g)?),
+                        None => grads.insert(key.clone(), g),
+                    };
+                }
+            }
+            nll_sum += nll.to_scalar::<f32>()? as f64;
+            targets_n += targets.len() as u64;
+        }
+        tokens += batch.tokens as u64;
+        trained += targets.len() as u64;
+        micro += 1;
+        let phase = &plan.phases[batch.phase];
+        let phase_end = phase.start + phase.len();
+        let next = batch.next.position;
+        if micro < config.gradient_accumulation as u64 && next < phase_end {
+            return Ok(true);
+        }
+
+        // The step is complete: normalise by its trained tokens, clip, update.
+        let step_in_phase = (position - phase.start) / config.step_span();
+        let lr = config
+            .schedule
+            .rate(phase.learning_rate, step_in_phase, phase_steps[batch.phase]);
+        let mut grad_norm = 0.0;
+        if targets_n > 0 {
+            for g in grads.values_mut() {
+                *g = (&*g / targets_n as f64)?;
+            }
+            grad_norm = optim::clip_global_norm(&mut grads, config.optimizer.max_grad_norm)?;
+            optimizer.step(&param_refs, &grads, lr)?;
+        }
+        step += 1;
+        position = next;
+        let seconds = step_started.elapsed().as_secs_f64();
+        let record = StepMetrics {
+            step,
+            phase: phase.name.clone(),
+            loss: if targets_n > 0 { nll_sum / targets_n as f64 } else { f64::NAN },
+            learning_rate: lr,
+            grad_norm,
+            tokens,
+            trained_tokens: trained,
+            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+            position,
+        };
+        writeln!(metrics, "{}", serde_json::to_string(&record).expect("json")).map_err(io_error(&metrics_file))?;
+        bar.set_message(format!(
+            "{} loss {:.4} lr {:.2e} {:.0} tok/s",
+            record.phase, record.loss, lr, record.tokens_per_second
+        ));
+        bar.inc(1);
+        summary.steps.push(record);
+        grads.clear();
+        (nll_sum, targets_n, tokens, trained, micro) = (0.0, 0, 0, 0, 0);
+        step_started = Instant::now();
+
+        let stop = step >= last_step;
+        if step % config.checkpoint.every == 0 || next >= phase_end || stop {
+            let state = TrainerState {
+                step,
+                seed,
+                sampler: plan.state(position),
+                phase: phase.name.clone(),
+            };
+            let dir = checkpoint::save(&checkpoints_dir, &lora, &optimizer, &state, &options.base_model)?;
+            checkpoint::prune(&checkpoints_dir, config.checkpoint.keep)?;
+            summary.checkpoints.push(dir);
+        }
+        Ok(!stop)
+    };
+    batches::stream(store, plan, tokenizer, start, &options_batches, 2, |batch| {
+        match on_batch(batch) {
+            Ok(go_on) => go_on,
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    bar.finish_and_clear();
+    lora.save_peft(&summary.adapter, &options.base_model)
+        .map_err(Error::Checkpoint)?;
+    summary.finished = position >= plan.total;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
