@@ -31,6 +31,7 @@ pub mod batches;
 pub mod category;
 pub mod conversation;
 pub mod curriculum;
+pub mod eval;
 pub mod export;
 pub mod filters;
 pub mod formats;

@@ -30,7 +30,13 @@ pub fn tiny_config(vocab: usize) -> LlamaConfig {
 
 pub fn tiny_model(config: &LlamaConfig, seed: u64, dtype: DType) -> Llama {
     let tensors = weights::random_tensors(config, seed);
-    Llama::from_tensors(config.clone(), |n| Ok(tensors.get(n).cloned()), &Device::Cpu, dtype).unwrap()
+    Llama::from_tensors(
+        config.clone(),
+        |n| Ok(tensors.get(n).cloned()),
+        &Device::Cpu,
+        dtype,
+    )
+    .unwrap()
 }
 
 /// A packed batch of token sequences, every token after the first trained.
@@ -41,7 +47,14 @@ fn batch_of(sequences: &[Vec<u32>], width: usize) -> batches::Batch {
         .map(|(i, ids)| {
             let mut trained = vec![true; ids.len()];
             trained[0] = false;
-            (i as u64, i as u64, Tokenized { ids: ids.clone(), trained })
+            (
+                i as u64,
+                i as u64,
+                Tokenized {
+                    ids: ids.clone(),
+                    trained,
+                },
+            )
         })
         .collect();
     let options = BatchOptions {
@@ -96,9 +109,14 @@ fn logits_of(model: &Llama, adapter: Option<Adapter>, ids: &[u32]) -> Tensor {
     let device = &model.device;
     let input = Tensor::new(ids, device).unwrap().unsqueeze(0).unwrap();
     let positions: Vec<u32> = (0..ids.len() as u32).collect();
-    let positions = Tensor::new(positions.as_slice(), device).unwrap().unsqueeze(0).unwrap();
+    let positions = Tensor::new(positions.as_slice(), device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mask = model::causal_mask(0, ids.len(), device).unwrap();
-    model.forward(&input, &positions, Some(&mask), adapter, None).unwrap()
+    model
+        .forward(&input, &positions, Some(&mask), adapter, None)
+        .unwrap()
 }
 
 #[test]
@@ -109,7 +127,14 @@ fn finite_differences_agree_with_backprop_for_every_lora_matrix() {
     randomize_b(&lora, 11);
     // Two packed examples in one row plus one in a second row: masks, positions and GQA
     // are all on the path.
-    let batch = batch_of(&[vec![2, 5, 7, 9, 11], vec![3, 4, 8], vec![1, 6, 10, 12, 13, 14]], 8);
+    let batch = batch_of(
+        &[
+            vec![2, 5, 7, 9, 11],
+            vec![3, 4, 8],
+            vec![1, 6, 10, 12, 13, 14],
+        ],
+        8,
+    );
     let targets = loss::Targets::of(&batch).unwrap();
     let key = DropoutKey {
         seed: 1,
@@ -137,7 +162,10 @@ fn finite_differences_agree_with_backprop_for_every_lora_matrix() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert!(grad.iter().any(|g| g.abs() > 1e-9), "{key}: gradient is all zero");
+        assert!(
+            grad.iter().any(|g| g.abs() > 1e-9),
+            "{key}: gradient is all zero"
+        );
         let original: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
         for &i in &[0, original.len() / 2, original.len() - 1] {
             let at = |delta: f64| {
@@ -165,7 +193,14 @@ fn finite_differences_agree_with_backprop_for_every_lora_matrix() {
 #[test]
 fn frozen_linear_gives_only_the_input_a_gradient() {
     let device = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.], [0., 1., 0.], [2., 2., 2.]], &device).unwrap()).unwrap();
+    let x = Var::from_tensor(
+        &Tensor::new(
+            &[[1f32, 2., 3.], [4., 5., 6.], [0., 1., 0.], [2., 2., 2.]],
+            &device,
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let w = Tensor::new(&[[0.5f32, -1., 2.], [1., 0., -0.5]], &device).unwrap();
     let y = frozen_linear(x.as_tensor(), &w).unwrap();
     let wt = w.t().unwrap();
@@ -175,8 +210,14 @@ fn frozen_linear_gives_only_the_input_a_gradient() {
     let gx = grads.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(gx, vec![vec![1.5, -1.0, 1.5]; 4]);
     // Nothing of the weight's size was computed or kept.
-    let shapes: Vec<Vec<usize>> = grads.get_ids().map(|id| grads.get_id(*id).unwrap().dims().to_vec()).collect();
-    assert!(!shapes.iter().any(|s| s == &[3, 2] || s == &[2, 3]), "{shapes:?}");
+    let shapes: Vec<Vec<usize>> = grads
+        .get_ids()
+        .map(|id| grads.get_id(*id).unwrap().dims().to_vec())
+        .collect();
+    assert!(
+        !shapes.iter().any(|s| s == &[3, 2] || s == &[2, 3]),
+        "{shapes:?}"
+    );
     // candle's own matmul computes and keeps a gradient for the (transposed) weight.
     let plain_grads = plain.sum_all().unwrap().backward().unwrap();
     assert_eq!(plain_grads.get(&wt).unwrap().dims(), &[3, 2]);
@@ -189,13 +230,34 @@ fn a_fresh_adapter_leaves_the_output_equal_to_the_base_model() {
     let lora = Lora::new(LoraConfig::default(), &config, 5, &Device::Cpu).unwrap();
     let ids = [2, 9, 4, 17, 30, 5];
     let base = logits_of(&model, None, &ids);
-    for dropout in [None, Some(DropoutKey { seed: 1, step: 3, micro_batch: 0 })] {
-        let adapted = logits_of(&model, Some(Adapter { lora: &lora, dropout }), &ids);
+    for dropout in [
+        None,
+        Some(DropoutKey {
+            seed: 1,
+            step: 3,
+            micro_batch: 0,
+        }),
+    ] {
+        let adapted = logits_of(
+            &model,
+            Some(Adapter {
+                lora: &lora,
+                dropout,
+            }),
+            &ids,
+        );
         assert_eq!(max_abs_diff(&base, &adapted), 0.0);
     }
     // With a non-zero B the output does change.
     randomize_b(&lora, 2);
-    let adapted = logits_of(&model, Some(Adapter { lora: &lora, dropout: None }), &ids);
+    let adapted = logits_of(
+        &model,
+        Some(Adapter {
+            lora: &lora,
+            dropout: None,
+        }),
+        &ids,
+    );
     assert!(max_abs_diff(&base, &adapted) > 1e-4);
 }
 
@@ -210,7 +272,13 @@ fn packed_examples_see_only_themselves() {
     let segments: Vec<u32> = batch.segment_ids.flatten_all().unwrap().to_vec1().unwrap();
     let mask = model::packed_causal_mask(&segments, rows, width, &Device::Cpu).unwrap();
     let packed = model
-        .forward(&batch.input_ids, &batch.position_ids, Some(&mask), None, None)
+        .forward(
+            &batch.input_ids,
+            &batch.position_ids,
+            Some(&mask),
+            None,
+            None,
+        )
         .unwrap()
         .squeeze(0)
         .unwrap();
@@ -223,11 +291,17 @@ fn packed_examples_see_only_themselves() {
         let slot = (0..starts.len())
             .find(|&s| {
                 let at = starts[s] as usize;
-                flat[at..at + lens[k]] == ids[..] && segments[at..at + lens[k]].iter().all(|&g| g == segments[at])
+                flat[at..at + lens[k]] == ids[..]
+                    && segments[at..at + lens[k]]
+                        .iter()
+                        .all(|&g| g == segments[at])
             })
             .unwrap();
         let inside = packed.narrow(0, starts[slot] as usize, ids.len()).unwrap();
-        assert!(max_abs_diff(&alone, &inside) < 1e-5, "example {k} sees its neighbour");
+        assert!(
+            max_abs_diff(&alone, &inside) < 1e-5,
+            "example {k} sees its neighbour"
+        );
     }
 }
 
@@ -242,14 +316,24 @@ fn greedy_generation_with_the_kv_cache_matches_recomputing_everything() {
     assert_eq!(cached.len(), 12);
     let mut ids = prompt.to_vec();
     for _ in 0..12 {
-        let logits = logits_of(&model, Some(Adapter { lora: &lora, dropout: None }), &ids);
+        let logits = logits_of(
+            &model,
+            Some(Adapter {
+                lora: &lora,
+                dropout: None,
+            }),
+            &ids,
+        );
         let last = logits.squeeze(0).unwrap().get(ids.len() - 1).unwrap();
         ids.push(last.argmax(0).unwrap().to_scalar::<u32>().unwrap());
     }
     assert_eq!(cached, ids[prompt.len()..]);
     // Stop tokens end generation.
     let stopped = generate_greedy(&model, Some(&lora), &prompt, 12, &[cached[3]]).unwrap();
-    assert_eq!(stopped, cached[..cached.iter().position(|&t| t == cached[3]).unwrap()]);
+    assert_eq!(
+        stopped,
+        cached[..cached.iter().position(|&t| t == cached[3]).unwrap()]
+    );
 }
 
 #[test]
@@ -257,16 +341,31 @@ fn loss_falls_when_overfitting_a_handful_of_examples() {
     let config = tiny_config(40);
     let model = tiny_model(&config, 3, DType::F32);
     let lora = Lora::new(lora_config(8, 0.05), &config, 5, &Device::Cpu).unwrap();
-    let batch = batch_of(&[vec![2, 5, 7, 9, 11, 13], vec![3, 4, 8, 16], vec![1, 6, 10, 12, 20]], 16);
+    let batch = batch_of(
+        &[
+            vec![2, 5, 7, 9, 11, 13],
+            vec![3, 4, 8, 16],
+            vec![1, 6, 10, 12, 20],
+        ],
+        16,
+    );
     let targets = loss::Targets::of(&batch).unwrap();
-    let params: Vec<(String, Var)> = lora.named_vars().into_iter().map(|(k, v)| (k, v.clone())).collect();
+    let params: Vec<(String, Var)> = lora
+        .named_vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.clone()))
+        .collect();
     let refs: Vec<(String, &Var)> = params.iter().map(|(k, v)| (k.clone(), v)).collect();
     let mut optimizer = optim::AdamW::new(optim::OptimizerConfig::default());
     let mut losses = Vec::new();
     for step in 0..40 {
         let adapter = Adapter {
             lora: &lora,
-            dropout: Some(DropoutKey { seed: 1, step, micro_batch: 0 }),
+            dropout: Some(DropoutKey {
+                seed: 1,
+                step,
+                micro_batch: 0,
+            }),
         };
         let nll = loss::token_nll(&model, Some(adapter), &batch, &targets).unwrap();
         let mean = nll.mean_all().unwrap();
@@ -292,12 +391,18 @@ fn peft_files_have_peft_names_shapes_and_config_and_merge_matches() {
     let dir = tempfile::tempdir().unwrap();
     lora.save_peft(dir.path(), "tiny-base").unwrap();
 
-    let tensors = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
     assert_eq!(tensors.len(), 2 * 7 * 2);
     for layer in 0..2 {
         for target in Target::ALL {
             let (out, inp) = config.projection_shape(target);
-            let module = if matches!(target, Target::Gate | Target::Up | Target::Down) { "mlp" } else { "self_attn" };
+            let module = if matches!(target, Target::Gate | Target::Up | Target::Down) {
+                "mlp"
+            } else {
+                "self_attn"
+            };
             let a = &tensors[&format!(
                 "base_model.model.model.layers.{layer}.{module}.{}.lora_A.weight",
                 target.name()
@@ -310,8 +415,10 @@ fn peft_files_have_peft_names_shapes_and_config_and_merge_matches() {
             assert_eq!((a.dtype(), b.dtype()), (DType::F32, DType::F32));
         }
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(json["peft_type"], "LORA");
     assert_eq!(json["task_type"], "CAUSAL_LM");
     assert_eq!(json["r"], 4);
@@ -321,14 +428,36 @@ fn peft_files_have_peft_names_shapes_and_config_and_merge_matches() {
     assert_eq!(json["base_model_name_or_path"], "tiny-base");
     assert_eq!(
         json["target_modules"],
-        serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        serde_json::json!([
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj"
+        ])
     );
 
     // Loading gives the same adapter, and merging it gives the same logits.
     let loaded = Lora::load_peft(dir.path(), &config, &Device::Cpu).unwrap();
     let ids = [4u32, 8, 15, 16, 23, 39];
-    let with_adapter = logits_of(&model, Some(Adapter { lora: &lora, dropout: None }), &ids);
-    let with_loaded = logits_of(&model, Some(Adapter { lora: &loaded, dropout: None }), &ids);
+    let with_adapter = logits_of(
+        &model,
+        Some(Adapter {
+            lora: &lora,
+            dropout: None,
+        }),
+        &ids,
+    );
+    let with_loaded = logits_of(
+        &model,
+        Some(Adapter {
+            lora: &loaded,
+            dropout: None,
+        }),
+        &ids,
+    );
     assert_eq!(max_abs_diff(&with_adapter, &with_loaded), 0.0);
     loaded.merge_into(&mut model).unwrap();
     let merged = logits_of(&model, None, &ids);
@@ -338,8 +467,13 @@ fn peft_files_have_peft_names_shapes_and_config_and_merge_matches() {
     let other = tiny_config(40);
     let mut bigger = other.clone();
     bigger.hidden_size = 32;
-    let err = Lora::load_peft(dir.path(), &bigger, &Device::Cpu).err().unwrap();
-    assert!(err.contains("base_model.model.model.layers.") && err.contains("shape"), "{err}");
+    let err = Lora::load_peft(dir.path(), &bigger, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("base_model.model.model.layers.") && err.contains("shape"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -355,17 +489,28 @@ fn gguf_and_safetensors_give_the_same_logits() {
     assert_eq!(from_gguf.config.num_key_value_heads, Some(2));
     let ids = [1u32, 7, 3, 19, 33, 2, 8];
     let reference = logits_of(&model, None, &ids);
-    assert_eq!(max_abs_diff(&reference, &logits_of(&from_hf, None, &ids)), 0.0);
-    assert_eq!(max_abs_diff(&reference, &logits_of(&from_gguf, None, &ids)), 0.0);
+    assert_eq!(
+        max_abs_diff(&reference, &logits_of(&from_hf, None, &ids)),
+        0.0
+    );
+    assert_eq!(
+        max_abs_diff(&reference, &logits_of(&from_gguf, None, &ids)),
+        0.0
+    );
 
     // The GGUF file really holds llama.cpp's row order for q and k (else the check
     // above would pass without un-permuting).
     let q = &model.layers[0].projections[Target::Q as usize];
     let permuted = weights::permute(q, 4).unwrap();
     assert!(max_abs_diff(q, &permuted) > 0.0);
-    assert_eq!(max_abs_diff(q, &weights::unpermute(&permuted, 4).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(q, &weights::unpermute(&permuted, 4).unwrap()),
+        0.0
+    );
 
     // Bad paths are named.
-    let err = weights::load(&dir.path().join("missing"), &Device::Cpu, DType::F32).err().unwrap();
+    let err = weights::load(&dir.path().join("missing"), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("missing"), "{err}");
 }

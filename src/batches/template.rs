@@ -70,6 +70,17 @@ impl ChatTokenizer {
             ),
             Err(_) => None,
         };
+        ChatTokenizer::from_parts(tokenizer, config, &config_file)
+    }
+
+    /// A tokenizer and a `tokenizer_config.json`-like object (`chat_template`,
+    /// `bos_token`, `eos_token`); `origin` names it in errors.
+    pub fn from_parts(
+        tokenizer: tokenizers::Tokenizer,
+        config: Option<serde_json::Value>,
+        origin: &Path,
+    ) -> Result<ChatTokenizer, String> {
+        let config_file = origin;
         let template_source = config.as_ref().and_then(|c| match c.get("chat_template")? {
             serde_json::Value::String(s) => Some(s.clone()),
             // A list of named templates: the default one.
@@ -211,11 +222,17 @@ impl ChatTokenizer {
 
     /// Ids that end an assistant turn: the end-of-turn marker and the eos token.
     pub fn stop_ids(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = [self.end_of_turn.as_str(), "<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>"]
-            .iter()
-            .filter(|t| !t.is_empty())
-            .filter_map(|t| self.tokenizer.token_to_id(t))
-            .collect();
+        let mut ids: Vec<u32> = [
+            self.end_of_turn.as_str(),
+            "<|im_end|>",
+            "</s>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+        ]
+        .iter()
+        .filter(|t| !t.is_empty())
+        .filter_map(|t| self.tokenizer.token_to_id(t))
+        .collect();
         if let Template::Jinja(_, specials) = &self.template {
             ids.extend(self.tokenizer.token_to_id(&specials.eos));
         }
@@ -393,4 +410,121 @@ pub fn train_from_store(
     let result = written.and_then(|()| train_byte_level_bpe(&text, vocab, out));
     let _ = std::fs::remove_file(&text);
     result
+}
+
+/// The tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`), rebuilt as a
+/// Hugging Face tokenizer, with the file's chat template. Byte-level BPE vocabularies
+/// (`tokenizer.ggml.model = gpt2`: SmolLM, Llama 3, Qwen, ...) are supported; for others
+/// pass the model's tokenizer.json instead.
+pub fn tokenizer_from_gguf(
+    metadata: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+    origin: &Path,
+) -> Result<ChatTokenizer, String> {
+    use candle_core::quantized::gguf_file::Value;
+    let fail = |m: String| format!("{}: {m}", origin.display());
+    let strings = |key: &str| -> Result<Vec<String>, String> {
+        match metadata.get(key) {
+            Some(Value::Array(list)) => Ok(list
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => s.clone(),
+                    _ => String::new(),
+                })
+                .collect()),
+            _ => Err(fail(format!("no `{key}` in the metadata"))),
+        }
+    };
+    let id = |key: &str| -> Option<usize> {
+        match metadata.get(key)? {
+            Value::U32(v) => Some(*v as usize),
+            Value::I32(v) => Some(*v as usize),
+            Value::U64(v) => Some(*v as usize),
+            _ => None,
+        }
+    };
+    let kind = match metadata.get("tokenizer.ggml.model") {
+        Some(Value::String(s)) => s.clone(),
+        _ => {
+            return Err(fail(
+                "no tokenizer.ggml.model in the metadata; pass --tokenizer".into(),
+            ))
+        }
+    };
+    if kind != "gpt2" {
+        return Err(fail(format!(
+            "tokenizer type `{kind}` is not rebuilt from GGUF (only byte-level BPE, `gpt2`); pass --tokenizer with the model's tokenizer.json"
+        )));
+    }
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<i64> = match metadata.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| match v {
+                Value::I32(t) => *t as i64,
+                Value::U32(t) => *t as i64,
+                _ => 1,
+            })
+            .collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+        .collect();
+    // Control (3) and user-defined (4) tokens are matched whole, before the model runs.
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+        .map(|(i, t)| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": types.get(i) == Some(&3)})
+        })
+        .collect();
+    let pre = match metadata.get("tokenizer.ggml.pre") {
+        Some(Value::String(s)) => s.clone(),
+        _ => "default".to_string(),
+    };
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = match pre.as_str() {
+        "llama-bpe" | "llama3" | "smaug-bpe" => {
+            serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+             "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+        }
+        // SmolLM splits digits one by one before the GPT-2 byte-level split.
+        "smollm" => serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]}),
+        _ => byte_level,
+    };
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges},
+    });
+    let tokenizer: tokenizers::Tokenizer = serde_json::from_value(json)
+        .map_err(|e| fail(format!("tokenizer in the metadata: {e}")))?;
+    let token_at = |key: &str| id(key).and_then(|i| tokens.get(i)).cloned();
+    let mut config = serde_json::json!({});
+    if let Some(Value::String(template)) = metadata.get("tokenizer.chat_template") {
+        config["chat_template"] = template.clone().into();
+    }
+    if let Some(bos) = token_at("tokenizer.ggml.bos_token_id") {
+        config["bos_token"] = bos.into();
+    }
+    if let Some(eos) = token_at("tokenizer.ggml.eos_token_id") {
+        config["eos_token"] = eos.into();
+    }
+    ChatTokenizer::from_parts(tokenizer, Some(config), origin)
 }

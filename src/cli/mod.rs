@@ -9,6 +9,7 @@ mod index;
 mod ingest;
 mod inspect;
 mod plan;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +24,8 @@ same conversation from two datasets is stored once and both sources are kept as 
 Imports resume where they stopped and are no-ops when repeated; bad records are kept in a
 rejects ledger with file, line and reason. Quality filters set examples aside reversibly,
 `analyze` checks the distribution against the corpus plan, and `plan` / `batches` stream
-curriculum-ordered, tokenized training batches straight from the store.
+curriculum-ordered, tokenized training batches straight from the store, and `train`
+LoRA-trains a Llama-family model on them (candle; CPU, or CUDA with the `cuda` feature).
 
 Typical use:
   corpusdb ingest data/dolly.jsonl --source dolly --category instruction
@@ -34,6 +36,8 @@ Typical use:
   corpusdb analyze --html report.html
   corpusdb plan --curriculum configs/curriculum/emergent_personality.yaml
   corpusdb batches --curriculum configs/curriculum/emergent_personality.yaml --tokenizer DIR
+  corpusdb train --config configs/training/emergent_personality.yaml --model DIR|FILE.gguf
+  corpusdb eval --model DIR --adapter runs/emergent_personality/adapter
   corpusdb stats
   corpusdb imports
   corpusdb rejects --source dolly
@@ -76,6 +80,10 @@ enum Command {
     Check(index::CheckArgs),
     Export(export::Args),
     Generate(generate::Args),
+    InitModel(train::InitModelArgs),
+    Train(Box<train::TrainArgs>),
+    Eval(Box<train::EvalArgs>),
+    MergeAdapter(train::MergeArgs),
 }
 
 pub fn run() -> anyhow::Result<ExitCode> {
@@ -99,5 +107,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Check(args) => index::check(&cli.store, args),
         Command::Export(args) => export::run(&cli.store, args),
         Command::Generate(args) => generate::run(args),
+        Command::InitModel(args) => train::init_model(args),
+        Command::Train(args) => train::train(&cli.store, *args),
+        Command::Eval(args) => train::eval(&cli.store, *args),
+        Command::MergeAdapter(args) => train::merge_adapter(args),
     }
 }

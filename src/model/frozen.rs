@@ -35,7 +35,12 @@ impl CustomOp1 for FrozenLinear {
         let Storage::Cpu(weight) = &*weight else {
             candle_core::bail!("frozen linear: input on the CPU, weight elsewhere")
         };
-        let out = storage.matmul(weight, (1, m, n, k), layout, &weight_layout.transpose(0, 1)?)?;
+        let out = storage.matmul(
+            weight,
+            (1, m, n, k),
+            layout,
+            &weight_layout.transpose(0, 1)?,
+        )?;
         Ok((out, Shape::from((m, n))))
     }
 
@@ -50,7 +55,12 @@ impl CustomOp1 for FrozenLinear {
         let Storage::Cuda(weight) = &*weight else {
             candle_core::bail!("frozen linear: input on CUDA, weight elsewhere")
         };
-        let out = storage.matmul(weight, (1, m, n, k), layout, &weight_layout.transpose(0, 1)?)?;
+        let out = storage.matmul(
+            weight,
+            (1, m, n, k),
+            layout,
+            &weight_layout.transpose(0, 1)?,
+        )?;
         Ok((out, Shape::from((m, n))))
     }
 

@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{rng, LlamaConfig, Llama};
+use super::{rng, Llama, LlamaConfig};
 
 /// A projection LoRA can target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -166,7 +166,12 @@ pub fn peft_key(layer: usize, target: Target, which: char) -> String {
 
 impl Lora {
     /// A fresh f32 adapter: `A` Kaiming-uniform from `seed`, `B` zero.
-    pub fn new(config: LoraConfig, model: &LlamaConfig, seed: u64, device: &Device) -> Result<Lora> {
+    pub fn new(
+        config: LoraConfig,
+        model: &LlamaConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Lora> {
         Lora::with_dtype(config, model, seed, device, DType::F32)
     }
 
@@ -261,7 +266,8 @@ impl Lora {
             .map(|(k, v)| (k, v.as_tensor().clone()))
             .collect();
         let file = dir.join("adapter_model.safetensors");
-        candle_core::safetensors::save(&tensors, &file).map_err(|e| format!("{}: {e}", file.display()))?;
+        candle_core::safetensors::save(&tensors, &file)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
         let config = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -284,44 +290,77 @@ impl Lora {
             "revision": null,
         });
         let file = dir.join("adapter_config.json");
-        std::fs::write(&file, serde_json::to_string_pretty(&config).expect("json") + "\n")
-            .map_err(|e| format!("{}: {e}", file.display()))
+        std::fs::write(
+            &file,
+            serde_json::to_string_pretty(&config).expect("json") + "\n",
+        )
+        .map_err(|e| format!("{}: {e}", file.display()))
     }
 
     /// Reads a PEFT LoRA adapter directory written by PEFT or by [`Lora::save_peft`].
-    pub fn load_peft(dir: &Path, model: &LlamaConfig, device: &Device) -> std::result::Result<Lora, String> {
+    pub fn load_peft(
+        dir: &Path,
+        model: &LlamaConfig,
+        device: &Device,
+    ) -> std::result::Result<Lora, String> {
         let config_file = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&config_file).map_err(|e| format!("{}: {e}", config_file.display()))?;
+        let text = std::fs::read_to_string(&config_file)
+            .map_err(|e| format!("{}: {e}", config_file.display()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config_file.display()))?;
-        let field = |k: &str| json.get(k).ok_or_else(|| format!("{}: no `{k}`", config_file.display()));
+        let field = |k: &str| {
+            json.get(k)
+                .ok_or_else(|| format!("{}: no `{k}`", config_file.display()))
+        };
         if field("peft_type")?.as_str() != Some("LORA") {
             return Err(format!("{}: peft_type is not LORA", config_file.display()));
         }
         let targets: Vec<String> = match field("target_modules")? {
-            serde_json::Value::Array(list) => list.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+            serde_json::Value::Array(list) => list
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
             serde_json::Value::String(s) => vec![s.clone()],
-            _ => return Err(format!("{}: target_modules is not a list", config_file.display())),
+            _ => {
+                return Err(format!(
+                    "{}: target_modules is not a list",
+                    config_file.display()
+                ))
+            }
         };
         let config = LoraConfig {
             r: field("r")?.as_u64().ok_or("r is not a number")? as usize,
-            alpha: field("lora_alpha")?.as_f64().ok_or("lora_alpha is not a number")?,
-            dropout: json.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
+            alpha: field("lora_alpha")?
+                .as_f64()
+                .ok_or("lora_alpha is not a number")?,
+            dropout: json
+                .get("lora_dropout")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0),
             targets,
         };
         let file = dir.join("adapter_model.safetensors");
-        let tensors = candle_core::safetensors::load(&file, device).map_err(|e| format!("{}: {e}", file.display()))?;
-        let mut lora = Lora::new(config, model, 0, device).map_err(|e| format!("{}: {e}", config_file.display()))?;
-        lora.assign(&tensors).map_err(|e| format!("{}: {e}", file.display()))?;
+        let tensors = candle_core::safetensors::load(&file, device)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let mut lora = Lora::new(config, model, 0, device)
+            .map_err(|e| format!("{}: {e}", config_file.display()))?;
+        lora.assign(&tensors)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
         Ok(lora)
     }
 
     /// Sets every variable from tensors keyed by PEFT key (shapes must match).
     pub fn assign(&mut self, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
         for (key, var) in self.named_vars() {
-            let t = tensors.get(&key).ok_or_else(|| format!("missing `{key}`"))?;
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| format!("missing `{key}`"))?;
             if t.dims() != var.dims() {
-                return Err(format!("`{key}` has shape {:?}, expected {:?}", t.dims(), var.dims()));
+                return Err(format!(
+                    "`{key}` has shape {:?}, expected {:?}",
+                    t.dims(),
+                    var.dims()
+                ));
             }
             var.set(&t.to_dtype(self.dtype).map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;

@@ -89,7 +89,9 @@ impl LlamaConfig {
 
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|n| n as u32).into_iter().collect()
+            }
             Some(serde_json::Value::Array(list)) => list
                 .iter()
                 .filter_map(|v| v.as_u64().map(|n| n as u32))
@@ -102,7 +104,10 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(self).expect("plain data");
         let object = value.as_object_mut().expect("a struct");
-        object.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        object.insert(
+            "architectures".into(),
+            serde_json::json!(["LlamaForCausalLM"]),
+        );
         object.insert("model_type".into(), "llama".into());
         object.insert("hidden_act".into(), "silu".into());
         object.insert("torch_dtype".into(), "float32".into());
@@ -123,7 +128,10 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim {} is odd: rotary embeddings need pairs", self.head_dim()));
+            return Err(format!(
+                "head_dim {} is odd: rotary embeddings need pairs",
+                self.head_dim()
+            ));
         }
         Ok(())
     }
@@ -242,7 +250,10 @@ impl Llama {
                 return Ok(None);
             };
             if t.dims() != shape {
-                candle_core::bail!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims())
+                candle_core::bail!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                )
             }
             Ok(Some(t.to_device(device)?.to_dtype(dtype)?.contiguous()?))
         };
@@ -290,15 +301,24 @@ impl Llama {
 
     /// Every tensor by its Hugging Face name (for saving merged weights).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
         for (l, layer) in self.layers.iter().enumerate() {
-            out.push((format!("model.layers.{l}.input_layernorm.weight"), layer.input_norm.clone()));
+            out.push((
+                format!("model.layers.{l}.input_layernorm.weight"),
+                layer.input_norm.clone(),
+            ));
             out.push((
                 format!("model.layers.{l}.post_attention_layernorm.weight"),
                 layer.post_attention_norm.clone(),
             ));
             for target in Target::ALL {
-                out.push((layer_tensor_name(l, target), layer.projections[target as usize].clone()));
+                out.push((
+                    layer_tensor_name(l, target),
+                    layer.projections[target as usize].clone(),
+                ));
             }
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
@@ -328,11 +348,20 @@ impl Llama {
         let (b, t) = input_ids.dims2()?;
         let h = self.config.hidden_size;
         let flat_ids = input_ids.flatten_all()?;
-        let mut x = self.embed_tokens.index_select(&flat_ids, 0)?.reshape((b, t, h))?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&flat_ids, 0)?
+            .reshape((b, t, h))?;
         let flat_positions = positions.flatten_all()?;
         let half = self.config.head_dim() / 2;
-        let cos = self.cos.index_select(&flat_positions, 0)?.reshape((b, 1, t, half))?;
-        let sin = self.sin.index_select(&flat_positions, 0)?.reshape((b, 1, t, half))?;
+        let cos = self
+            .cos
+            .index_select(&flat_positions, 0)?
+            .reshape((b, 1, t, half))?;
+        let sin = self
+            .sin
+            .index_select(&flat_positions, 0)?
+            .reshape((b, 1, t, half))?;
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize(self.layers.len(), None);
         }
@@ -375,10 +404,19 @@ impl Llama {
     }
 
     /// Base projection plus the adapter's update, on `x: [m, in]`.
-    fn project(&self, layer: usize, target: Target, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
+    fn project(
+        &self,
+        layer: usize,
+        target: Target,
+        x: &Tensor,
+        adapter: Option<Adapter>,
+    ) -> Result<Tensor> {
         let base = frozen_linear(x, &self.layers[layer].projections[target as usize])?;
         match adapter {
-            Some(adapter) => match adapter.lora.delta(layer, target, x, adapter.dropout.as_ref())? {
+            Some(adapter) => match adapter
+                .lora
+                .delta(layer, target, x, adapter.dropout.as_ref())?
+            {
                 Some(delta) => {
                     let dtype = base.dtype();
                     base + delta.to_dtype(dtype)?
@@ -430,18 +468,22 @@ impl Llama {
             .to_dtype(reduction_dtype(v.dtype()))?
             .reshape((b, kv_heads, group, t, s))?;
         let scores = match mask {
-            Some(mask) => scores.broadcast_add(&mask.reshape((b, 1, 1, t, s))?.to_dtype(scores.dtype())?)?,
+            Some(mask) => {
+                scores.broadcast_add(&mask.reshape((b, 1, 1, t, s))?.to_dtype(scores.dtype())?)?
+            }
             None => scores,
         };
-        let probs = softmax_last_dim(&scores)?
-            .to_dtype(v.dtype())?
-            .reshape((b, kv_heads, group * t, s))?;
+        let probs =
+            softmax_last_dim(&scores)?
+                .to_dtype(v.dtype())?
+                .reshape((b, kv_heads, group * t, s))?;
         let out = probs
             .matmul(&v)?
             .reshape((b, heads, t, dim))?
             .transpose(1, 2)?
             .reshape((b * t, heads * dim))?;
-        self.project(layer, Target::O, &out, adapter)?.reshape((b, t, h))
+        self.project(layer, Target::O, &out, adapter)?
+            .reshape((b, t, h))
     }
 
     fn mlp(&self, layer: usize, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
@@ -450,7 +492,8 @@ impl Llama {
         let gate = self.project(layer, Target::Gate, &x, adapter)?;
         let up = self.project(layer, Target::Up, &x, adapter)?;
         let act = (gate.silu()? * up)?;
-        self.project(layer, Target::Down, &act, adapter)?.reshape((b, t, h))
+        self.project(layer, Target::Down, &act, adapter)?
+            .reshape((b, t, h))
     }
 }
 
@@ -464,7 +507,10 @@ fn rotary_tables(config: &LlamaConfig, device: &Device, dtype: DType) -> Result<
         angles.extend(inv.iter().map(|f| p as f32 * f));
     }
     let angles = Tensor::from_vec(angles, (positions, half), device)?;
-    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+    Ok((
+        angles.cos()?.to_dtype(dtype)?,
+        angles.sin()?.to_dtype(dtype)?,
+    ))
 }
 
 /// Rotary embedding in the Hugging Face layout (first half / second half of each head),
@@ -492,7 +538,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(reduction_dtype(dtype))?;
     let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    x.broadcast_div(&scale)?.to_dtype(dtype)?.broadcast_mul(weight)
+    x.broadcast_div(&scale)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
 }
 
 /// Softmax over the last axis from elementary ops (the max is a constant shift, so it
@@ -508,7 +556,12 @@ pub const MASKED: f32 = -1e9;
 
 /// Additive attention mask `[rows, 1, width, width]` for packed rows: a token sees
 /// earlier tokens (and itself) of the same segment only.
-pub fn packed_causal_mask(segment_ids: &[u32], rows: usize, width: usize, device: &Device) -> Result<Tensor> {
+pub fn packed_causal_mask(
+    segment_ids: &[u32],
+    rows: usize,
+    width: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let mut mask = vec![MASKED; rows * width * width];
     for r in 0..rows {
         let seg = &segment_ids[r * width..(r + 1) * width];
@@ -543,7 +596,10 @@ pub fn generate_greedy(
     stop: &[u32],
 ) -> Result<Vec<u32>> {
     let device = &model.device;
-    let adapter = adapter.map(|lora| Adapter { lora, dropout: None });
+    let adapter = adapter.map(|lora| Adapter {
+        lora,
+        dropout: None,
+    });
     let mut cache = KvCache::default();
     let mut out = Vec::new();
     let limit = model.config.max_position_embeddings;
@@ -557,8 +613,13 @@ pub fn generate_greedy(
         let ids = Tensor::new(next_input.as_slice(), device)?.unsqueeze(0)?;
         let positions: Vec<u32> = (past as u32..(past + new) as u32).collect();
         let positions = Tensor::new(positions.as_slice(), device)?.unsqueeze(0)?;
-        let mask = if new > 1 { Some(causal_mask(past, new, device)?) } else { None };
-        let hidden = model.hidden_states(&ids, &positions, mask.as_ref(), adapter, Some(&mut cache))?;
+        let mask = if new > 1 {
+            Some(causal_mask(past, new, device)?)
+        } else {
+            None
+        };
+        let hidden =
+            model.hidden_states(&ids, &positions, mask.as_ref(), adapter, Some(&mut cache))?;
         let last = hidden.narrow(1, new - 1, 1)?;
         let logits = model.logits(&last)?.flatten_all()?;
         let token = logits.argmax(0)?.to_scalar::<u32>()?;

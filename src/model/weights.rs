@@ -77,6 +77,23 @@ pub fn read_hf_config(dir: &Path) -> Result<LlamaConfig, Error> {
             ));
         }
     }
+    // Newer transformers keep rope settings under `rope_parameters`.
+    let mut value = value;
+    if let Some(params) = value.get("rope_parameters").cloned() {
+        let object = value.as_object_mut().expect("checked above");
+        if !object.contains_key("rope_theta") {
+            if let Some(theta) = params.get("rope_theta") {
+                object.insert("rope_theta".into(), theta.clone());
+            }
+        }
+        let kind = params
+            .get("rope_type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        if kind != "default" && !object.contains_key("rope_scaling") {
+            object.insert("rope_scaling".into(), params);
+        }
+    }
     serde_json::from_value(value).map_err(|e| invalid(&file, e.to_string()))
 }
 
@@ -276,18 +293,42 @@ pub fn save_gguf(model: &Llama, path: &Path) -> Result<(), Error> {
     let c = &model.config;
     let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
-        ("llama.block_count".into(), Value::U32(c.num_hidden_layers as u32)),
-        ("llama.embedding_length".into(), Value::U32(c.hidden_size as u32)),
-        ("llama.feed_forward_length".into(), Value::U32(c.intermediate_size as u32)),
-        ("llama.attention.head_count".into(), Value::U32(c.num_attention_heads as u32)),
-        ("llama.attention.head_count_kv".into(), Value::U32(c.kv_heads() as u32)),
-        ("llama.rope.dimension_count".into(), Value::U32(c.head_dim() as u32)),
-        ("llama.rope.freq_base".into(), Value::F32(c.rope_theta as f32)),
+        (
+            "llama.block_count".into(),
+            Value::U32(c.num_hidden_layers as u32),
+        ),
+        (
+            "llama.embedding_length".into(),
+            Value::U32(c.hidden_size as u32),
+        ),
+        (
+            "llama.feed_forward_length".into(),
+            Value::U32(c.intermediate_size as u32),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            Value::U32(c.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(c.kv_heads() as u32),
+        ),
+        (
+            "llama.rope.dimension_count".into(),
+            Value::U32(c.head_dim() as u32),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(c.rope_theta as f32),
+        ),
         (
             "llama.attention.layer_norm_rms_epsilon".into(),
             Value::F32(c.rms_norm_eps as f32),
         ),
-        ("llama.context_length".into(), Value::U32(c.max_position_embeddings as u32)),
+        (
+            "llama.context_length".into(),
+            Value::U32(c.max_position_embeddings as u32),
+        ),
     ];
     if let Some(eos) = c.eos_ids().first() {
         metadata.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(*eos)));
@@ -295,7 +336,9 @@ pub fn save_gguf(model: &Llama, path: &Path) -> Result<(), Error> {
     let mut tensors = Vec::new();
     for (name, t) in model.named_tensors() {
         let gguf = gguf_name(&name).expect("every model tensor has a GGUF name");
-        let t = t.to_dtype(DType::F32).and_then(|t| t.to_device(&Device::Cpu));
+        let t = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.to_device(&Device::Cpu));
         let t = t.and_then(|t| {
             if gguf.ends_with("attn_q.weight") {
                 permute(&t, c.num_attention_heads)
@@ -314,7 +357,8 @@ pub fn save_gguf(model: &Llama, path: &Path) -> Result<(), Error> {
         path: path.to_owned(),
         source,
     })?;
-    let metadata_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let metadata_refs: Vec<(&str, &Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut file, &metadata_refs, &tensor_refs).map_err(tensor_error(path))
 }
@@ -335,7 +379,10 @@ pub fn random_tensors(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor
     out.insert("model.embed_tokens.weight".to_string(), normal((v, h)));
     for l in 0..config.num_hidden_layers {
         for target in Target::ALL {
-            out.insert(layer_tensor_name(l, target), normal(config.projection_shape(target)));
+            out.insert(
+                layer_tensor_name(l, target),
+                normal(config.projection_shape(target)),
+            );
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
             out.insert(
@@ -344,7 +391,10 @@ pub fn random_tensors(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor
             );
         }
     }
-    out.insert("model.norm.weight".to_string(), Tensor::ones(h, DType::F32, &device).expect("ones"));
+    out.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(h, DType::F32, &device).expect("ones"),
+    );
     if !config.tie_word_embeddings {
         out.insert("lm_head.weight".to_string(), normal((v, h)));
     }

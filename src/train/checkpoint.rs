@@ -88,7 +88,8 @@ pub fn save(
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io_error(&staging))?;
     }
-    lora.save_peft(&staging, base_model).map_err(Error::Checkpoint)?;
+    lora.save_peft(&staging, base_model)
+        .map_err(Error::Checkpoint)?;
     let mut moments: HashMap<String, Tensor> = HashMap::new();
     for (key, (m, v)) in &optimizer.moments {
         moments.insert(format!("m/{key}"), m.clone());
@@ -112,22 +113,34 @@ pub fn save(
 }
 
 /// Restores the adapter and optimizer from a checkpoint; returns its trainer state.
-pub fn load(dir: &Path, lora: &mut Lora, optimizer: &mut AdamW, device: &Device) -> Result<TrainerState, Error> {
+pub fn load(
+    dir: &Path,
+    lora: &mut Lora,
+    optimizer: &mut AdamW,
+    device: &Device,
+) -> Result<TrainerState, Error> {
     let file = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&file).map_err(io_error(&file))?;
-    let state: StateFile =
-        serde_json::from_str(&text).map_err(|e| Error::Checkpoint(format!("{}: {e}", file.display())))?;
+    let state: StateFile = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint(format!("{}: {e}", file.display())))?;
     let adapter = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&adapter, device)
         .map_err(|e| Error::Checkpoint(format!("{}: {e}", adapter.display())))?;
-    lora.assign(&tensors)
-        .map_err(|e| Error::Checkpoint(format!("{}: {e} (was it trained with other LoRA settings?)", adapter.display())))?;
+    lora.assign(&tensors).map_err(|e| {
+        Error::Checkpoint(format!(
+            "{}: {e} (was it trained with other LoRA settings?)",
+            adapter.display()
+        ))
+    })?;
     let file = dir.join("optimizer.safetensors");
     let moments = candle_core::safetensors::load(&file, device)
         .map_err(|e| Error::Checkpoint(format!("{}: {e}", file.display())))?;
     optimizer.moments.clear();
     for (key, _) in lora.named_vars() {
-        if let (Some(m), Some(v)) = (moments.get(&format!("m/{key}")), moments.get(&format!("v/{key}"))) {
+        if let (Some(m), Some(v)) = (
+            moments.get(&format!("m/{key}")),
+            moments.get(&format!("v/{key}")),
+        ) {
             optimizer.moments.insert(key, (m.clone(), v.clone()));
         }
     }

@@ -30,7 +30,8 @@ impl Targets {
         for r in 0..rows {
             for j in 0..width.saturating_sub(1) {
                 let (here, next) = (r * width + j, r * width + j + 1);
-                if labels[next] != IGNORE && segments[next] != 0 && segments[next] == segments[here] {
+                if labels[next] != IGNORE && segments[next] != 0 && segments[next] == segments[here]
+                {
                     targets.positions.push(here as u32);
                     targets.tokens.push(labels[next] as u32);
                     targets.examples.push(segments[next] as usize - 1);
@@ -50,7 +51,12 @@ impl Targets {
 }
 
 /// Negative log-likelihood `[targets]` (f32, or f64 for f64 models) of each target of the batch.
-pub fn token_nll(model: &Llama, adapter: Option<Adapter>, batch: &Batch, targets: &Targets) -> Result<Tensor> {
+pub fn token_nll(
+    model: &Llama,
+    adapter: Option<Adapter>,
+    batch: &Batch,
+    targets: &Targets,
+) -> Result<Tensor> {
     let device = &model.device;
     let (rows, width) = batch.input_ids.dims2()?;
     let segments: Vec<u32> = batch.segment_ids.flatten_all()?.to_vec1()?;
@@ -71,7 +77,12 @@ pub fn nll_of_logits(logits: &Tensor, tokens: &[u32]) -> Result<Tensor> {
     let device = logits.device();
     let logits = logits.to_dtype(reduction_dtype(logits.dtype()))?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
-    let log_sum = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    let log_sum = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?;
     let index = Tensor::new(tokens, device)?.unsqueeze(1)?;
     let target = logits.gather(&index, D::Minus1)?;
     (log_sum - target)?.squeeze(1)

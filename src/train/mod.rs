@@ -141,6 +141,14 @@ pub struct TrainConfig {
     /// Stop after this many optimizer steps (a checkpoint is written).
     #[serde(default)]
     pub max_steps: Option<u64>,
+    /// Multiplies every phase's learning rate (the curriculum's rates suit a pretrained
+    /// model; a tiny random one needs far larger steps).
+    #[serde(default = "default_scale")]
+    pub learning_rate_scale: f64,
+}
+
+fn default_scale() -> f64 {
+    1.0
 }
 
 fn default_batch() -> usize {
@@ -169,7 +177,10 @@ impl TrainConfig {
 
     pub fn check(&self) -> Result<(), String> {
         if self.batch_size == 0 || self.gradient_accumulation == 0 || self.max_seq_len < 2 {
-            return Err("batch_size and gradient_accumulation must be at least 1, max_seq_len at least 2".into());
+            return Err(
+                "batch_size and gradient_accumulation must be at least 1, max_seq_len at least 2"
+                    .into(),
+            );
         }
         if self.checkpoint.every == 0 || self.checkpoint.keep == 0 {
             return Err("checkpoint.every and checkpoint.keep must be at least 1".into());
@@ -274,7 +285,10 @@ pub fn run(
             None
         }
         Resume::Latest => Some(checkpoint::latest(&checkpoints_dir)?.ok_or_else(|| {
-            Error::Checkpoint(format!("no checkpoint in {} to resume from", checkpoints_dir.display()))
+            Error::Checkpoint(format!(
+                "no checkpoint in {} to resume from",
+                checkpoints_dir.display()
+            ))
         })?),
         Resume::From(dir) => Some(dir.clone()),
     };
@@ -317,7 +331,8 @@ pub fn run(
         .into_iter()
         .map(|(k, v)| (k, v.clone()))
         .collect();
-    let param_refs: Vec<(String, &candle_core::Var)> = params.iter().map(|(k, v)| (k.clone(), v)).collect();
+    let param_refs: Vec<(String, &candle_core::Var)> =
+        params.iter().map(|(k, v)| (k.clone(), v)).collect();
     let options_batches = config.batch_options();
 
     let mut summary = RunSummary {
@@ -378,9 +393,11 @@ pub fn run(
 
         // The step is complete: normalise by its trained tokens, clip, update.
         let step_in_phase = (position - phase.start) / config.step_span();
-        let lr = config
-            .schedule
-            .rate(phase.learning_rate, step_in_phase, phase_steps[batch.phase]);
+        let lr = config.schedule.rate(
+            phase.learning_rate * config.learning_rate_scale,
+            step_in_phase,
+            phase_steps[batch.phase],
+        );
         let mut grad_norm = 0.0;
         if targets_n > 0 {
             for g in grads.values_mut() {
@@ -395,7 +412,11 @@ pub fn run(
         let record = StepMetrics {
             step,
             phase: phase.name.clone(),
-            loss: if targets_n > 0 { nll_sum / targets_n as f64 } else { f64::NAN },
+            loss: if targets_n > 0 {
+                nll_sum / targets_n as f64
+            } else {
+                f64::NAN
+            },
             learning_rate: lr,
             grad_norm,
             tokens,
@@ -404,7 +425,8 @@ pub fn run(
             elapsed_seconds: started.elapsed().as_secs_f64(),
             position,
         };
-        writeln!(metrics, "{}", serde_json::to_string(&record).expect("json")).map_err(io_error(&metrics_file))?;
+        writeln!(metrics, "{}", serde_json::to_string(&record).expect("json"))
+            .map_err(io_error(&metrics_file))?;
         bar.set_message(format!(
             "{} loss {:.4} lr {:.2e} {:.0} tok/s",
             record.phase, record.loss, lr, record.tokens_per_second
@@ -423,21 +445,33 @@ pub fn run(
                 sampler: plan.state(position),
                 phase: phase.name.clone(),
             };
-            let dir = checkpoint::save(&checkpoints_dir, &lora, &optimizer, &state, &options.base_model)?;
+            let dir = checkpoint::save(
+                &checkpoints_dir,
+                &lora,
+                &optimizer,
+                &state,
+                &options.base_model,
+            )?;
             checkpoint::prune(&checkpoints_dir, config.checkpoint.keep)?;
             summary.checkpoints.push(dir);
         }
         Ok(!stop)
     };
-    batches::stream(store, plan, tokenizer, start, &options_batches, 2, |batch| {
-        match on_batch(batch) {
+    batches::stream(
+        store,
+        plan,
+        tokenizer,
+        start,
+        &options_batches,
+        2,
+        |batch| match on_batch(batch) {
             Ok(go_on) => go_on,
             Err(e) => {
                 failure = Some(e);
                 false
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -447,4 +481,38 @@ pub fn run(
     summary.finished = position >= plan.total;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Loads a model (Hugging Face folder or `.gguf`) and its chat tokenizer: `tokenizer`
+/// if given, else the folder's `tokenizer.json` or the GGUF file's own tokenizer.
+pub fn load_model(
+    path: &Path,
+    tokenizer: Option<&Path>,
+    device: DeviceKind,
+) -> Result<(Llama, ChatTokenizer), Error> {
+    let (device, dtype) = device.open()?;
+    let model_error = |e: crate::model::weights::Error| Error::Config(e.to_string());
+    let (model, chat) = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let (model, content) =
+            crate::model::weights::load_gguf(path, &device, dtype).map_err(model_error)?;
+        let chat = match tokenizer {
+            Some(t) => ChatTokenizer::load(t),
+            None => batches::template::tokenizer_from_gguf(&content.metadata, path),
+        }
+        .map_err(Error::Config)?;
+        (model, chat)
+    } else {
+        let model = crate::model::weights::load(path, &device, dtype).map_err(model_error)?;
+        let chat = ChatTokenizer::load(tokenizer.unwrap_or(path)).map_err(Error::Config)?;
+        (model, chat)
+    };
+    let vocab = chat.tokenizer().get_vocab_size(true);
+    if vocab > model.config.vocab_size {
+        return Err(Error::Config(format!(
+            "the tokenizer has {vocab} tokens but {} has a vocabulary of {}",
+            path.display(),
+            model.config.vocab_size
+        )));
+    }
+    Ok((model, chat))
 }

@@ -67,7 +67,12 @@ impl AdamW {
     }
 
     /// One update of every variable with its gradient.
-    pub fn step(&mut self, params: &[(String, &Var)], grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &[(String, &Var)],
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+    ) -> Result<()> {
         self.steps += 1;
         let c = &self.config;
         let t = self.steps as i32;
@@ -99,7 +104,11 @@ pub fn clip_global_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> R
     let mut keys: Vec<&String> = grads.keys().collect();
     keys.sort();
     for key in keys {
-        total += grads[key].sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += grads[key]
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -173,7 +182,9 @@ impl ScheduleConfig {
         match self.decay {
             Decay::Constant => peak,
             Decay::Linear => floor + (peak - floor) * (1.0 - progress),
-            Decay::Cosine => floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Decay::Cosine => {
+                floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
         }
     }
 }

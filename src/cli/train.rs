@@ -1,0 +1,439 @@
+//! `corpusdb train`, `eval`, `merge-adapter` and `init-model`: LoRA training on the
+//! curriculum, evaluation of base against adapter, and model files.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use corpusdb::curriculum::{Curriculum, Plan};
+use corpusdb::eval::{self, EvalOptions, Probes};
+use corpusdb::model::{weights, Llama, LlamaConfig, Lora};
+use corpusdb::train::{self, DeviceKind, Resume, RunOptions, TrainConfig};
+
+/// Train a LoRA adapter on the store, phase by phase through the curriculum.
+///
+/// Batches stream from the store in the plan's order; each optimizer step accumulates
+/// `gradient_accumulation` micro-batches of one phase, clips the gradient norm and applies
+/// AdamW at the phase's learning rate (with warmup and decay inside the phase). Progress
+/// shows loss, learning rate, tokens/s and the ETA; every step is appended to
+/// <output>/metrics.jsonl. Checkpoints (adapter, optimizer, sampler position) go to
+/// <output>/checkpoints every `checkpoint.every` steps and at the end of each phase; the
+/// final adapter, in PEFT's format, to <output>/adapter.
+///
+/// --model is a Hugging Face folder (config.json, model.safetensors or a sharded index,
+/// tokenizer.json, tokenizer_config.json) or a .gguf file (dequantized; its tokenizer is
+/// rebuilt from the metadata). `corpusdb init-model` writes a tiny random one.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Training config (YAML), e.g. configs/training/emergent_personality.yaml.
+    #[arg(long)]
+    config: PathBuf,
+    /// The base model: a Hugging Face folder or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// A tokenizer.json (or folder) instead of the model's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the output directory.
+    #[arg(long, conflicts_with = "resume_from")]
+    resume: bool,
+    /// Continue from this checkpoint directory.
+    #[arg(long)]
+    resume_from: Option<PathBuf>,
+    /// Stop after this many optimizer steps in all (overrides the config).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Output directory (overrides the config).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Print the run's summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let mut config = TrainConfig::load(&args.config)?;
+    if let Some(output) = args.output {
+        config.output = output;
+    }
+    let curriculum = Curriculum::load(&config.curriculum)
+        .with_context(|| format!("curriculum of {}", args.config.display()))?;
+    let (model, tokenizer) =
+        train::load_model(&args.model, args.tokenizer.as_deref(), config.device)?;
+    let (store, index) = super::index::open_for_reading(store_path)?;
+    let plan = Plan::build(&index, &curriculum)?;
+    let lora_params = Lora::new(
+        config.lora.clone(),
+        &model.config,
+        0,
+        &candle_core::Device::Cpu,
+    )?
+    .parameter_count();
+    let steps: u64 = train::steps_per_phase(&plan, &config).iter().sum();
+    eprintln!(
+        "model {} ({} layers, hidden {}, vocab {}), LoRA r={} alpha={} on {}: {} trainable parameters",
+        args.model.display(),
+        model.config.num_hidden_layers,
+        model.config.hidden_size,
+        model.config.vocab_size,
+        config.lora.r,
+        config.lora.alpha,
+        config.lora.targets.join(","),
+        lora_params
+    );
+    eprintln!(
+        "plan {}: {} positions in {} phases, {} optimizer steps of {} x {} examples",
+        plan.fingerprint,
+        plan.total,
+        plan.phases.len(),
+        steps,
+        config.batch_size,
+        config.gradient_accumulation
+    );
+    let resume = match (args.resume, args.resume_from) {
+        (_, Some(dir)) => Resume::From(dir),
+        (true, None) => Resume::Latest,
+        (false, None) => Resume::No,
+    };
+    let options = RunOptions {
+        resume,
+        max_steps: args.max_steps,
+        progress: std::io::stderr().is_terminal(),
+        base_model: args.model.display().to_string(),
+    };
+    let summary = train::run(&config, &model, &tokenizer, &store, &plan, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tokens: u64 = summary.steps.iter().map(|s| s.tokens).sum();
+    println!(
+        "steps {}..{} in {:.1} s ({:.0} tokens/s)",
+        summary.first_step,
+        summary.first_step + summary.steps.len() as u64,
+        summary.seconds,
+        tokens as f64 / summary.seconds.max(1e-9)
+    );
+    if let (Some(first), Some(last)) = (summary.steps.first(), summary.steps.last()) {
+        println!(
+            "loss {:.4} (step {}) -> {:.4} (step {})",
+            first.loss, first.step, last.loss, last.step
+        );
+    }
+    println!("adapter: {}", summary.adapter.display());
+    if let Some(last) = summary.checkpoints.last() {
+        println!("last checkpoint: {}", last.display());
+    }
+    println!("metrics: {}", config.output.join("metrics.jsonl").display());
+    if !summary.finished {
+        println!("the plan is not finished: `corpusdb train ... --resume` continues it");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Evaluate a model, with and without an adapter: held-out loss and perplexity per
+/// category, and greedy answers to probe prompts per context.
+///
+/// The held-out examples are the curriculum's evaluation split (chosen by content hash,
+/// never trained on). Probes come from configs/probes.yaml (technical, empathetic,
+/// creative, analytical, conversational, ethical); generation is greedy with a KV cache.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// The base model: a Hugging Face folder or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter directory (e.g. <output>/adapter or a checkpoint).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The curriculum whose held-out split is scored.
+    #[arg(long, default_value = "configs/curriculum/emergent_personality.yaml")]
+    curriculum: PathBuf,
+    /// Held-out examples per category.
+    #[arg(long, default_value_t = 64)]
+    per_category: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    /// Probe prompts (YAML).
+    #[arg(long, default_value = "configs/probes.yaml")]
+    probes: PathBuf,
+    /// Skip the probes.
+    #[arg(long)]
+    no_probes: bool,
+    /// Skip the held-out loss.
+    #[arg(long)]
+    no_loss: bool,
+    /// Overrides the probes file's max_new_tokens.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+impl From<DeviceArg> for DeviceKind {
+    fn from(d: DeviceArg) -> DeviceKind {
+        match d {
+            DeviceArg::Cpu => DeviceKind::Cpu,
+            DeviceArg::Cuda => DeviceKind::Cuda,
+        }
+    }
+}
+
+pub fn eval(store_path: &Path, args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let (model, tokenizer) =
+        train::load_model(&args.model, args.tokenizer.as_deref(), args.device.into())?;
+    let adapter = match &args.adapter {
+        Some(dir) => {
+            Some(Lora::load_peft(dir, &model.config, &model.device).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    let mut losses = Vec::new();
+    if !args.no_loss {
+        let curriculum = Curriculum::load(&args.curriculum)?;
+        let (store, index) = super::index::open_for_reading(store_path)?;
+        let plan = Plan::build(&index, &curriculum)?;
+        let options = EvalOptions {
+            per_category: args.per_category,
+            batch_size: args.batch_size.max(1),
+            max_seq_len: args.max_seq_len.max(2),
+        };
+        let bar = super::index::bar("held-out loss", 0);
+        losses = eval::held_out_loss(
+            &model,
+            adapter.as_ref(),
+            &store,
+            &plan,
+            &tokenizer,
+            &options,
+            &|done, total| {
+                bar.set_length(total);
+                bar.set_position(done)
+            },
+        )?;
+        bar.finish_and_clear();
+    }
+    let mut answers = Vec::new();
+    if !args.no_probes {
+        let mut probes = Probes::load(&args.probes)?;
+        if let Some(n) = args.max_new_tokens {
+            probes.max_new_tokens = n;
+        }
+        let bar = super::index::bar("probes", 0);
+        answers = eval::answer_probes(
+            &model,
+            adapter.as_ref(),
+            &tokenizer,
+            &probes,
+            &|done, total| {
+                bar.set_length(total);
+                bar.set_position(done)
+            },
+        )?;
+        bar.finish_and_clear();
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"held_out": losses, "probes": answers})
+            )?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !losses.is_empty() {
+        println!(
+            "{:<14} {:>8} {:>9} {:>10} {:>10} {:>10} {:>10}",
+            "category", "examples", "tokens", "base loss", "base ppl", "lora loss", "lora ppl"
+        );
+        for l in &losses {
+            let opt = |v: Option<f64>, precision: usize| {
+                v.map_or("-".to_string(), |v| format!("{v:.precision$}"))
+            };
+            println!(
+                "{:<14} {:>8} {:>9} {:>10.4} {:>10.2} {:>10} {:>10}",
+                l.category,
+                l.examples,
+                l.tokens,
+                l.base_loss,
+                l.base_perplexity,
+                opt(l.adapter_loss, 4),
+                opt(l.adapter_perplexity, 2)
+            );
+        }
+    }
+    for a in &answers {
+        println!("\n[{}] {}", a.context, a.prompt);
+        println!(
+            "  base:    {}",
+            a.base.trim().replace('\n', "\n           ")
+        );
+        if let Some(text) = &a.adapter {
+            println!("  adapter: {}", text.trim().replace('\n', "\n           "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fold a LoRA adapter into the base weights and write the merged model as a Hugging
+/// Face folder (config.json, model.safetensors in f32, and the tokenizer files).
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn merge_adapter(args: MergeArgs) -> anyhow::Result<ExitCode> {
+    let (device, _) = DeviceKind::Cpu.open()?;
+    let mut model = weights::load(&args.model, &device, candle_core::DType::F32)?;
+    let lora =
+        Lora::load_peft(&args.adapter, &model.config, &device).map_err(anyhow::Error::msg)?;
+    lora.merge_into(&mut model)?;
+    weights::save_hf(&model, &args.out)?;
+    let copied = copy_tokenizer_files(&args.model, &args.out)?;
+    println!(
+        "merged {} into {}: {} ({} tokenizer files copied)",
+        args.adapter.display(),
+        args.model.display(),
+        args.out.display(),
+        copied
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn copy_tokenizer_files(from: &Path, to: &Path) -> anyhow::Result<usize> {
+    let dir = if from.is_dir() {
+        from
+    } else {
+        from.parent().unwrap_or(Path::new("."))
+    };
+    let mut copied = 0;
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        let source = dir.join(name);
+        if source.is_file() {
+            std::fs::copy(&source, to.join(name)).with_context(|| source.display().to_string())?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
+}
+
+/// Write a small randomly initialised Llama model (config.json, model.safetensors and
+/// the tokenizer) to train and test with when no real model is at hand.
+#[derive(clap::Args)]
+pub struct InitModelArgs {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// The tokenizer.json (or folder) the model is for; it sets the vocabulary size and
+    /// is copied beside the weights.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    hidden: usize,
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 172)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_positions: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the weights as <out>/model.gguf.
+    #[arg(long)]
+    gguf: bool,
+}
+
+pub fn init_model(args: InitModelArgs) -> anyhow::Result<ExitCode> {
+    let file = if args.tokenizer.is_dir() {
+        args.tokenizer.join("tokenizer.json")
+    } else {
+        args.tokenizer.clone()
+    };
+    let tokenizer = tokenizers::Tokenizer::from_file(&file)
+        .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json: {e}", file.display()))?;
+    if args.heads == 0
+        || args.kv_heads == 0
+        || args.heads % args.kv_heads != 0
+        || args.hidden % args.heads != 0
+    {
+        bail!("--heads must divide --hidden and be a multiple of --kv-heads");
+    }
+    let eos = ["<|im_end|>", "</s>", "<|endoftext|>"]
+        .iter()
+        .find_map(|t| tokenizer.token_to_id(t));
+    let config = LlamaConfig {
+        vocab_size: tokenizer.get_vocab_size(true),
+        hidden_size: args.hidden,
+        intermediate_size: args.intermediate,
+        num_hidden_layers: args.layers,
+        num_attention_heads: args.heads,
+        num_key_value_heads: Some(args.kv_heads),
+        head_dim: None,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        max_position_embeddings: args.max_positions,
+        tie_word_embeddings: false,
+        bos_token_id: None,
+        eos_token_id: eos.map(|id| serde_json::json!(id)),
+    };
+    let tensors = weights::random_tensors(&config, args.seed);
+    let model = Llama::from_tensors(
+        config,
+        |name| Ok(tensors.get(name).cloned()),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )?;
+    weights::save_hf(&model, &args.out)?;
+    std::fs::copy(&file, args.out.join("tokenizer.json"))
+        .with_context(|| file.display().to_string())?;
+    let config_file = file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("tokenizer_config.json");
+    if config_file.is_file() {
+        std::fs::copy(&config_file, args.out.join("tokenizer_config.json"))?;
+    }
+    if args.gguf {
+        weights::save_gguf(&model, &args.out.join("model.gguf"))?;
+    }
+    let parameters: usize = model
+        .named_tensors()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    println!(
+        "random model written to {} ({} parameters, vocab {})",
+        args.out.display(),
+        parameters,
+        model.config.vocab_size
+    );
+    Ok(ExitCode::SUCCESS)
+}
