@@ -74,7 +74,9 @@ pub fn held_out_loss(
     let mut done = 0;
     let batch_options = BatchOptions {
         batch_size: options.batch_size,
-        max_seq_len: options.max_seq_len,
+        max_seq_len: options
+            .max_seq_len
+            .min(model.config.max_position_embeddings),
         packing: true,
         rank: 0,
         ranks: 1,
@@ -88,8 +90,8 @@ pub fn held_out_loss(
             let mut encoded = Vec::new();
             for (ordinal, conversation) in chunk {
                 if let Ok(mut t) = tokenizer.encode(conversation) {
-                    t.ids.truncate(options.max_seq_len);
-                    t.trained.truncate(options.max_seq_len);
+                    t.ids.truncate(batch_options.max_seq_len);
+                    t.trained.truncate(batch_options.max_seq_len);
                     encoded.push((*ordinal, *ordinal, t));
                 }
             }

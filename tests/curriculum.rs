@@ -14,7 +14,7 @@ use corpusdb::store::Store;
 use corpusdb::synth::{self, SplitMix64, SynthSpec};
 
 /// A store with five categories of synthetic examples, and its caught-up index.
-fn store_with_categories(dir: &Path) -> (Store, Index) {
+pub fn store_with_categories(dir: &Path) -> (Store, Index) {
     let store = Store::open(&dir.join("store")).unwrap();
     for (i, category) in ["code", "math", "qa", "creative", "tool"]
         .iter()
@@ -167,7 +167,7 @@ fn every_prefix_keeps_mixture_shares_within_one_example() {
 }
 
 /// A byte-level BPE trained on `text`, with ChatML's markers as special tokens.
-fn trained_tokenizer(dir: &Path, text: &str) -> PathBuf {
+pub fn trained_tokenizer(dir: &Path, text: &str) -> PathBuf {
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, text).unwrap();
     let path = dir.join("tokenizer.json");

@@ -15,3 +15,4 @@ mod ingest;
 mod model;
 mod reader;
 mod registry;
+mod train;

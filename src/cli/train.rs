@@ -115,10 +115,15 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
         summary.seconds,
         tokens as f64 / summary.seconds.max(1e-9)
     );
-    if let (Some(first), Some(last)) = (summary.steps.first(), summary.steps.last()) {
+    let scored: Vec<(u64, f64)> = summary
+        .steps
+        .iter()
+        .filter_map(|s| Some((s.step, s.loss?)))
+        .collect();
+    if let (Some(first), Some(last)) = (scored.first(), scored.last()) {
         println!(
             "loss {:.4} (step {}) -> {:.4} (step {})",
-            first.loss, first.step, last.loss, last.step
+            first.1, first.0, last.1, last.0
         );
     }
     println!("adapter: {}", summary.adapter.display());

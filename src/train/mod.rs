@@ -217,8 +217,9 @@ pub fn steps_per_phase(plan: &Plan, config: &TrainConfig) -> Vec<u64> {
 pub struct StepMetrics {
     pub step: u64,
     pub phase: String,
-    /// Mean next-token loss over the step's trained tokens.
-    pub loss: f64,
+    /// Mean next-token loss over the step's trained tokens (none when no token of the
+    /// step was trained, e.g. every reply was truncated away).
+    pub loss: Option<f64>,
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub tokens: u64,
@@ -269,6 +270,12 @@ pub fn run(
     options: &RunOptions,
 ) -> Result<RunSummary, Error> {
     let started = Instant::now();
+    if config.max_seq_len > model.config.max_position_embeddings {
+        return Err(Error::Config(format!(
+            "max_seq_len {} exceeds the model's max_position_embeddings {}",
+            config.max_seq_len, model.config.max_position_embeddings
+        )));
+    }
     let seed = config.seed.unwrap_or(plan.curriculum.seed);
     let device = model.device.clone();
     std::fs::create_dir_all(&config.output).map_err(io_error(&config.output))?;
@@ -412,11 +419,7 @@ pub fn run(
         let record = StepMetrics {
             step,
             phase: phase.name.clone(),
-            loss: if targets_n > 0 {
-                nll_sum / targets_n as f64
-            } else {
-                f64::NAN
-            },
+            loss: (targets_n > 0).then(|| nll_sum / targets_n as f64),
             learning_rate: lr,
             grad_norm,
             tokens,
@@ -428,8 +431,11 @@ pub fn run(
         writeln!(metrics, "{}", serde_json::to_string(&record).expect("json"))
             .map_err(io_error(&metrics_file))?;
         bar.set_message(format!(
-            "{} loss {:.4} lr {:.2e} {:.0} tok/s",
-            record.phase, record.loss, lr, record.tokens_per_second
+            "{} loss {} lr {:.2e} {:.0} tok/s",
+            record.phase,
+            record.loss.map_or("-".into(), |l| format!("{l:.4}")),
+            lr,
+            record.tokens_per_second
         ));
         bar.inc(1);
         summary.steps.push(record);

