@@ -479,7 +479,55 @@ fn smollm2_answers_sensibly_and_trains_end_to_end() {
             ),
         ]))
         .unwrap();
+    // The same ids and last-position logits as transformers gives for this GGUF file
+    // (loaded with `gguf_file=`, the tokenizer's digit splitting restored).
+    assert_eq!(
+        prompt,
+        [
+            1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
+            407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1,
+            520, 9531, 198
+        ]
+    );
+    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+    let positions = Tensor::new(positions.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mask = model::causal_mask(0, prompt.len(), &Device::Cpu).unwrap();
+    let logits: Vec<f32> = model
+        .forward(&ids, &positions, Some(&mask), None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .get(prompt.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let reference = [
+        10.166014f32,
+        6.212086,
+        6.837061,
+        6.255059,
+        5.384840,
+        4.910378,
+        2.386480,
+        4.922502,
+        4.920457,
+        4.910378,
+    ];
+    for (i, (ours, theirs)) in logits.iter().zip(reference).enumerate() {
+        assert!(
+            (ours - theirs).abs() < 2e-3,
+            "logit {i}: {ours} vs transformers {theirs}"
+        );
+    }
     let answer = model::generate_greedy(&model, None, &prompt, 24, &tokenizer.stop_ids()).unwrap();
+    assert_eq!(answer, [504, 3575, 282, 4649, 314, 7042, 30]);
     let text = tokenizer.decode(&answer).unwrap();
     eprintln!("SmolLM2: {text}");
     assert!(text.contains("Paris"), "{text}");
