@@ -10,7 +10,9 @@ and the peak RSS of the process.
     python3 benches/peft_baseline.py --model DIR --batch 1 --seq-len 256 --steps 3
 
 DIR is a Hugging Face Llama folder (config.json + model.safetensors). Needs torch,
-transformers and peft; --threads sets torch.set_num_threads (default: all cores).
+transformers and peft (`pip install torch transformers peft`; PyPI's Linux torch wheel
+also pulls about 4 GB of nvidia-* CUDA wheels, which the CPU never uses); --threads sets
+torch.set_num_threads (default: all cores).
 """
 
 import argparse

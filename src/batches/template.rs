@@ -500,6 +500,8 @@ pub fn tokenizer_from_gguf(
             {"type": "Digits", "individual_digits": true}, byte_level]}),
         _ => byte_level,
     };
+    // Llama 3's tokenizer looks whole words up in the vocabulary before merging.
+    let ignore_merges = matches!(pre.as_str(), "llama-bpe" | "llama3" | "smaug-bpe");
     let json = serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -510,7 +512,7 @@ pub fn tokenizer_from_gguf(
         "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
             "vocab": vocab, "merges": merges},
     });
     let tokenizer: tokenizers::Tokenizer = serde_json::from_value(json)

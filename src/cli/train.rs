@@ -100,6 +100,7 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
         resume,
         max_steps: args.max_steps,
         progress: std::io::stderr().is_terminal(),
+        log_every: 10,
         base_model: args.model.display().to_string(),
     };
     let summary = train::run(&config, &model, &tokenizer, &store, &plan, &options)?;
@@ -370,7 +371,8 @@ pub struct InitModelArgs {
     max_positions: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Also write the weights as <out>/model.gguf.
+    /// Also write the weights as <out>/model.gguf (f32, without tokenizer metadata: pass
+    /// --tokenizer when loading it).
     #[arg(long)]
     gguf: bool,
 }

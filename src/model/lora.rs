@@ -210,6 +210,8 @@ impl Lora {
     }
 
     /// The adapter's update for `x: [m, in]`, or `None` when `target` is not adapted.
+    /// With a dropout key (training) the graph to `A` and `B` is recorded; without one
+    /// (inference) they enter detached.
     pub fn delta(
         &self,
         layer: usize,
@@ -234,8 +236,13 @@ impl Lora {
                 x = (x * mask)?;
             }
         }
-        let down = x.matmul(&pair.a.as_tensor().t()?)?;
-        Ok(Some((down.matmul(&pair.b.as_tensor().t()?)? * self.scale)?))
+        let (a, b) = if dropout.is_some() {
+            (pair.a.as_tensor().clone(), pair.b.as_tensor().clone())
+        } else {
+            (pair.a.as_tensor().detach(), pair.b.as_tensor().detach())
+        };
+        let down = x.matmul(&a.t()?)?;
+        Ok(Some((down.matmul(&b.t()?)? * self.scale)?))
     }
 
     /// Every trainable variable by its PEFT key, in key order.
@@ -328,6 +335,26 @@ impl Lora {
                 ))
             }
         };
+        let flag = |key: &str| json.get(key).and_then(|v| v.as_bool()) == Some(true);
+        let non_empty = |key: &str| match json.get(key) {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Object(o)) => !o.is_empty(),
+            Some(_) => true,
+        };
+        for (key, unsupported) in [
+            ("use_rslora", flag("use_rslora")),
+            ("use_dora", flag("use_dora")),
+            ("rank_pattern", non_empty("rank_pattern")),
+            ("alpha_pattern", non_empty("alpha_pattern")),
+            ("layers_to_transform", non_empty("layers_to_transform")),
+        ] {
+            if unsupported {
+                return Err(format!(
+                    "{}: adapters with `{key}` are not supported",
+                    config_file.display()
+                ));
+            }
+        }
         let config = LoraConfig {
             r: field("r")?.as_u64().ok_or("r is not a number")? as usize,
             alpha: field("lora_alpha")?

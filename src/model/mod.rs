@@ -127,6 +127,22 @@ impl LlamaConfig {
                 self.kv_heads()
             ));
         }
+        if let Some(scaling) = &self.rope_scaling {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            // `dynamic` only changes positions beyond max_position_embeddings.
+            if !matches!(
+                kind,
+                "default" | "linear" | "llama3" | "dynamic" | "freq_factors"
+            ) {
+                return Err(format!(
+                    "rope_scaling type `{kind}` is not supported (default, linear, llama3, dynamic)"
+                ));
+            }
+        }
         if self.head_dim() % 2 != 0 {
             return Err(format!(
                 "head_dim {} is odd: rotary embeddings need pairs",
@@ -156,6 +172,17 @@ impl LlamaConfig {
         let factor = number("factor", 1.0);
         match kind {
             "linear" => inv.iter_mut().for_each(|f| *f /= factor),
+            // Per-frequency divisors, as GGUF files store llama3 scaling (`rope_freqs`).
+            "freq_factors" => {
+                let factors = scaling
+                    .and_then(|s| s.get("factors"))
+                    .and_then(|f| f.as_array())
+                    .cloned()
+                    .unwrap_or_default();
+                for (f, d) in inv.iter_mut().zip(factors) {
+                    *f /= d.as_f64().unwrap_or(1.0);
+                }
+            }
             "llama3" => {
                 let low = number("low_freq_factor", 1.0);
                 let high = number("high_freq_factor", 4.0);
@@ -197,7 +224,10 @@ pub struct Llama {
     pub dtype: DType,
 }
 
-/// An adapter applied during a forward pass, and the dropout of this pass (training).
+/// An adapter applied during a forward pass. `dropout: Some(key)` is training: dropout
+/// with the masks of `key`, and the graph to the adapter's parameters is recorded.
+/// `None` is inference: no dropout, and the parameters enter detached, so no graph is
+/// kept (evaluation and generation hold no activations for a backward pass).
 #[derive(Clone, Copy)]
 pub struct Adapter<'a> {
     pub lora: &'a Lora,
@@ -285,6 +315,10 @@ impl Llama {
         } else {
             fetch("lm_head.weight", &[v, h], false)?
         };
+        let mut config = config;
+        if lm_head.is_none() {
+            config.tie_word_embeddings = true;
+        }
         let (cos, sin) = rotary_tables(&config, device, dtype)?;
         Ok(Llama {
             config,
@@ -346,6 +380,9 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
+        if mask.is_none() && t > 1 {
+            candle_core::bail!("a mask is needed for more than one new token (see causal_mask)")
+        }
         let h = self.config.hidden_size;
         let flat_ids = input_ids.flatten_all()?;
         let mut x = self
@@ -595,6 +632,9 @@ pub fn generate_greedy(
     max_new_tokens: usize,
     stop: &[u32],
 ) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        candle_core::bail!("generation needs at least one prompt token")
+    }
     let device = &model.device;
     let adapter = adapter.map(|lora| Adapter {
         lora,

@@ -241,6 +241,30 @@ pub fn load_gguf(
     let heads = required("attention.head_count")? as usize;
     let kv_heads = number("attention.head_count_kv").map_or(heads, |v| v as usize);
     let head_dim = number("rope.dimension_count").map(|v| v as usize);
+    // llama.cpp keeps llama3 scaling as per-frequency divisors (`rope_freqs.weight`) and
+    // linear scaling as `rope.scaling.*`.
+    let rope_scaling = if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let factors: Vec<f32> = content
+            .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .map_err(tensor_error(path))?;
+        Some(serde_json::json!({"rope_type": "freq_factors", "factors": factors}))
+    } else {
+        match content.metadata.get(&format!("{arch}.rope.scaling.type")) {
+            Some(gguf_file::Value::String(kind)) if kind == "linear" => Some(serde_json::json!({
+                "rope_type": "linear",
+                "factor": number("rope.scaling.factor").unwrap_or(1.0),
+            })),
+            Some(gguf_file::Value::String(kind)) if kind != "none" => {
+                return Err(invalid(
+                    path,
+                    format!("rope scaling `{kind}` is not supported"),
+                ))
+            }
+            _ => None,
+        }
+    };
     let eos = metadata_number(&content, "tokenizer.ggml.eos_token_id");
     let bos = metadata_number(&content, "tokenizer.ggml.bos_token_id");
     let config = LlamaConfig {
@@ -253,7 +277,7 @@ pub fn load_gguf(
         head_dim: head_dim.filter(|&d| d != hidden_size / heads),
         rms_norm_eps: number("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         rope_theta: number("rope.freq_base").unwrap_or(10_000.0),
-        rope_scaling: None,
+        rope_scaling,
         max_position_embeddings: number("context_length").map_or(2048, |v| v as usize),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         bos_token_id: bos.map(|v| serde_json::json!(v as u64)),

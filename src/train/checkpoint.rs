@@ -148,11 +148,34 @@ pub fn load(
     Ok(state.state)
 }
 
-/// Deletes all but the newest `keep` checkpoints.
+/// Deletes all but the newest `keep` checkpoints, and staging directories a crash left.
 pub fn prune(dir: &Path, keep: usize) -> Result<(), Error> {
     let all = list(dir)?;
     for old in all.iter().take(all.len().saturating_sub(keep)) {
         std::fs::remove_dir_all(&old.dir).map_err(io_error(&old.dir))?;
     }
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".step-") && name.ends_with(".partial") {
+            std::fs::remove_dir_all(entry.path()).map_err(io_error(&entry.path()))?;
+        }
+    }
     Ok(())
+}
+
+/// Renames checkpoints after `step` to `abandoned-step-N` (a run resumed from an earlier
+/// checkpoint replaces them); returns how many.
+pub fn set_aside_after(dir: &Path, step: u64) -> Result<usize, Error> {
+    let mut moved = 0;
+    for later in list(dir)?.into_iter().filter(|c| c.step > step) {
+        let mut target = dir.join(format!("abandoned-{}", name(later.step)));
+        let mut n = 1;
+        while target.exists() {
+            target = dir.join(format!("abandoned-{}-{n}", name(later.step)));
+            n += 1;
+        }
+        std::fs::rename(&later.dir, &target).map_err(io_error(&target))?;
+        moved += 1;
+    }
+    Ok(moved)
 }

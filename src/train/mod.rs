@@ -182,6 +182,21 @@ impl TrainConfig {
                     .into(),
             );
         }
+        let o = &self.optimizer;
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) || o.eps <= 0.0 {
+            return Err("optimizer: beta1 and beta2 must be in [0, 1) and eps positive".into());
+        }
+        if o.weight_decay < 0.0 || o.max_grad_norm < 0.0 {
+            return Err("optimizer: weight_decay and max_grad_norm must not be negative".into());
+        }
+        if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio)
+            || !(0.0..=1.0).contains(&self.schedule.warmup_ratio)
+        {
+            return Err("schedule: min_lr_ratio and warmup_ratio must be in [0, 1]".into());
+        }
+        if self.learning_rate_scale.is_nan() || self.learning_rate_scale <= 0.0 {
+            return Err("learning_rate_scale must be positive".into());
+        }
         if self.checkpoint.every == 0 || self.checkpoint.keep == 0 {
             return Err("checkpoint.every and checkpoint.keep must be at least 1".into());
         }
@@ -246,6 +261,8 @@ pub struct RunOptions {
     /// Overrides `max_steps` of the config.
     pub max_steps: Option<u64>,
     pub progress: bool,
+    /// Without the progress bar, print a line to stderr every this many steps (0: never).
+    pub log_every: u64,
     /// Recorded as `base_model_name_or_path` in saved adapters.
     pub base_model: String,
 }
@@ -308,6 +325,11 @@ pub fn run(
         let state = checkpoint::load(dir, &mut lora, &mut optimizer, &device)?;
         position = plan.resume(&state.sampler)?;
         step = state.step;
+        // Checkpoints and metrics after the resumed step belong to a run that is now
+        // abandoned: set aside (never deleted), so that `--resume` and pruning only see
+        // this run, and the metrics log has each step once.
+        checkpoint::set_aside_after(&checkpoints_dir, step)?;
+        truncate_metrics(&config.output.join("metrics.jsonl"), step)?;
     }
     let first_step = step;
     let max_steps = options.max_steps.or(config.max_steps);
@@ -352,6 +374,8 @@ pub fn run(
     };
     if step >= last_step || position >= plan.total {
         summary.finished = position >= plan.total;
+        lora.save_peft(&summary.adapter, &options.base_model)
+            .map_err(Error::Checkpoint)?;
         return Ok(summary);
     }
 
@@ -385,7 +409,7 @@ pub fn run(
                     };
                 }
             }
-            nll_sum += nll.to_scalar::<f32>()? as f64;
+            nll_sum += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             targets_n += targets.len() as u64;
         }
         tokens += batch.tokens as u64;
@@ -411,6 +435,13 @@ pub fn run(
                 *g = (&*g / targets_n as f64)?;
             }
             grad_norm = optim::clip_global_norm(&mut grads, config.optimizer.max_grad_norm)?;
+            if !grad_norm.is_finite() {
+                return Err(Error::Checkpoint(format!(
+                    "the gradient norm of step {} is {grad_norm} (loss {}); stopped before it reaches the adapter, the last checkpoint is intact",
+                    step + 1,
+                    nll_sum / targets_n as f64
+                )));
+            }
             optimizer.step(&param_refs, &grads, lr)?;
         }
         step += 1;
@@ -438,6 +469,19 @@ pub fn run(
             record.tokens_per_second
         ));
         bar.inc(1);
+        if !options.progress
+            && options.log_every > 0
+            && (step % options.log_every == 0 || step == last_step)
+        {
+            let done = (step - first_step) as f64;
+            let eta = started.elapsed().as_secs_f64() / done.max(1.0) * (last_step - step) as f64;
+            eprintln!(
+                "step {step}/{last_step} {} loss {} lr {lr:.2e} {:.0} tok/s, eta {eta:.0} s",
+                record.phase,
+                record.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                record.tokens_per_second
+            );
+        }
         summary.steps.push(record);
         grads.clear();
         (nll_sum, targets_n, tokens, trained, micro) = (0.0, 0, 0, 0, 0);
@@ -512,7 +556,13 @@ pub fn load_model(
         let chat = ChatTokenizer::load(tokenizer.unwrap_or(path)).map_err(Error::Config)?;
         (model, chat)
     };
-    let vocab = chat.tokenizer().get_vocab_size(true);
+    // Ids, not the count: a vocabulary may have gaps.
+    let vocab = chat
+        .tokenizer()
+        .get_vocab(true)
+        .values()
+        .max()
+        .map_or(0, |&id| id as usize + 1);
     if vocab > model.config.vocab_size {
         return Err(Error::Config(format!(
             "the tokenizer has {vocab} tokens but {} has a vocabulary of {}",
@@ -521,4 +571,27 @@ pub fn load_model(
         )));
     }
     Ok((model, chat))
+}
+
+/// Drops the lines of a metrics log after step `step`.
+fn truncate_metrics(path: &Path, step: u64) -> Result<(), Error> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error(path)(e)),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step")?.as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    if kept.len() != text.len() {
+        std::fs::write(path, kept).map_err(io_error(path))?;
+    }
+    Ok(())
 }

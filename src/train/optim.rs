@@ -141,7 +141,8 @@ pub struct ScheduleConfig {
     pub warmup_ratio: f64,
     #[serde(default)]
     pub decay: Decay,
-    /// The learning rate at the end of a phase, as a fraction of the phase's rate.
+    /// Where the decay heads, as a fraction of the phase's rate (as in transformers'
+    /// schedules, the phase's last step is one step short of it).
     #[serde(default = "default_min_ratio")]
     pub min_lr_ratio: f64,
 }
