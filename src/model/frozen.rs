@@ -24,24 +24,37 @@ impl FrozenLinear {
     }
 }
 
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+impl FrozenLinear {
+    /// `x · Wᵀ` on one backend's storage.
+    fn forward<S: BackendStorage>(
+        &self,
+        x: &S,
+        layout: &Layout,
+        weight: &S,
+        weight_layout: &Layout,
+    ) -> Result<(S, Shape)> {
         let (m, n, k) = self.dims(layout)?;
-        let (weight, weight_layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(weight) = &*weight else {
-            candle_core::bail!("frozen linear: input on the CPU, weight elsewhere")
-        };
-        let out = storage.matmul(
+        let out = x.matmul(
             weight,
             (1, m, n, k),
             layout,
             &weight_layout.transpose(0, 1)?,
         )?;
         Ok((out, Shape::from((m, n))))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(weight) = &*weight else {
+            candle_core::bail!("frozen linear: input on the CPU, weight elsewhere")
+        };
+        self.forward(storage, layout, weight, weight_layout)
     }
 
     #[cfg(feature = "cuda")]
@@ -50,18 +63,11 @@ impl CustomOp1 for FrozenLinear {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (m, n, k) = self.dims(layout)?;
         let (weight, weight_layout) = self.weight.storage_and_layout();
         let Storage::Cuda(weight) = &*weight else {
             candle_core::bail!("frozen linear: input on CUDA, weight elsewhere")
         };
-        let out = storage.matmul(
-            weight,
-            (1, m, n, k),
-            layout,
-            &weight_layout.transpose(0, 1)?,
-        )?;
-        Ok((out, Shape::from((m, n))))
+        self.forward(storage, layout, weight, weight_layout)
     }
 
     fn bwd(&self, _input: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

@@ -156,6 +156,17 @@ pub fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((out, inp))
 }
 
+/// The heads whose rows llama.cpp permutes in a GGUF tensor, if it is `attn_q`/`attn_k`.
+fn permuted_heads(gguf: &str, heads: usize, kv_heads: usize) -> Option<usize> {
+    if gguf.ends_with("attn_q.weight") {
+        Some(heads)
+    } else if gguf.ends_with("attn_k.weight") {
+        Some(kv_heads)
+    } else {
+        None
+    }
+}
+
 /// GGUF tensor name of a projection.
 fn gguf_projection(target: Target) -> &'static str {
     match target {
@@ -295,12 +306,9 @@ pub fn load_gguf(
             let t = content
                 .tensor(&mut file, &gguf, &Device::Cpu)?
                 .dequantize(&Device::Cpu)?;
-            Ok(Some(if gguf.ends_with("attn_q.weight") {
-                unpermute(&t, heads)?
-            } else if gguf.ends_with("attn_k.weight") {
-                unpermute(&t, kv_heads)?
-            } else {
-                t
+            Ok(Some(match permuted_heads(&gguf, heads, kv_heads) {
+                Some(n) => unpermute(&t, n)?,
+                None => t,
             }))
         },
         device,
@@ -363,15 +371,12 @@ pub fn save_gguf(model: &Llama, path: &Path) -> Result<(), Error> {
         let t = t
             .to_dtype(DType::F32)
             .and_then(|t| t.to_device(&Device::Cpu));
-        let t = t.and_then(|t| {
-            if gguf.ends_with("attn_q.weight") {
-                permute(&t, c.num_attention_heads)
-            } else if gguf.ends_with("attn_k.weight") {
-                permute(&t, c.kv_heads())
-            } else {
-                Ok(t)
-            }
-        });
+        let t = t.and_then(
+            |t| match permuted_heads(&gguf, c.num_attention_heads, c.kv_heads()) {
+                Some(n) => permute(&t, n),
+                None => Ok(t),
+            },
+        );
         let q = t
             .and_then(|t| QTensor::quantize(&t, GgmlDType::F32))
             .map_err(tensor_error(path))?;
