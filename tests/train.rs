@@ -63,16 +63,19 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
         (4..7).contains(&phase_a_steps),
         "phase a has {phase_a_steps} steps"
     );
+    // One run into `output`, stopping after `steps` steps in all.
+    let train = |output: &Path, steps: u64, resume: Resume| {
+        train::run(
+            &config(output, steps),
+            &model,
+            &tokenizer,
+            &store,
+            &plan,
+            &options(resume),
+        )
+    };
 
-    let whole = train::run(
-        &config(&dir.path().join("a"), 9),
-        &model,
-        &tokenizer,
-        &store,
-        &plan,
-        &options(Resume::No),
-    )
-    .unwrap();
+    let whole = train(&dir.path().join("a"), 9, Resume::No).unwrap();
     assert_eq!(whole.steps.len(), 9);
     assert!(whole
         .steps
@@ -81,37 +84,12 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     assert_eq!(whole.steps[phase_a_steps as usize].phase, "b");
 
     let b = dir.path().join("b");
-    let first: RunSummary = train::run(
-        &config(&b, 3),
-        &model,
-        &tokenizer,
-        &store,
-        &plan,
-        &options(Resume::No),
-    )
-    .unwrap();
+    let first: RunSummary = train(&b, 3, Resume::No).unwrap();
     assert_eq!(first.steps.len(), 3);
     // A fresh start on an output with checkpoints is refused.
-    let err = train::run(
-        &config(&b, 9),
-        &model,
-        &tokenizer,
-        &store,
-        &plan,
-        &options(Resume::No),
-    )
-    .err()
-    .unwrap();
+    let err = train(&b, 9, Resume::No).err().unwrap();
     assert!(err.to_string().contains("--resume"), "{err}");
-    let rest = train::run(
-        &config(&b, 9),
-        &model,
-        &tokenizer,
-        &store,
-        &plan,
-        &options(Resume::Latest),
-    )
-    .unwrap();
+    let rest = train(&b, 9, Resume::Latest).unwrap();
     assert_eq!(rest.first_step, 3);
     let resumed: Vec<_> = first.steps.iter().chain(&rest.steps).collect();
     assert_eq!(resumed.len(), 9);
@@ -149,15 +127,7 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
 
     // Resuming from an earlier checkpoint sets the later one aside and rewrites the
     // metrics from there: each step once, the same values.
-    let again = train::run(
-        &config(&b, 9),
-        &model,
-        &tokenizer,
-        &store,
-        &plan,
-        &options(Resume::From(b.join("checkpoints/step-00000008"))),
-    )
-    .unwrap();
+    let again = train(&b, 9, Resume::From(b.join("checkpoints/step-00000008"))).unwrap();
     assert_eq!(again.steps.len(), 1);
     assert_eq!(again.steps[0].loss, whole.steps[8].loss);
     assert!(b.join("checkpoints/abandoned-step-00000009").is_dir());
@@ -173,15 +143,7 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     assert_eq!(steps, (1..=9).collect::<Vec<_>>());
     // Nothing left to do: the adapter is still written.
     std::fs::remove_dir_all(b.join("adapter")).unwrap();
-    let done = train::run(
-        &config(&b, 9),
-        &model,
-        &tokenizer,
-        &store,
-        &plan,
-        &options(Resume::Latest),
-    )
-    .unwrap();
+    let done = train(&b, 9, Resume::Latest).unwrap();
     assert!(done.steps.is_empty());
     assert_eq!(bytes(&dir.path().join("a")), bytes(&b));
 }

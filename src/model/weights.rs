@@ -323,44 +323,19 @@ pub fn load_gguf(
 pub fn save_gguf(model: &Llama, path: &Path) -> Result<(), Error> {
     use gguf_file::Value;
     let c = &model.config;
+    let int = |key: &str, v: usize| (format!("llama.{key}"), Value::U32(v as u32));
+    let float = |key: &str, v: f64| (format!("llama.{key}"), Value::F32(v as f32));
     let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
-        (
-            "llama.block_count".into(),
-            Value::U32(c.num_hidden_layers as u32),
-        ),
-        (
-            "llama.embedding_length".into(),
-            Value::U32(c.hidden_size as u32),
-        ),
-        (
-            "llama.feed_forward_length".into(),
-            Value::U32(c.intermediate_size as u32),
-        ),
-        (
-            "llama.attention.head_count".into(),
-            Value::U32(c.num_attention_heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            Value::U32(c.kv_heads() as u32),
-        ),
-        (
-            "llama.rope.dimension_count".into(),
-            Value::U32(c.head_dim() as u32),
-        ),
-        (
-            "llama.rope.freq_base".into(),
-            Value::F32(c.rope_theta as f32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Value::F32(c.rms_norm_eps as f32),
-        ),
-        (
-            "llama.context_length".into(),
-            Value::U32(c.max_position_embeddings as u32),
-        ),
+        int("block_count", c.num_hidden_layers),
+        int("embedding_length", c.hidden_size),
+        int("feed_forward_length", c.intermediate_size),
+        int("attention.head_count", c.num_attention_heads),
+        int("attention.head_count_kv", c.kv_heads()),
+        int("rope.dimension_count", c.head_dim()),
+        float("rope.freq_base", c.rope_theta),
+        float("attention.layer_norm_rms_epsilon", c.rms_norm_eps),
+        int("context_length", c.max_position_embeddings),
     ];
     if let Some(eos) = c.eos_ids().first() {
         metadata.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(*eos)));
