@@ -514,3 +514,101 @@ fn gguf_and_safetensors_give_the_same_logits() {
         .unwrap();
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+#[test]
+fn sharded_safetensors_load_like_one_file() {
+    let config = tiny_config(40);
+    let model = tiny_model(&config, 6, DType::F32);
+    let dir = tempfile::tempdir().unwrap();
+    weights::save_hf(&model, dir.path()).unwrap();
+    let single = dir.path().join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    std::fs::remove_file(&single).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+        let subset: HashMap<String, Tensor> = part
+            .iter()
+            .map(|&n| (n.clone(), tensors[n].clone()))
+            .collect();
+        candle_core::safetensors::save(&subset, dir.path().join(&file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let sharded = weights::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let ids = [3u32, 1, 4, 1, 5, 9, 2, 6];
+    assert_eq!(
+        max_abs_diff(
+            &logits_of(&model, None, &ids),
+            &logits_of(&sharded, None, &ids)
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn rope_scaling_matches_transformers() {
+    let mut config = tiny_config(40);
+    config.head_dim = Some(64);
+    config.rope_theta = 500_000.0;
+    config.rope_scaling = Some(
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    );
+    // transformers 5.24 `ROPE_INIT_FUNCTIONS["llama3"]` for the same settings: the high
+    // frequencies kept, the middle band smoothed, the low ones divided by the factor.
+    let expected = [
+        (0, 1.0),
+        (1, 0.663_601_3),
+        (14, 0.003_211_446_1),
+        (15, 0.001_371_893_7),
+        (16, 0.000_524_846_02),
+        (17, 0.000_178_507_79),
+        (18, 7.784_655_5e-5),
+        (31, 3.767_322_6e-7),
+    ];
+    let inv = config.inverse_frequencies();
+    assert_eq!(inv.len(), 32);
+    for (i, want) in expected {
+        assert!(
+            ((inv[i] as f64) - want).abs() <= 1e-6 * want,
+            "llama3 frequency {i}: {} vs {want}",
+            inv[i]
+        );
+    }
+    config.rope_theta = 10_000.0;
+    config.rope_scaling = Some(serde_json::json!({"rope_type": "linear", "factor": 4.0}));
+    let inv = config.inverse_frequencies();
+    for (i, want) in [
+        (0, 0.25),
+        (1, 0.187_473_55),
+        (2, 0.140_585_33),
+        (3, 0.105_424_13),
+    ] {
+        assert!(
+            ((inv[i] as f64) - want).abs() <= 1e-6 * want,
+            "linear frequency {i}: {} vs {want}",
+            inv[i]
+        );
+    }
+    // Unknown kinds are refused rather than silently ignored.
+    config.rope_scaling = Some(serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+    let tensors = weights::random_tensors(&config, 1);
+    let err = Llama::from_tensors(
+        config,
+        |n| Ok(tensors.get(n).cloned()),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("yarn"), "{err}");
+}

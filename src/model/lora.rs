@@ -241,8 +241,10 @@ impl Lora {
         } else {
             (pair.a.as_tensor().detach(), pair.b.as_tensor().detach())
         };
-        let down = x.matmul(&a.t()?)?;
-        Ok(Some((down.matmul(&b.t()?)? * self.scale)?))
+        // Scaling the rank-r intermediate instead of the output keeps one [m, out] tensor
+        // less per projection alive for the backward pass.
+        let down = (x.matmul(&a.t()?)? * self.scale)?;
+        Ok(Some(down.matmul(&b.t()?)?))
     }
 
     /// Every trainable variable by its PEFT key, in key order.

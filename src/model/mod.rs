@@ -153,7 +153,7 @@ impl LlamaConfig {
     }
 
     /// Rotary inverse frequencies, with `rope_scaling` applied.
-    fn inverse_frequencies(&self) -> Vec<f32> {
+    pub fn inverse_frequencies(&self) -> Vec<f32> {
         let dim = self.head_dim();
         let mut inv: Vec<f64> = (0..dim / 2)
             .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / dim as f64))
