@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::{rng, Llama, LlamaConfig};
@@ -140,6 +140,80 @@ pub struct DropoutKey {
     pub micro_batch: u64,
 }
 
+/// Inverted dropout whose mask is a function of its key: drawn in the forward pass and
+/// drawn again in the backward pass, so no mask tensor stays alive in between (on the
+/// CPU; other devices multiply by an uploaded mask).
+struct KeyedDropout {
+    seed: u64,
+    key: [u64; 4],
+    p: f32,
+}
+
+impl KeyedDropout {
+    fn mask(&self, shape: &Shape, device: &Device, dtype: DType) -> Result<Tensor> {
+        let mask = rng::dropout_mask(self.seed, &self.key, shape.elem_count(), self.p);
+        Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)
+    }
+
+    /// `values` with dropout applied (CPU, f32 or f64).
+    fn apply(&self, values: &CpuStorage, range: std::ops::Range<usize>) -> Result<CpuStorage> {
+        let (seed, key, p) = (self.seed, &self.key, self.p);
+        Ok(match values {
+            CpuStorage::F32(v) => {
+                let mut out = v[range].to_vec();
+                rng::dropout_in_place(seed, key, p, &mut out, |x, keep| x * keep);
+                CpuStorage::F32(out)
+            }
+            CpuStorage::F64(v) => {
+                let mut out = v[range].to_vec();
+                rng::dropout_in_place(seed, key, p, &mut out, |x, keep| x * f64::from(keep));
+                CpuStorage::F64(out)
+            }
+            other => candle_core::bail!(
+                "keyed dropout: unsupported dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        })
+    }
+}
+
+impl CustomOp1 for KeyedDropout {
+    fn name(&self) -> &'static str {
+        "keyed-dropout"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("keyed dropout: the input must be contiguous")
+        };
+        Ok((self.apply(storage, start..end)?, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _input: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if grad.device().is_cpu() {
+            // The gradient through dropout is dropout of the gradient, with the same mask.
+            let grad = grad.contiguous()?;
+            let (storage, layout) = grad.storage_and_layout();
+            if let (candle_core::Storage::Cpu(values), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                let out = self.apply(values, start..end)?;
+                return Ok(Some(Tensor::from_storage(
+                    candle_core::Storage::Cpu(out),
+                    layout.shape().clone(),
+                    candle_core::op::BackpropOp::none(),
+                    false,
+                )));
+            }
+        }
+        Ok(Some(grad.mul(&self.mask(
+            grad.shape(),
+            grad.device(),
+            grad.dtype(),
+        )?)?))
+    }
+}
+
 /// The `A` and `B` of one projection (f32 trainable variables).
 pub struct LoraPair {
     pub a: Var,
@@ -226,14 +300,16 @@ impl Lora {
         if let Some(key) = dropout {
             let p = self.config.dropout as f32;
             if p > 0.0 {
-                let mask = rng::dropout_mask(
-                    key.seed,
-                    &[key.step, key.micro_batch, layer as u64, target as u64],
-                    x.elem_count(),
+                let dropout = KeyedDropout {
+                    seed: key.seed,
+                    key: [key.step, key.micro_batch, layer as u64, target as u64],
                     p,
-                );
-                let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(self.dtype)?;
-                x = (x * mask)?;
+                };
+                x = if x.device().is_cpu() {
+                    x.contiguous()?.apply_op1(dropout)?
+                } else {
+                    (&x * dropout.mask(x.shape(), x.device(), x.dtype())?)?
+                };
             }
         }
         let (a, b) = if dropout.is_some() {

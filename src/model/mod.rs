@@ -570,9 +570,17 @@ pub fn reduction_dtype(dtype: DType) -> DType {
     }
 }
 
-/// RMS norm composed from elementary ops, computed in f32 (or f64).
+/// RMS norm, with a backward pass (candle's fused one has none). On the CPU (f32, f64)
+/// one fused op that keeps only its input for the backward; elsewhere composed from
+/// elementary ops, computed in f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
+    if x.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64) && weight.dtype() == dtype {
+        return x.contiguous()?.apply_op1(RmsNorm {
+            weight: weight.contiguous()?,
+            eps,
+        });
+    }
     let x = x.to_dtype(reduction_dtype(dtype))?;
     let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
     x.broadcast_div(&scale)?
@@ -580,12 +588,184 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .broadcast_mul(weight)
 }
 
-/// Softmax over the last axis from elementary ops (the max is a constant shift, so it
-/// needs no gradient).
+/// `y = x · w / √(mean(x²) + ε)` per row; `w` is frozen.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+fn rms_norm_rows<T: num_float::Float>(input: &[T], weight: &[T], eps: f64) -> Vec<T> {
+    use rayon::prelude::*;
+    let dim = weight.len().max(1);
+    let mut out = input.to_vec();
+    out.par_chunks_mut(dim * 64).for_each(|rows| {
+        for row in rows.chunks_mut(dim) {
+            let mean = row.iter().fold(T::zero(), |acc, &v| acc + v * v) / T::from_f64(dim as f64);
+            let scale = T::from_f64(1.0) / (mean + T::from_f64(eps)).sqrt();
+            for (v, &w) in row.iter_mut().zip(weight) {
+                *v = *v * scale * w;
+            }
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("rms norm: the input must be contiguous")
+        };
+        if layout.dims().last() != Some(&self.weight.elem_count()) {
+            candle_core::bail!(
+                "rms norm: weight of {} for rows of {:?}",
+                self.weight.elem_count(),
+                layout.dims()
+            )
+        }
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let (w_start, w_end) = weight_layout.contiguous_offsets().expect("made contiguous");
+        let out = match (storage, &*weight) {
+            (CpuStorage::F32(v), candle_core::Storage::Cpu(CpuStorage::F32(w))) => {
+                CpuStorage::F32(rms_norm_rows(&v[start..end], &w[w_start..w_end], self.eps))
+            }
+            (CpuStorage::F64(v), candle_core::Storage::Cpu(CpuStorage::F64(w))) => {
+                CpuStorage::F64(rms_norm_rows(&v[start..end], &w[w_start..w_end], self.eps))
+            }
+            _ => {
+                candle_core::bail!("rms norm: input and weight must both be f32 or f64 on the CPU")
+            }
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    /// `dx = r·(g∘w) − x·r³·mean(g∘w∘x)` with `r = 1/√(mean(x²) + ε)` per row.
+    fn bwd(&self, x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let gw = grad.broadcast_mul(&self.weight)?;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let dot = (&gw * x)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?)?;
+        Ok(Some(dx))
+    }
+}
+
+/// Softmax over the last axis, with a backward pass (candle's fused softmax has none).
+/// On the CPU one fused op that keeps only its input and output for the backward
+/// (`dx = y · (dy - Σ dy·y)`); elsewhere composed from elementary ops (the max is a
+/// constant shift, so it needs no gradient).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.contiguous()?.apply_op1(Softmax);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let exp = x.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+struct Softmax;
+
+fn softmax_rows<T: num_float::Float>(input: &[T], dim: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = input.to_vec();
+    out.par_chunks_mut(dim.max(1) * 64).for_each(|rows| {
+        for row in rows.chunks_mut(dim.max(1)) {
+            let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+            let mut sum = T::zero();
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum = sum + *v;
+            }
+            for v in row.iter_mut() {
+                *v = *v / sum;
+            }
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax: the input must be contiguous")
+        };
+        let dim = layout.dims().last().copied().unwrap_or(1);
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(softmax_rows(&v[start..end], dim)),
+            CpuStorage::F64(v) => CpuStorage::F64(softmax_rows(&v[start..end], dim)),
+            _ => candle_core::bail!("softmax: f32 or f64 only"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _input: &Tensor, output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (grad * output)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((output * grad.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// The few float operations the fused CPU kernels need, for f32 and f64.
+mod num_float {
+    pub trait Float:
+        Copy
+        + Send
+        + Sync
+        + std::ops::Sub<Output = Self>
+        + std::ops::Add<Output = Self>
+        + std::ops::Mul<Output = Self>
+        + std::ops::Div<Output = Self>
+    {
+        fn from_f64(v: f64) -> Self;
+        fn sqrt(self) -> Self;
+        fn neg_infinity() -> Self;
+        fn zero() -> Self;
+        fn max(self, other: Self) -> Self;
+        fn exp(self) -> Self;
+    }
+    macro_rules! float {
+        ($t:ty) => {
+            impl Float for $t {
+                fn from_f64(v: f64) -> Self {
+                    v as $t
+                }
+                fn sqrt(self) -> Self {
+                    <$t>::sqrt(self)
+                }
+                fn neg_infinity() -> Self {
+                    <$t>::NEG_INFINITY
+                }
+                fn zero() -> Self {
+                    0.0
+                }
+                fn max(self, other: Self) -> Self {
+                    <$t>::max(self, other)
+                }
+                fn exp(self) -> Self {
+                    <$t>::exp(self)
+                }
+            }
+        };
+    }
+    float!(f32);
+    float!(f64);
 }
 
 /// A large negative number rather than -inf, so masked scores never produce NaN.

@@ -22,21 +22,38 @@ pub fn normal(seed: u64, key: &[u64], n: usize, std: f32) -> Vec<f32> {
 }
 
 /// An inverted-dropout mask of `n` values: `0` with probability `p`, else `1 / (1 - p)`.
-/// Filled in parallel chunks, each with its own sub-stream, so the result does not
-/// depend on the number of threads.
 pub fn dropout_mask(seed: u64, key: &[u64], n: usize, p: f32) -> Vec<f32> {
+    let mut mask = vec![1f32; n];
+    dropout_in_place(seed, key, p, &mut mask, |x, keep| x * keep);
+    mask
+}
+
+/// Inverted dropout applied to `values` in place with the mask of [`dropout_mask`]:
+/// dropped values become zero, kept ones `scale(value, 1 / (1 - p))`. Filled in parallel
+/// chunks, each with its own sub-stream, so the result does not depend on the number of
+/// threads.
+pub fn dropout_in_place<T: Copy + Default + Send>(
+    seed: u64,
+    key: &[u64],
+    p: f32,
+    values: &mut [T],
+    scale: impl Fn(T, f32) -> T + Sync,
+) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
     let keep = 1.0 / (1.0 - p);
-    let mut mask = vec![0f32; n];
     let base = SplitMix64::keyed(seed, key).next_u64();
-    mask.par_chunks_mut(CHUNK)
+    values
+        .par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(chunk, values)| {
             let mut rng = SplitMix64::keyed(base, &[chunk as u64]);
             for v in values {
-                *v = if rng.next_f32() < p { 0.0 } else { keep };
+                *v = if rng.next_f32() < p {
+                    T::default()
+                } else {
+                    scale(*v, keep)
+                };
             }
         });
-    mask
 }

@@ -5,7 +5,7 @@
 //! trained are run through the output head, so prompt tokens cost no vocabulary-sized
 //! logits at all.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
 use crate::batches::{Batch, IGNORE};
 use crate::model::{packed_causal_mask, reduction_dtype, Adapter, Llama};
@@ -72,10 +72,24 @@ pub fn token_nll(
     nll_of_logits(&logits, &targets.tokens)
 }
 
-/// `logsumexp(logits) - logits[target]` per row, from differentiable ops.
+/// `logsumexp(logits) - logits[target]` per row. On the CPU one fused op (the backward,
+/// `softmax - onehot`, is computed from the logits and the result, so nothing of the
+/// vocabulary's size is kept but the logits); elsewhere composed from differentiable ops.
 pub fn nll_of_logits(logits: &Tensor, tokens: &[u32]) -> Result<Tensor> {
     let device = logits.device();
     let logits = logits.to_dtype(reduction_dtype(logits.dtype()))?;
+    let (rows, vocab) = logits.dims2()?;
+    if rows != tokens.len() {
+        candle_core::bail!("{rows} rows of logits for {} targets", tokens.len())
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target token {bad} is outside the vocabulary of {vocab}")
+    }
+    if device.is_cpu() {
+        return logits.contiguous()?.apply_op1(CrossEntropy {
+            targets: tokens.to_vec(),
+        });
+    }
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let log_sum = (logits
         .broadcast_sub(&max)?
@@ -86,4 +100,74 @@ pub fn nll_of_logits(logits: &Tensor, tokens: &[u32]) -> Result<Tensor> {
     let index = Tensor::new(tokens, device)?.unsqueeze(1)?;
     let target = logits.gather(&index, D::Minus1)?;
     (log_sum - target)?.squeeze(1)
+}
+
+/// Per-row cross-entropy of `[rows, vocab]` logits against one target per row.
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+/// `(rows of logits, vocab)` of a contiguous CPU tensor, as f64 for the arithmetic.
+fn rows_f64(storage: &CpuStorage, layout: &Layout) -> Result<(Vec<f64>, usize)> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("cross-entropy: the logits must be contiguous")
+    };
+    let vocab = layout.dims().last().copied().unwrap_or(1);
+    let values = match storage {
+        CpuStorage::F32(v) => v[start..end].iter().map(|&x| f64::from(x)).collect(),
+        CpuStorage::F64(v) => v[start..end].to_vec(),
+        _ => candle_core::bail!("cross-entropy: f32 or f64 logits only"),
+    };
+    Ok((values, vocab))
+}
+
+fn log_sum_exp(row: &[f64]) -> f64 {
+    let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    max + row.iter().map(|&x| (x - max).exp()).sum::<f64>().ln()
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (values, vocab) = rows_f64(storage, layout)?;
+        let nll: Vec<f64> = values
+            .par_chunks(vocab)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| log_sum_exp(row) - row[t as usize])
+            .collect();
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(nll.iter().map(|&x| x as f32).collect()),
+            _ => CpuStorage::F64(nll),
+        };
+        Ok((out, Shape::from(self.targets.len())))
+    }
+
+    /// `d logits = g · (softmax(logits) - onehot(target))` per row.
+    fn bwd(&self, logits: &Tensor, _nll: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let g: Vec<f64> = grad.to_dtype(DType::F64)?.to_vec1()?;
+        let logits = logits.contiguous()?;
+        let (storage, layout) = logits.storage_and_layout();
+        let candle_core::Storage::Cpu(storage) = &*storage else {
+            candle_core::bail!("cross-entropy: logits left the CPU")
+        };
+        let (mut values, vocab) = rows_f64(storage, layout)?;
+        values
+            .par_chunks_mut(vocab)
+            .zip(self.targets.par_iter().zip(g.par_iter()))
+            .for_each(|(row, (&t, &g))| {
+                let lse = log_sum_exp(row);
+                for x in row.iter_mut() {
+                    *x = g * (*x - lse).exp();
+                }
+                row[t as usize] -= g;
+            });
+        let shape = layout.shape().clone();
+        let out = Tensor::from_vec(values, shape, logits.device())?;
+        Ok(Some(out.to_dtype(logits.dtype())?))
+    }
 }
