@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use corpusdb::batches::{self, BatchOptions, Tokenized};
 use corpusdb::model::{
-    self, frozen_linear, generate_greedy, weights, Adapter, DropoutKey, Llama, LlamaConfig, Lora,
-    LoraConfig, Target,
+    self, frozen_linear, generate_greedy, weights, Adapter, AttentionMask, DropoutKey, Llama,
+    LlamaConfig, Lora, LoraConfig, Target,
 };
 use corpusdb::train::{loss, optim};
 
@@ -113,9 +113,8 @@ fn logits_of(model: &Llama, adapter: Option<Adapter>, ids: &[u32]) -> Tensor {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let mask = model::causal_mask(0, ids.len(), device).unwrap();
     model
-        .forward(&input, &positions, Some(&mask), adapter, None)
+        .forward(&input, &positions, &AttentionMask::Causal, adapter, None)
         .unwrap()
 }
 
@@ -270,15 +269,10 @@ fn packed_examples_see_only_themselves() {
     let (rows, width) = batch.input_ids.dims2().unwrap();
     assert_eq!(rows, 1, "both examples share a row");
     let segments: Vec<u32> = batch.segment_ids.flatten_all().unwrap().to_vec1().unwrap();
-    let mask = model::packed_causal_mask(&segments, rows, width, &Device::Cpu).unwrap();
+    assert_eq!(segments.len(), rows * width);
+    let mask = AttentionMask::Packed(std::sync::Arc::new(segments.clone()));
     let packed = model
-        .forward(
-            &batch.input_ids,
-            &batch.position_ids,
-            Some(&mask),
-            None,
-            None,
-        )
+        .forward(&batch.input_ids, &batch.position_ids, &mask, None, None)
         .unwrap()
         .squeeze(0)
         .unwrap();
@@ -611,4 +605,50 @@ fn rope_scaling_matches_transformers() {
     .err()
     .unwrap();
     assert!(err.to_string().contains("yarn"), "{err}");
+}
+
+/// bf16 on the CPU takes the composed path (the one CUDA uses): additive masks, composed
+/// softmax and RMS norm. Its logits must match the fused f32 path up to bf16 precision,
+/// for a causal sequence and for packed rows.
+#[test]
+fn the_composed_path_agrees_with_the_fused_one() {
+    let config = tiny_config(40);
+    let tensors = weights::random_tensors(&config, 12);
+    let load = |dtype| {
+        Llama::from_tensors(
+            config.clone(),
+            |n| Ok(tensors.get(n).cloned()),
+            &Device::Cpu,
+            dtype,
+        )
+        .unwrap()
+    };
+    let (fused, composed) = (load(DType::F32), load(DType::BF16));
+    let ids = [2u32, 9, 4, 17, 30, 5, 11];
+    let (a, b) = (
+        logits_of(&fused, None, &ids),
+        logits_of(&composed, None, &ids),
+    );
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_keepdim(2)
+        .unwrap()
+        .max_keepdim(1)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let scale = scale.to_vec1::<f32>().unwrap()[0] as f64;
+    assert!(max_abs_diff(&a, &b.to_dtype(DType::F32).unwrap()) < 0.05 * scale);
+
+    let batch = batch_of(&[vec![3, 8, 1, 22, 7], vec![5, 9, 12], vec![6, 6, 2, 1]], 8);
+    let segments: Vec<u32> = batch.segment_ids.flatten_all().unwrap().to_vec1().unwrap();
+    let mask = AttentionMask::Packed(std::sync::Arc::new(segments));
+    let run = |m: &Llama| {
+        m.forward(&batch.input_ids, &batch.position_ids, &mask, None, None)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    assert!(max_abs_diff(&run(&fused), &run(&composed)) < 0.05 * scale);
 }

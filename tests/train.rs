@@ -378,12 +378,17 @@ fn peft_reads_our_adapter_and_computes_the_same_logits() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let mask = model::causal_mask(0, ids.len(), &Device::Cpu).unwrap();
     assert_eq!(theirs.len(), ids.len());
     // Largest difference between PEFT's logits and ours.
     let diff = |model: &Llama, adapter: Option<Adapter>| -> f32 {
         let ours: Vec<Vec<f32>> = model
-            .forward(&input, &positions, Some(&mask), adapter, None)
+            .forward(
+                &input,
+                &positions,
+                &model::AttentionMask::Causal,
+                adapter,
+                None,
+            )
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -511,9 +516,8 @@ fn smollm2_answers_sensibly_and_trains_end_to_end() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let mask = model::causal_mask(0, prompt.len(), &Device::Cpu).unwrap();
     let logits: Vec<f32> = model
-        .forward(&ids, &positions, Some(&mask), None, None)
+        .forward(&ids, &positions, &model::AttentionMask::Causal, None, None)
         .unwrap()
         .squeeze(0)
         .unwrap()

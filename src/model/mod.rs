@@ -1,15 +1,17 @@
 //! A Llama-family decoder in candle, written for training adapters on it.
 //!
-//! Every op on the path from a LoRA parameter to the loss has a backward in candle: RMS
-//! norm, softmax and rotary embeddings are composed from elementary ops here instead of
-//! using candle's fused kernels (`ops::rms_norm`, `ops::softmax_last_dim`, `rope`), which
-//! have none and would silently cut the gradient. Base projections are [`frozen_linear`],
-//! so no gradient buffer is ever allocated for a base weight.
+//! Every op on the path from a LoRA parameter to the loss has a backward pass. candle's
+//! fused kernels (`ops::rms_norm`, `ops::softmax_last_dim`, `rope`) have none and would
+//! silently cut the gradient, so rotary embeddings are composed from elementary ops, and
+//! RMS norm and the attention probabilities are our own fused CPU ops with explicit
+//! backward passes (composed from elementary ops on other devices). Base projections are
+//! [`frozen_linear`], so no gradient buffer is ever allocated for a base weight.
 //!
 //! Attention is grouped-query with a causal mask that also stops at packed-sequence
 //! boundaries (tokens only see earlier tokens of their own segment), positions come from
 //! the batch (each packed example restarts at 0), and a [`KvCache`] serves generation.
 
+pub mod attention;
 pub mod frozen;
 pub mod lora;
 pub mod rng;
@@ -18,6 +20,7 @@ pub mod weights;
 use candle_core::{DType, Device, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+pub use attention::AttentionMask;
 pub use frozen::frozen_linear;
 pub use lora::{DropoutKey, Lora, LoraConfig, Target};
 
@@ -368,21 +371,17 @@ impl Llama {
 
     /// Final hidden states `[batch, seq, hidden]` (after the last norm).
     ///
-    /// `positions` are each token's position in its own sequence; `mask` is additive,
-    /// `[batch, 1, seq, past + seq]` (see [`packed_causal_mask`]), or `None` for a single
-    /// new token.
+    /// `positions` are each token's position in its own sequence; `mask` says which
+    /// keys each query sees (causal, or causal within packed examples).
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         adapter: Option<Adapter>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        if mask.is_none() && t > 1 {
-            candle_core::bail!("a mask is needed for more than one new token (see causal_mask)")
-        }
         let h = self.config.hidden_size;
         let flat_ids = input_ids.flatten_all()?;
         let mut x = self
@@ -432,7 +431,7 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         adapter: Option<Adapter>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
@@ -471,7 +470,7 @@ impl Llama {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         adapter: Option<Adapter>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
@@ -496,24 +495,12 @@ impl Llama {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let s = k.dim(2)?;
         let group = heads / kv_heads;
         // Query heads sharing a key/value head are stacked along the sequence axis, so
         // keys and values are never repeated in memory.
         let q = q.contiguous()?.reshape((b, kv_heads, group * t, dim))?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (dim as f64).sqrt()))?
-            .to_dtype(reduction_dtype(v.dtype()))?
-            .reshape((b, kv_heads, group, t, s))?;
-        let scores = match mask {
-            Some(mask) => {
-                scores.broadcast_add(&mask.reshape((b, 1, 1, t, s))?.to_dtype(scores.dtype())?)?
-            }
-            None => scores,
-        };
-        let probs =
-            softmax_last_dim(&scores)?
-                .to_dtype(v.dtype())?
-                .reshape((b, kv_heads, group * t, s))?;
+        let scale = 1.0 / (dim as f64).sqrt();
+        let probs = attention::probabilities(&q, &k, scale, t, mask)?.to_dtype(v.dtype())?;
         let out = probs
             .matmul(&v)?
             .reshape((b, heads, t, dim))?
@@ -659,70 +646,7 @@ impl candle_core::CustomOp1 for RmsNorm {
     }
 }
 
-/// Softmax over the last axis, with a backward pass (candle's fused softmax has none).
-/// On the CPU one fused op that keeps only its input and output for the backward
-/// (`dx = y · (dy - Σ dy·y)`); elsewhere composed from elementary ops (the max is a
-/// constant shift, so it needs no gradient).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return x.contiguous()?.apply_op1(Softmax);
-    }
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let exp = x.broadcast_sub(&max)?.exp()?;
-    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
-}
-
-struct Softmax;
-
-fn softmax_rows<T: num_float::Float>(input: &[T], dim: usize) -> Vec<T> {
-    use rayon::prelude::*;
-    let mut out = input.to_vec();
-    out.par_chunks_mut(dim.max(1) * 64).for_each(|rows| {
-        for row in rows.chunks_mut(dim.max(1)) {
-            let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-            let mut sum = T::zero();
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum = sum + *v;
-            }
-            for v in row.iter_mut() {
-                *v = *v / sum;
-            }
-        }
-    });
-    out
-}
-
-impl candle_core::CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("softmax: the input must be contiguous")
-        };
-        let dim = layout.dims().last().copied().unwrap_or(1);
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(softmax_rows(&v[start..end], dim)),
-            CpuStorage::F64(v) => CpuStorage::F64(softmax_rows(&v[start..end], dim)),
-            _ => candle_core::bail!("softmax: f32 or f64 only"),
-        };
-        Ok((out, layout.shape().clone()))
-    }
-
-    fn bwd(&self, _input: &Tensor, output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dot = (grad * output)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((output * grad.broadcast_sub(&dot)?)?))
-    }
-}
-
-/// The few float operations the fused CPU kernels need, for f32 and f64.
+/// The few float operations the fused RMS norm needs, for f32 and f64.
 mod num_float {
     pub trait Float:
         Copy
@@ -735,10 +659,7 @@ mod num_float {
     {
         fn from_f64(v: f64) -> Self;
         fn sqrt(self) -> Self;
-        fn neg_infinity() -> Self;
         fn zero() -> Self;
-        fn max(self, other: Self) -> Self;
-        fn exp(self) -> Self;
     }
     macro_rules! float {
         ($t:ty) => {
@@ -749,17 +670,8 @@ mod num_float {
                 fn sqrt(self) -> Self {
                     <$t>::sqrt(self)
                 }
-                fn neg_infinity() -> Self {
-                    <$t>::NEG_INFINITY
-                }
                 fn zero() -> Self {
                     0.0
-                }
-                fn max(self, other: Self) -> Self {
-                    <$t>::max(self, other)
-                }
-                fn exp(self) -> Self {
-                    <$t>::exp(self)
                 }
             }
         };
@@ -770,38 +682,6 @@ mod num_float {
 
 /// A large negative number rather than -inf, so masked scores never produce NaN.
 pub const MASKED: f32 = -1e9;
-
-/// Additive attention mask `[rows, 1, width, width]` for packed rows: a token sees
-/// earlier tokens (and itself) of the same segment only.
-pub fn packed_causal_mask(
-    segment_ids: &[u32],
-    rows: usize,
-    width: usize,
-    device: &Device,
-) -> Result<Tensor> {
-    let mut mask = vec![MASKED; rows * width * width];
-    for r in 0..rows {
-        let seg = &segment_ids[r * width..(r + 1) * width];
-        for i in 0..width {
-            let out = &mut mask[(r * width + i) * width..(r * width + i + 1) * width];
-            for j in 0..=i {
-                if seg[j] == seg[i] {
-                    out[j] = 0.0;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(mask, (rows, 1, width, width), device)
-}
-
-/// Causal mask `[1, 1, new, past + new]` for `new` tokens after `past` cached ones.
-pub fn causal_mask(past: usize, new: usize, device: &Device) -> Result<Tensor> {
-    let total = past + new;
-    let mask: Vec<f32> = (0..new)
-        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
-        .collect();
-    Tensor::from_vec(mask, (1, 1, new, total), device)
-}
 
 /// Greedy decoding with a KV cache: the prompt once, then one token per step. Stops at
 /// any of `stop` or after `max_new_tokens`.
@@ -833,13 +713,13 @@ pub fn generate_greedy(
         let ids = Tensor::new(next_input.as_slice(), device)?.unsqueeze(0)?;
         let positions: Vec<u32> = (past as u32..(past + new) as u32).collect();
         let positions = Tensor::new(positions.as_slice(), device)?.unsqueeze(0)?;
-        let mask = if new > 1 {
-            Some(causal_mask(past, new, device)?)
-        } else {
-            None
-        };
-        let hidden =
-            model.hidden_states(&ids, &positions, mask.as_ref(), adapter, Some(&mut cache))?;
+        let hidden = model.hidden_states(
+            &ids,
+            &positions,
+            &AttentionMask::Causal,
+            adapter,
+            Some(&mut cache),
+        )?;
         let last = hidden.narrow(1, new - 1, 1)?;
         let logits = model.logits(&last)?.flatten_all()?;
         let token = logits.argmax(0)?.to_scalar::<u32>()?;

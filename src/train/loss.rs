@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
 use crate::batches::{Batch, IGNORE};
-use crate::model::{packed_causal_mask, reduction_dtype, Adapter, Llama};
+use crate::model::{reduction_dtype, Adapter, AttentionMask, Llama};
 
 /// The positions of a batch that predict a trained token.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,10 +60,10 @@ pub fn token_nll(
     let device = &model.device;
     let (rows, width) = batch.input_ids.dims2()?;
     let segments: Vec<u32> = batch.segment_ids.flatten_all()?.to_vec1()?;
-    let mask = packed_causal_mask(&segments, rows, width, device)?;
+    let mask = AttentionMask::Packed(std::sync::Arc::new(segments));
     let ids = batch.input_ids.to_device(device)?;
     let positions = batch.position_ids.to_device(device)?;
-    let hidden = model.hidden_states(&ids, &positions, Some(&mask), adapter, None)?;
+    let hidden = model.hidden_states(&ids, &positions, &mask, adapter, None)?;
     let h = hidden.dim(D::Minus1)?;
     let picked = hidden
         .reshape((rows * width, h))?
