@@ -389,6 +389,10 @@ fn peft_files_have_peft_names_shapes_and_config_and_merge_matches() {
         candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
     assert_eq!(tensors.len(), 2 * 7 * 2);
+    assert_eq!(
+        lora.parameter_count(),
+        lora_config(4, 0.05).parameter_count(&config).unwrap()
+    );
     for layer in 0..2 {
         for target in Target::ALL {
             let (out, inp) = config.projection_shape(target);

@@ -63,13 +63,10 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
         train::load_model(&args.model, args.tokenizer.as_deref(), config.device)?;
     let (store, index) = super::index::open_for_reading(store_path)?;
     let plan = Plan::build(&index, &curriculum)?;
-    let lora_params = Lora::new(
-        config.lora.clone(),
-        &model.config,
-        0,
-        &candle_core::Device::Cpu,
-    )?
-    .parameter_count();
+    let lora_params = config
+        .lora
+        .parameter_count(&model.config)
+        .map_err(anyhow::Error::msg)?;
     let steps: u64 = train::steps_per_phase(&plan, &config).iter().sum();
     eprintln!(
         "model {} ({} layers, hidden {}, vocab {}), LoRA r={} alpha={} on {}: {} trainable parameters",

@@ -117,6 +117,19 @@ impl LoraConfig {
             .collect()
     }
 
+    /// Trainable parameters of an adapter with these settings on `model`.
+    pub fn parameter_count(&self, model: &LlamaConfig) -> std::result::Result<usize, String> {
+        let per_layer: usize = self
+            .targets()?
+            .iter()
+            .map(|&t| {
+                let (out, inp) = model.projection_shape(t);
+                self.r * (out + inp)
+            })
+            .sum();
+        Ok(per_layer * model.num_hidden_layers)
+    }
+
     pub fn scale(&self) -> f64 {
         self.alpha / self.r as f64
     }
