@@ -68,40 +68,79 @@ impl AttentionMask {
     }
 }
 
+/// Whether attention runs as the fused CPU op for tensors of `dtype` on `device`.
+fn fused(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
+}
+
+/// A mask ready for one forward pass of `t` new tokens after `past` cached ones: the rule,
+/// and on the composed path its additive tensor, built once for all layers.
+pub struct Prepared<'a> {
+    rule: &'a AttentionMask,
+    t: usize,
+    past: usize,
+    additive: Option<Tensor>,
+}
+
+/// Checks the mask against the batch and builds what the attention of every layer needs.
+pub fn prepare<'a>(
+    mask: &'a AttentionMask,
+    b: usize,
+    t: usize,
+    past: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Prepared<'a>> {
+    mask.check(b, t, past)?;
+    let additive = if fused(device, dtype) {
+        None
+    } else {
+        Some(
+            mask.additive(b, t, past, device)?
+                .to_dtype(super::reduction_dtype(dtype))?,
+        )
+    };
+    Ok(Prepared {
+        rule: mask,
+        t,
+        past,
+        additive,
+    })
+}
+
 /// `softmax(q·kᵀ·scale + mask)` for `q: [b, kv_heads, group × t, d]` (the query heads of
 /// one key/value head stacked, `t` new tokens each) and `k: [b, kv_heads, past + t, d]`;
 /// the result is `[b, kv_heads, group × t, past + t]` in the reduction dtype.
-pub fn probabilities(
-    q: &Tensor,
-    k: &Tensor,
-    scale: f64,
-    t: usize,
-    mask: &AttentionMask,
-) -> Result<Tensor> {
-    let (b, _, rows, _) = q.dims4()?;
-    let s = k.dim(2)?;
-    if t == 0 || rows % t != 0 || s < t {
-        candle_core::bail!("attention: {rows} query rows, {t} new tokens, {s} keys")
+pub fn probabilities(q: &Tensor, k: &Tensor, scale: f64, mask: &Prepared) -> Result<Tensor> {
+    let (b, kv_heads, rows, d) = q.dims4()?;
+    let (t, past) = (mask.t, mask.past);
+    let s = past + t;
+    // The fused op multiplies raw storage: shapes must agree exactly.
+    if t == 0 || rows % t != 0 || k.dims4()? != (b, kv_heads, s, d) || k.dtype() != q.dtype() {
+        candle_core::bail!(
+            "attention: q {:?} ({:?}) and k {:?} ({:?}) do not fit {t} new tokens after {past}",
+            q.dims(),
+            q.dtype(),
+            k.dims(),
+            k.dtype()
+        )
     }
-    let past = s - t;
-    mask.check(b, t, past)?;
     let dtype = super::reduction_dtype(q.dtype());
-    if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+    let Some(additive) = &mask.additive else {
         return q.contiguous()?.apply_op2(
             &k.contiguous()?,
             Probabilities {
                 scale,
                 t,
                 past,
-                mask: mask.clone(),
+                mask: mask.rule.clone(),
             },
         );
-    }
-    let (kv_heads, group) = (q.dim(1)?, rows / t);
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?
-        .to_dtype(dtype)?
-        .reshape((b, kv_heads, group, t, s))?;
-    let scores = scores.broadcast_add(&mask.additive(b, t, past, q.device())?.to_dtype(dtype)?)?;
+    };
+    let group = rows / t;
+    let scores = (q.matmul(&k.t()?.contiguous()?)?.to_dtype(dtype)? * scale)?
+        .reshape((b, kv_heads, group, t, s))?
+        .broadcast_add(additive)?;
     let max = scores.max_keepdim(D::Minus1)?.detach();
     let exp = scores.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?

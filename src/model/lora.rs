@@ -318,7 +318,7 @@ impl Lora {
                     key: [key.step, key.micro_batch, layer as u64, target as u64],
                     p,
                 };
-                x = if x.device().is_cpu() {
+                x = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
                     x.contiguous()?.apply_op1(dropout)?
                 } else {
                     (&x * dropout.mask(x.shape(), x.device(), x.dtype())?)?

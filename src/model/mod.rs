@@ -401,11 +401,13 @@ impl Llama {
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize(self.layers.len(), None);
         }
+        let past = cache.as_deref().map_or(0, KvCache::len);
+        let mask = attention::prepare(mask, b, t, past, &self.device, self.dtype)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let normed = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let attended = self.attention(l, &normed, &cos, &sin, mask, adapter, layer_cache)?;
+            let attended = self.attention(l, &normed, &cos, &sin, &mask, adapter, layer_cache)?;
             x = (residual + attended)?;
             let normed = rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
             let mlp = self.mlp(l, &normed, adapter)?;
@@ -470,7 +472,7 @@ impl Llama {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &AttentionMask,
+        mask: &attention::Prepared,
         adapter: Option<Adapter>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
@@ -500,7 +502,7 @@ impl Llama {
         // keys and values are never repeated in memory.
         let q = q.contiguous()?.reshape((b, kv_heads, group * t, dim))?;
         let scale = 1.0 / (dim as f64).sqrt();
-        let probs = attention::probabilities(&q, &k, scale, t, mask)?.to_dtype(v.dtype())?;
+        let probs = attention::probabilities(&q, &k, scale, mask)?.to_dtype(v.dtype())?;
         let out = probs
             .matmul(&v)?
             .reshape((b, heads, t, dim))?
@@ -708,6 +710,9 @@ pub fn generate_greedy(
         let past = cache.len();
         let new = next_input.len();
         if past + new > limit {
+            if past == 0 {
+                candle_core::bail!("the prompt has {new} tokens; the model takes at most {limit}")
+            }
             break;
         }
         let ids = Tensor::new(next_input.as_slice(), device)?.unsqueeze(0)?;

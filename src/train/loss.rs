@@ -107,23 +107,65 @@ struct CrossEntropy {
     targets: Vec<u32>,
 }
 
-/// `(rows of logits, vocab)` of a contiguous CPU tensor, as f64 for the arithmetic.
-fn rows_f64(storage: &CpuStorage, layout: &Layout) -> Result<(Vec<f64>, usize)> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("cross-entropy: the logits must be contiguous")
-    };
-    let vocab = layout.dims().last().copied().unwrap_or(1);
-    let values = match storage {
-        CpuStorage::F32(v) => v[start..end].iter().map(|&x| f64::from(x)).collect(),
-        CpuStorage::F64(v) => v[start..end].to_vec(),
-        _ => candle_core::bail!("cross-entropy: f32 or f64 logits only"),
-    };
-    Ok((values, vocab))
+/// Float types the fused loss runs on; sums are kept in f64 either way.
+trait Float: Copy + Send + Sync {
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
 }
 
-fn log_sum_exp(row: &[f64]) -> f64 {
-    let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    max + row.iter().map(|&x| (x - max).exp()).sum::<f64>().ln()
+impl Float for f32 {
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Float for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+fn log_sum_exp<T: Float>(row: &[T]) -> f64 {
+    let max = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
+    max + row
+        .iter()
+        .map(|&x| (x.to_f64() - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
+fn nll_rows<T: Float>(logits: &[T], vocab: usize, targets: &[u32]) -> Vec<T> {
+    use rayon::prelude::*;
+    logits
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| T::from_f64(log_sum_exp(row) - row[t as usize].to_f64()))
+        .collect()
+}
+
+/// `g · (softmax(row) - onehot(target))` for every row.
+fn nll_gradient<T: Float>(logits: &[T], vocab: usize, targets: &[u32], grad: &[f64]) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out: Vec<T> = logits.to_vec();
+    out.par_chunks_mut(vocab)
+        .zip(targets.par_iter().zip(grad.par_iter()))
+        .for_each(|(row, (&t, &g))| {
+            let lse = log_sum_exp(row);
+            for x in row.iter_mut() {
+                *x = T::from_f64(g * (x.to_f64() - lse).exp());
+            }
+            let at = t as usize;
+            row[at] = T::from_f64(row[at].to_f64() - g);
+        });
+    out
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -132,42 +174,44 @@ impl CustomOp1 for CrossEntropy {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        let (values, vocab) = rows_f64(storage, layout)?;
-        let nll: Vec<f64> = values
-            .par_chunks(vocab)
-            .zip(self.targets.par_iter())
-            .map(|(row, &t)| log_sum_exp(row) - row[t as usize])
-            .collect();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("cross-entropy: the logits must be contiguous")
+        };
+        let vocab = layout.dims().last().copied().unwrap_or(1);
         let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(nll.iter().map(|&x| x as f32).collect()),
-            _ => CpuStorage::F64(nll),
+            CpuStorage::F32(v) => CpuStorage::F32(nll_rows(&v[start..end], vocab, &self.targets)),
+            CpuStorage::F64(v) => CpuStorage::F64(nll_rows(&v[start..end], vocab, &self.targets)),
+            _ => candle_core::bail!("cross-entropy: f32 or f64 logits only"),
         };
         Ok((out, Shape::from(self.targets.len())))
     }
 
-    /// `d logits = g · (softmax(logits) - onehot(target))` per row.
+    /// `d logits = g · (softmax(logits) - onehot(target))` per row, recomputed from the
+    /// logits.
     fn bwd(&self, logits: &Tensor, _nll: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        use rayon::prelude::*;
         let g: Vec<f64> = grad.to_dtype(DType::F64)?.to_vec1()?;
         let logits = logits.contiguous()?;
         let (storage, layout) = logits.storage_and_layout();
-        let candle_core::Storage::Cpu(storage) = &*storage else {
+        let (Some((start, end)), candle_core::Storage::Cpu(storage)) =
+            (layout.contiguous_offsets(), &*storage)
+        else {
             candle_core::bail!("cross-entropy: logits left the CPU")
         };
-        let (mut values, vocab) = rows_f64(storage, layout)?;
-        values
-            .par_chunks_mut(vocab)
-            .zip(self.targets.par_iter().zip(g.par_iter()))
-            .for_each(|(row, (&t, &g))| {
-                let lse = log_sum_exp(row);
-                for x in row.iter_mut() {
-                    *x = g * (*x - lse).exp();
-                }
-                row[t as usize] -= g;
-            });
-        let shape = layout.shape().clone();
-        let out = Tensor::from_vec(values, shape, logits.device())?;
-        Ok(Some(out.to_dtype(logits.dtype())?))
+        let vocab = layout.dims().last().copied().unwrap_or(1);
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(nll_gradient(&v[start..end], vocab, &self.targets, &g))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(nll_gradient(&v[start..end], vocab, &self.targets, &g))
+            }
+            _ => candle_core::bail!("cross-entropy: f32 or f64 logits only"),
+        };
+        Ok(Some(Tensor::from_storage(
+            candle_core::Storage::Cpu(out),
+            layout.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        )))
     }
 }
