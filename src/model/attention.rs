@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use super::num_float::Float;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 
@@ -152,29 +153,6 @@ struct Probabilities {
     t: usize,
     past: usize,
     mask: AttentionMask,
-}
-
-trait Float: Copy + Send + Sync + PartialOrd {
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-
-impl Float for f32 {
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Float for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
 }
 
 impl CustomOp2 for Probabilities {

@@ -648,8 +648,9 @@ impl candle_core::CustomOp1 for RmsNorm {
     }
 }
 
-/// The few float operations the fused RMS norm needs, for f32 and f64.
-mod num_float {
+/// The few float operations the fused CPU ops (RMS norm, attention, loss) need, for f32
+/// and f64; their sums are kept in f64.
+pub(crate) mod num_float {
     pub trait Float:
         Copy
         + Send
@@ -660,6 +661,7 @@ mod num_float {
         + std::ops::Div<Output = Self>
     {
         fn from_f64(v: f64) -> Self;
+        fn to_f64(self) -> f64;
         fn sqrt(self) -> Self;
         fn zero() -> Self;
     }
@@ -668,6 +670,9 @@ mod num_float {
             impl Float for $t {
                 fn from_f64(v: f64) -> Self {
                     v as $t
+                }
+                fn to_f64(self) -> f64 {
+                    self as f64
                 }
                 fn sqrt(self) -> Self {
                     <$t>::sqrt(self)

@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
 use crate::batches::{Batch, IGNORE};
+use crate::model::num_float::Float;
 use crate::model::{reduction_dtype, Adapter, AttentionMask, Llama};
 
 /// The positions of a batch that predict a trained token.
@@ -105,30 +106,6 @@ pub fn nll_of_logits(logits: &Tensor, tokens: &[u32]) -> Result<Tensor> {
 /// Per-row cross-entropy of `[rows, vocab]` logits against one target per row.
 struct CrossEntropy {
     targets: Vec<u32>,
-}
-
-/// Float types the fused loss runs on; sums are kept in f64 either way.
-trait Float: Copy + Send + Sync {
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-
-impl Float for f32 {
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Float for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
 }
 
 fn log_sum_exp<T: Float>(row: &[T]) -> f64 {
