@@ -220,23 +220,27 @@ fn normalise<T: Float>(
         .for_each(|(index, row)| {
             let batch_row = index / (kv_heads * rows);
             let i = (index % rows) % t;
+            // Keys after the query are never visible: they are zeroed without a look.
+            let (visible, hidden) = row.split_at_mut((past + i + 1).min(s));
+            hidden.iter_mut().for_each(|v| *v = T::from_f64(0.0));
+            // One mask decision per key: hidden ones become -inf, whose exp is 0.
             let mut max = f64::NEG_INFINITY;
-            for (j, v) in row.iter().enumerate() {
-                if op.mask.allows(batch_row, t, past, i, j) {
-                    max = max.max(v.to_f64() * scale);
-                }
+            for (j, v) in visible.iter_mut().enumerate() {
+                let x = if op.mask.allows(batch_row, t, past, i, j) {
+                    v.to_f64() * scale
+                } else {
+                    f64::NEG_INFINITY
+                };
+                max = max.max(x);
+                *v = T::from_f64(x);
             }
             let mut sum = 0.0;
-            for (j, v) in row.iter_mut().enumerate() {
-                let e = if op.mask.allows(batch_row, t, past, i, j) {
-                    (v.to_f64() * scale - max).exp()
-                } else {
-                    0.0
-                };
+            for v in visible.iter_mut() {
+                let e = (v.to_f64() - max).exp();
                 sum += e;
                 *v = T::from_f64(e);
             }
-            for v in row.iter_mut() {
+            for v in visible.iter_mut() {
                 *v = T::from_f64(v.to_f64() / sum);
             }
         });
