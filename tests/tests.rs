@@ -15,4 +15,5 @@ mod ingest;
 mod model;
 mod reader;
 mod registry;
+mod step;
 mod train;

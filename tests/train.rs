@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use corpusdb::batches::ChatTokenizer;
 use corpusdb::curriculum::{Curriculum, Plan};
 use corpusdb::model::{self, weights, Adapter, Llama, Lora, LoraConfig};
-use corpusdb::train::{self, Resume, RunOptions, RunSummary, TrainConfig};
+use corpusdb::train::{self, Checkpointing, Resume, RunOptions, RunSummary, TrainConfig};
 
 use crate::curriculum::{store_with_categories, trained_tokenizer};
 use crate::model::{tiny_config, tiny_model};
@@ -64,15 +64,13 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
         "phase a has {phase_a_steps} steps"
     );
     // One run into `output`, stopping after `steps` steps in all.
+    let train_with = |output: &Path, steps: u64, resume: Resume, checkpointing| {
+        let mut config = config(output, steps);
+        config.checkpointing = checkpointing;
+        train::run(&config, &model, &tokenizer, &store, &plan, &options(resume))
+    };
     let train = |output: &Path, steps: u64, resume: Resume| {
-        train::run(
-            &config(output, steps),
-            &model,
-            &tokenizer,
-            &store,
-            &plan,
-            &options(resume),
-        )
+        train_with(output, steps, resume, Checkpointing::None)
     };
 
     let whole = train(&dir.path().join("a"), 9, Resume::No).unwrap();
@@ -82,6 +80,43 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
         .iter()
         .all(|s| s.loss.is_some_and(f64::is_finite)));
     assert_eq!(whole.steps[phase_a_steps as usize].phase, "b");
+
+    // Activation checkpointing changes memory, not the training: the same losses (up to
+    // f32 summation order), and a resumed checkpointed run repeats its own exactly.
+    let layers = |output: &str, steps, resume| {
+        train_with(
+            &dir.path().join(output),
+            steps,
+            resume,
+            Checkpointing::Layers,
+        )
+        .unwrap()
+    };
+    let whole_layers = layers("layers", 5, Resume::No);
+    for (a, b) in whole.steps.iter().zip(&whole_layers.steps) {
+        let (x, y) = (a.loss.unwrap(), b.loss.unwrap());
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "step {}: {x} vs {y}",
+            a.step
+        );
+    }
+    let first_layers = layers("layers-resumed", 2, Resume::No);
+    let rest_layers = layers("layers-resumed", 5, Resume::Latest);
+    let resumed: Vec<_> = first_layers
+        .steps
+        .iter()
+        .chain(&rest_layers.steps)
+        .collect();
+    assert_eq!(resumed.len(), 5);
+    for (a, b) in whole_layers.steps.iter().zip(resumed) {
+        assert_eq!(
+            (a.step, a.loss, a.grad_norm, a.position),
+            (b.step, b.loss, b.grad_norm, b.position),
+            "checkpointed step {} differs after resuming",
+            a.step
+        );
+    }
 
     let b = dir.path().join("b");
     let first: RunSummary = train(&b, 3, Resume::No).unwrap();

@@ -1,19 +1,19 @@
-//! Attention probabilities `softmax(q·kᵀ·scale + mask)` with a backward pass.
+//! Attention `softmax(q·kᵀ·scale + mask)·v` with a backward pass.
 //!
-//! On the CPU this is one op over `(q, k)`: the scores are computed, masked and normalised
-//! in place, and only the probabilities are kept for the backward pass
-//! (`dS = P ∘ (dP − Σ dP∘P)`, `dq = dS·k·scale`, `dk = dSᵀ·q·scale`). Composing it from
-//! candle ops would keep four score-sized tensors per layer alive until the backward pass
-//! (the product, the scaled and the masked scores, the probabilities); at 1,024 tokens
-//! that is most of the training memory. The mask is never materialised: it is a rule
-//! (causal, and within one packed example) evaluated while normalising. Other devices use
-//! the composed form with an additive mask tensor.
+//! On the CPU this is one blockwise op over `(q, k, v)` in the manner of FlashAttention-2:
+//! the forward pass walks blocks of keys with an online softmax (a running maximum and
+//! sum per query), so no `[queries, keys]` tensor ever exists beyond one block of
+//! 64 × 64 scores, and keeps only its output and one log-sum-exp per query. The backward
+//! pass recomputes each block's probabilities from `q`, `k` and the log-sum-exp
+//! (`dS = P ∘ (dP − rowsum(dO ∘ O))`, `dq = dS·k·scale`, `dk = dSᵀ·q·scale`,
+//! `dv = Pᵀ·dO`). The mask is never materialised: it is a rule (causal, and within one
+//! packed example) evaluated per block, and blocks no query of a block can see are
+//! skipped. Other devices use the composed form with an additive mask tensor.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::num_float::Float;
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 
 /// Which keys a query may attend to.
 #[derive(Clone, Debug)]
@@ -109,55 +109,555 @@ pub fn prepare<'a>(
     })
 }
 
-/// `softmax(q·kᵀ·scale + mask)` for `q: [b, kv_heads, group × t, d]` (the query heads of
-/// one key/value head stacked, `t` new tokens each) and `k: [b, kv_heads, past + t, d]`;
-/// the result is `[b, kv_heads, group × t, past + t]` in the reduction dtype.
-pub fn probabilities(q: &Tensor, k: &Tensor, scale: f64, mask: &Prepared) -> Result<Tensor> {
+/// `softmax(q·kᵀ·scale + mask)·v` for `q: [b, kv_heads, group × t, d]` (the query heads
+/// of one key/value head stacked, `t` new tokens each) and `k`, `v`:
+/// `[b, kv_heads, past + t, d]`; the result has the shape and dtype of `q`.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Prepared) -> Result<Tensor> {
     let (b, kv_heads, rows, d) = q.dims4()?;
     let (t, past) = (mask.t, mask.past);
     let s = past + t;
-    // The fused op multiplies raw storage: shapes must agree exactly.
-    if t == 0 || rows % t != 0 || k.dims4()? != (b, kv_heads, s, d) || k.dtype() != q.dtype() {
+    // The fused op reads raw storage: shapes and dtypes must agree exactly.
+    if t == 0
+        || rows % t != 0
+        || k.dims4()? != (b, kv_heads, s, d)
+        || v.dims4()? != (b, kv_heads, s, d)
+        || k.dtype() != q.dtype()
+        || v.dtype() != q.dtype()
+    {
         candle_core::bail!(
-            "attention: q {:?} ({:?}) and k {:?} ({:?}) do not fit {t} new tokens after {past}",
+            "attention: q {:?} ({:?}), k {:?} ({:?}) and v {:?} do not fit {t} new tokens after {past}",
             q.dims(),
             q.dtype(),
             k.dims(),
-            k.dtype()
+            k.dtype(),
+            v.dims()
         )
     }
-    let dtype = super::reduction_dtype(q.dtype());
     let Some(additive) = &mask.additive else {
-        return q.contiguous()?.apply_op2(
+        return q.contiguous()?.apply_op3(
             &k.contiguous()?,
-            Probabilities {
+            &v.contiguous()?,
+            FlashAttention {
                 scale,
                 t,
                 past,
                 mask: mask.rule.clone(),
+                log_sum_exp: Mutex::new(Vec::new()),
             },
         );
     };
+    let dtype = super::reduction_dtype(q.dtype());
     let group = rows / t;
     let scores = (q.matmul(&k.t()?.contiguous()?)?.to_dtype(dtype)? * scale)?
         .reshape((b, kv_heads, group, t, s))?
         .broadcast_add(additive)?;
     let max = scores.max_keepdim(D::Minus1)?.detach();
     let exp = scores.broadcast_sub(&max)?.exp()?;
-    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?
-        .reshape((b, kv_heads, rows, s))
+    let probs = exp
+        .broadcast_div(&exp.sum_keepdim(D::Minus1)?)?
+        .reshape((b, kv_heads, rows, s))?;
+    probs.to_dtype(v.dtype())?.matmul(v)
 }
 
-struct Probabilities {
+/// Queries and keys per block: a 64 × 64 block of scores is 16 KiB in f32.
+const BLOCK: usize = 64;
+
+struct FlashAttention {
     scale: f64,
     t: usize,
     past: usize,
     mask: AttentionMask,
+    /// `max + ln(Σ exp)` of every query's scores, `[b, kv_heads, rows]`, written by the
+    /// forward pass for the backward pass.
+    log_sum_exp: Mutex<Vec<f64>>,
 }
 
-impl CustomOp2 for Probabilities {
+/// Which keys each query of a batch row sees: `first[i] ..= past + i`, and within that
+/// range, for segments that are not contiguous, only keys of the query's segment.
+struct Visibility<'a> {
+    past: usize,
+    t: usize,
+    segments: Option<&'a [u32]>,
+    /// The first key of each query's contiguous segment run (`[rows × t]`), or 0.
+    first: Vec<usize>,
+    /// Whether every segment is one contiguous run, so `first` decides alone.
+    contiguous: bool,
+}
+
+impl<'a> Visibility<'a> {
+    fn new(mask: &'a AttentionMask, b: usize, t: usize, past: usize) -> Visibility<'a> {
+        let mut first = vec![0; b * t];
+        let (segments, mut contiguous) = match mask {
+            AttentionMask::Causal => (None, true),
+            AttentionMask::Packed(segments) => (Some(segments.as_slice()), true),
+        };
+        if let Some(segments) = segments {
+            for row in 0..b {
+                let ids = &segments[row * t..(row + 1) * t];
+                let mut seen = std::collections::HashSet::new();
+                let mut start = 0;
+                for i in 0..t {
+                    if i > 0 && ids[i] != ids[i - 1] {
+                        start = i;
+                        contiguous &= seen.insert(ids[i - 1]);
+                    }
+                    first[row * t + i] = start;
+                }
+                if t > 0 && seen.contains(&ids[t - 1]) {
+                    contiguous = false;
+                }
+            }
+        }
+        Visibility {
+            past,
+            t,
+            segments,
+            first,
+            contiguous,
+        }
+    }
+
+    /// Keys `[lo, hi)` that some query of `i0..i1` (batch row `row`) may see.
+    fn span(&self, row: usize, i0: usize, i1: usize) -> (usize, usize) {
+        let lo = if self.contiguous {
+            self.first[row * self.t + i0]
+        } else {
+            0
+        };
+        (lo, self.past + i1)
+    }
+
+    fn sees(&self, row: usize, i: usize, j: usize) -> bool {
+        if j > self.past + i || (self.contiguous && j < self.first[row * self.t + i]) {
+            return false;
+        }
+        match self.segments {
+            Some(segments) if !self.contiguous => {
+                segments[row * self.t + i] == segments[row * self.t + j]
+            }
+            _ => true,
+        }
+    }
+}
+
+/// Row-major `dst[m × n] (+)= lhs · rhs` with explicit strides (`rs` between rows, `cs`
+/// between columns), single-threaded: blocks are already spread over threads.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_product<T: Float + 'static>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const T,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const T,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::from_f64(1.0),
+        T::from_f64(1.0),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// One unit of work: query rows `r0..r1` (all of one query head) of head pair `pair`
+/// (`batch row × kv_heads + kv head`).
+#[derive(Clone, Copy)]
+struct Task {
+    pair: usize,
+    r0: usize,
+    r1: usize,
+}
+
+/// Splits every head pair's rows into blocks that never cross a query head, grouped
+/// into about `per_pair` tasks per pair.
+fn tasks(pairs: usize, rows: usize, t: usize, per_pair: usize) -> Vec<Vec<Task>> {
+    let mut blocks = Vec::new();
+    for r0 in (0..rows).step_by(t) {
+        for i0 in (0..t).step_by(BLOCK) {
+            blocks.push((r0 + i0, r0 + (i0 + BLOCK).min(t)));
+        }
+    }
+    let per_task = blocks.len().div_ceil(per_pair.max(1)).max(1);
+    let mut out = Vec::new();
+    for pair in 0..pairs {
+        for chunk in blocks.chunks(per_task) {
+            out.push(
+                chunk
+                    .iter()
+                    .map(|&(r0, r1)| Task { pair, r0, r1 })
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+struct Shapes {
+    kv_heads: usize,
+    rows: usize,
+    s: usize,
+    d: usize,
+}
+
+impl FlashAttention {
+    /// Scores of queries `r0..r1` against keys `j0..j1`, scaled and masked (hidden ones
+    /// `-inf`), into `scores` (`[r1 - r0] × (j1 - j0)`, row stride `BLOCK`).
+    #[allow(clippy::too_many_arguments)]
+    fn scores<T: Float + 'static>(
+        &self,
+        vis: &Visibility,
+        shapes: &Shapes,
+        task: Task,
+        q: &[T],
+        k: &[T],
+        j0: usize,
+        j1: usize,
+        scores: &mut [T],
+    ) {
+        let Shapes { kv_heads, d, .. } = *shapes;
+        let row = task.pair / kv_heads;
+        let (nq, nk) = (task.r1 - task.r0, j1 - j0);
+        // Safety: the slices hold the rows and keys addressed (checked by the callers'
+        // shapes), and `scores` has room for nq × BLOCK.
+        unsafe {
+            block_product(
+                nq,
+                nk,
+                d,
+                scores.as_mut_ptr(),
+                BLOCK,
+                false,
+                q.as_ptr().add(task.r0 * d),
+                d,
+                1,
+                k.as_ptr().add(j0 * d),
+                1,
+                d,
+            );
+        }
+        let scale = T::from_f64(self.scale);
+        let i0 = task.r0 % self.t;
+        // Runs start in order, so the block's last query has the latest segment start.
+        let all = vis.contiguous
+            && j1 <= vis.past + i0 + 1
+            && vis.first[row * self.t + i0 + nq - 1] <= j0;
+        for (ii, line) in scores.chunks_mut(BLOCK).take(nq).enumerate() {
+            for (jj, x) in line[..nk].iter_mut().enumerate() {
+                *x = if all || vis.sees(row, i0 + ii, j0 + jj) {
+                    *x * scale
+                } else {
+                    T::neg_infinity()
+                };
+            }
+        }
+    }
+
+    fn forward<T: Float + 'static>(
+        &self,
+        vis: &Visibility,
+        shapes: &Shapes,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> (Vec<T>, Vec<f64>) {
+        use rayon::prelude::*;
+        let Shapes {
+            kv_heads,
+            rows,
+            s,
+            d,
+        } = *shapes;
+        let pairs = q.len() / (rows * d).max(1);
+        let per_pair = (4 * rayon::current_num_threads()).div_ceil(pairs.max(1));
+        let work = tasks(pairs, rows, self.t, per_pair);
+        // Per task and query block: the block's output rows and log-sum-exps.
+        type Rows<T> = Vec<(Task, Vec<T>, Vec<f64>)>;
+        let results: Vec<Rows<T>> = work
+            .par_iter()
+            .map(|blocks| {
+                let mut scores = vec![T::zero(); BLOCK * BLOCK];
+                blocks
+                    .iter()
+                    .map(|&task| {
+                        let q = &q[task.pair * rows * d..(task.pair + 1) * rows * d];
+                        let k = &k[task.pair * s * d..(task.pair + 1) * s * d];
+                        let v = &v[task.pair * s * d..(task.pair + 1) * s * d];
+                        let row = task.pair / kv_heads;
+                        let nq = task.r1 - task.r0;
+                        let i0 = task.r0 % self.t;
+                        let mut acc = vec![T::zero(); nq * d];
+                        let mut max = vec![T::neg_infinity(); nq];
+                        let mut sum = vec![T::zero(); nq];
+                        let (lo, hi) = vis.span(row, i0, i0 + nq);
+                        for j0 in (lo - lo % BLOCK..hi).step_by(BLOCK) {
+                            let j1 = (j0 + BLOCK).min(hi);
+                            self.scores(vis, shapes, task, q, k, j0, j1, &mut scores);
+                            let nk = j1 - j0;
+                            for ii in 0..nq {
+                                let line = &mut scores[ii * BLOCK..ii * BLOCK + nk];
+                                let block_max =
+                                    line.iter().fold(T::neg_infinity(), |m, &x| m.maximum(x));
+                                let new_max = max[ii].maximum(block_max);
+                                if new_max == T::neg_infinity() {
+                                    line.iter_mut().for_each(|x| *x = T::zero());
+                                    continue;
+                                }
+                                let correction = (max[ii] - new_max).exp();
+                                let mut block_sum = T::zero();
+                                for x in line.iter_mut() {
+                                    *x = (*x - new_max).exp();
+                                    block_sum = block_sum + *x;
+                                }
+                                sum[ii] = sum[ii] * correction + block_sum;
+                                max[ii] = new_max;
+                                if correction != T::from_f64(1.0) {
+                                    acc[ii * d..(ii + 1) * d]
+                                        .iter_mut()
+                                        .for_each(|a| *a = *a * correction);
+                                }
+                            }
+                            // Safety: `acc` is nq × d, `scores` nq × BLOCK, `v` has keys j0..j1.
+                            unsafe {
+                                block_product(
+                                    nq,
+                                    d,
+                                    nk,
+                                    acc.as_mut_ptr(),
+                                    d,
+                                    true,
+                                    scores.as_ptr(),
+                                    BLOCK,
+                                    1,
+                                    v.as_ptr().add(j0 * d),
+                                    d,
+                                    1,
+                                );
+                            }
+                        }
+                        let mut lse = Vec::with_capacity(nq);
+                        for ii in 0..nq {
+                            let inv = T::from_f64(1.0) / sum[ii];
+                            acc[ii * d..(ii + 1) * d]
+                                .iter_mut()
+                                .for_each(|a| *a = *a * inv);
+                            lse.push(max[ii].to_f64() + sum[ii].to_f64().ln());
+                        }
+                        (task, acc, lse)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut out = vec![T::zero(); q.len()];
+        let mut lse = vec![0.0; q.len() / d.max(1)];
+        for (task, acc, l) in results.into_iter().flatten() {
+            let base = task.pair * rows + task.r0;
+            out[base * d..(base + task.r1 - task.r0) * d].copy_from_slice(&acc);
+            lse[base..base + task.r1 - task.r0].copy_from_slice(&l);
+        }
+        (out, lse)
+    }
+
+    /// `(dq, dk, dv)` from the inputs, the output and its gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<T: Float + 'static>(
+        &self,
+        vis: &Visibility,
+        shapes: &Shapes,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        out: &[T],
+        grad: &[T],
+        lse: &[f64],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        use rayon::prelude::*;
+        let Shapes {
+            kv_heads,
+            rows,
+            s,
+            d,
+        } = *shapes;
+        let pairs = q.len() / (rows * d).max(1);
+        let per_pair = (4 * rayon::current_num_threads()).div_ceil(pairs.max(1));
+        let work = tasks(pairs, rows, self.t, per_pair);
+        let scale = T::from_f64(self.scale);
+        // Each task returns its queries' dq and its own partial dk, dv over all keys.
+        type Partial<T> = (usize, Vec<(Task, Vec<T>)>, Vec<T>, Vec<T>);
+        let results: Vec<Partial<T>> = work
+            .par_iter()
+            .map(|blocks| {
+                let pair = blocks[0].pair;
+                let q = &q[pair * rows * d..(pair + 1) * rows * d];
+                let k = &k[pair * s * d..(pair + 1) * s * d];
+                let v = &v[pair * s * d..(pair + 1) * s * d];
+                let out = &out[pair * rows * d..(pair + 1) * rows * d];
+                let grad = &grad[pair * rows * d..(pair + 1) * rows * d];
+                let lse = &lse[pair * rows..(pair + 1) * rows];
+                let row = pair / kv_heads;
+                let mut dk = vec![T::zero(); s * d];
+                let mut dv = vec![T::zero(); s * d];
+                let mut probs = vec![T::zero(); BLOCK * BLOCK];
+                let mut dp = vec![T::zero(); BLOCK * BLOCK];
+                let mut dqs = Vec::with_capacity(blocks.len());
+                for &task in blocks {
+                    let nq = task.r1 - task.r0;
+                    let i0 = task.r0 % self.t;
+                    // rowsum(dO ∘ O) per query.
+                    let dots: Vec<T> = (task.r0..task.r1)
+                        .map(|r| {
+                            let (g, o) = (&grad[r * d..(r + 1) * d], &out[r * d..(r + 1) * d]);
+                            g.iter().zip(o).fold(T::zero(), |acc, (&a, &b)| acc + a * b)
+                        })
+                        .collect();
+                    let mut dq = vec![T::zero(); nq * d];
+                    let (lo, hi) = vis.span(row, i0, i0 + nq);
+                    for j0 in (lo - lo % BLOCK..hi).step_by(BLOCK) {
+                        let j1 = (j0 + BLOCK).min(hi);
+                        let nk = j1 - j0;
+                        self.scores(vis, shapes, task, q, k, j0, j1, &mut probs);
+                        for ii in 0..nq {
+                            let l = T::from_f64(lse[task.r0 + ii]);
+                            probs[ii * BLOCK..ii * BLOCK + nk]
+                                .iter_mut()
+                                .for_each(|x| *x = (*x - l).exp());
+                        }
+                        // Safety: block sizes as above; dk/dv/dq are this task's own.
+                        unsafe {
+                            // dv[j0..j1] += Pᵀ · dO
+                            block_product(
+                                nk,
+                                d,
+                                nq,
+                                dv.as_mut_ptr().add(j0 * d),
+                                d,
+                                true,
+                                probs.as_ptr(),
+                                1,
+                                BLOCK,
+                                grad.as_ptr().add(task.r0 * d),
+                                d,
+                                1,
+                            );
+                            // dP = dO · Vᵀ
+                            block_product(
+                                nq,
+                                nk,
+                                d,
+                                dp.as_mut_ptr(),
+                                BLOCK,
+                                false,
+                                grad.as_ptr().add(task.r0 * d),
+                                d,
+                                1,
+                                v.as_ptr().add(j0 * d),
+                                1,
+                                d,
+                            );
+                        }
+                        // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale
+                        for ii in 0..nq {
+                            let (p, g) = (
+                                &probs[ii * BLOCK..ii * BLOCK + nk],
+                                &mut dp[ii * BLOCK..ii * BLOCK + nk],
+                            );
+                            for (x, &pv) in g.iter_mut().zip(p) {
+                                *x = pv * (*x - dots[ii]) * scale;
+                            }
+                        }
+                        unsafe {
+                            // dq += dS · K
+                            block_product(
+                                nq,
+                                d,
+                                nk,
+                                dq.as_mut_ptr(),
+                                d,
+                                true,
+                                dp.as_ptr(),
+                                BLOCK,
+                                1,
+                                k.as_ptr().add(j0 * d),
+                                d,
+                                1,
+                            );
+                            // dk[j0..j1] += dSᵀ · Q
+                            block_product(
+                                nk,
+                                d,
+                                nq,
+                                dk.as_mut_ptr().add(j0 * d),
+                                d,
+                                true,
+                                dp.as_ptr(),
+                                1,
+                                BLOCK,
+                                q.as_ptr().add(task.r0 * d),
+                                d,
+                                1,
+                            );
+                        }
+                    }
+                    dqs.push((task, dq));
+                }
+                (pair, dqs, dk, dv)
+            })
+            .collect();
+        let mut dq = vec![T::zero(); q.len()];
+        let mut dk = vec![T::zero(); k.len()];
+        let mut dv = vec![T::zero(); v.len()];
+        for (pair, dqs, pk, pv) in results {
+            for (task, block) in dqs {
+                let base = (pair * rows + task.r0) * d;
+                dq[base..base + block.len()].copy_from_slice(&block);
+            }
+            let range = pair * s * d..(pair + 1) * s * d;
+            for (acc, x) in dk[range.clone()].iter_mut().zip(pk) {
+                *acc = *acc + x;
+            }
+            for (acc, x) in dv[range].iter_mut().zip(pv) {
+                *acc = *acc + x;
+            }
+        }
+        (dq, dk, dv)
+    }
+}
+
+fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a CpuStorage> {
+    if layout.contiguous_offsets().is_none() {
+        candle_core::bail!("attention: inputs must be contiguous")
+    }
+    Ok(storage)
+}
+
+/// The contiguous values of a CPU tensor of type `T`.
+fn values_of<T: candle_core::WithDType>(tensor: &Tensor) -> Result<Vec<T>> {
+    tensor.flatten_all()?.to_vec1::<T>()
+}
+
+impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
-        "attention-probabilities"
+        "flash-attention"
     }
 
     fn cpu_fwd(
@@ -166,82 +666,97 @@ impl CustomOp2 for Probabilities {
         q_layout: &Layout,
         k: &CpuStorage,
         k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, kv_heads, rows, d) = q_layout.shape().dims4()?;
         let s = k_layout.shape().dims4()?.2;
-        let scores = q.matmul(
-            k,
-            (b * kv_heads, rows, s, d),
-            q_layout,
-            &k_layout.transpose(2, 3)?,
-        )?;
-        let out = match scores {
-            CpuStorage::F32(mut v) => {
-                normalise(&mut v, self, kv_heads, rows, s);
-                CpuStorage::F32(v)
-            }
-            CpuStorage::F64(mut v) => {
-                normalise(&mut v, self, kv_heads, rows, s);
-                CpuStorage::F64(v)
-            }
-            _ => candle_core::bail!("attention: f32 or f64 only"),
+        let shapes = Shapes {
+            kv_heads,
+            rows,
+            s,
+            d,
         };
-        Ok((out, Shape::from((b, kv_heads, rows, s))))
+        let vis = Visibility::new(&self.mask, b, self.t, self.past);
+        let range = |l: &Layout| {
+            let (start, end) = l.contiguous_offsets().expect("checked");
+            start..end
+        };
+        let (q, k, v) = (
+            cpu_slice(q, q_layout)?,
+            cpu_slice(k, k_layout)?,
+            cpu_slice(v, v_layout)?,
+        );
+        let (out, lse) = match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let (out, lse) = self.forward(
+                    &vis,
+                    &shapes,
+                    &q[range(q_layout)],
+                    &k[range(k_layout)],
+                    &v[range(v_layout)],
+                );
+                (CpuStorage::F32(out), lse)
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                let (out, lse) = self.forward(
+                    &vis,
+                    &shapes,
+                    &q[range(q_layout)],
+                    &k[range(k_layout)],
+                    &v[range(v_layout)],
+                );
+                (CpuStorage::F64(out), lse)
+            }
+            _ => candle_core::bail!("attention: q, k and v must all be f32 or all f64"),
+        };
+        *self.log_sum_exp.lock().expect("not poisoned") = lse;
+        Ok((out, q_layout.shape().clone()))
     }
 
     fn bwd(
         &self,
         q: &Tensor,
         k: &Tensor,
-        probs: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dot = (grad * probs)?.sum_keepdim(D::Minus1)?;
-        let ds = ((probs * grad.broadcast_sub(&dot)?)? * self.scale)?;
-        let dq = ds.matmul(k)?;
-        let dk = ds.t()?.contiguous()?.matmul(q)?;
-        Ok((Some(dq), Some(dk)))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, kv_heads, rows, d) = q.dims4()?;
+        let s = k.dim(2)?;
+        let shapes = Shapes {
+            kv_heads,
+            rows,
+            s,
+            d,
+        };
+        let vis = Visibility::new(&self.mask, b, self.t, self.past);
+        let lse = self.log_sum_exp.lock().expect("not poisoned");
+        let device = q.device();
+        macro_rules! run {
+            ($t:ty) => {{
+                let (dq, dk, dv) = self.backward(
+                    &vis,
+                    &shapes,
+                    &values_of::<$t>(q)?,
+                    &values_of::<$t>(k)?,
+                    &values_of::<$t>(v)?,
+                    &values_of::<$t>(out)?,
+                    &values_of::<$t>(&grad.to_dtype(q.dtype())?)?,
+                    &lse,
+                );
+                (
+                    Tensor::from_vec(dq, q.shape(), device)?,
+                    Tensor::from_vec(dk, k.shape(), device)?,
+                    Tensor::from_vec(dv, v.shape(), device)?,
+                )
+            }};
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            other => candle_core::bail!("attention: f32 or f64 only, not {other:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
-}
-
-/// Scales, masks and normalises every row of scores `[b, kv_heads, rows, s]` in place.
-fn normalise<T: Float>(
-    scores: &mut [T],
-    op: &Probabilities,
-    kv_heads: usize,
-    rows: usize,
-    s: usize,
-) {
-    use rayon::prelude::*;
-    let (t, past, scale) = (op.t, op.past, op.scale);
-    scores
-        .par_chunks_mut(s)
-        .enumerate()
-        .for_each(|(index, row)| {
-            let batch_row = index / (kv_heads * rows);
-            let i = (index % rows) % t;
-            // Keys after the query are never visible: they are zeroed without a look.
-            let (visible, hidden) = row.split_at_mut((past + i + 1).min(s));
-            hidden.iter_mut().for_each(|v| *v = T::from_f64(0.0));
-            // One mask decision per key: hidden ones become -inf, whose exp is 0.
-            let mut max = f64::NEG_INFINITY;
-            for (j, v) in visible.iter_mut().enumerate() {
-                let x = if op.mask.allows(batch_row, t, past, i, j) {
-                    v.to_f64() * scale
-                } else {
-                    f64::NEG_INFINITY
-                };
-                max = max.max(x);
-                *v = T::from_f64(x);
-            }
-            let mut sum = 0.0;
-            for v in visible.iter_mut() {
-                let e = (v.to_f64() - max).exp();
-                sum += e;
-                *v = T::from_f64(e);
-            }
-            for v in visible.iter_mut() {
-                *v = T::from_f64(v.to_f64() / sum);
-            }
-        });
 }

@@ -90,6 +90,21 @@ impl LlamaConfig {
         }
     }
 
+    /// Parameters of the base model (embeddings, projections, norms, an untied head).
+    pub fn parameter_count(&self) -> u64 {
+        let (v, h) = (self.vocab_size as u64, self.hidden_size as u64);
+        let projections: u64 = Target::ALL
+            .iter()
+            .map(|&t| {
+                let (out, inp) = self.projection_shape(t);
+                (out * inp) as u64
+            })
+            .sum();
+        let per_layer = projections + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers as u64 * per_layer + h + head
+    }
+
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
             Some(serde_json::Value::Number(n)) => {
@@ -237,6 +252,13 @@ pub struct Adapter<'a> {
     pub dropout: Option<DropoutKey>,
 }
 
+/// Rotary tables and mask of one forward pass, shared by its layers ([`Llama::context`]).
+pub struct Context<'a> {
+    cos: Tensor,
+    sin: Tensor,
+    mask: attention::Prepared<'a>,
+}
+
 /// Keys and values of earlier positions, per layer, for generation.
 #[derive(Default)]
 pub struct KvCache {
@@ -381,39 +403,72 @@ impl Llama {
         adapter: Option<Adapter>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
-        let h = self.config.hidden_size;
-        let flat_ids = input_ids.flatten_all()?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&flat_ids, 0)?
-            .reshape((b, t, h))?;
-        let flat_positions = positions.flatten_all()?;
-        let half = self.config.head_dim() / 2;
-        let cos = self
-            .cos
-            .index_select(&flat_positions, 0)?
-            .reshape((b, 1, t, half))?;
-        let sin = self
-            .sin
-            .index_select(&flat_positions, 0)?
-            .reshape((b, 1, t, half))?;
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize(self.layers.len(), None);
         }
         let past = cache.as_deref().map_or(0, KvCache::len);
-        let mask = attention::prepare(mask, b, t, past, &self.device, self.dtype)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let normed = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+        let context = self.context(positions, mask, past)?;
+        let mut x = self.embed(input_ids)?;
+        for l in 0..self.layers.len() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let attended = self.attention(l, &normed, &cos, &sin, &mask, adapter, layer_cache)?;
-            x = (residual + attended)?;
-            let normed = rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
-            let mlp = self.mlp(l, &normed, adapter)?;
-            x = (x + mlp)?;
+            x = self.decoder_layer(l, &x, &context, adapter, layer_cache)?;
         }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        self.final_norm(&x)
+    }
+
+    /// The embeddings `[batch, seq, hidden]` of `input_ids: [batch, seq]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        self.embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))
+    }
+
+    /// What every layer of one forward pass shares: the rotary tables at the batch's
+    /// `positions: [batch, seq]` and the mask for `past` cached positions.
+    pub fn context<'a>(
+        &self,
+        positions: &Tensor,
+        mask: &'a AttentionMask,
+        past: usize,
+    ) -> Result<Context<'a>> {
+        let (b, t) = positions.dims2()?;
+        let flat_positions = positions.flatten_all()?;
+        let half = self.config.head_dim() / 2;
+        let table = |t_: &Tensor| {
+            t_.index_select(&flat_positions, 0)?
+                .reshape((b, 1, t, half))
+        };
+        Ok(Context {
+            cos: table(&self.cos)?,
+            sin: table(&self.sin)?,
+            mask: attention::prepare(mask, b, t, past, &self.device, self.dtype)?,
+        })
+    }
+
+    /// Decoder layer `layer` on `x: [batch, seq, hidden]`: attention and MLP blocks, each
+    /// with its residual.
+    pub fn decoder_layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        context: &Context,
+        adapter: Option<Adapter>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let weights = &self.layers[layer];
+        let eps = self.config.rms_norm_eps;
+        let normed = rms_norm(x, &weights.input_norm, eps)?;
+        let attended = self.attention(layer, &normed, context, adapter, cache)?;
+        let x = (x + attended)?;
+        let normed = rms_norm(&x, &weights.post_attention_norm, eps)?;
+        let mlp = self.mlp(layer, &normed, adapter)?;
+        x + mlp
+    }
+
+    /// The norm after the last layer.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
     }
 
     /// Logits `[.., vocab]` (f32, or f64 for f64 models) of hidden states `[.., hidden]`.
@@ -465,14 +520,11 @@ impl Llama {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &attention::Prepared,
+        context: &Context,
         adapter: Option<Adapter>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
@@ -487,6 +539,7 @@ impl Llama {
         let q = split(self.project(layer, Target::Q, &x, adapter)?, heads)?;
         let k = split(self.project(layer, Target::K, &x, adapter)?, kv_heads)?;
         let v = split(self.project(layer, Target::V, &x, adapter)?, kv_heads)?;
+        let (cos, sin) = (&context.cos, &context.sin);
         let q = rotate(&q, cos, sin)?;
         let mut k = rotate(&k, cos, sin)?;
         let mut v = v.contiguous()?;
@@ -502,9 +555,7 @@ impl Llama {
         // keys and values are never repeated in memory.
         let q = q.contiguous()?.reshape((b, kv_heads, group * t, dim))?;
         let scale = 1.0 / (dim as f64).sqrt();
-        let probs = attention::probabilities(&q, &k, scale, mask)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
+        let out = attention::attend(&q, &k, &v, scale, &context.mask)?
             .reshape((b, heads, t, dim))?
             .transpose(1, 2)?
             .reshape((b * t, heads * dim))?;
@@ -655,6 +706,8 @@ pub(crate) mod num_float {
         Copy
         + Send
         + Sync
+        + PartialEq
+        + 'static
         + std::ops::Sub<Output = Self>
         + std::ops::Add<Output = Self>
         + std::ops::Mul<Output = Self>
@@ -664,6 +717,9 @@ pub(crate) mod num_float {
         fn to_f64(self) -> f64;
         fn sqrt(self) -> Self;
         fn zero() -> Self;
+        fn exp(self) -> Self;
+        fn maximum(self, other: Self) -> Self;
+        fn neg_infinity() -> Self;
     }
     macro_rules! float {
         ($t:ty) => {
@@ -679,6 +735,15 @@ pub(crate) mod num_float {
                 }
                 fn zero() -> Self {
                     0.0
+                }
+                fn exp(self) -> Self {
+                    <$t>::exp(self)
+                }
+                fn maximum(self, other: Self) -> Self {
+                    <$t>::max(self, other)
+                }
+                fn neg_infinity() -> Self {
+                    <$t>::NEG_INFINITY
                 }
             }
         };

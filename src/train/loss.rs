@@ -51,7 +51,9 @@ impl Targets {
     }
 }
 
-/// Negative log-likelihood `[targets]` (f32, or f64 for f64 models) of each target of the batch.
+/// Negative log-likelihood `[targets]` (f32, or f64 for f64 models) of each target of the
+/// batch, in one forward pass (the reference the training step's layer-by-layer driver,
+/// [`super::step`], is tested against; evaluation uses it without a graph).
 pub fn token_nll(
     model: &Llama,
     adapter: Option<Adapter>,
@@ -69,9 +71,23 @@ pub fn token_nll(
     let picked = hidden
         .reshape((rows * width, h))?
         .index_select(&Tensor::new(targets.positions.as_slice(), device)?, 0)?;
-    let logits = model.logits(&picked)?;
-    nll_of_logits(&logits, &targets.tokens)
+    // Logits a chunk at a time: evaluation never holds `[targets, vocab]` at once.
+    let chunks = (0..targets.len())
+        .step_by(LOGITS_CHUNK)
+        .map(|start| {
+            let len = LOGITS_CHUNK.min(targets.len() - start);
+            let logits = model.logits(&picked.narrow(0, start, len)?)?;
+            nll_of_logits(&logits, &targets.tokens[start..start + len])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if chunks.is_empty() {
+        return Tensor::zeros(0, reduction_dtype(model.dtype), device);
+    }
+    Tensor::cat(&chunks, 0)
 }
+
+/// Targets whose logits [`token_nll`] computes at once.
+const LOGITS_CHUNK: usize = 1024;
 
 /// `logsumexp(logits) - logits[target]` per row. On the CPU one fused op (the backward,
 /// `softmax - onehot`, is computed from the logits and the result, so nothing of the

@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+pub mod step;
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batches::{self, BatchOptions, ChatTokenizer};
 use crate::curriculum::Plan;
-use crate::model::{Adapter, DropoutKey, Llama, Lora, LoraConfig};
+use crate::model::{DropoutKey, Llama, Lora, LoraConfig};
 use crate::store::Store;
 pub use checkpoint::{Checkpoint, TrainerState};
 pub use loss::{token_nll, Targets};
@@ -145,6 +146,47 @@ pub struct TrainConfig {
     /// model; a tiny random one needs far larger steps).
     #[serde(default = "default_scale")]
     pub learning_rate_scale: f64,
+    /// Whether each decoder layer's activations are recomputed in the backward pass
+    /// instead of being kept from the forward pass.
+    #[serde(default)]
+    pub checkpointing: Checkpointing,
+    /// Trained tokens whose logits are computed at once by the loss (their logits and
+    /// gradient, `[loss_chunk, vocab]` each, are the loss's whole working set).
+    #[serde(default = "default_loss_chunk")]
+    pub loss_chunk: usize,
+}
+
+/// Activation checkpointing (`checkpointing:` in a training config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// `layers` for models of [`Checkpointing::AUTO_PARAMETERS`] parameters or more,
+    /// `none` below.
+    #[default]
+    Auto,
+    /// Keep only each decoder layer's input; recompute the layer in the backward pass.
+    Layers,
+    /// Keep every activation until the backward pass (fastest, most memory).
+    None,
+}
+
+impl Checkpointing {
+    /// Models from this size on checkpoint by default: from about 100M parameters the
+    /// kept activations of a 2,048-token micro-batch outgrow the model itself.
+    pub const AUTO_PARAMETERS: u64 = 100_000_000;
+
+    /// `Layers` or `None` for a model of `parameters` base parameters.
+    pub fn resolve(self, parameters: u64) -> Checkpointing {
+        match self {
+            Checkpointing::Auto if parameters >= Self::AUTO_PARAMETERS => Checkpointing::Layers,
+            Checkpointing::Auto => Checkpointing::None,
+            other => other,
+        }
+    }
+}
+
+fn default_loss_chunk() -> usize {
+    1024
 }
 
 fn default_scale() -> f64 {
@@ -196,6 +238,9 @@ impl TrainConfig {
         }
         if self.learning_rate_scale.is_nan() || self.learning_rate_scale <= 0.0 {
             return Err("learning_rate_scale must be positive".into());
+        }
+        if self.loss_chunk == 0 {
+            return Err("loss_chunk must be at least 1".into());
         }
         if self.checkpoint.every == 0 || self.checkpoint.keep == 0 {
             return Err("checkpoint.every and checkpoint.keep must be at least 1".into());
@@ -386,30 +431,28 @@ pub fn run(
     let mut step_started = Instant::now();
     let mut failure: Option<Error> = None;
 
+    let step_options = step::StepOptions {
+        checkpointing: config.checkpointing.resolve(model.config.parameter_count()),
+        loss_chunk: config.loss_chunk,
+    };
     let start = position;
     let mut on_batch = |batch: batches::Batch| -> Result<bool, Error> {
         let targets = Targets::of(&batch)?;
         if !targets.is_empty() {
-            let adapter = Adapter {
-                lora: &lora,
-                dropout: Some(DropoutKey {
-                    seed,
-                    step,
-                    micro_batch: micro,
-                }),
+            let dropout = DropoutKey {
+                seed,
+                step,
+                micro_batch: micro,
             };
-            let nll = token_nll(model, Some(adapter), &batch, &targets)?.sum_all()?;
-            let backward = nll.backward()?;
-            for (key, var) in &params {
-                if let Some(g) = backward.get(var.as_tensor()) {
-                    let g = g.detach();
-                    match grads.remove(key) {
-                        Some(sum) => grads.insert(key.clone(), (sum + g)?),
-                        None => grads.insert(key.clone(), g),
-                    };
-                }
-            }
-            nll_sum += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            nll_sum += step::accumulate_gradients(
+                model,
+                &lora,
+                dropout,
+                &batch,
+                &targets,
+                step_options,
+                &mut grads,
+            )?;
             targets_n += targets.len() as u64;
         }
         tokens += batch.tokens as u64;

@@ -1,0 +1,189 @@
+//! The gradients of one micro-batch, driven layer by layer.
+//!
+//! Two memory regimes give the same gradients:
+//! - [`Checkpointing::None`]: one forward pass records the whole graph, every layer's
+//!   activations stay alive until the backward pass;
+//! - [`Checkpointing::Layers`]: the forward pass keeps only each decoder layer's input;
+//!   the backward pass recomputes one layer at a time with its graph (same dropout masks:
+//!   they are a function of the key), back-propagates the gradient of its output into its
+//!   LoRA parameters and its input, and drops it before the next.
+//!
+//! In both, the loss runs over `loss_chunk` trained tokens at a time: the chunk's logits
+//! `[chunk, vocab]` and their gradient are the only vocabulary-sized tensors, and the
+//! chunks' gradients of the final hidden states are joined before the backward pass
+//! through the layers. A gradient enters a graph as `sum(output · upstream)`, whose
+//! gradient with respect to `output` is exactly `upstream`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor, Var};
+
+use super::loss::{nll_of_logits, Targets};
+use super::Checkpointing;
+use crate::batches::Batch;
+use crate::model::{lora::peft_key, Adapter, AttentionMask, DropoutKey, Llama, Lora, Target};
+
+/// How a micro-batch's gradients are computed.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOptions {
+    /// `Layers` or `None` (`Auto` is resolved by the caller; it counts as `None` here).
+    pub checkpointing: Checkpointing,
+    /// Trained tokens per loss chunk (at least 1).
+    pub loss_chunk: usize,
+}
+
+/// Runs the forward and backward passes of `batch` with the adapter in training mode
+/// (dropout from `dropout`), adds the gradient of the summed loss of `targets` to
+/// `grads` (by PEFT key), and returns that summed loss.
+pub fn accumulate_gradients(
+    model: &Llama,
+    lora: &Lora,
+    dropout: DropoutKey,
+    batch: &Batch,
+    targets: &Targets,
+    options: StepOptions,
+    grads: &mut HashMap<String, Tensor>,
+) -> Result<f64> {
+    if targets.is_empty() {
+        return Ok(0.0);
+    }
+    let device = &model.device;
+    let (rows, width) = batch.input_ids.dims2()?;
+    let segments: Vec<u32> = batch.segment_ids.flatten_all()?.to_vec1()?;
+    let mask = AttentionMask::Packed(Arc::new(segments));
+    let ids = batch.input_ids.to_device(device)?;
+    let positions = batch.position_ids.to_device(device)?;
+    let context = model.context(&positions, &mask, 0)?;
+    let adapter = Some(Adapter {
+        lora,
+        dropout: Some(dropout),
+    });
+    let picked_rows = Tensor::new(targets.positions.as_slice(), device)?;
+    let hidden = model.config.hidden_size;
+    // The final norm and the rows that predict a trained token: `[targets, hidden]`.
+    let head_input = |last: &Tensor| -> Result<Tensor> {
+        model
+            .final_norm(last)?
+            .reshape((rows * width, hidden))?
+            .index_select(&picked_rows, 0)
+    };
+    let layers = model.layers.len();
+    let embedded = model.embed(&ids)?;
+
+    if options.checkpointing != Checkpointing::Layers {
+        let mut x = embedded;
+        for l in 0..layers {
+            x = model.decoder_layer(l, &x, &context, adapter, None)?;
+        }
+        let picked = head_input(&x)?;
+        let (nll, upstream) = chunked_loss(model, &picked.detach(), &targets.tokens, options)?;
+        let store = (picked * upstream)?.sum_all()?.backward()?;
+        for l in 0..layers {
+            collect(lora, l, &store, grads)?;
+        }
+        return Ok(nll);
+    }
+
+    // Forward: keep each layer's input only.
+    let mut inputs = Vec::with_capacity(layers);
+    let mut x = embedded;
+    for l in 0..layers {
+        let y = model
+            .decoder_layer(l, &x, &context, adapter, None)?
+            .detach();
+        inputs.push(x);
+        x = y;
+    }
+    let last = Var::from_tensor(&x)?;
+    drop(x);
+    let (nll, mut upstream) = {
+        let picked = head_input(last.as_tensor())?;
+        let (nll, upstream) = chunked_loss(model, &picked.detach(), &targets.tokens, options)?;
+        let store = (picked * upstream)?.sum_all()?.backward()?;
+        (nll, gradient_of(&store, last.as_tensor())?)
+    };
+    drop(last);
+    // Backward: recompute each layer, last first, with its graph.
+    for l in (0..layers).rev() {
+        let kept = inputs.pop().expect("one input per layer");
+        // The embeddings need no gradient: the first layer's input stays a plain tensor.
+        let input = if l > 0 {
+            Some(Var::from_tensor(&kept)?)
+        } else {
+            None
+        };
+        let x = match &input {
+            Some(var) => var.as_tensor().clone(),
+            None => kept,
+        };
+        let y = model.decoder_layer(l, &x, &context, adapter, None)?;
+        let store = (y * &upstream)?.sum_all()?.backward()?;
+        collect(lora, l, &store, grads)?;
+        if let Some(var) = input {
+            upstream = gradient_of(&store, var.as_tensor())?;
+        }
+    }
+    Ok(nll)
+}
+
+fn gradient_of(store: &candle_core::backprop::GradStore, tensor: &Tensor) -> Result<Tensor> {
+    store
+        .get(tensor)
+        .map(Tensor::detach)
+        .ok_or_else(|| candle_core::Error::Msg("no gradient reached a layer's input".into()))
+}
+
+/// The summed loss of `picked: [targets, hidden]` (detached final hidden states) and its
+/// gradient with respect to `picked`, `options.loss_chunk` rows at a time.
+fn chunked_loss(
+    model: &Llama,
+    picked: &Tensor,
+    tokens: &[u32],
+    options: StepOptions,
+) -> Result<(f64, Tensor)> {
+    let n = picked.dim(0)?;
+    let chunk = options.loss_chunk.max(1);
+    let mut total = 0.0;
+    let mut gradients = Vec::with_capacity(n.div_ceil(chunk));
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let rows = Var::from_tensor(&picked.narrow(0, start, len)?)?;
+        let nll = nll_of_logits(
+            &model.logits(rows.as_tensor())?,
+            &tokens[start..start + len],
+        )?
+        .sum_all()?;
+        total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let store = nll.backward()?;
+        gradients.push(gradient_of(&store, rows.as_tensor())?);
+    }
+    Ok((total, Tensor::cat(&gradients, 0)?))
+}
+
+/// Adds the gradients of layer `layer`'s LoRA matrices found in `store` to `grads`.
+fn collect(
+    lora: &Lora,
+    layer: usize,
+    store: &candle_core::backprop::GradStore,
+    grads: &mut HashMap<String, Tensor>,
+) -> Result<()> {
+    for target in Target::ALL {
+        let Some(pair) = &lora.layers[layer][target as usize] else {
+            continue;
+        };
+        for (which, var) in [('A', &pair.a), ('B', &pair.b)] {
+            let Some(g) = store.get(var.as_tensor()) else {
+                continue;
+            };
+            let key = peft_key(layer, target, which);
+            let g = g.detach();
+            let sum = match grads.remove(&key) {
+                Some(sum) => (sum + g)?,
+                None => g,
+            };
+            grads.insert(key, sum);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! The memory-bounded training step: blockwise attention against a plain f64 softmax and
+//! finite differences, and activation checkpointing and the chunked loss against the
+//! one-graph reference (`token_nll` + backward), whose gradients the model tests check by
+//! finite differences.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use corpusdb::model::{attention, AttentionMask, DropoutKey, Lora};
+use corpusdb::train::step::{accumulate_gradients, StepOptions};
+use corpusdb::train::{loss, Checkpointing};
+
+use crate::model::{batch_of, lora_config, randomize_b, tiny_config, tiny_model};
+
+/// Deterministic normal values (standard deviation 0.5).
+fn values(seed: u64, n: usize) -> Vec<f64> {
+    corpusdb::model::rng::normal(seed, &[n as u64], n, 0.5)
+        .into_iter()
+        .map(|v| v as f64)
+        .collect()
+}
+
+/// `softmax(q·kᵀ·scale + mask)·v` by the definition, in f64, for the stacked layout
+/// `q: [b, kv, group × t, d]`, `k`, `v`: `[b, kv, past + t, d]`.
+#[allow(clippy::too_many_arguments)]
+fn reference_attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    (b, kv, rows, d): (usize, usize, usize, usize),
+    t: usize,
+    past: usize,
+    segments: Option<&[u32]>,
+    scale: f64,
+) -> Vec<f64> {
+    let s = past + t;
+    let mut out = vec![0.0; q.len()];
+    for row in 0..b {
+        for h in 0..kv {
+            let pair = row * kv + h;
+            for r in 0..rows {
+                let i = r % t;
+                let visible: Vec<usize> = (0..s)
+                    .filter(|&j| {
+                        j <= past + i
+                            && segments.is_none_or(|seg| seg[row * t + i] == seg[row * t + j])
+                    })
+                    .collect();
+                let scores: Vec<f64> = visible
+                    .iter()
+                    .map(|&j| {
+                        (0..d)
+                            .map(|x| q[(pair * rows + r) * d + x] * k[(pair * s + j) * d + x])
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for (w, &j) in weights.iter().zip(&visible) {
+                    for x in 0..d {
+                        out[(pair * rows + r) * d + x] += w / total * v[(pair * s + j) * d + x];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Packed segment ids for rows of width `t`: runs of the given lengths, then padding (0).
+fn packed(rows: &[&[usize]], t: usize) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for runs in rows {
+        let mut row = Vec::new();
+        for (n, &len) in runs.iter().enumerate() {
+            row.extend(std::iter::repeat_n(n as u32 + 1, len));
+        }
+        row.resize(t, 0);
+        ids.extend(row);
+    }
+    ids
+}
+
+struct Case {
+    b: usize,
+    kv: usize,
+    group: usize,
+    t: usize,
+    past: usize,
+    d: usize,
+    segments: Option<Vec<u32>>,
+}
+
+impl Case {
+    fn tensors(&self, dtype: DType) -> (Tensor, Tensor, Tensor) {
+        let (rows, s) = (self.group * self.t, self.past + self.t);
+        let make = |seed, n| {
+            Tensor::from_vec(
+                values(seed, self.b * self.kv * n * self.d),
+                (self.b, self.kv, n, self.d),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+        };
+        (make(1, rows), make(2, s), make(3, s))
+    }
+
+    fn mask(&self) -> AttentionMask {
+        match &self.segments {
+            Some(ids) => AttentionMask::Packed(Arc::new(ids.clone())),
+            None => AttentionMask::Causal,
+        }
+    }
+
+    fn check_forward(&self, dtype: DType, tolerance: f64) {
+        let (q, k, v) = self.tensors(dtype);
+        let mask = self.mask();
+        let prepared =
+            attention::prepare(&mask, self.b, self.t, self.past, &Device::Cpu, dtype).unwrap();
+        let scale = 1.0 / (self.d as f64).sqrt();
+        let out = attention::attend(&q, &k, &v, scale, &prepared).unwrap();
+        assert_eq!(out.dims(), q.dims());
+        let flat = |t: &Tensor| -> Vec<f64> {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let expected = reference_attention(
+            &flat(&q),
+            &flat(&k),
+            &flat(&v),
+            (self.b, self.kv, self.group * self.t, self.d),
+            self.t,
+            self.past,
+            self.segments.as_deref(),
+            scale,
+        );
+        let got = flat(&out);
+        let worst = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < tolerance, "max difference {worst} ({dtype:?})");
+    }
+}
+
+#[test]
+fn blockwise_attention_matches_the_definition() {
+    // Several 64-query and 64-key blocks, GQA groups, packed runs that cross block
+    // boundaries, padding, and a single-token example.
+    let t = 150;
+    let packed_case = Case {
+        b: 2,
+        kv: 2,
+        group: 2,
+        t,
+        past: 0,
+        d: 8,
+        segments: Some(packed(&[&[70, 1, 66], &[150]], t)),
+    };
+    packed_case.check_forward(DType::F64, 1e-12);
+    packed_case.check_forward(DType::F32, 1e-5);
+    // Causal with cached positions before the new tokens (generation).
+    Case {
+        b: 1,
+        kv: 3,
+        group: 1,
+        t: 70,
+        past: 90,
+        d: 4,
+        segments: None,
+    }
+    .check_forward(DType::F64, 1e-12);
+    // Segment ids that come back after another one: only equal ids see each other.
+    let mut scattered = packed(&[&[20, 30, 20]], 70);
+    scattered[50..].iter_mut().for_each(|s| *s = 1);
+    Case {
+        b: 1,
+        kv: 1,
+        group: 2,
+        t: 70,
+        past: 0,
+        d: 4,
+        segments: Some(scattered),
+    }
+    .check_forward(DType::F64, 1e-12);
+}
+
+#[test]
+fn blockwise_attention_gradients_agree_with_finite_differences() {
+    let t = 80;
+    let case = Case {
+        b: 1,
+        kv: 2,
+        group: 2,
+        t,
+        past: 0,
+        d: 4,
+        segments: Some(packed(&[&[30, 45]], t)),
+    };
+    let (q, k, v) = case.tensors(DType::F64);
+    let mask = case.mask();
+    let prepared = attention::prepare(&mask, 1, t, 0, &Device::Cpu, DType::F64).unwrap();
+    let weights = Tensor::from_vec(values(9, q.elem_count()), q.shape(), &Device::Cpu).unwrap();
+    let (q, k, v) = (
+        Var::from_tensor(&q).unwrap(),
+        Var::from_tensor(&k).unwrap(),
+        Var::from_tensor(&v).unwrap(),
+    );
+    let objective = || -> Tensor {
+        let out =
+            attention::attend(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, &prepared).unwrap();
+        (out * &weights).unwrap().sum_all().unwrap()
+    };
+    let grads = objective().backward().unwrap();
+    let eps = 1e-6;
+    for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+        let grad: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let original: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
+        let n = original.len();
+        // Entries in the first and last blocks, in both segments and in the padding.
+        for i in [0, 7, n / 3 + 1, n / 2 + 3, n - 5, n - 1] {
+            let at = |delta: f64| {
+                let mut moved = original.clone();
+                moved[i] += delta;
+                var.set(&Tensor::from_vec(moved, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                objective().to_scalar::<f64>().unwrap()
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            assert!(
+                (numeric - grad[i]).abs() <= 1e-7 + 1e-5 * numeric.abs(),
+                "d{name}[{i}]: finite difference {numeric} vs backprop {}",
+                grad[i]
+            );
+        }
+    }
+}
+
+/// Gradients of every LoRA matrix and the summed loss, by the layer-by-layer driver.
+fn driven(
+    model: &corpusdb::model::Llama,
+    lora: &Lora,
+    batch: &corpusdb::batches::Batch,
+    checkpointing: Checkpointing,
+    loss_chunk: usize,
+) -> (f64, HashMap<String, Tensor>) {
+    let targets = loss::Targets::of(batch).unwrap();
+    let mut grads = HashMap::new();
+    let key = DropoutKey {
+        seed: 4,
+        step: 2,
+        micro_batch: 1,
+    };
+    let options = StepOptions {
+        checkpointing,
+        loss_chunk,
+    };
+    let nll = accumulate_gradients(model, lora, key, batch, &targets, options, &mut grads).unwrap();
+    (nll, grads)
+}
+
+#[test]
+fn checkpointed_and_chunked_steps_give_the_one_graph_gradients() {
+    for dtype in [DType::F64, DType::F32] {
+        let mut config = tiny_config(40);
+        config.num_hidden_layers = 3;
+        let model = tiny_model(&config, 3, dtype);
+        let lora = Lora::with_dtype(lora_config(3, 0.1), &config, 5, &Device::Cpu, dtype).unwrap();
+        randomize_b(&lora, 11);
+        let batch = batch_of(
+            &[
+                vec![2, 5, 7, 9, 11, 3, 3, 8],
+                vec![3, 4, 8],
+                vec![1, 6, 10, 12, 13, 14, 30],
+                vec![9, 9, 1],
+            ],
+            12,
+        );
+        let targets = loss::Targets::of(&batch).unwrap();
+        // The reference: one graph, all logits at once.
+        let adapter = corpusdb::model::Adapter {
+            lora: &lora,
+            dropout: Some(DropoutKey {
+                seed: 4,
+                step: 2,
+                micro_batch: 1,
+            }),
+        };
+        let nll = loss::token_nll(&model, Some(adapter), &batch, &targets)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let reference_loss = nll
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let reference = nll.backward().unwrap();
+        let tolerance = if dtype == DType::F64 { 1e-11 } else { 2e-5 };
+        for (checkpointing, chunk) in [
+            (Checkpointing::None, 1024),
+            (Checkpointing::Layers, 1024),
+            (Checkpointing::Layers, 5),
+            (Checkpointing::None, 1),
+        ] {
+            let (loss, grads) = driven(&model, &lora, &batch, checkpointing, chunk);
+            assert!(
+                (loss - reference_loss).abs() <= tolerance * reference_loss.abs(),
+                "{checkpointing:?}/{chunk} {dtype:?}: loss {loss} vs {reference_loss}"
+            );
+            let vars = lora.named_vars();
+            assert_eq!(grads.len(), vars.len(), "every matrix gets a gradient");
+            for (key, var) in vars {
+                let expected = reference.get(var.as_tensor()).unwrap();
+                let got = &grads[&key];
+                let scale = expected
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let diff = (got - expected)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(scale > 0.0, "{key}: zero reference gradient");
+                assert!(
+                    diff <= tolerance * scale,
+                    "{checkpointing:?}/{chunk} {dtype:?} {key}: differs by {diff} (scale {scale})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_checkpointed_step_is_deterministic_and_accumulates() {
+    let config = tiny_config(40);
+    let model = tiny_model(&config, 7, DType::F32);
+    let lora = Lora::new(lora_config(2, 0.2), &config, 1, &Device::Cpu).unwrap();
+    randomize_b(&lora, 2);
+    let batch = batch_of(&[vec![4, 8, 15, 16, 23, 42 % 40], vec![1, 2, 3]], 8);
+    let (loss_a, a) = driven(&model, &lora, &batch, Checkpointing::Layers, 4);
+    let (loss_b, b) = driven(&model, &lora, &batch, Checkpointing::Layers, 4);
+    assert_eq!(loss_a, loss_b);
+    for (key, g) in &a {
+        let (x, y): (Vec<f32>, Vec<f32>) = (
+            g.flatten_all().unwrap().to_vec1().unwrap(),
+            b[key].flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(x, y, "{key} differs between identical runs");
+    }
+    // A second micro-batch adds to the same map: the sum of two identical ones is twice one.
+    let targets = loss::Targets::of(&batch).unwrap();
+    let mut twice = a.clone();
+    let key = DropoutKey {
+        seed: 4,
+        step: 2,
+        micro_batch: 1,
+    };
+    let options = StepOptions {
+        checkpointing: Checkpointing::Layers,
+        loss_chunk: 4,
+    };
+    accumulate_gradients(&model, &lora, key, &batch, &targets, options, &mut twice).unwrap();
+    for (key, g) in &a {
+        let doubled = (g * 2.0).unwrap();
+        let diff: f32 = (&twice[key] - doubled)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-6, "{key}: accumulated gradient off by {diff}");
+    }
+}
