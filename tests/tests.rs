@@ -14,6 +14,7 @@ mod index;
 mod ingest;
 mod model;
 mod reader;
+mod reference;
 mod registry;
 mod step;
 mod train;
