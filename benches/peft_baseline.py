@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute each decoder layer in the backward pass "
+                         "(model.gradient_checkpointing_enable())")
     args = ap.parse_args()
 
     import torch
@@ -47,6 +50,9 @@ def main() -> None:
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(model, lora)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -83,6 +89,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "trainable_params": trainable,
         "attn_implementation": model.config._attn_implementation,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "seconds": round(seconds, 3),
         "step_seconds": [round(t, 3) for t in times],
         "tokens_per_s": round(args.batch * args.seq_len * args.steps / seconds, 1),

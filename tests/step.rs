@@ -409,3 +409,62 @@ fn a_checkpointed_step_is_deterministic_and_accumulates() {
         assert!(diff < 1e-6, "{key}: accumulated gradient off by {diff}");
     }
 }
+
+/// The numerics of a bf16 base (what CUDA runs), tested on the CPU: bf16 weights and
+/// activations, f32 adapter and loss. Its loss and LoRA gradients must match the same model
+/// in f64 within bf16's precision (8 bits of mantissa), with and without checkpointing.
+#[test]
+fn a_bf16_base_gives_the_f64_gradients_within_bf16_precision() {
+    let mut config = tiny_config(40);
+    config.num_hidden_layers = 3;
+    let batch = batch_of(
+        &[
+            vec![2, 5, 7, 9, 11, 3, 3, 8],
+            vec![3, 4, 8],
+            vec![1, 6, 10, 12, 13, 14, 30],
+        ],
+        12,
+    );
+    let setup = |model_dtype, lora_dtype| {
+        let model = tiny_model(&config, 3, model_dtype);
+        let lora =
+            Lora::with_dtype(lora_config(3, 0.1), &config, 5, &Device::Cpu, lora_dtype).unwrap();
+        randomize_b(&lora, 11);
+        (model, lora)
+    };
+    let (exact_model, exact_lora) = setup(DType::F64, DType::F64);
+    let (exact_loss, exact) = driven(&exact_model, &exact_lora, &batch, Checkpointing::None, 1024);
+    let (model, lora) = setup(DType::BF16, DType::F32);
+    let flat = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for checkpointing in [Checkpointing::None, Checkpointing::Layers] {
+        let (loss, grads) = driven(&model, &lora, &batch, checkpointing, 7);
+        assert!(
+            (loss - exact_loss).abs() <= 0.01 * exact_loss,
+            "{checkpointing:?}: bf16 loss {loss} vs f64 {exact_loss}"
+        );
+        assert_eq!(grads.len(), exact.len());
+        // Relative error of the whole gradient: ‖g_bf16 − g_f64‖ / ‖g_f64‖.
+        let (mut diff, mut norm) = (0.0, 0.0);
+        for (key, reference) in &exact {
+            let (got, want) = (flat(&grads[key]), flat(reference));
+            for (a, b) in got.iter().zip(&want) {
+                diff += (a - b) * (a - b);
+                norm += b * b;
+            }
+        }
+        let relative = (diff / norm).sqrt();
+        assert!(
+            relative < 0.05,
+            "{checkpointing:?}: bf16 gradients are {relative:.4} away from f64"
+        );
+        // Not trivially equal: bf16 rounding must be visible.
+        assert!(relative > 1e-6, "bf16 gave exactly the f64 gradients");
+    }
+}

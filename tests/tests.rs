@@ -12,6 +12,7 @@ mod filters;
 mod formats;
 mod index;
 mod ingest;
+mod memory;
 mod model;
 mod reader;
 mod reference;

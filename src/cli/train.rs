@@ -1,15 +1,16 @@
 //! `corpusdb train`, `eval`, `merge-adapter` and `init-model`: LoRA training on the
 //! curriculum, evaluation of base against adapter, and model files.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use candle_core::DType;
 use corpusdb::curriculum::{Curriculum, Plan};
 use corpusdb::eval::{self, EvalOptions, Probes};
 use corpusdb::model::{weights, Llama, LlamaConfig, Lora};
-use corpusdb::train::{self, DeviceKind, Resume, RunOptions, TrainConfig};
+use corpusdb::train::{self, memory, Checkpointing, DeviceKind, Resume, RunOptions, TrainConfig};
 
 /// Train a LoRA adapter on the store, phase by phase through the curriculum.
 ///
@@ -24,12 +25,28 @@ use corpusdb::train::{self, DeviceKind, Resume, RunOptions, TrainConfig};
 /// --model is a Hugging Face folder (config.json, model.safetensors or a sharded index,
 /// tokenizer.json, tokenizer_config.json) or a .gguf file (dequantized; its tokenizer is
 /// rebuilt from the metadata). `corpusdb init-model` writes a tiny random one.
+///
+/// --dry-run plans the run's memory instead of training: it reads the training config and
+/// the model's config.json only (--model may be the folder or the config.json itself; no
+/// weights, no store, no curriculum) and prints the expected peak of a training step,
+/// broken down into base weights, LoRA parameters with gradients and AdamW moments, kept
+/// activations, one decoder layer's working set, the loss chunk and runtime overhead. It
+/// follows the config's `checkpointing` and `loss_chunk`; --tokens, --rows, --dtype and
+/// --checkpointing change what is planned, --memory-budget checks it against a size:
+///
+/// corpusdb train --dry-run --config configs/training/emergent_personality.yaml --model
+/// configs/models/llama-3-8b/config.json --dtype bf16 --memory-budget 80GiB
+///
+/// The plan is arithmetic over the model's shape (see src/train/memory.rs for each term).
+/// It assumes the fused attention and RMS norm ops of the CPU's f32 path; with a bf16 base
+/// or on CUDA attention is composed today, and the table notes what its scores add.
 #[derive(clap::Args)]
 pub struct TrainArgs {
     /// Training config (YAML), e.g. configs/training/emergent_personality.yaml.
     #[arg(long)]
     config: PathBuf,
-    /// The base model: a Hugging Face folder or a .gguf file.
+    /// The base model: a Hugging Face folder or a .gguf file (with --dry-run, a folder or
+    /// its config.json).
     #[arg(long)]
     model: PathBuf,
     /// A tokenizer.json (or folder) instead of the model's own.
@@ -47,20 +64,163 @@ pub struct TrainArgs {
     /// Output directory (overrides the config).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Print the run's summary as JSON.
+    /// Print the run's summary (with --dry-run, the memory plan) as JSON.
     #[arg(long)]
     json: bool,
+    /// Print the memory plan of a training step and exit, without loading weights or
+    /// opening the store. Exits with status 1 if --memory-budget is given and the
+    /// expected peak exceeds it.
+    #[arg(long, conflicts_with_all = ["resume", "resume_from", "max_steps", "output", "tokenizer"])]
+    dry_run: bool,
+    /// Tokens per micro-batch to plan for [default: max_seq_len × rows, a fully packed
+    /// micro-batch].
+    #[arg(long, requires = "dry_run", value_parser = clap::value_parser!(u64).range(1..))]
+    tokens: Option<u64>,
+    /// Rows of the micro-batch [default: batch_size, or with --tokens the rows of
+    /// max_seq_len tokens they fill].
+    #[arg(long, requires = "dry_run", value_parser = clap::value_parser!(u64).range(1..))]
+    rows: Option<u64>,
+    /// Dtype of the base weights [default: the config's `dtype`, else its device's: cpu
+    /// f32, cuda bf16].
+    #[arg(long, requires = "dry_run", value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Activation checkpointing to plan for [default: the config's `checkpointing`].
+    #[arg(long, requires = "dry_run", value_enum)]
+    checkpointing: Option<CheckpointingArg>,
+    /// The memory the run may use, e.g. 80GiB, 24GB, 512MiB (G, M, K are binary): says
+    /// whether the plan fits it.
+    #[arg(long, requires = "dry_run", value_parser = parse_memory_size)]
+    memory_budget: Option<u64>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CheckpointingArg {
+    /// `layers` from 100M parameters on, `none` below.
+    Auto,
+    /// Keep only each layer's input; recompute layers in the backward pass.
+    Layers,
+    /// Keep every activation until the backward pass.
+    None,
+}
+
+fn parse_memory_size(text: &str) -> Result<u64, String> {
+    memory::parse_bytes(text)
+}
+
+/// `train --dry-run`: the memory plan from the training config and the model's
+/// config.json, nothing else loaded.
+fn dry_run(config: &TrainConfig, args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    let path = &args.model;
+    let model = if path.is_dir() {
+        weights::read_hf_config(path)?
+    } else if path.extension().is_some_and(|e| e == "gguf") {
+        bail!(
+            "{}: --dry-run reads a config.json, and a GGUF file's hyper-parameters are only read by loading the model; pass the Hugging Face config.json (or folder) of the same model",
+            path.display()
+        )
+    } else {
+        weights::read_hf_config_file(path)?
+    };
+    if model.hidden_size == 0
+        || model.num_attention_heads == 0
+        || model.kv_heads() == 0
+        || model.num_attention_heads % model.kv_heads() != 0
+    {
+        bail!(
+            "{}: hidden_size and the head counts must be positive, num_attention_heads a multiple of num_key_value_heads",
+            path.display()
+        );
+    }
+    let seq = config.max_seq_len as u64;
+    let (tokens, rows) = match (args.tokens, args.rows) {
+        (Some(tokens), Some(rows)) => (tokens, rows),
+        (Some(tokens), None) => (tokens, tokens.div_ceil(seq)),
+        (None, Some(rows)) => (rows * seq, rows),
+        (None, None) => (config.batch_size as u64 * seq, config.batch_size as u64),
+    };
+    let dtype = match args.dtype {
+        Some(DtypeArg::F32) => DType::F32,
+        Some(DtypeArg::Bf16) => DType::BF16,
+        None => config.weight_dtype(),
+    };
+    let checkpointing = match args.checkpointing {
+        Some(CheckpointingArg::Auto) => Checkpointing::Auto,
+        Some(CheckpointingArg::Layers) => Checkpointing::Layers,
+        Some(CheckpointingArg::None) => Checkpointing::None,
+        None => config.checkpointing,
+    }
+    .resolve(model.parameter_count());
+    let plan = memory::plan(
+        &model,
+        &config.lora,
+        tokens as usize,
+        rows as usize,
+        dtype,
+        checkpointing,
+        config.loss_chunk,
+    );
+    let fits = args.memory_budget.map(|budget| plan.fits(budget));
+    // Written, not printed: a closed pipe (`| head`) is then an error main ignores.
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        #[derive(serde::Serialize)]
+        struct DryRun<'a> {
+            #[serde(flatten)]
+            plan: &'a memory::MemoryPlan,
+            memory_budget: Option<u64>,
+            fits: Option<bool>,
+        }
+        let out = DryRun {
+            plan: &plan,
+            memory_budget: args.memory_budget,
+            fits,
+        };
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
+    } else {
+        write!(stdout, "{plan}")?;
+        if let Some(budget) = args.memory_budget {
+            let (verdict, margin, side) = if plan.total <= budget {
+                ("fits", budget - plan.total, "to spare")
+            } else {
+                ("does not fit", plan.total - budget, "over")
+            };
+            writeln!(
+                stdout,
+                "\n{verdict} the budget of {} ({} {side})",
+                memory::format_bytes(budget),
+                memory::format_bytes(margin),
+            )?;
+        }
+    }
+    Ok(if fits == Some(false) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut config = TrainConfig::load(&args.config)?;
+    if args.dry_run {
+        return dry_run(&config, &args);
+    }
     if let Some(output) = args.output {
         config.output = output;
     }
     let curriculum = Curriculum::load(&config.curriculum)
         .with_context(|| format!("curriculum of {}", args.config.display()))?;
-    let (model, tokenizer) =
-        train::load_model(&args.model, args.tokenizer.as_deref(), config.device)?;
+    let (model, tokenizer) = train::load_model_as(
+        &args.model,
+        args.tokenizer.as_deref(),
+        config.device,
+        config.weight_dtype(),
+    )?;
     let (store, index) = super::index::open_for_reading(store_path)?;
     let plan = Plan::build(&index, &curriculum)?;
     let lora_params = config

@@ -54,6 +54,9 @@ impl CustomOp1 for FrozenLinear {
         let Storage::Cpu(weight) = &*weight else {
             candle_core::bail!("frozen linear: input on the CPU, weight elsewhere")
         };
+        if let Some(out) = super::blas::product(storage, layout, weight, weight_layout, true)? {
+            return Ok(out);
+        }
         self.forward(storage, layout, weight, weight_layout)
     }
 
@@ -71,16 +74,25 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _input: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if grad.device().is_cpu() && grad.dtype() == self.weight.dtype() {
+            if let Some(dx) = super::blas::tensor_product(grad, &self.weight)? {
+                return Ok(Some(dx));
+            }
+        }
         Ok(Some(grad.matmul(&self.weight)?))
     }
 }
 
 /// `x · Wᵀ` for `x: [m, in]` and a frozen `W: [out, in]`; only `x` receives a gradient.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let op = FrozenLinear {
+        weight: weight.clone(),
+    };
     if x.track_op() {
-        x.contiguous()?.apply_op1(FrozenLinear {
-            weight: weight.clone(),
-        })
+        x.contiguous()?.apply_op1(op)
+    } else if super::blas::ENABLED && x.device().is_cpu() && x.dtype() == weight.dtype() {
+        // No graph to record, but the same faster product.
+        x.contiguous()?.apply_op1_no_bwd(&op)
     } else {
         // Nothing upstream needs a gradient: a plain matmul builds no graph either.
         x.matmul(&weight.t()?)

@@ -12,6 +12,7 @@
 //! the batch (each packed example restarts at 0), and a [`KvCache`] serves generation.
 
 pub mod attention;
+pub mod blas;
 pub mod frozen;
 pub mod lora;
 pub mod rng;

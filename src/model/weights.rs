@@ -61,18 +61,23 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Llama, Error> 
     }
 }
 
+/// The `config.json` of a Hugging Face folder.
 pub fn read_hf_config(dir: &Path) -> Result<LlamaConfig, Error> {
-    let file = dir.join("config.json");
-    let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
-        path: file.clone(),
+    read_hf_config_file(&dir.join("config.json"))
+}
+
+/// A Hugging Face `config.json` given by its own path.
+pub fn read_hf_config_file(file: &Path) -> Result<LlamaConfig, Error> {
+    let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
+        path: file.to_owned(),
         source,
     })?;
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| invalid(&file, e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| invalid(file, e.to_string()))?;
     if let Some(kind) = value.get("model_type").and_then(|v| v.as_str()) {
         if kind != "llama" && kind != "mistral" {
             return Err(invalid(
-                &file,
+                file,
                 format!("model_type `{kind}` is not a Llama-family decoder this trainer supports (llama, mistral)"),
             ));
         }
@@ -94,7 +99,7 @@ pub fn read_hf_config(dir: &Path) -> Result<LlamaConfig, Error> {
             object.insert("rope_scaling".into(), params);
         }
     }
-    serde_json::from_value(value).map_err(|e| invalid(&file, e.to_string()))
+    serde_json::from_value(value).map_err(|e| invalid(file, e.to_string()))
 }
 
 fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<Llama, Error> {

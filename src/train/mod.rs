@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod step;
 
@@ -69,15 +70,40 @@ impl DeviceKind {
     /// optimizer state are always f32).
     pub fn open(self) -> Result<(Device, DType), Error> {
         match self {
-            DeviceKind::Cpu => Ok((Device::Cpu, DType::F32)),
+            DeviceKind::Cpu => Ok((Device::Cpu, self.default_dtype())),
             DeviceKind::Cuda => {
                 if !cfg!(feature = "cuda") {
                     return Err(Error::Config(
                         "device `cuda` needs a build with `--features cuda`".into(),
                     ));
                 }
-                Ok((Device::new_cuda(0)?, DType::BF16))
+                Ok((Device::new_cuda(0)?, self.default_dtype()))
             }
+        }
+    }
+
+    /// f32 on the CPU, bf16 on CUDA.
+    pub fn default_dtype(self) -> DType {
+        match self {
+            DeviceKind::Cpu => DType::F32,
+            DeviceKind::Cuda => DType::BF16,
+        }
+    }
+}
+
+/// The dtype of a model's frozen weights (`dtype:` in a training config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    F32,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::Bf16 => DType::BF16,
         }
     }
 }
@@ -136,6 +162,11 @@ pub struct TrainConfig {
     pub output: PathBuf,
     #[serde(default)]
     pub device: DeviceKind,
+    /// Dtype of the frozen base weights and activations (`f32` or `bf16`); LoRA
+    /// parameters, the loss and the optimizer state are f32 either way. Default: f32 on
+    /// the CPU, bf16 on CUDA.
+    #[serde(default)]
+    pub dtype: Option<WeightDtype>,
     /// Seed of adapter initialisation and dropout; the curriculum's seed if absent.
     #[serde(default)]
     pub seed: Option<u64>,
@@ -246,6 +277,12 @@ impl TrainConfig {
             return Err("checkpoint.every and checkpoint.keep must be at least 1".into());
         }
         self.lora.targets().map(|_| ())
+    }
+
+    /// The dtype of the base weights: the config's, or the device's default.
+    pub fn weight_dtype(&self) -> DType {
+        self.dtype
+            .map_or_else(|| self.device.default_dtype(), WeightDtype::dtype)
     }
 
     pub fn batch_options(&self) -> BatchOptions {
@@ -583,7 +620,17 @@ pub fn load_model(
     tokenizer: Option<&Path>,
     device: DeviceKind,
 ) -> Result<(Llama, ChatTokenizer), Error> {
-    let (device, dtype) = device.open()?;
+    load_model_as(path, tokenizer, device, device.default_dtype())
+}
+
+/// [`load_model`] with base weights of `dtype` (f32 or bf16).
+pub fn load_model_as(
+    path: &Path,
+    tokenizer: Option<&Path>,
+    device: DeviceKind,
+    dtype: DType,
+) -> Result<(Llama, ChatTokenizer), Error> {
+    let (device, _) = device.open()?;
     let model_error = |e: crate::model::weights::Error| Error::Config(e.to_string());
     let (model, chat) = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         let (model, content) =
