@@ -611,9 +611,10 @@ fn rope_scaling_matches_transformers() {
     assert!(err.to_string().contains("yarn"), "{err}");
 }
 
-/// bf16 on the CPU takes the composed path (the one CUDA uses): additive masks, composed
-/// softmax and RMS norm. Its logits must match the fused f32 path up to bf16 precision,
-/// for a causal sequence and for packed rows.
+/// bf16 on the CPU composes RMS norm (as CUDA does) and runs attention blockwise on
+/// widened values. Its logits must match the f32 path up to bf16 precision, for a causal
+/// sequence and for packed rows. (The composed attention itself is checked against the
+/// fused op in `step::the_composed_attention_agrees_with_the_fused_op`.)
 #[test]
 fn the_composed_path_agrees_with_the_fused_one() {
     let config = tiny_config(40);

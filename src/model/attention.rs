@@ -71,7 +71,7 @@ impl AttentionMask {
 
 /// Whether attention runs as the fused CPU op for tensors of `dtype` on `device`.
 fn fused(device: &Device, dtype: DType) -> bool {
-    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
+    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64 | DType::BF16)
 }
 
 /// A mask ready for one forward pass of `t` new tokens after `past` cached ones: the rule,
@@ -92,8 +92,33 @@ pub fn prepare<'a>(
     device: &Device,
     dtype: DType,
 ) -> Result<Prepared<'a>> {
+    prepare_as(mask, b, t, past, device, dtype, !fused(device, dtype))
+}
+
+/// [`prepare`] for the composed path whatever the device: what CUDA runs, so that the
+/// CPU tests can check it against the fused op.
+pub fn prepare_composed<'a>(
+    mask: &'a AttentionMask,
+    b: usize,
+    t: usize,
+    past: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Prepared<'a>> {
+    prepare_as(mask, b, t, past, device, dtype, true)
+}
+
+fn prepare_as<'a>(
+    mask: &'a AttentionMask,
+    b: usize,
+    t: usize,
+    past: usize,
+    device: &Device,
+    dtype: DType,
+    composed: bool,
+) -> Result<Prepared<'a>> {
     mask.check(b, t, past)?;
-    let additive = if fused(device, dtype) {
+    let additive = if !composed {
         None
     } else {
         Some(
@@ -708,7 +733,20 @@ impl CustomOp3 for FlashAttention {
                 );
                 (CpuStorage::F64(out), lse)
             }
-            _ => candle_core::bail!("attention: q, k and v must all be f32 or all f64"),
+            // bf16 is widened to f32 for the arithmetic, as the composed path would.
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                let widen = |s: &[half::bf16]| s.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+                let (out, lse) = self.forward(
+                    &vis,
+                    &shapes,
+                    &widen(&q[range(q_layout)]),
+                    &widen(&k[range(k_layout)]),
+                    &widen(&v[range(v_layout)]),
+                );
+                let out = out.into_iter().map(half::bf16::from_f32).collect();
+                (CpuStorage::BF16(out), lse)
+            }
+            _ => candle_core::bail!("attention: q, k and v must all be f32, f64 or bf16"),
         };
         *self.log_sum_exp.lock().expect("not poisoned") = lse;
         Ok((out, q_layout.shape().clone()))
@@ -755,7 +793,24 @@ impl CustomOp3 for FlashAttention {
         let (dq, dk, dv) = match q.dtype() {
             DType::F32 => run!(f32),
             DType::F64 => run!(f64),
-            other => candle_core::bail!("attention: f32 or f64 only, not {other:?}"),
+            DType::BF16 => {
+                let wide = |t: &Tensor| values_of::<f32>(&t.to_dtype(DType::F32)?);
+                let (dq, dk, dv) = self.backward(
+                    &vis,
+                    &shapes,
+                    &wide(q)?,
+                    &wide(k)?,
+                    &wide(v)?,
+                    &wide(out)?,
+                    &wide(grad)?,
+                    &lse,
+                );
+                let narrow = |values: Vec<f32>, like: &Tensor| {
+                    Tensor::from_vec(values, like.shape(), device)?.to_dtype(DType::BF16)
+                };
+                (narrow(dq, q)?, narrow(dk, k)?, narrow(dv, v)?)
+            }
+            other => candle_core::bail!("attention: f32, f64 or bf16 only, not {other:?}"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
     }

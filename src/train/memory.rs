@@ -35,11 +35,10 @@
 //! Assumptions, each a named constant below so that measured peaks can calibrate it:
 //! activations in f32 (with a bf16 base the trainer keeps bf16 activations but adds f32
 //! copies on the LoRA path; counting everything in f32 stays an upper bound); the fused
-//! CPU ops (RMS norm, keyed dropout, blockwise attention), which today run for f32 (and
-//! f64) on the CPU only. Elsewhere, and for bf16, RMS norm is composed (about three
-//! `[tokens, hidden]` f32 temporaries more per norm) and attention keeps
-//! `[rows, heads, width, width]` scores: [`MemoryPlan::composed_attention`] reports that
-//! term, which the total leaves out.
+//! CPU ops (RMS norm, keyed dropout, blockwise attention for f32, f64 and bf16). On CUDA
+//! RMS norm is composed (about three `[tokens, hidden]` f32 temporaries more per norm) and
+//! attention keeps `[rows, heads, width, width]` scores until fused kernels replace it:
+//! [`MemoryPlan::composed_attention`] reports that term, which the total leaves out.
 
 use std::fmt;
 
@@ -718,7 +717,7 @@ impl fmt::Display for MemoryPlan {
         if inputs.dtype != "f32" && inputs.dtype != "f64" {
             writeln!(
                 f,
-                "\nnote: with a {} base (and on CUDA) attention is composed today, not fused: it keeps\n{} more per layer (`[rows, heads, width, width]` scores) and as much again in its\nbackward pass, which this plan does not count",
+                "\nnote: on CUDA ({} base) attention is composed today, not fused: it keeps {} more\nper layer (`[rows, heads, width, width]` scores) and as much again in its backward pass,\nwhich this plan does not count (the CPU's blockwise op keeps none of it)",
                 inputs.dtype,
                 format_bytes(self.composed_attention)
             )?;
