@@ -90,6 +90,23 @@ pub fn randomize_b(lora: &Lora, seed: u64) {
     }
 }
 
+/// `(f(v + eps·e_i) − f(v − eps·e_i)) / 2eps` for entry `i` of an f64 variable; the
+/// variable is restored afterwards.
+pub fn central_difference(var: &Var, i: usize, eps: f64, objective: impl Fn() -> f64) -> f64 {
+    let original: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
+    let at = |delta: f64| {
+        let mut moved = original.clone();
+        moved[i] += delta;
+        var.set(&Tensor::from_vec(moved, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        objective()
+    };
+    let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+    var.set(&Tensor::from_vec(original, var.shape(), &Device::Cpu).unwrap())
+        .unwrap();
+    numeric
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
@@ -167,16 +184,8 @@ fn finite_differences_agree_with_backprop_for_every_lora_matrix() {
         );
         let original: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
         for &i in &[0, original.len() / 2, original.len() - 1] {
-            let at = |delta: f64| {
-                let mut values = original.clone();
-                values[i] += delta;
-                var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss_value().to_scalar::<f64>().unwrap()
-            };
-            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            let numeric =
+                central_difference(var, i, eps, || loss_value().to_scalar::<f64>().unwrap());
             assert!(
                 (numeric - grad[i]).abs() <= 1e-6 + 1e-4 * numeric.abs(),
                 "{key}[{i}]: finite difference {numeric} vs backprop {}",

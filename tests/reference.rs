@@ -14,7 +14,9 @@ use corpusdb::model::{self, weights, Adapter, AttentionMask, DropoutKey, Llama, 
 use corpusdb::train::loss::{self, Targets};
 use corpusdb::train::optim::{AdamW, Decay, OptimizerConfig, ScheduleConfig};
 
-use crate::model::{batch_of, lora_config, randomize_b, tiny_config, tiny_model};
+use crate::model::{
+    batch_of, central_difference, lora_config, randomize_b, tiny_config, tiny_model,
+};
 
 fn f64s(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
@@ -897,16 +899,8 @@ fn finite_differences_agree_with_backprop_with_non_unit_norm_weights() {
         assert!(grad.iter().any(|g| g.abs() > 1e-9), "{key}: zero gradient");
         let original = f64s(var.as_tensor());
         for &i in &[0, original.len() / 3, original.len() - 1] {
-            let at = |delta: f64| {
-                let mut values = original.clone();
-                values[i] += delta;
-                var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss_of(&model).to_scalar::<f64>().unwrap()
-            };
-            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            let numeric =
+                central_difference(var, i, eps, || loss_of(&model).to_scalar::<f64>().unwrap());
             assert!(
                 (numeric - grad[i]).abs() <= 1e-6 + 1e-4 * numeric.abs(),
                 "{key}[{i}]: finite difference {numeric} vs backprop {}",

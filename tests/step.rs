@@ -11,7 +11,9 @@ use corpusdb::model::{attention, AttentionMask, DropoutKey, Lora};
 use corpusdb::train::step::{accumulate_gradients, StepOptions};
 use corpusdb::train::{loss, Checkpointing};
 
-use crate::model::{batch_of, lora_config, randomize_b, tiny_config, tiny_model};
+use crate::model::{
+    batch_of, central_difference, lora_config, randomize_b, tiny_config, tiny_model,
+};
 
 /// Deterministic normal values (standard deviation 0.5).
 fn values(seed: u64, n: usize) -> Vec<f64> {
@@ -299,16 +301,8 @@ fn blockwise_attention_gradients_agree_with_finite_differences() {
         let n = original.len();
         // Entries in the first and last blocks, in both segments and in the padding.
         for i in [0, 7, n / 3 + 1, n / 2 + 3, n - 5, n - 1] {
-            let at = |delta: f64| {
-                let mut moved = original.clone();
-                moved[i] += delta;
-                var.set(&Tensor::from_vec(moved, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                objective().to_scalar::<f64>().unwrap()
-            };
-            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            let numeric =
+                central_difference(var, i, eps, || objective().to_scalar::<f64>().unwrap());
             assert!(
                 (numeric - grad[i]).abs() <= 1e-7 + 1e-5 * numeric.abs(),
                 "d{name}[{i}]: finite difference {numeric} vs backprop {}",
