@@ -107,7 +107,7 @@ pub fn central_difference(var: &Var, i: usize, eps: f64, objective: impl Fn() ->
     numeric
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
         .abs()

@@ -12,7 +12,7 @@ use corpusdb::train::step::{accumulate_gradients, StepOptions};
 use corpusdb::train::{loss, Checkpointing};
 
 use crate::model::{
-    batch_of, central_difference, lora_config, randomize_b, tiny_config, tiny_model,
+    batch_of, central_difference, lora_config, max_abs_diff, randomize_b, tiny_config, tiny_model,
 };
 
 /// Deterministic normal values (standard deviation 0.5).
@@ -247,16 +247,7 @@ fn the_composed_attention_agrees_with_the_fused_op() {
         .iter()
         .zip(run(false).iter().zip(run(true).iter()))
     {
-        let diff: f64 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(a, b);
         assert!(diff < 1e-12, "{name}: fused and composed differ by {diff}");
     }
 }
@@ -389,29 +380,8 @@ fn checkpointed_and_chunked_steps_give_the_one_graph_gradients() {
             for (key, var) in vars {
                 let expected = reference.get(var.as_tensor()).unwrap();
                 let got = &grads[&key];
-                let scale = expected
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
-                let diff = (got - expected)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let scale = max_abs_diff(expected, &expected.zeros_like().unwrap());
+                let diff = max_abs_diff(got, expected);
                 assert!(scale > 0.0, "{key}: zero reference gradient");
                 assert!(
                     diff <= tolerance * scale,
@@ -454,16 +424,7 @@ fn a_checkpointed_step_is_deterministic_and_accumulates() {
     accumulate_gradients(&model, &lora, key, &batch, &targets, options, &mut twice).unwrap();
     for (key, g) in &a {
         let doubled = (g * 2.0).unwrap();
-        let diff: f32 = (&twice[key] - doubled)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&twice[key], &doubled);
         assert!(diff < 1e-6, "{key}: accumulated gradient off by {diff}");
     }
 }

@@ -712,37 +712,31 @@ impl CustomOp3 for FlashAttention {
             cpu_slice(k, k_layout)?,
             cpu_slice(v, v_layout)?,
         );
-        let (out, lse) = match (q, k, v) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let (out, lse) = self.forward(
+        // The forward pass over the three inputs' values, each mapped by `$map`.
+        macro_rules! forward {
+            ($q:expr, $k:expr, $v:expr, $map:expr) => {
+                self.forward(
                     &vis,
                     &shapes,
-                    &q[range(q_layout)],
-                    &k[range(k_layout)],
-                    &v[range(v_layout)],
-                );
+                    &$map(&$q[range(q_layout)]),
+                    &$map(&$k[range(k_layout)]),
+                    &$map(&$v[range(v_layout)]),
+                )
+            };
+        }
+        let (out, lse) = match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let (out, lse) = forward!(q, k, v, |s| s);
                 (CpuStorage::F32(out), lse)
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                let (out, lse) = self.forward(
-                    &vis,
-                    &shapes,
-                    &q[range(q_layout)],
-                    &k[range(k_layout)],
-                    &v[range(v_layout)],
-                );
+                let (out, lse) = forward!(q, k, v, |s| s);
                 (CpuStorage::F64(out), lse)
             }
             // bf16 is widened to f32 for the arithmetic, as the composed path would.
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
                 let widen = |s: &[half::bf16]| s.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
-                let (out, lse) = self.forward(
-                    &vis,
-                    &shapes,
-                    &widen(&q[range(q_layout)]),
-                    &widen(&k[range(k_layout)]),
-                    &widen(&v[range(v_layout)]),
-                );
+                let (out, lse) = forward!(q, k, v, widen);
                 let out = out.into_iter().map(half::bf16::from_f32).collect();
                 (CpuStorage::BF16(out), lse)
             }
