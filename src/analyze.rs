@@ -426,7 +426,7 @@ pub fn analyze(
             excluded: excluded_hashes.contains(hash),
         });
         done += 1;
-        if done % 16_384 == 0 {
+        if done.is_multiple_of(16_384) {
             progress(done, counters.examples);
         }
         Ok(())

@@ -147,7 +147,7 @@ pub fn write_jsonl(
             failure.get_or_insert(e);
         }
         done += 1;
-        if done % 8192 == 0 {
+        if done.is_multiple_of(8192) {
             progress(done);
         }
         Ok(())

@@ -334,7 +334,7 @@ impl RecordReader {
         // `bytes` counts the JSON produced (for throughput); resuming counts rows.
         self.pos.bytes += len;
         self.pos.lines += 1;
-        if self.pos.records % 4096 == 0 {
+        if self.pos.records.is_multiple_of(4096) {
             self.update_parquet_progress();
         }
         Ok(Some(self.finish_item(at, bytes, len, true)))

@@ -544,8 +544,8 @@ pub fn init_model(args: InitModelArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json: {e}", file.display()))?;
     if args.heads == 0
         || args.kv_heads == 0
-        || args.heads % args.kv_heads != 0
-        || args.hidden % args.heads != 0
+        || !args.heads.is_multiple_of(args.kv_heads)
+        || !args.hidden.is_multiple_of(args.heads)
     {
         bail!("--heads must divide --hidden and be a multiple of --kv-heads");
     }

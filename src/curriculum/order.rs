@@ -92,7 +92,7 @@ impl Schedule {
         let mut checkpoints = Vec::with_capacity((total as usize / BLOCK + 1) * g);
         let mut counts = vec![0u64; g];
         for t in 0..total {
-            if t as usize % BLOCK == 0 {
+            if (t as usize).is_multiple_of(BLOCK) {
                 checkpoints.extend(counts.iter().map(|&c| c as u32));
             }
             let tau = t + 1;

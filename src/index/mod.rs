@@ -342,7 +342,7 @@ impl Index {
                 failure.get_or_insert(e);
             }
             done += 1;
-            if done % 10_000 == 0 {
+            if done.is_multiple_of(10_000) {
                 progress(done, counters.examples);
             }
             Ok(())

@@ -315,8 +315,9 @@ struct Task {
 }
 
 /// Splits every head pair's rows into blocks that never cross a query head, grouped
-/// into about `per_pair` tasks per pair.
-fn tasks(pairs: usize, rows: usize, t: usize, per_pair: usize) -> Vec<Vec<Task>> {
+/// into tasks: about four per thread in all, each within one pair.
+fn tasks(pairs: usize, rows: usize, t: usize) -> Vec<Vec<Task>> {
+    let per_pair = (4 * rayon::current_num_threads()).div_ceil(pairs.max(1));
     let mut blocks = Vec::new();
     for r0 in (0..rows).step_by(t) {
         for i0 in (0..t).step_by(BLOCK) {
@@ -413,9 +414,7 @@ impl FlashAttention {
             s,
             d,
         } = *shapes;
-        let pairs = q.len() / (rows * d).max(1);
-        let per_pair = (4 * rayon::current_num_threads()).div_ceil(pairs.max(1));
-        let work = tasks(pairs, rows, self.t, per_pair);
+        let work = tasks(q.len() / (rows * d).max(1), rows, self.t);
         // Per task and query block: the block's output rows and log-sum-exps.
         type Rows<T> = Vec<(Task, Vec<T>, Vec<f64>)>;
         let results: Vec<Rows<T>> = work
@@ -523,9 +522,7 @@ impl FlashAttention {
             s,
             d,
         } = *shapes;
-        let pairs = q.len() / (rows * d).max(1);
-        let per_pair = (4 * rayon::current_num_threads()).div_ceil(pairs.max(1));
-        let work = tasks(pairs, rows, self.t, per_pair);
+        let work = tasks(q.len() / (rows * d).max(1), rows, self.t);
         let scale = T::from_f64(self.scale);
         // Each task returns its queries' dq and its own partial dk, dv over all keys.
         type Partial<T> = (usize, Vec<(Task, Vec<T>)>, Vec<T>, Vec<T>);

@@ -139,7 +139,7 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 || self.kv_heads() == 0 {
             return Err("num_attention_heads and num_key_value_heads must be positive".into());
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
@@ -162,7 +162,7 @@ impl LlamaConfig {
                 ));
             }
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "head_dim {} is odd: rotary embeddings need pairs",
                 self.head_dim()

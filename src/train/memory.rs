@@ -504,19 +504,6 @@ pub fn format_bytes(bytes: u64) -> String {
     }
 }
 
-/// A count with thousands separators.
-fn grouped(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (k, c) in digits.chars().enumerate() {
-        if k > 0 && (digits.len() - k) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// A parameter count as 8.03B, 135.0M or 9.8K.
 fn short_count(n: u64) -> String {
     let f = n as f64;
@@ -589,7 +576,7 @@ impl fmt::Display for MemoryPlan {
         writeln!(
             f,
             "micro-batch: {} tokens in {} row{}; base {}; checkpointing {}; LoRA r={} on {} ({} parameters); loss chunk {}",
-            grouped(inputs.tokens_per_micro_batch as u64),
+            crate::report::thousands(inputs.tokens_per_micro_batch as u64),
             inputs.rows,
             if inputs.rows == 1 { "" } else { "s" },
             inputs.dtype,
@@ -604,10 +591,10 @@ impl fmt::Display for MemoryPlan {
                 l.targets.join(", ")
             },
             short_count(l.parameters),
-            grouped(inputs.loss_chunk as u64)
+            crate::report::thousands(inputs.loss_chunk as u64)
         )?;
         writeln!(f)?;
-        let tokens = grouped(inputs.tokens_per_micro_batch as u64);
+        let tokens = crate::report::thousands(inputs.tokens_per_micro_batch as u64);
         let layers = m.num_hidden_layers as u64;
         let kept_note = match inputs.checkpointing {
             Checkpointing::None => format!(
@@ -617,7 +604,7 @@ impl fmt::Display for MemoryPlan {
             _ => format!(
                 "{} × {tokens} tokens × {} hidden (layer inputs + 1)",
                 layers + RECOMPUTE_COPIES,
-                grouped(m.hidden_size as u64)
+                crate::report::thousands(m.hidden_size as u64)
             ),
         };
         let in_phase = |phase: PeakPhase| self.peak_phase == phase;
@@ -647,7 +634,7 @@ impl fmt::Display for MemoryPlan {
                 self.layer_working_set,
                 format!(
                     "{} f32 per token, one layer with its graph",
-                    grouped(self.layer_values_per_token)
+                    crate::report::thousands(self.layer_values_per_token)
                 ),
                 in_phase(PeakPhase::LayerBackward),
             ),
@@ -656,7 +643,7 @@ impl fmt::Display for MemoryPlan {
                 self.gradients_flowing,
                 format!(
                     "{GRADIENTS_FLOWING} × {tokens} × {} f32",
-                    grouped(m.hidden_size as u64)
+                    crate::report::thousands(m.hidden_size as u64)
                 ),
                 in_phase(PeakPhase::LayerBackward),
             ),
@@ -677,8 +664,8 @@ impl fmt::Display for MemoryPlan {
                 self.loss_chunk,
                 format!(
                     "{LOSS_VOCAB_COPIES} × {} × {} logits f32 + hidden states",
-                    grouped(inputs.loss_chunk as u64),
-                    grouped(m.vocab_size as u64)
+                    crate::report::thousands(inputs.loss_chunk as u64),
+                    crate::report::thousands(m.vocab_size as u64)
                 ),
                 in_phase(PeakPhase::Loss),
             ),
@@ -703,7 +690,7 @@ impl fmt::Display for MemoryPlan {
             "  {:<20} {:>12}   ({} bytes)",
             "expected peak",
             format_bytes(self.total),
-            grouped(self.total)
+            crate::report::thousands(self.total)
         )?;
         writeln!(
             f,

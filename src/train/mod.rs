@@ -551,7 +551,7 @@ pub fn run(
         bar.inc(1);
         if !options.progress
             && options.log_every > 0
-            && (step % options.log_every == 0 || step == last_step)
+            && (step.is_multiple_of(options.log_every) || step == last_step)
         {
             let done = (step - first_step) as f64;
             let eta = started.elapsed().as_secs_f64() / done.max(1.0) * (last_step - step) as f64;
@@ -568,7 +568,7 @@ pub fn run(
         step_started = Instant::now();
 
         let stop = step >= last_step;
-        if step % config.checkpoint.every == 0 || next >= phase_end || stop {
+        if step.is_multiple_of(config.checkpoint.every) || next >= phase_end || stop {
             let state = TrainerState {
                 step,
                 seed,
