@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Baseline: LoRA training throughput of PyTorch + PEFT on CPU, float32.
+"""Baseline: LoRA training throughput of PyTorch + PEFT (CPU float32, or CUDA bf16).
 
 The reference point for corpusdb's candle LoRA trainer: the same model, the same LoRA
 (q/k/v/o/gate/up/down projections), AdamW at lr 1e-4, random token ids (seeded) with every
@@ -8,6 +8,9 @@ forward + backward + optimizer step. Prints tokens/s (batch * seq-len * steps / 
 and the peak RSS of the process.
 
     python3 benches/peft_baseline.py --model DIR --batch 1 --seq-len 256 --steps 3
+
+On a GPU (`--device cuda --dtype bfloat16`) the base is bf16 and the adapter f32 (PEFT's
+default autocast), attention is SDPA, and peak GPU memory is reported as well.
 
 DIR is a Hugging Face Llama folder (config.json + model.safetensors). Needs torch,
 transformers and peft (`pip install torch transformers peft`; PyPI's Linux torch wheel
@@ -34,6 +37,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the frozen base weights")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute each decoder layer in the backward pass "
                          "(model.gradient_checkpointing_enable())")
@@ -45,7 +51,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                 attn_implementation="sdpa").to(device)
     model.config.use_cache = False
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
@@ -60,17 +68,26 @@ def main() -> None:
 
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen)
+    batches = [torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen).to(device)
                for _ in range(args.steps + 1)]
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     def step(ids: torch.Tensor) -> float:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        value = loss.item()
+        sync()
+        return value
 
-    step(batches[0])  # warm-up
+    t0 = time.perf_counter()
+    warmup_loss = step(batches[0])  # warm-up
+    warmup_seconds = time.perf_counter() - t0
     times, losses = [], []
     for ids in batches[1:]:
         t0 = time.perf_counter()
@@ -94,9 +111,16 @@ def main() -> None:
         "step_seconds": [round(t, 3) for t in times],
         "tokens_per_s": round(args.batch * args.seq_len * args.steps / seconds, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "losses": [round(x, 4) for x in losses],
+        "losses": [round(x, 4) for x in [warmup_loss] + losses],
+        "warmup_seconds": round(warmup_seconds, 3),
+        "device": str(device),
+        "dtype": args.dtype,
         "torch": torch.__version__,
     }
+    if cuda:
+        result["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name()
     if args.json:
         print(json.dumps(result))
     else:

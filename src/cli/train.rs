@@ -99,6 +99,15 @@ enum DtypeArg {
     Bf16,
 }
 
+impl DtypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum CheckpointingArg {
     /// `layers` from 100M parameters on, `none` below.
@@ -144,11 +153,7 @@ fn dry_run(config: &TrainConfig, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         (None, Some(rows)) => (rows * seq, rows),
         (None, None) => (config.batch_size as u64 * seq, config.batch_size as u64),
     };
-    let dtype = match args.dtype {
-        Some(DtypeArg::F32) => DType::F32,
-        Some(DtypeArg::Bf16) => DType::BF16,
-        None => config.weight_dtype(),
-    };
+    let dtype = args.dtype.map_or(config.weight_dtype(), DtypeArg::dtype);
     let checkpointing = match args.checkpointing {
         Some(CheckpointingArg::Auto) => Checkpointing::Auto,
         Some(CheckpointingArg::Layers) => Checkpointing::Layers,
@@ -510,10 +515,18 @@ pub struct InitModelArgs {
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
-    /// The tokenizer.json (or folder) the model is for; it sets the vocabulary size and
-    /// is copied beside the weights.
+    /// The tokenizer.json (or folder) the model is for; it sets the vocabulary size (unless
+    /// --config does) and is copied beside the weights.
+    #[arg(long, required_unless_present = "config")]
+    tokenizer: Option<PathBuf>,
+    /// A Hugging Face Llama `config.json` to take the shape from (vocabulary, sizes, heads,
+    /// rope) instead of the size flags: e.g. configs/models/llama-3-8b/config.json.
     #[arg(long)]
-    tokenizer: PathBuf,
+    config: Option<PathBuf>,
+    /// Weight dtype of the written model.safetensors: f32 or bf16 (an 8B model is 16 GB in
+    /// bf16).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
     #[arg(long, default_value_t = 64)]
     hidden: usize,
     #[arg(long, default_value_t = 2)]
@@ -535,55 +548,85 @@ pub struct InitModelArgs {
 }
 
 pub fn init_model(args: InitModelArgs) -> anyhow::Result<ExitCode> {
-    let file = if args.tokenizer.is_dir() {
-        args.tokenizer.join("tokenizer.json")
-    } else {
-        args.tokenizer.clone()
+    let tokenizer = match &args.tokenizer {
+        Some(path) => {
+            let file = if path.is_dir() {
+                path.join("tokenizer.json")
+            } else {
+                path.clone()
+            };
+            let tokenizer = tokenizers::Tokenizer::from_file(&file)
+                .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json: {e}", file.display()))?;
+            Some((file, tokenizer))
+        }
+        None => None,
     };
-    let tokenizer = tokenizers::Tokenizer::from_file(&file)
-        .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json: {e}", file.display()))?;
-    if args.heads == 0
-        || args.kv_heads == 0
-        || !args.heads.is_multiple_of(args.kv_heads)
-        || !args.hidden.is_multiple_of(args.heads)
-    {
-        bail!("--heads must divide --hidden and be a multiple of --kv-heads");
-    }
-    let eos = ["<|im_end|>", "</s>", "<|endoftext|>"]
-        .iter()
-        .find_map(|t| tokenizer.token_to_id(t));
-    let config = LlamaConfig {
-        vocab_size: tokenizer.get_vocab_size(true),
-        hidden_size: args.hidden,
-        intermediate_size: args.intermediate,
-        num_hidden_layers: args.layers,
-        num_attention_heads: args.heads,
-        num_key_value_heads: Some(args.kv_heads),
-        head_dim: None,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        max_position_embeddings: args.max_positions,
-        tie_word_embeddings: false,
-        bos_token_id: None,
-        eos_token_id: eos.map(|id| serde_json::json!(id)),
+    let config = match &args.config {
+        Some(file) => {
+            let config = weights::read_hf_config_file(file)?;
+            if let Some((path, tokenizer)) = &tokenizer {
+                if tokenizer.get_vocab_size(true) > config.vocab_size {
+                    bail!(
+                        "{} has {} tokens, more than the vocabulary of {} ({})",
+                        path.display(),
+                        tokenizer.get_vocab_size(true),
+                        file.display(),
+                        config.vocab_size
+                    );
+                }
+            }
+            config
+        }
+        None => {
+            let (_, tokenizer) = tokenizer.as_ref().expect("clap requires one of the two");
+            if args.heads == 0
+                || args.kv_heads == 0
+                || !args.heads.is_multiple_of(args.kv_heads)
+                || !args.hidden.is_multiple_of(args.heads)
+            {
+                bail!("--heads must divide --hidden and be a multiple of --kv-heads");
+            }
+            let eos = ["<|im_end|>", "</s>", "<|endoftext|>"]
+                .iter()
+                .find_map(|t| tokenizer.token_to_id(t));
+            LlamaConfig {
+                vocab_size: tokenizer.get_vocab_size(true),
+                hidden_size: args.hidden,
+                intermediate_size: args.intermediate,
+                num_hidden_layers: args.layers,
+                num_attention_heads: args.heads,
+                num_key_value_heads: Some(args.kv_heads),
+                head_dim: None,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10_000.0,
+                rope_scaling: None,
+                max_position_embeddings: args.max_positions,
+                tie_word_embeddings: false,
+                bos_token_id: None,
+                eos_token_id: eos.map(|id| serde_json::json!(id)),
+            }
+        }
     };
-    let tensors = weights::random_tensors(&config, args.seed);
+    let dtype = args.dtype.dtype();
+    let tensors = weights::random_tensors_as(&config, args.seed, dtype);
     let model = Llama::from_tensors(
         config,
         |name| Ok(tensors.get(name).cloned()),
         &candle_core::Device::Cpu,
-        candle_core::DType::F32,
+        dtype,
     )?;
-    weights::save_hf(&model, &args.out)?;
-    std::fs::copy(&file, args.out.join("tokenizer.json"))
-        .with_context(|| file.display().to_string())?;
-    let config_file = file
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("tokenizer_config.json");
-    if config_file.is_file() {
-        std::fs::copy(&config_file, args.out.join("tokenizer_config.json"))?;
+    drop(tensors);
+    weights::save_hf_as(&model, &args.out, dtype)?;
+    if let Some((file, _)) = &tokenizer {
+        std::fs::copy(file, args.out.join("tokenizer.json"))
+            .with_context(|| file.display().to_string())?;
+        let config_file = file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("tokenizer_config.json");
+        if config_file.is_file() {
+            std::fs::copy(&config_file, args.out.join("tokenizer_config.json"))?;
+        }
     }
     if args.gguf {
         weights::save_gguf(&model, &args.out.join("model.gguf"))?;

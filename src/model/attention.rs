@@ -71,7 +71,7 @@ impl AttentionMask {
 
 /// Whether attention runs as the fused CPU op for tensors of `dtype` on `device`.
 fn fused(device: &Device, dtype: DType) -> bool {
-    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64 | DType::BF16)
+    super::fused_cpu(device) && matches!(dtype, DType::F32 | DType::F64 | DType::BF16)
 }
 
 /// A mask ready for one forward pass of `t` new tokens after `past` cached ones: the rule,

@@ -155,7 +155,8 @@ pub struct DropoutKey {
 
 /// Inverted dropout whose mask is a function of its key: drawn in the forward pass and
 /// drawn again in the backward pass, so no mask tensor stays alive in between (on the
-/// CPU; other devices multiply by an uploaded mask).
+/// CPU, and on CUDA by a kernel that draws the same numbers; other devices multiply by an
+/// uploaded mask).
 struct KeyedDropout {
     seed: u64,
     key: [u64; 4],
@@ -202,7 +203,22 @@ impl CustomOp1 for KeyedDropout {
         Ok((self.apply(storage, start..end)?, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let stream = rng::dropout_stream(self.seed, &self.key);
+        let keep = 1.0 / (1.0 - self.p);
+        let out = super::cuda::keyed_dropout(storage, layout, stream, self.p, keep)?;
+        Ok((out, layout.shape().clone()))
+    }
+
     fn bwd(&self, _input: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if fused_dropout(grad) && !grad.device().is_cpu() {
+            return Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?));
+        }
         if grad.device().is_cpu() {
             // The gradient through dropout is dropout of the gradient, with the same mask.
             let grad = grad.contiguous()?;
@@ -225,6 +241,28 @@ impl CustomOp1 for KeyedDropout {
             grad.dtype(),
         )?)?))
     }
+}
+
+/// Inverted dropout of `x` with probability `p` and the mask of `(seed, key)`, as the
+/// adapter applies it in training (one op on the CPU and on CUDA).
+pub fn keyed_dropout(x: &Tensor, seed: u64, key: [u64; 4], p: f32) -> Result<Tensor> {
+    let dropout = KeyedDropout { seed, key, p };
+    if fused_dropout(x) {
+        x.contiguous()?.apply_op1(dropout)
+    } else {
+        x * dropout.mask(x.shape(), x.device(), x.dtype())?
+    }
+}
+
+/// Whether [`KeyedDropout`] runs as one op on `x` (the CPU, and CUDA with its kernels),
+/// rather than as a product with an uploaded mask.
+fn fused_dropout(x: &Tensor) -> bool {
+    let dtype_ok = matches!(x.dtype(), DType::F32 | DType::F64);
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return dtype_ok && super::cuda::kernels_enabled();
+    }
+    dtype_ok && super::fused_cpu(x.device())
 }
 
 /// The `A` and `B` of one projection (f32 trainable variables).
@@ -313,16 +351,8 @@ impl Lora {
         if let Some(key) = dropout {
             let p = self.config.dropout as f32;
             if p > 0.0 {
-                let dropout = KeyedDropout {
-                    seed: key.seed,
-                    key: [key.step, key.micro_batch, layer as u64, target as u64],
-                    p,
-                };
-                x = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-                    x.contiguous()?.apply_op1(dropout)?
-                } else {
-                    (&x * dropout.mask(x.shape(), x.device(), x.dtype())?)?
-                };
+                let mask_key = [key.step, key.micro_batch, layer as u64, target as u64];
+                x = keyed_dropout(&x, key.seed, mask_key, p)?;
             }
         }
         let (a, b) = if dropout.is_some() {

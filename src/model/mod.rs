@@ -13,6 +13,8 @@
 
 pub mod attention;
 pub mod blas;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod frozen;
 pub mod lora;
 pub mod rng;
@@ -611,12 +613,41 @@ pub fn reduction_dtype(dtype: DType) -> DType {
     }
 }
 
+static COMPOSED_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every op take its composed path on the CPU too (the path CUDA runs for what has no
+/// kernel of its own), so that the CPU can run the GPU's code paths; the GPU check uses it.
+pub fn set_composed_ops(on: bool) {
+    COMPOSED_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `device` is a GPU that runs corpusdb's own CUDA kernels (`cuda` feature, unless
+/// `CORPUSDB_CUDA_KERNELS=composed`).
+pub(crate) fn cuda_kernels(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return cuda::kernels_enabled();
+    }
+    let _ = device;
+    false
+}
+
+/// Whether `device` runs the fused CPU ops (the CPU, unless [`set_composed_ops`]).
+pub(crate) fn fused_cpu(device: &Device) -> bool {
+    device.is_cpu() && !COMPOSED_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// RMS norm, with a backward pass (candle's fused one has none). On the CPU (f32, f64)
 /// one fused op that keeps only its input for the backward; elsewhere composed from
 /// elementary ops, computed in f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    if x.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64) && weight.dtype() == dtype {
+    let fused = if fused_cpu(x.device()) {
+        matches!(dtype, DType::F32 | DType::F64)
+    } else {
+        cuda_kernels(x.device()) && matches!(dtype, DType::F32 | DType::BF16)
+    };
+    if fused && weight.dtype() == dtype {
         return x.contiguous()?.apply_op1(RmsNorm {
             weight: weight.contiguous()?,
             eps,
@@ -688,8 +719,32 @@ impl candle_core::CustomOp1 for RmsNorm {
         Ok((out, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cuda(w) = &*weight else {
+            candle_core::bail!("rms norm: input on CUDA, weight elsewhere")
+        };
+        let out = cuda::rms_norm_forward(storage, layout, w, weight_layout, self.eps as f32)?;
+        Ok((out, layout.shape().clone()))
+    }
+
     /// `dx = r·(g∘w) − x·r³·mean(g∘w∘x)` with `r = 1/√(mean(x²) + ε)` per row.
     fn bwd(&self, x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if cuda_kernels(x.device()) {
+            let grad = grad.contiguous()?;
+            return Ok(Some(x.apply_op2_no_bwd(
+                &grad,
+                &RmsNormGrad {
+                    weight: self.weight.clone(),
+                    eps: self.eps,
+                },
+            )?));
+        }
         let gw = grad.broadcast_mul(&self.weight)?;
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
@@ -697,6 +752,47 @@ impl candle_core::CustomOp1 for RmsNorm {
         let dot = (&gw * x)?.mean_keepdim(D::Minus1)?;
         let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?)?;
         Ok(Some(dx))
+    }
+}
+
+/// The gradient of [`RmsNorm`] with respect to its input, `(x, upstream) -> dx`: one
+/// kernel on CUDA (the CPU computes it from tensor ops in `RmsNorm::bwd`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RmsNormGrad {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl candle_core::CustomOp2 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("rms norm gradient: the CPU uses tensor ops")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &candle_core::Layout,
+        g: &candle_core::CudaStorage,
+        g_layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cuda(w) = &*weight else {
+            candle_core::bail!("rms norm gradient: input on CUDA, weight elsewhere")
+        };
+        let out =
+            cuda::rms_norm_backward(x, x_layout, g, g_layout, w, weight_layout, self.eps as f32)?;
+        Ok((out, x_layout.shape().clone()))
     }
 }
 

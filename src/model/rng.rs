@@ -28,6 +28,12 @@ pub fn dropout_mask(seed: u64, key: &[u64], n: usize, p: f32) -> Vec<f32> {
     mask
 }
 
+/// The stream a dropout mask is drawn from: chunk `c` of 2^16 elements uses
+/// `SplitMix64::keyed(stream, &[c])` (the CUDA kernel draws the same numbers).
+pub fn dropout_stream(seed: u64, key: &[u64]) -> u64 {
+    SplitMix64::keyed(seed, key).next_u64()
+}
+
 /// Inverted dropout applied to `values` in place with the mask of [`dropout_mask`]:
 /// dropped values become zero, kept ones `scale(value, 1 / (1 - p))`. Filled in parallel
 /// chunks, each with its own sub-stream, so the result does not depend on the number of
@@ -42,7 +48,7 @@ pub fn dropout_in_place<T: Copy + Default + Send>(
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
     let keep = 1.0 / (1.0 - p);
-    let base = SplitMix64::keyed(seed, key).next_u64();
+    let base = dropout_stream(seed, key);
     values
         .par_chunks_mut(CHUNK)
         .enumerate()

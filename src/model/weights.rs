@@ -372,46 +372,64 @@ pub fn save_gguf(model: &Llama, path: &Path) -> Result<(), Error> {
     gguf_file::write(&mut file, &metadata_refs, &tensor_refs).map_err(tensor_error(path))
 }
 
-/// Seeded random weights: matrices normal with std `1/√fan_in` (so activations and
-/// logits keep unit scale even in a model a few dimensions wide), norms 1.
+/// Random f32 weights for `config` (see [`random_tensors_as`]).
 pub fn random_tensors(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
+    random_tensors_as(config, seed, DType::F32)
+}
+
+/// Random weights for `config` in `dtype`: projections and embeddings normal with standard
+/// deviation `1/sqrt(fan_in)`, norms one. Each tensor is its own keyed stream, so the
+/// tensors are drawn in parallel with the values of a sequential draw, and each is
+/// converted to `dtype` as soon as it is drawn (an 8B model never exists in f32).
+pub fn random_tensors_as(config: &LlamaConfig, seed: u64, dtype: DType) -> HashMap<String, Tensor> {
+    use rayon::prelude::*;
     let device = Device::Cpu;
-    let mut out = HashMap::new();
-    let mut key = 0u64;
-    let mut normal = |shape: (usize, usize)| {
-        key += 1;
-        let std = 1.0 / (shape.1 as f32).sqrt();
-        let values = rng::normal(seed, &[key], shape.0 * shape.1, std);
-        Tensor::from_vec(values, shape, &device).expect("shape matches")
-    };
     let (v, h) = (config.vocab_size, config.hidden_size);
-    out.insert("model.embed_tokens.weight".to_string(), normal((v, h)));
+    // (name, shape, stream key); key 0 marks a norm (ones).
+    let mut plan: Vec<(String, (usize, usize), u64)> = Vec::new();
+    let mut key = 0u64;
+    let mut normal = |name: String, shape: (usize, usize), plan: &mut Vec<_>| {
+        key += 1;
+        plan.push((name, shape, key));
+    };
+    normal("model.embed_tokens.weight".to_string(), (v, h), &mut plan);
     for l in 0..config.num_hidden_layers {
         for target in Target::ALL {
-            out.insert(
+            normal(
                 layer_tensor_name(l, target),
-                normal(config.projection_shape(target)),
+                config.projection_shape(target),
+                &mut plan,
             );
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
-            out.insert(
-                format!("model.layers.{l}.{norm}.weight"),
-                Tensor::ones(h, DType::F32, &device).expect("ones"),
-            );
+            plan.push((format!("model.layers.{l}.{norm}.weight"), (1, h), 0));
         }
     }
-    out.insert(
-        "model.norm.weight".to_string(),
-        Tensor::ones(h, DType::F32, &device).expect("ones"),
-    );
+    plan.push(("model.norm.weight".to_string(), (1, h), 0));
     if !config.tie_word_embeddings {
-        out.insert("lm_head.weight".to_string(), normal((v, h)));
+        normal("lm_head.weight".to_string(), (v, h), &mut plan);
     }
-    out
+    plan.into_par_iter()
+        .map(|(name, shape, key)| {
+            let tensor = if key == 0 {
+                Tensor::ones(shape.1, dtype, &device)
+            } else {
+                let std = 1.0 / (shape.1 as f32).sqrt();
+                let values = rng::normal(seed, &[key], shape.0 * shape.1, std);
+                Tensor::from_vec(values, shape, &device).and_then(|t| t.to_dtype(dtype))
+            };
+            (name, tensor.expect("shape matches"))
+        })
+        .collect()
 }
 
 /// Writes `config.json` and `model.safetensors` (f32) into `dir`.
 pub fn save_hf(model: &Llama, dir: &Path) -> Result<(), Error> {
+    save_hf_as(model, dir, DType::F32)
+}
+
+/// Writes `config.json` and `model.safetensors` with the weights in `dtype` into `dir`.
+pub fn save_hf_as(model: &Llama, dir: &Path, dtype: DType) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_owned(),
         source,
@@ -426,7 +444,7 @@ pub fn save_hf(model: &Llama, dir: &Path) -> Result<(), Error> {
     let tensors: HashMap<String, Tensor> = model
         .named_tensors()
         .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
         .collect::<candle_core::Result<_>>()
         .map_err(tensor_error(&file))?;
     candle_core::safetensors::save(&tensors, &file).map_err(tensor_error(&file))

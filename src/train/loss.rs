@@ -102,7 +102,7 @@ pub fn nll_of_logits(logits: &Tensor, tokens: &[u32]) -> Result<Tensor> {
     if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("target token {bad} is outside the vocabulary of {vocab}")
     }
-    if device.is_cpu() {
+    if crate::model::fused_cpu(device) {
         return logits.contiguous()?.apply_op1(CrossEntropy {
             targets: tokens.to_vec(),
         });

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""The GPU check's run step (scripts/gpu-check run): corpusdb's CUDA trainer against the CPU
+and against PyTorch + PEFT on the same card. Prints one JSON document.
+
+Runs on a machine with an NVIDIA GPU, its driver, and Python with torch, transformers and
+peft; no Rust toolchain and no network. BUNDLE is the folder `scripts/gpu-check build` wrote
+(corpusdb and the gpu bench binary, gzip-compressed, with this script, the PyTorch baseline
+and the model configs). Stages run one after another, each under its own time limit, and a
+failed stage is reported in the document without stopping the others.
+"""
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import threading
+import time
+
+def log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def unpack(bundle: str, work: str) -> dict:
+    """Decompresses the binaries into WORK/bin and links the CUDA libraries beside them."""
+    bin_dir = os.path.join(work, "bin")
+    os.makedirs(bin_dir, exist_ok=True)
+    paths = {}
+    for name in ["corpusdb", "gpu"]:
+        src = os.path.join(bundle, name + ".gz")
+        dst = os.path.join(bin_dir, name)
+        with gzip.open(src, "rb") as f, open(dst, "wb") as out:
+            shutil.copyfileobj(f, out)
+        os.chmod(dst, 0o755)
+        paths[name] = dst
+    # The binaries' run-time search path starts with $ORIGIN/cuda-libs.
+    lib_dir = os.path.join(bin_dir, "cuda-libs")
+    os.makedirs(lib_dir, exist_ok=True)
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    candidates = []
+    for root in roots:
+        candidates += glob.glob(os.path.join(root, "nvidia", "cu13", "lib"))
+        candidates += glob.glob(os.path.join(root, "nvidia", "*", "lib"))
+    candidates += ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib",
+                   "/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/lib/x86_64-linux-gnu"]
+
+    def unresolved(binary):
+        ldd = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+        return [l.split()[0] for l in ldd.splitlines() if "not found" in l]
+
+    # Whatever the loader cannot find (the CUDA runtime libraries, usually) is looked up in
+    # the Python install's NVIDIA wheels and the usual toolkit folders, and linked.
+    found, missing = {}, []
+    wanted = sorted(set(unresolved(paths["corpusdb"]) + unresolved(paths["gpu"])))
+    for lib in wanted:
+        hit = next((os.path.join(d, lib) for d in candidates if os.path.exists(os.path.join(d, lib))), None)
+        if hit is None:
+            missing.append(lib)
+            continue
+        link = os.path.join(lib_dir, lib)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(hit, link)
+        found[lib] = hit
+    still = sorted(set(unresolved(paths["corpusdb"]) + unresolved(paths["gpu"])))
+    paths["libraries"] = {"linked": found, "missing": missing, "unresolved_by_loader": still}
+    return paths
+
+
+class GpuMemory:
+    """Peak memory used on GPU 0 while a stage runs, sampled by nvidia-smi every 100 ms."""
+
+    def __enter__(self):
+        self.peak = 0
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.peak = max(self.peak, int(line.strip().split()[0]))
+            except (ValueError, IndexError):
+                pass
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
+        self.thread.join(timeout=2)
+
+
+def stage(name: str, command: list, timeout: float, env=None, memory=True) -> dict:
+    """Runs one stage; its last stdout line is a JSON object, or the stage failed."""
+    log(f"== {name}: {' '.join(command)}")
+    started = time.time()
+    result = {"stage": name}
+    monitor = GpuMemory() if memory and shutil.which("nvidia-smi") else None
+    try:
+        if monitor:
+            monitor.__enter__()
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+        result["exit"] = proc.returncode
+        lines = [l for l in proc.stdout.splitlines() if l.strip().startswith("{")]
+        if lines:
+            result.update(json.loads(lines[-1]))
+        if proc.returncode != 0 or not lines:
+            result["error"] = (proc.stderr or proc.stdout)[-3000:]
+    except subprocess.TimeoutExpired as e:
+        result["error"] = f"timed out after {timeout:.0f} s"
+        result["stderr_tail"] = (e.stderr or b"")[-2000:].decode("utf-8", "replace") if isinstance(e.stderr, bytes) else str(e.stderr)[-2000:]
+    finally:
+        if monitor:
+            monitor.__exit__(None, None, None)
+            result["peak_gpu_used_mib"] = monitor.peak
+    result["wall_seconds"] = round(time.time() - started, 1)
+    log(json.dumps(result)[:1500])
+    return result
+
+
+def gpu_info() -> dict:
+    query = "name,driver_version,memory.total,compute_cap"
+    if not shutil.which("nvidia-smi"):
+        return {"error": "nvidia-smi not found"}
+    out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip().splitlines()
+    if not out:
+        return {"error": "nvidia-smi found no GPU"}
+    name, driver, memory, cap = [x.strip() for x in out[0].split(",")]
+    return {"name": name, "driver": driver, "memory": memory, "compute_capability": cap}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--work", default="/tmp/corpusdb-gpu-check", help="models and binaries go here")
+    ap.add_argument("--out", help="also write the JSON document to this file")
+    ap.add_argument("--models", default="1b,8b", help="which of 1b, 8b to measure")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up)")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda; cpu tries the script itself with the tiny model (--models tiny)")
+    args = ap.parse_args()
+
+    started = time.time()
+    doc = {"gpu": gpu_info(), "python": sys.version.split()[0]}
+    try:
+        import torch, transformers, peft  # noqa: E401
+        doc["torch"], doc["transformers"], doc["peft"] = torch.__version__, transformers.__version__, peft.__version__
+    except ImportError as e:
+        doc["python_error"] = str(e)
+    os.makedirs(args.work, exist_ok=True)
+    bins = unpack(args.bundle, args.work)
+    doc["libraries"] = bins.pop("libraries")
+    version = subprocess.run([bins["corpusdb"], "--version"], capture_output=True, text=True)
+    doc["corpusdb"] = (version.stdout or version.stderr).strip()
+
+    def emit():
+        doc["total_seconds"] = round(time.time() - started, 1)
+        text = json.dumps(doc, indent=2)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    if not args.skip_check:
+        check = [bins["gpu"], "--check", "--device", args.device]
+        if args.device == "cpu":
+            check.append("--emulate")
+        doc["check"] = stage("check", check, 240, memory=False)
+        emit()
+
+    settings = {
+        # name: (config, rows, seq, checkpointing settings)
+        "1b": ("llama-3.2-1b", 4, 2048, ["layers", "none"]),
+        "8b": ("llama-3-8b", 8, 2048, ["layers"]),
+        "tiny": ("tiny", 2, 64, ["layers", "none"]),
+    }
+    configs = os.path.join(args.bundle, "configs", "models")
+    baseline = os.path.join(args.bundle, "peft_baseline.py")
+    doc["runs"] = []
+    for key in [m for m in args.models.split(",") if m]:
+        config, rows, seq, modes = settings[key]
+        model_dir = os.path.join(args.work, config)
+        config_file = os.path.join(configs, config, "config.json")
+        if config == "tiny":
+            config_file = os.path.join(args.work, "tiny-config.json")
+            with open(config_file, "w") as f:
+                json.dump({"model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+                           "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "max_position_embeddings": 256,
+                           "rms_norm_eps": 1e-5, "tie_word_embeddings": False}, f)
+        made = stage(f"init-model {config}", [bins["corpusdb"], "init-model", "--out", model_dir,
+                                              "--config", config_file, "--dtype", "bf16"], 300, memory=False)
+        if made.get("exit") != 0:
+            doc["runs"].append(made)
+            continue
+        for mode in modes:
+            ours = stage(f"corpusdb {config} {mode}", [
+                bins["gpu"], "--speed", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
+                "--steps", str(args.steps), "--checkpointing", mode, "--dtype", "bf16", "--device", args.device], 420)
+            theirs_cmd = [sys.executable, baseline, "--model", model_dir, "--batch", str(rows),
+                          "--seq-len", str(seq), "--steps", str(args.steps), "--device", args.device,
+                          "--dtype", "bfloat16", "--json"]
+            if mode == "layers":
+                theirs_cmd.append("--gradient-checkpointing")
+            theirs = stage(f"pytorch {config} {mode}", theirs_cmd, 420)
+            run = {"model": config, "rows": rows, "seq_len": seq, "checkpointing": mode,
+                   "corpusdb": ours, "pytorch_peft": theirs}
+            if ours.get("tokens_per_s") and theirs.get("tokens_per_s"):
+                run["speed_ratio"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
+            if ours.get("peak_gpu_used_mib") and theirs.get("peak_gpu_used_mib"):
+                run["memory_ratio"] = round(ours["peak_gpu_used_mib"] / theirs["peak_gpu_used_mib"], 3)
+            doc["runs"].append(run)
+            emit()
+            if key == "1b" and mode == "layers" and args.device == "cuda":
+                # Before corpusdb's kernels: candle's composed ops (dropout masks drawn on the
+                # CPU and uploaded, RMS norm from elementary ops).
+                doc["composed_1b_layers"] = stage(f"corpusdb {config} {mode} composed", [
+                    bins["gpu"], "--speed", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
+                    "--steps", "2", "--checkpointing", mode, "--dtype", "bf16", "--device", "cuda"], 240,
+                    env={"CORPUSDB_CUDA_KERNELS": "composed"})
+                emit()
+        shutil.rmtree(model_dir, ignore_errors=True)
+    print(emit())
+
+
+if __name__ == "__main__":
+    main()

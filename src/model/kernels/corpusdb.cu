@@ -1,0 +1,123 @@
+// corpusdb's own CUDA kernels, compiled to PTX by build.rs when the `cuda` feature is on and
+// loaded by src/model/cuda.rs. Each one has a CPU twin it must agree with bit for bit or
+// within rounding; tests compare them on a GPU (benches/gpu.rs --check).
+
+#include <stdint.h>
+
+#define GOLDEN 0x9E3779B97F4A7C15ULL
+
+// SplitMix64's output function (src/synth.rs).
+__device__ __forceinline__ uint64_t splitmix_mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+// The keep/drop draw of element i of a keyed dropout mask, exactly as
+// rng::dropout_in_place draws it on the CPU: chunks of 2^16 elements, chunk c's stream is
+// SplitMix64::keyed(base, [c]), element j of the chunk is that stream's (j+1)-th output.
+__device__ __forceinline__ bool dropped(uint64_t base, uint64_t i, float p) {
+    uint64_t chunk = i >> 16, j = i & 0xFFFF;
+    uint64_t state = splitmix_mix(base + GOLDEN) ^ (chunk * GOLDEN);
+    uint64_t z = splitmix_mix(state + (j + 1) * GOLDEN);
+    float u = (float)(z >> 40) / 16777216.0f;
+    return u < p;
+}
+
+extern "C" __global__ void keyed_dropout_f32(const float *in, float *out, uint64_t n,
+                                             uint64_t base, float p, float keep) {
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        out[i] = dropped(base, i, p) ? 0.0f : in[i] * keep;
+    }
+}
+
+extern "C" __global__ void keyed_dropout_f64(const double *in, double *out, uint64_t n,
+                                             uint64_t base, float p, float keep) {
+    double k = (double)keep;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        out[i] = dropped(base, i, p) ? 0.0 : in[i] * k;
+    }
+}
+
+// ---- RMS norm: one block per row, sums in f32 ----
+
+#include <cuda_bf16.h>
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+    return __float2bfloat16(v);
+}
+
+// The sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread
+// gets it.
+__device__ float block_sum(float v, float *shared) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // `shared` may still be read from a previous call
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    v = lane < warps ? shared[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    return v;
+}
+
+// y = x * w / sqrt(mean(x^2) + eps), row by row.
+template <typename T>
+__device__ void rms_norm_fwd(const T *x, const T *w, T *y, int dim, float eps) {
+    __shared__ float shared[32];
+    const T *row = x + (size_t)blockIdx.x * dim;
+    T *out = y + (size_t)blockIdx.x * dim;
+    float squares = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = to_float(row[i]);
+        squares += v * v;
+    }
+    float r = rsqrtf(block_sum(squares, shared) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        out[i] = from_float<T>(to_float(row[i]) * r * to_float(w[i]));
+    }
+}
+
+// dx = r*(g*w) - x * r^3 * mean(g*w*x), r = 1/sqrt(mean(x^2) + eps); w is frozen.
+template <typename T>
+__device__ void rms_norm_bwd(const T *x, const T *g, const T *w, T *dx, int dim, float eps) {
+    __shared__ float shared[32];
+    size_t base = (size_t)blockIdx.x * dim;
+    float squares = 0.0f, dot = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = to_float(x[base + i]);
+        squares += v * v;
+        dot += to_float(g[base + i]) * to_float(w[i]) * v;
+    }
+    squares = block_sum(squares, shared);
+    dot = block_sum(dot, shared);
+    float r = rsqrtf(squares / dim + eps);
+    float c = r * r * r * dot / dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = to_float(x[base + i]);
+        dx[base + i] = from_float<T>(r * to_float(g[base + i]) * to_float(w[i]) - v * c);
+    }
+}
+
+extern "C" __global__ void rms_norm_fwd_f32(const float *x, const float *w, float *y, int dim, float eps) {
+    rms_norm_fwd(x, w, y, dim, eps);
+}
+extern "C" __global__ void rms_norm_fwd_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *w,
+                                             __nv_bfloat16 *y, int dim, float eps) {
+    rms_norm_fwd(x, w, y, dim, eps);
+}
+extern "C" __global__ void rms_norm_bwd_f32(const float *x, const float *g, const float *w, float *dx,
+                                            int dim, float eps) {
+    rms_norm_bwd(x, g, w, dx, dim, eps);
+}
+extern "C" __global__ void rms_norm_bwd_bf16(const __nv_bfloat16 *x, const __nv_bfloat16 *g,
+                                             const __nv_bfloat16 *w, __nv_bfloat16 *dx, int dim,
+                                             float eps) {
+    rms_norm_bwd(x, g, w, dx, dim, eps);
+}
