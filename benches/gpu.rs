@@ -14,6 +14,9 @@
 //!     Full optimizer steps (LoRA r=32, alpha 64, dropout 0.05 on all seven projections,
 //!     AdamW) on random token ids with every token trained, as benches/peft_baseline.py
 //!     does; prints one JSON object (tokens/s, step times, losses).
+//! gpu --profile --model DIR [--rows 4] [--seq 2048] [--dtype bf16|f32] [--device cuda|cpu]
+//!     Where a step's time goes: one decoder layer, attention, the frozen products, the
+//!     LoRA deltas, RMS norm and the loss, each timed alone (milliseconds).
 //! ```
 //!
 //! Under `cargo test --all-targets` (no arguments) it runs the emulated check on a tiny
@@ -527,10 +530,216 @@ fn speed(args: &[String]) -> Value {
     })
 }
 
+/// Milliseconds per call of `f` (after one warm-up call), the device synchronised around.
+fn time_ms(device: &Device, mut f: impl FnMut()) -> f64 {
+    f();
+    device.synchronize().unwrap();
+    let reps = 3;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    device.synchronize().unwrap();
+    t0.elapsed().as_secs_f64() * 1e3 / reps as f64
+}
+
+/// Where a training step's time goes: one decoder layer and its parts, each timed alone
+/// (forward, and forward + backward) at the speed run's shapes.
+fn profile(args: &[String]) -> Value {
+    use corpusdb::model::attention::{self, AttentionMask};
+    use std::sync::Arc;
+    let device = device_of(arg(args, "--device"));
+    let dtype = dtype_of(arg(args, "--dtype"));
+    let num = |name: &str, default: usize| {
+        arg(args, name).map_or(default, |v| v.parse().expect("a number"))
+    };
+    let (rows, seq) = (num("--rows", 4), num("--seq", 2048));
+    let path = arg(args, "--model").expect("--model DIR (a Hugging Face folder)");
+    let model = weights::load(Path::new(path), &device, dtype).unwrap();
+    let lora = Lora::new(LoraConfig::default(), &model.config, 1, &device).unwrap();
+    let c = model.config.clone();
+    let (batch, targets) = random_batch(c.vocab_size, rows, seq, 7);
+    let segments: Vec<u32> = batch.segment_ids.flatten_all().unwrap().to_vec1().unwrap();
+    let mask = AttentionMask::Packed(Arc::new(segments));
+    let ids = batch.input_ids.to_device(&device).unwrap();
+    let positions = batch.position_ids.to_device(&device).unwrap();
+    let key = DropoutKey {
+        seed: 1,
+        step: 0,
+        micro_batch: 0,
+    };
+    let adapter = Some(model::Adapter {
+        lora: &lora,
+        dropout: Some(key),
+    });
+    let x = model.embed(&ids).unwrap();
+    let upstream = (x.ones_like().unwrap() * 1e-3).unwrap();
+    let mut report = serde_json::Map::new();
+    let mut put = |name: &str, ms: f64| {
+        eprintln!("{name}: {ms:.2} ms");
+        report.insert(name.into(), json!(ms));
+    };
+    put(
+        "context_ms",
+        time_ms(&device, || {
+            model.context(&positions, &mask, 0).unwrap();
+        }),
+    );
+    let context = model.context(&positions, &mask, 0).unwrap();
+    put(
+        "layer_forward_ms",
+        time_ms(&device, || {
+            model.decoder_layer(0, &x, &context, adapter, None).unwrap();
+        }),
+    );
+    put(
+        "layer_forward_backward_ms",
+        time_ms(&device, || {
+            let input = Var::from_tensor(&x).unwrap();
+            let y = model
+                .decoder_layer(0, input.as_tensor(), &context, adapter, None)
+                .unwrap();
+            (y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+        }),
+    );
+    put(
+        "layer_forward_no_adapter_ms",
+        time_ms(&device, || {
+            model.decoder_layer(0, &x, &context, None, None).unwrap();
+        }),
+    );
+    // Attention alone, at the layer's shapes (query heads stacked per key/value head).
+    let (kv, d) = (c.kv_heads(), c.head_dim());
+    let group = c.num_attention_heads / kv;
+    let rand = |key: u64, shape: (usize, usize, usize, usize)| {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        Tensor::from_vec(model::rng::normal(2, &[key], n, 1.0), shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .and_then(|t| t.to_device(&device))
+            .unwrap()
+    };
+    let q = Var::from_tensor(&rand(1, (rows, kv, group * seq, d))).unwrap();
+    let k = Var::from_tensor(&rand(2, (rows, kv, seq, d))).unwrap();
+    let v = Var::from_tensor(&rand(3, (rows, kv, seq, d))).unwrap();
+    let prepared = attention::prepare(&mask, rows, seq, 0, &device, dtype).unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+    put(
+        "attention_forward_ms",
+        time_ms(&device, || {
+            attention::attend(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                scale,
+                &prepared,
+            )
+            .unwrap();
+        }),
+    );
+    put(
+        "attention_forward_backward_ms",
+        time_ms(&device, || {
+            let o = attention::attend(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                scale,
+                &prepared,
+            )
+            .unwrap();
+            o.sum_all().unwrap().backward().unwrap();
+        }),
+    );
+    // The seven frozen products of a layer, forward only.
+    let flat = x.reshape((rows * seq, c.hidden_size)).unwrap();
+    let wide = Tensor::zeros((rows * seq, c.intermediate_size), dtype, &device).unwrap();
+    put(
+        "projections_forward_ms",
+        time_ms(&device, || {
+            for (t, w) in model.layers[0].projections.iter().enumerate() {
+                let input = if t == 6 { &wide } else { &flat };
+                model::frozen::frozen_linear(input, w).unwrap();
+            }
+        }),
+    );
+    put(
+        "lora_deltas_forward_backward_ms",
+        time_ms(&device, || {
+            let mut total: Option<Tensor> = None;
+            for target in model::Target::ALL {
+                let input = if target == model::Target::Down {
+                    &wide
+                } else {
+                    &flat
+                };
+                let delta = lora.delta(0, target, input, Some(&key)).unwrap().unwrap();
+                let s = delta.sum_all().unwrap();
+                total = Some(match total {
+                    Some(t) => (t + s).unwrap(),
+                    None => s,
+                });
+            }
+            total.unwrap().backward().unwrap();
+        }),
+    );
+    put(
+        "rms_norm_forward_backward_ms",
+        time_ms(&device, || {
+            let input = Var::from_tensor(&x).unwrap();
+            let y = model::rms_norm(input.as_tensor(), &model.layers[0].input_norm, 1e-5).unwrap();
+            (y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+        }),
+    );
+    // The loss over all trained tokens, chunk by chunk, with its gradient.
+    let hidden = x.reshape((rows * seq, c.hidden_size)).unwrap();
+    let picked = hidden
+        .index_select(
+            &Tensor::new(targets.positions.as_slice(), &device).unwrap(),
+            0,
+        )
+        .unwrap();
+    put(
+        "loss_forward_backward_ms",
+        time_ms(&device, || {
+            for start in (0..targets.len()).step_by(1024) {
+                let len = 1024.min(targets.len() - start);
+                let rows = Var::from_tensor(&picked.narrow(0, start, len).unwrap()).unwrap();
+                let nll = loss::nll_of_logits(
+                    &model.logits(rows.as_tensor()).unwrap(),
+                    &targets.tokens[start..start + len],
+                )
+                .unwrap()
+                .sum_all()
+                .unwrap();
+                nll.backward().unwrap();
+            }
+        }),
+    );
+    report.insert("layers".into(), json!(c.num_hidden_layers));
+    report.insert("rows".into(), json!(rows));
+    report.insert("seq_len".into(), json!(seq));
+    report.insert("model".into(), json!(path));
+    Value::Object(report)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--speed") {
         println!("{}", speed(&args));
+        return;
+    }
+    if args.iter().any(|a| a == "--profile") {
+        println!("{}", profile(&args));
         return;
     }
     let explicit = args.iter().any(|a| a == "--check");
