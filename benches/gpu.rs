@@ -312,6 +312,84 @@ fn check(device: &Device, tiny: bool, emulate: bool) -> (Value, bool) {
     }
     on_device(false);
 
+    // 1c. The attention kernels (cuBLAS products, masked softmax) against the composed ops
+    // on the device: packed rows of two segments and plain causal rows, grouped queries.
+    on_device(true);
+    {
+        use corpusdb::model::attention::{self, AttentionMask};
+        let (b, kv, group, t, d) = (2, 2, 2, 48, 16);
+        let mut ids = vec![1u32; b * t];
+        for (i, id) in ids.iter_mut().enumerate() {
+            // Row 0: segments 1 (30 tokens) and 2; row 1: one segment then padding (0).
+            *id = match (i / t, i % t) {
+                (0, j) if j < 30 => 1,
+                (0, _) => 2,
+                (_, j) if j < 40 => 3,
+                _ => 0,
+            };
+        }
+        let masks = [
+            ("packed", AttentionMask::Packed(std::sync::Arc::new(ids))),
+            ("causal", AttentionMask::Causal),
+        ];
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+            for (mask_name, mask) in &masks {
+                let tensor = |key: u64, rows: usize| {
+                    let n = b * kv * rows * d;
+                    Tensor::from_vec(
+                        model::rng::normal(8, &[key], n, 1.0),
+                        (b, kv, rows, d),
+                        device,
+                    )
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap()
+                };
+                let (q, k, v) = (
+                    Var::from_tensor(&tensor(1, group * t)).unwrap(),
+                    Var::from_tensor(&tensor(2, t)).unwrap(),
+                    Var::from_tensor(&tensor(3, t)).unwrap(),
+                );
+                let upstream = tensor(4, group * t).to_dtype(DType::F32).unwrap();
+                let mut outputs = Vec::new();
+                for kernels in [true, false] {
+                    set_kernels(kernels);
+                    let prepared = attention::prepare(mask, b, t, 0, device, dtype).unwrap();
+                    let o = attention::attend(
+                        q.as_tensor(),
+                        k.as_tensor(),
+                        v.as_tensor(),
+                        0.25,
+                        &prepared,
+                    )
+                    .unwrap();
+                    let grads = (o.to_dtype(DType::F32).unwrap() * &upstream)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let mut out = HashMap::from([("o".to_string(), flat(&o))]);
+                    for (name, var) in [("dq", &q), ("dk", &k), ("dv", &v)] {
+                        out.insert(
+                            name.to_string(),
+                            flat(grads.get(var.as_tensor()).expect("a gradient")),
+                        );
+                    }
+                    outputs.push(out);
+                }
+                set_kernels(true);
+                let name = format!("attention_kernel_rel_err_{mask_name}_{dtype:?}").to_lowercase();
+                verdict(
+                    &name,
+                    relative_error(&outputs[1], &outputs[0]),
+                    tolerance,
+                    &mut report,
+                );
+            }
+        }
+    }
+    on_device(false);
+
     // 2. Gradients of one micro-batch: CPU f32 against the device, both regimes.
     let reference = Trainer::new(
         load(&Device::Cpu, DType::F32),

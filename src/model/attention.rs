@@ -81,6 +81,12 @@ pub struct Prepared<'a> {
     t: usize,
     past: usize,
     additive: Option<Tensor>,
+    /// CUDA with corpusdb's kernels: products through cuBLAS, the masking rule applied
+    /// by the softmax kernel (no additive mask exists).
+    kernel: bool,
+    /// Packed rows' segment ids on the device, for the softmax kernel.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    segments: Option<Tensor>,
 }
 
 /// Checks the mask against the batch and builds what the attention of every layer needs.
@@ -92,6 +98,24 @@ pub fn prepare<'a>(
     device: &Device,
     dtype: DType,
 ) -> Result<Prepared<'a>> {
+    let kernel = super::cuda_kernels(device) && matches!(dtype, DType::F32 | DType::BF16);
+    if kernel {
+        mask.check(b, t, past)?;
+        let segments = match mask {
+            AttentionMask::Packed(ids) => {
+                Some(Tensor::from_slice(ids.as_slice(), ids.len(), device)?)
+            }
+            AttentionMask::Causal => None,
+        };
+        return Ok(Prepared {
+            rule: mask,
+            t,
+            past,
+            additive: None,
+            kernel,
+            segments,
+        });
+    }
     prepare_as(mask, b, t, past, device, dtype, !fused(device, dtype))
 }
 
@@ -131,6 +155,8 @@ fn prepare_as<'a>(
         t,
         past,
         additive,
+        kernel: false,
+        segments: None,
     })
 }
 
@@ -158,6 +184,9 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Prepared) -
             v.dims()
         )
     }
+    if mask.kernel {
+        return attend_kernel(q, k, v, scale, mask);
+    }
     let Some(additive) = &mask.additive else {
         return q.contiguous()?.apply_op3(
             &k.contiguous()?,
@@ -182,6 +211,32 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Prepared) -
         .broadcast_div(&exp.sum_keepdim(D::Minus1)?)?
         .reshape((b, kv_heads, rows, s))?;
     probs.to_dtype(v.dtype())?.matmul(v)
+}
+
+/// Attention on CUDA with corpusdb's kernels: `q·kᵀ` and `p·v` through cuBLAS in the
+/// inputs' dtype, the scaled, masked softmax in f32 by one kernel whose backward needs only
+/// its output (no additive mask, no f32 copies of the scores).
+#[cfg(feature = "cuda")]
+fn attend_kernel(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &Prepared,
+) -> Result<Tensor> {
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let probs = scores.apply_op1(super::cuda::MaskedSoftmax {
+        scale: scale as f32,
+        t: mask.t,
+        past: mask.past,
+        segments: mask.segments.clone(),
+    })?;
+    probs.matmul(&v.contiguous()?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn attend_kernel(_: &Tensor, _: &Tensor, _: &Tensor, _: f64, _: &Prepared) -> Result<Tensor> {
+    candle_core::bail!("attention kernels need a build with the `cuda` feature")
 }
 
 /// Queries and keys per block: a 64 × 64 block of scores is 16 KiB in f32.

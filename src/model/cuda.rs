@@ -195,3 +195,173 @@ pub fn rms_norm_backward(
         other => candle_core::bail!("rms norm kernel: unsupported dtype {other:?}"),
     })
 }
+
+/// `softmax(scale · scores)` over the keys each query may see, for attention scores
+/// `[b, kv_heads, group × t, past + t]` (the rule of `AttentionMask::allows`: causal, and
+/// within the query's segment when `segments` holds the packed rows' ids on the device).
+/// The probabilities are the op's output and all its backward pass needs.
+pub struct MaskedSoftmax {
+    pub scale: f32,
+    pub t: usize,
+    pub past: usize,
+    /// `[b × t]` segment ids (u32) on the device, for packed rows.
+    pub segments: Option<candle_core::Tensor>,
+}
+
+impl candle_core::CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("masked softmax: a CUDA kernel (the CPU has its blockwise attention)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, candle_core::Shape)> {
+        let device = &storage.device;
+        let dims = layout.dims();
+        let s = *dims.last().unwrap_or(&1);
+        let n = layout.shape().elem_count();
+        let rows = n / s.max(1);
+        let rows_per_batch = (rows / dims.first().copied().unwrap_or(1).max(1)) as i64;
+        if s != self.past + self.t || rows_per_batch % self.t as i64 != 0 {
+            candle_core::bail!(
+                "masked softmax: scores {dims:?} do not fit {} queries after {}",
+                self.t,
+                self.past
+            )
+        }
+        let (t, past, s_arg, scale) = (self.t as i32, self.past as i32, s as i32, self.scale);
+        let segments_storage = self.segments.as_ref().map(|t| t.storage_and_layout());
+        let null: u64 = 0;
+        macro_rules! launch {
+            ($ty:ty, $name:literal, $variant:ident) => {{
+                let func = device.get_or_load_custom_func($name, MODULE, PTX)?;
+                let scores = view!(storage, layout, $ty);
+                // SAFETY: the kernel writes every element of every row.
+                let out = unsafe { device.alloc::<$ty>(n)? };
+                let segments_view = match &segments_storage {
+                    Some((seg, seg_layout)) => {
+                        let candle_core::Storage::Cuda(seg) = &**seg else {
+                            candle_core::bail!("masked softmax: segment ids must be on the device")
+                        };
+                        Some(view!(seg, seg_layout, u32))
+                    }
+                    None => None,
+                };
+                let mut builder = func.builder();
+                builder.arg(&scores);
+                builder.arg(&out);
+                match &segments_view {
+                    Some(view) => builder.arg(view),
+                    None => builder.arg(&null),
+                };
+                builder.arg(&t);
+                builder.arg(&past);
+                builder.arg(&s_arg);
+                builder.arg(&rows_per_batch);
+                builder.arg(&scale);
+                // SAFETY: the argument list matches the kernel's signature.
+                unsafe { builder.launch(per_row(rows)) }.w()?;
+                CudaStorage {
+                    slice: CudaStorageSlice::$variant(out),
+                    device: device.clone(),
+                }
+            }};
+        }
+        let out = match storage.dtype() {
+            candle_core::DType::F32 => launch!(f32, "masked_softmax_f32", F32),
+            candle_core::DType::BF16 => launch!(half::bf16, "masked_softmax_bf16", BF16),
+            other => candle_core::bail!("masked softmax: unsupported dtype {other:?}"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &candle_core::Tensor,
+        probs: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<Option<candle_core::Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(probs.apply_op2_no_bwd(
+            &grad,
+            &SoftmaxBackward { scale: self.scale },
+        )?))
+    }
+}
+
+/// `(probs, d probs) -> d scores = scale · p · (dp − Σ p·dp)` per row.
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("softmax backward: a CUDA kernel")
+    }
+
+    fn cuda_fwd(
+        &self,
+        probs: &CudaStorage,
+        probs_layout: &Layout,
+        dprobs: &CudaStorage,
+        dprobs_layout: &Layout,
+    ) -> Result<(CudaStorage, candle_core::Shape)> {
+        let device = &probs.device;
+        let s = *probs_layout.dims().last().unwrap_or(&1);
+        let n = probs_layout.shape().elem_count();
+        let rows = n / s.max(1);
+        let (s_arg, scale) = (s as i32, self.scale);
+        if dprobs_layout.shape() != probs_layout.shape() {
+            candle_core::bail!("softmax backward: gradient of another shape")
+        }
+        macro_rules! launch {
+            ($ty:ty, $name:literal, $variant:ident) => {{
+                let func = device.get_or_load_custom_func($name, MODULE, PTX)?;
+                let (p, dp) = (
+                    view!(probs, probs_layout, $ty),
+                    view!(dprobs, dprobs_layout, $ty),
+                );
+                // SAFETY: the kernel writes every element of every row.
+                let out = unsafe { device.alloc::<$ty>(n)? };
+                let mut builder = func.builder();
+                builder.arg(&p);
+                builder.arg(&dp);
+                builder.arg(&out);
+                builder.arg(&s_arg);
+                builder.arg(&scale);
+                // SAFETY: the argument list matches the kernel's signature.
+                unsafe { builder.launch(per_row(rows)) }.w()?;
+                CudaStorage {
+                    slice: CudaStorageSlice::$variant(out),
+                    device: device.clone(),
+                }
+            }};
+        }
+        let out = match probs.dtype() {
+            candle_core::DType::F32 => launch!(f32, "softmax_backward_f32", F32),
+            candle_core::DType::BF16 => launch!(half::bf16, "softmax_backward_bf16", BF16),
+            other => candle_core::bail!("softmax backward: unsupported dtype {other:?}"),
+        };
+        Ok((out, probs_layout.shape().clone()))
+    }
+}

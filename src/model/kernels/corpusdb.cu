@@ -121,3 +121,82 @@ extern "C" __global__ void rms_norm_bwd_bf16(const __nv_bfloat16 *x, const __nv_
                                              float eps) {
     rms_norm_bwd(x, g, w, dx, dim, eps);
 }
+
+// ---- Attention's softmax: the masking rule applied in place of an additive mask ----
+//
+// Scores `[b, kv_heads, group * t, s]` (s = past + t; the query heads of one key/value head
+// stacked, `t` queries each): row r belongs to batch row r / rows_per_batch and query
+// r % t. Query i sees key j when j <= past + i and, for packed rows (segments != NULL,
+// past == 0), segments[b*t + j] == segments[b*t + i]: AttentionMask::allows.
+
+__device__ float block_max(float v, float *shared) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    v = lane < warps ? shared[lane] : -INFINITY;
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    return v;
+}
+
+// probs = softmax(scale * scores) over the keys each query sees (0 elsewhere), in f32.
+template <typename T>
+__device__ void masked_softmax(const T *scores, T *probs, const uint32_t *segments, int t, int past,
+                               int s, long long rows_per_batch, float scale) {
+    __shared__ float shared[32];
+    size_t r = blockIdx.x;
+    const T *row = scores + r * s;
+    T *out = probs + r * s;
+    long long batch = (long long)r / rows_per_batch;
+    int i = (int)(r % t);
+    int last = past + i;
+    uint32_t own = segments ? segments[batch * t + i] : 0;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j <= last && j < s; j += blockDim.x) {
+        if (!segments || segments[batch * t + j] == own) m = fmaxf(m, to_float(row[j]) * scale);
+    }
+    m = block_max(m, shared);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j <= last && j < s; j += blockDim.x) {
+        if (!segments || segments[batch * t + j] == own) sum += expf(to_float(row[j]) * scale - m);
+    }
+    float inv = 1.0f / block_sum(sum, shared);
+    for (int j = threadIdx.x; j < s; j += blockDim.x) {
+        bool seen = j <= last && (!segments || segments[batch * t + j] == own);
+        out[j] = from_float<T>(seen ? expf(to_float(row[j]) * scale - m) * inv : 0.0f);
+    }
+}
+
+// The gradient with respect to the scores: scale * p * (dp - sum(p * dp)) per row.
+template <typename T>
+__device__ void softmax_backward(const T *probs, const T *dprobs, T *dscores, int s, float scale) {
+    __shared__ float shared[32];
+    size_t base = (size_t)blockIdx.x * s;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < s; j += blockDim.x) dot += to_float(probs[base + j]) * to_float(dprobs[base + j]);
+    dot = block_sum(dot, shared);
+    for (int j = threadIdx.x; j < s; j += blockDim.x) {
+        float p = to_float(probs[base + j]);
+        dscores[base + j] = from_float<T>(scale * p * (to_float(dprobs[base + j]) - dot));
+    }
+}
+
+extern "C" __global__ void masked_softmax_f32(const float *scores, float *probs, const uint32_t *segments,
+                                              int t, int past, int s, long long rows_per_batch, float scale) {
+    masked_softmax(scores, probs, segments, t, past, s, rows_per_batch, scale);
+}
+extern "C" __global__ void masked_softmax_bf16(const __nv_bfloat16 *scores, __nv_bfloat16 *probs,
+                                               const uint32_t *segments, int t, int past, int s,
+                                               long long rows_per_batch, float scale) {
+    masked_softmax(scores, probs, segments, t, past, s, rows_per_batch, scale);
+}
+extern "C" __global__ void softmax_backward_f32(const float *probs, const float *dprobs, float *dscores, int s,
+                                                float scale) {
+    softmax_backward(probs, dprobs, dscores, s, scale);
+}
+extern "C" __global__ void softmax_backward_bf16(const __nv_bfloat16 *probs, const __nv_bfloat16 *dprobs,
+                                                 __nv_bfloat16 *dscores, int s, float scale) {
+    softmax_backward(probs, dprobs, dscores, s, scale);
+}
