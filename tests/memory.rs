@@ -323,13 +323,10 @@ fn llama3_8b_fits_80_gib_with_checkpointing_only() {
     let text = layers.to_string();
     assert!(text.contains("expected peak"), "{text}");
     assert!(text.contains("GiB"), "{text}");
-    // bf16 attention is composed today: 8 rows × 32 heads × 2,048² scores, six f32 and
-    // two bf16 copies, reported beside the plan.
-    assert_eq!(
-        layers.composed_attention,
-        8 * 32 * 2048 * 2048 * (6 * 4 + 2 * 2)
-    );
-    assert!(text.contains("composed"), "{text}");
+    // Attention on CUDA keeps 8 rows × 32 heads × 2,048² scores and probabilities in
+    // bf16, reported beside the plan.
+    assert_eq!(layers.cuda_attention, 8 * 32 * 2048 * 2048 * 2 * 2);
+    assert!(text.contains("scores and probabilities"), "{text}");
 }
 
 #[test]

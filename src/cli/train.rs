@@ -39,7 +39,7 @@ use corpusdb::train::{self, memory, Checkpointing, DeviceKind, Resume, RunOption
 ///
 /// The plan is arithmetic over the model's shape (see src/train/memory.rs for each term).
 /// It assumes the fused attention and RMS norm ops of the CPU's f32 path; with a bf16 base
-/// or on CUDA attention is composed today, and the table notes what its scores add.
+/// or on CUDA attention keeps its scores and probabilities, and the table notes what they add.
 #[derive(clap::Args)]
 pub struct TrainArgs {
     /// Training config (YAML), e.g. configs/training/emergent_personality.yaml.
