@@ -21,6 +21,8 @@ pub struct ChatTokenizer {
     /// right after the content.
     end_of_turn: String,
     pub pad_id: u32,
+    /// Where the template came from, for messages.
+    origin: String,
 }
 
 enum Template {
@@ -116,20 +118,29 @@ impl ChatTokenizer {
                         ))
                     },
                 );
+                // transformers' `tojson`: Python's json.dumps spacing, `indent` honoured.
+                env.add_filter(
+                    "tojson",
+                    |value: minijinja::Value,
+                     kwargs: minijinja::value::Kwargs|
+                     -> Result<String, minijinja::Error> {
+                        let indent: Option<usize> = kwargs.get("indent")?;
+                        let _: Option<bool> = kwargs.get("ensure_ascii")?;
+                        let _: Option<bool> = kwargs.get("sort_keys")?;
+                        kwargs.assert_all_used()?;
+                        let json = serde_json::to_value(&value).map_err(|e| {
+                            minijinja::Error::new(
+                                minijinja::ErrorKind::InvalidOperation,
+                                e.to_string(),
+                            )
+                        })?;
+                        Ok(python_json(&json, indent))
+                    },
+                );
+                env.add_function("strftime_now", |format: String| strftime_now(&format));
                 env.add_template_owned("chat", source)
                     .map_err(|e| format!("{}: chat_template: {e}", config_file.display()))?;
-                // Templates end assistant turns with their own marker; ChatML-style
-                // templates use <|im_end|>, most others the eos token.
-                let end = if env
-                    .get_template("chat")
-                    .map(|t| t.source().contains("<|im_end|>"))
-                    .unwrap_or(false)
-                {
-                    "<|im_end|>".to_string()
-                } else {
-                    specials.eos.clone()
-                };
-                (Template::Jinja(Box::new(env), specials), end)
+                (Template::Jinja(Box::new(env), specials), String::new())
             }
             None => (Template::ChatMl, "<|im_end|>".to_string()),
         };
@@ -137,12 +148,72 @@ impl ChatTokenizer {
             .iter()
             .find_map(|t| tokenizer.token_to_id(t))
             .unwrap_or(0);
-        Ok(ChatTokenizer {
+        let mut chat = ChatTokenizer {
             tokenizer,
             template,
             end_of_turn,
             pad_id,
-        })
+            origin: origin.display().to_string(),
+        };
+        if chat.end_of_turn.is_empty() {
+            chat.end_of_turn = chat.detect_end_of_turn().unwrap_or_default();
+        }
+        Ok(chat)
+    }
+
+    /// The model's end-of-turn marker, read from its template: a probe conversation is
+    /// rendered and the special token (or the template's eos text) right after the
+    /// assistant's reply is the marker (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`,
+    /// `<|end|>`, `</s>`, ...). `None` when the template puts none there.
+    fn detect_end_of_turn(&self) -> Option<String> {
+        const REPLY: &str = "Probe reply 7f3a.";
+        let probe = Conversation {
+            messages: vec![
+                crate::conversation::Message::new(Role::User, "Probe question?"),
+                crate::conversation::Message::new(Role::Assistant, REPLY),
+            ],
+            tools: None,
+        };
+        let text = self.render(&probe).ok()?;
+        let after = &text[text.find(REPLY)? + REPLY.len()..];
+        let after = after.trim_start_matches([' ', '\n']);
+        let mut candidates: Vec<String> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special)
+            .map(|t| t.content.clone())
+            .collect();
+        if let Template::Jinja(_, specials) = &self.template {
+            candidates.push(specials.eos.clone());
+        }
+        candidates
+            .into_iter()
+            .filter(|c| !c.is_empty() && after.starts_with(c.as_str()))
+            .max_by_key(|c| c.len())
+    }
+
+    /// The end-of-turn marker trained after each reply (empty when none is known).
+    pub fn end_of_turn(&self) -> &str {
+        &self.end_of_turn
+    }
+
+    /// Sets the end-of-turn marker (a training config's `end_of_turn:`), for templates
+    /// whose own marker cannot be read from their output.
+    pub fn set_end_of_turn(&mut self, marker: &str) {
+        self.end_of_turn = marker.to_string();
+    }
+
+    /// An error naming the template when no end-of-turn marker is known: a model trained
+    /// without one never learns to stop.
+    pub fn require_end_of_turn(&self) -> Result<(), String> {
+        if self.end_of_turn.is_empty() {
+            return Err(format!(
+                "{}: the chat template writes no end-of-turn marker after an assistant reply (no special token or eos follows it), so the model would never learn to stop; set `end_of_turn: \"<marker>\"` in the training config (e.g. `<|eot_id|>`, `<end_of_turn>`, `</s>`)",
+                self.origin
+            ));
+        }
+        Ok(())
     }
 
     /// Whether a chat template from tokenizer_config.json is used (else ChatML).
@@ -169,32 +240,15 @@ impl ChatTokenizer {
         let shown = &conversation.messages[..upto];
         match &self.template {
             Template::ChatMl => {
-                let (mut text, _) = chatml(shown);
+                let (mut text, _) = chatml(shown, conversation.tools.as_deref());
                 if add_generation_prompt {
                     text.push_str("<|im_start|>assistant\n");
                 }
                 Ok(text)
             }
             Template::Jinja(env, specials) => {
-                let messages: Vec<serde_json::Value> = shown
-                    .iter()
-                    .map(|m| {
-                        let mut v =
-                            serde_json::json!({"role": m.role.as_str(), "content": m.content});
-                        if let Some(name) = &m.name {
-                            v["name"] = name.clone().into();
-                        }
-                        if let Some(calls) = &m.tool_calls {
-                            v["tool_calls"] =
-                                serde_json::from_str(calls).unwrap_or(serde_json::Value::Null);
-                        }
-                        v
-                    })
-                    .collect();
-                let tools: Option<serde_json::Value> = conversation
-                    .tools
-                    .as_deref()
-                    .and_then(|t| serde_json::from_str(t).ok());
+                let messages = hf_messages(shown);
+                let tools = conversation.tools.as_deref().and_then(hf_tools);
                 let template = env.get_template("chat").map_err(|e| e.to_string())?;
                 template
                     .render(minijinja::context! {
@@ -260,15 +314,37 @@ impl ChatTokenizer {
     ) -> Result<Vec<(usize, usize)>, String> {
         if let Template::ChatMl = self.template {
             // Our own rendering knows where every reply is.
-            return Ok(chatml(&conversation.messages).1);
+            return Ok(chatml(&conversation.messages, conversation.tools.as_deref()).1);
         }
         let mut spans = Vec::new();
         let mut cursor = 0;
         for (i, m) in conversation.messages.iter().enumerate() {
-            if m.role != Role::Assistant || m.content.is_empty() {
+            if m.role != Role::Assistant || (m.content.is_empty() && m.tool_calls.is_none()) {
                 continue;
             }
             let prefix = self.render_messages(conversation, i, true)?;
+            // The turn as the template writes it: what rendering it adds to the
+            // conversation so far and its generation prompt. Everything in it is the
+            // model's to produce (content, tool calls, end-of-turn marker), so it is
+            // trained, up to trailing whitespace.
+            let through = self.render_messages(conversation, i + 1, false)?;
+            if through.len() > prefix.len()
+                && through.starts_with(prefix.as_str())
+                && text.starts_with(through.as_str())
+            {
+                let end = through.trim_end().len().max(prefix.len());
+                if end > prefix.len() {
+                    spans.push((prefix.len(), end));
+                    cursor = end;
+                    continue;
+                }
+            }
+            if m.content.is_empty() {
+                return Err(
+                    "the chat template's text for an assistant turn with tool calls does not extend the conversation before it, so its tokens cannot be found"
+                        .into(),
+                );
+            }
             if text.starts_with(prefix.as_str()) {
                 cursor = cursor.max(prefix.len());
             }
@@ -311,36 +387,263 @@ impl ChatTokenizer {
     }
 }
 
-/// ChatML text of `messages`, and the trained spans: each assistant reply, with the
-/// `<|im_end|>` right after it when nothing (tool calls) comes between.
-fn chatml(messages: &[crate::conversation::Message]) -> (String, Vec<(usize, usize)>) {
+/// ChatML text of `messages` (and the offered `tools`), and the trained spans: each
+/// assistant turn's content, tool calls and `<|im_end|>`.
+///
+/// Tool use is rendered the way Hermes-style ChatML models (Qwen2.5, Hermes 2/3) expect:
+/// the tool schemas in a `<tools></tools>` block of the system turn (one JSON object per
+/// line; a system turn is added when the conversation has none), each call as
+/// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` in the assistant turn after
+/// its content, and tool results as `tool` turns.
+fn chatml(
+    messages: &[crate::conversation::Message],
+    tools: Option<&str>,
+) -> (String, Vec<(usize, usize)>) {
     let mut text = String::new();
     let mut spans = Vec::new();
-    for m in messages {
+    let tools_block = tools.and_then(hf_tools).map(|tools| {
+        let mut block = String::from(
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+        );
+        for tool in tools.as_array().into_iter().flatten() {
+            block.push('\n');
+            block.push_str(&python_json(tool, None));
+        }
+        block.push_str("\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>");
+        block
+    });
+    let has_system = messages.first().is_some_and(|m| m.role == Role::System);
+    if let (Some(block), false) = (&tools_block, has_system) {
+        text.push_str("<|im_start|>system\n");
+        text.push_str(block);
+        text.push_str("<|im_end|>\n");
+    }
+    for (i, m) in messages.iter().enumerate() {
         text.push_str("<|im_start|>");
         text.push_str(m.role.as_str());
         text.push('\n');
         let start = text.len();
         text.push_str(&m.content);
-        let content_end = text.len();
-        if let Some(calls) = &m.tool_calls {
+        if let (0, Some(block), Role::System) = (i, &tools_block, m.role) {
             if !m.content.is_empty() {
+                text.push_str("\n\n");
+            }
+            text.push_str(block);
+        }
+        for call in m
+            .tool_calls
+            .as_deref()
+            .map(hf_tool_calls)
+            .into_iter()
+            .flatten()
+        {
+            if text.len() > start {
                 text.push('\n');
             }
-            text.push_str(calls);
+            let function = &call["function"];
+            let shown =
+                serde_json::json!({"name": function["name"], "arguments": function["arguments"]});
+            text.push_str("<tool_call>\n");
+            text.push_str(&python_json(&shown, None));
+            text.push_str("\n</tool_call>");
         }
         text.push_str("<|im_end|>");
-        if m.role == Role::Assistant && !m.content.is_empty() {
-            let end = if m.tool_calls.is_some() {
-                content_end
-            } else {
-                text.len()
-            };
-            spans.push((start, end));
+        if m.role == Role::Assistant && text.len() > start + "<|im_end|>".len() {
+            spans.push((start, text.len()));
         }
         text.push('\n');
     }
     (text, spans)
+}
+
+/// The current UTC time formatted with the strftime codes chat templates use (`%d`, `%b`,
+/// `%B`, `%Y`, `%m`, `%H`, `%M`, `%S`, `%%`): Llama-3.2's date line.
+fn strftime_now(format: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('b') => out.push_str(&name[..3]),
+            Some('B') => out.push_str(name),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// Tool calls in Hugging Face's chat-template shape: `[{type: "function", function: {name,
+/// arguments}, id?}]`, `arguments` as an object when it is a JSON object in a string (the
+/// OpenAI wire form the store keeps), as templates expect.
+fn hf_tool_calls(calls: &str) -> Vec<serde_json::Value> {
+    let Ok(serde_json::Value::Array(list)) = serde_json::from_str::<serde_json::Value>(calls)
+    else {
+        return Vec::new();
+    };
+    list.into_iter()
+        .map(|call| {
+            let mut function = call
+                .get("function")
+                .cloned()
+                .unwrap_or_else(|| call.clone());
+            if let Some(serde_json::Value::String(args)) = function.get("arguments") {
+                if let Ok(parsed @ serde_json::Value::Object(_)) = serde_json::from_str(args) {
+                    function["arguments"] = parsed;
+                }
+            }
+            let mut out = serde_json::json!({"type": "function", "function": function});
+            if let Some(id) = call.get("id") {
+                out["id"] = id.clone();
+            }
+            out
+        })
+        .collect()
+}
+
+/// Tool schemas in Hugging Face's shape: `{type: "function", function: {name, description,
+/// parameters}}` (bare schemas are wrapped).
+fn hf_tools(tools: &str) -> Option<serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_str(tools).ok()?;
+    let list = match value {
+        serde_json::Value::Array(list) => list,
+        one @ serde_json::Value::Object(_) => vec![one],
+        _ => return None,
+    };
+    let wrapped: Vec<serde_json::Value> = list
+        .into_iter()
+        .map(|tool| {
+            if tool.get("function").is_some() || tool.get("name").is_none() {
+                tool
+            } else {
+                serde_json::json!({"type": "function", "function": tool})
+            }
+        })
+        .collect();
+    (!wrapped.is_empty()).then_some(serde_json::Value::Array(wrapped))
+}
+
+/// Messages as Hugging Face templates read them: `role`, `content`, `name`, `tool_calls`
+/// in HF's shape, and on tool results the `tool_call_id` of the call they answer (the
+/// preceding assistant turn's calls, in order).
+fn hf_messages(messages: &[crate::conversation::Message]) -> Vec<serde_json::Value> {
+    let mut pending: std::collections::VecDeque<serde_json::Value> = Default::default();
+    messages
+        .iter()
+        .map(|m| {
+            let mut v = serde_json::json!({"role": m.role.as_str(), "content": m.content});
+            if let Some(name) = &m.name {
+                v["name"] = name.clone().into();
+            }
+            if let Some(calls) = &m.tool_calls {
+                let calls = hf_tool_calls(calls);
+                pending = calls
+                    .iter()
+                    .map(|c| c.get("id").cloned().unwrap_or_default())
+                    .collect();
+                v["tool_calls"] = serde_json::Value::Array(calls);
+            }
+            if m.role == Role::Tool {
+                if let Some(id) = pending.pop_front().filter(|id| !id.is_null()) {
+                    v["tool_call_id"] = id;
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+/// JSON as Python's `json.dumps(value, ensure_ascii=False, indent=indent)` writes it (what
+/// transformers' `tojson` filter gives templates): `", "` and `": "` separators, or
+/// `indent` spaces per level.
+pub fn python_json(value: &serde_json::Value, indent: Option<usize>) -> String {
+    fn write(out: &mut String, value: &serde_json::Value, indent: Option<usize>, depth: usize) {
+        let newline = |out: &mut String, depth: usize| {
+            if let Some(n) = indent {
+                out.push('\n');
+                out.push_str(&" ".repeat(n * depth));
+            }
+        };
+        let (item_sep, key_sep) = if indent.is_some() {
+            (",", ": ")
+        } else {
+            (", ", ": ")
+        };
+        match value {
+            serde_json::Value::Array(items) if !items.is_empty() => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(item_sep);
+                    }
+                    newline(out, depth + 1);
+                    write(out, item, indent, depth + 1);
+                }
+                newline(out, depth);
+                out.push(']');
+            }
+            serde_json::Value::Object(map) if !map.is_empty() => {
+                out.push('{');
+                for (i, (key, item)) in map.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(item_sep);
+                    }
+                    newline(out, depth + 1);
+                    out.push_str(&serde_json::Value::String(key.clone()).to_string());
+                    out.push_str(key_sep);
+                    write(out, item, indent, depth + 1);
+                }
+                newline(out, depth);
+                out.push('}');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(&mut out, value, indent, 0);
+    out
 }
 
 /// Trains a small byte-level BPE tokenizer (no prefix space, ChatML's markers as special

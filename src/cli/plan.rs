@@ -178,6 +178,10 @@ pub struct BatchesArgs {
     /// tokenizer.json, or a model directory holding it (and tokenizer_config.json).
     #[arg(long)]
     tokenizer: PathBuf,
+    /// The text that ends an assistant turn, when the chat template's own marker cannot be
+    /// read from its output (a training config's `end_of_turn:`).
+    #[arg(long)]
+    end_of_turn: Option<String>,
     /// Examples per rank per step.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -212,7 +216,16 @@ pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode>
         bail!("--rank must be below --ranks");
     }
     let curriculum = Curriculum::load(&args.curriculum)?;
-    let tokenizer = ChatTokenizer::load(&args.tokenizer).map_err(anyhow::Error::msg)?;
+    let mut tokenizer = ChatTokenizer::load(&args.tokenizer).map_err(anyhow::Error::msg)?;
+    if let Some(marker) = &args.end_of_turn {
+        tokenizer.set_end_of_turn(marker);
+    }
+    tokenizer.require_end_of_turn().map_err(|e| {
+        anyhow::anyhow!(
+            "{}",
+            e.replace("in the training config", "with --end-of-turn")
+        )
+    })?;
     let (store, index) = super::index::open_for_reading(store_path)?;
     let plan = Plan::build(&index, &curriculum)?;
     let position = match &args.resume {

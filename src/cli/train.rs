@@ -220,12 +220,15 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
     let curriculum = Curriculum::load(&config.curriculum)
         .with_context(|| format!("curriculum of {}", args.config.display()))?;
-    let (model, tokenizer) = train::load_model_as(
+    let (model, mut tokenizer) = train::load_model_as(
         &args.model,
         args.tokenizer.as_deref(),
         config.device,
         config.weight_dtype(),
     )?;
+    if let Some(marker) = &config.end_of_turn {
+        tokenizer.set_end_of_turn(marker);
+    }
     let (store, index) = super::index::open_for_reading(store_path)?;
     let plan = Plan::build(&index, &curriculum)?;
     let lora_params = config
@@ -287,6 +290,16 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
         println!(
             "loss {:.4} (step {}) -> {:.4} (step {})",
             first.1, first.0, last.1, last.0
+        );
+    }
+    println!(
+        "examples: {} trained, {} left out, {} tokens truncated at max_seq_len {}",
+        summary.examples, summary.skipped, summary.truncated_tokens, config.max_seq_len
+    );
+    for (reason, n) in &summary.skip_reasons {
+        println!(
+            "  left out {n} x {reason} (e.g. ordinal {}; `corpusdb show` it)",
+            summary.skipped_examples[reason]
         );
     }
     println!("adapter: {}", summary.adapter.display());

@@ -185,6 +185,19 @@ pub struct TrainConfig {
     /// gradient, `[loss_chunk, vocab]` each, are the loss's whole working set).
     #[serde(default = "default_loss_chunk")]
     pub loss_chunk: usize,
+    /// The share of examples that may fail to render or tokenize (each is left out and
+    /// counted, with its reason, in `metrics.jsonl` and the summary); above it, once 100
+    /// examples have been seen, training stops with the grouped reasons.
+    #[serde(default = "default_max_skipped_share")]
+    pub max_skipped_share: f64,
+    /// The text that ends an assistant turn, trained after each reply, when the chat
+    /// template's own marker cannot be found (e.g. `<|eot_id|>`, `<end_of_turn>`).
+    #[serde(default)]
+    pub end_of_turn: Option<String>,
+}
+
+fn default_max_skipped_share() -> f64 {
+    0.01
 }
 
 /// Activation checkpointing (`checkpointing:` in a training config).
@@ -325,6 +338,14 @@ pub struct StepMetrics {
     pub elapsed_seconds: f64,
     /// Plan position after the step.
     pub position: u64,
+    /// Examples trained in the step, examples left out (rendering or tokenizing failed),
+    /// and tokens cut off by `max_seq_len`.
+    #[serde(default)]
+    pub examples: u64,
+    #[serde(default)]
+    pub skipped: u64,
+    #[serde(default)]
+    pub truncated_tokens: u64,
 }
 
 /// How a run starts.
@@ -353,6 +374,14 @@ pub struct RunOptions {
 pub struct RunSummary {
     pub first_step: u64,
     pub steps: Vec<StepMetrics>,
+    /// Examples trained, left out, and tokens truncated over the run.
+    pub examples: u64,
+    pub skipped: u64,
+    pub truncated_tokens: u64,
+    /// Why examples were left out: reason -> count (the first ordinal of each in
+    /// `skipped_examples`).
+    pub skip_reasons: std::collections::BTreeMap<String, u64>,
+    pub skipped_examples: std::collections::BTreeMap<String, u64>,
     pub adapter: PathBuf,
     pub checkpoints: Vec<PathBuf>,
     pub finished: bool,
@@ -369,6 +398,7 @@ pub fn run(
     options: &RunOptions,
 ) -> Result<RunSummary, Error> {
     let started = Instant::now();
+    tokenizer.require_end_of_turn().map_err(Error::Config)?;
     if config.max_seq_len > model.config.max_position_embeddings {
         return Err(Error::Config(format!(
             "max_seq_len {} exceeds the model's max_position_embeddings {}",
@@ -449,6 +479,11 @@ pub fn run(
     let mut summary = RunSummary {
         first_step,
         steps: Vec::new(),
+        examples: 0,
+        skipped: 0,
+        truncated_tokens: 0,
+        skip_reasons: Default::default(),
+        skipped_examples: Default::default(),
         adapter: config.output.join("adapter"),
         checkpoints: Vec::new(),
         finished: false,
@@ -464,6 +499,7 @@ pub fn run(
     // Accumulated over the micro-batches of the current step.
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let (mut nll_sum, mut targets_n, mut tokens, mut trained) = (0f64, 0u64, 0u64, 0u64);
+    let (mut step_examples, mut step_skipped, mut step_truncated) = (0u64, 0u64, 0u64);
     let mut micro = 0u64;
     let mut step_started = Instant::now();
     let mut failure: Option<Error> = None;
@@ -494,6 +530,21 @@ pub fn run(
         }
         tokens += batch.tokens as u64;
         trained += targets.len() as u64;
+        step_examples += batch.seq_starts.dim(0)? as u64;
+        step_skipped += batch.skipped.len() as u64;
+        step_truncated += batch.truncated as u64;
+        for (ordinal, reason) in &batch.skipped {
+            // Reasons are grouped by their first line (a template's error, a tokenizer's).
+            let reason: String = reason
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(200)
+                .collect();
+            *summary.skip_reasons.entry(reason.clone()).or_default() += 1;
+            summary.skipped_examples.entry(reason).or_insert(*ordinal);
+        }
         micro += 1;
         let phase = &plan.phases[batch.phase];
         let phase_end = phase.start + phase.len();
@@ -538,7 +589,13 @@ pub fn run(
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
             elapsed_seconds: started.elapsed().as_secs_f64(),
             position,
+            examples: step_examples,
+            skipped: step_skipped,
+            truncated_tokens: step_truncated,
         };
+        summary.examples += step_examples;
+        summary.skipped += step_skipped;
+        summary.truncated_tokens += step_truncated;
         writeln!(metrics, "{}", serde_json::to_string(&record).expect("json"))
             .map_err(io_error(&metrics_file))?;
         bar.set_message(format!(
@@ -565,6 +622,27 @@ pub fn run(
         summary.steps.push(record);
         grads.clear();
         (nll_sum, targets_n, tokens, trained, micro) = (0.0, 0, 0, 0, 0);
+        (step_examples, step_skipped, step_truncated) = (0, 0, 0);
+        let seen = summary.examples + summary.skipped;
+        if seen >= 100 && summary.skipped as f64 > config.max_skipped_share * seen as f64 {
+            let reasons: Vec<String> = summary
+                .skip_reasons
+                .iter()
+                .map(|(reason, n)| {
+                    format!(
+                        "  {n} x {reason} (e.g. ordinal {})",
+                        summary.skipped_examples[reason]
+                    )
+                })
+                .collect();
+            return Err(Error::Config(format!(
+                "{} of {seen} examples ({:.1}%) could not be rendered or tokenized, more than max_skipped_share ({:.1}%); stopped after step {step} (the last checkpoint is intact):\n{}",
+                summary.skipped,
+                100.0 * summary.skipped as f64 / seen as f64,
+                100.0 * config.max_skipped_share,
+                reasons.join("\n")
+            )));
+        }
         step_started = Instant::now();
 
         let stop = step >= last_step;
