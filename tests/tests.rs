@@ -18,4 +18,5 @@ mod reader;
 mod reference;
 mod registry;
 mod step;
+mod templates;
 mod train;

@@ -332,7 +332,15 @@ impl ChatTokenizer {
                 && through.starts_with(prefix.as_str())
                 && text.starts_with(through.as_str())
             {
-                let end = through.trim_end().len().max(prefix.len());
+                // Up to the end marker (a template may write more after the last turn,
+                // e.g. Phi-3's eos), else without trailing whitespace.
+                let turn = &through[prefix.len()..];
+                let end = match turn.rfind(self.end_of_turn.as_str()) {
+                    Some(at) if !self.end_of_turn.is_empty() => {
+                        prefix.len() + at + self.end_of_turn.len()
+                    }
+                    _ => through.trim_end().len().max(prefix.len()),
+                };
                 if end > prefix.len() {
                     spans.push((prefix.len(), end));
                     cursor = end;
@@ -440,12 +448,13 @@ fn chatml(
             if text.len() > start {
                 text.push('\n');
             }
+            // Hermes' key order: name first.
             let function = &call["function"];
-            let shown =
-                serde_json::json!({"name": function["name"], "arguments": function["arguments"]});
-            text.push_str("<tool_call>\n");
-            text.push_str(&python_json(&shown, None));
-            text.push_str("\n</tool_call>");
+            text.push_str(&format!(
+                "<tool_call>\n{{\"name\": {}, \"arguments\": {}}}\n</tool_call>",
+                python_json(&function["name"], None),
+                python_json(&function["arguments"], None)
+            ));
         }
         text.push_str("<|im_end|>");
         if m.role == Role::Assistant && text.len() > start + "<|im_end|>".len() {

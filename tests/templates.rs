@@ -1,0 +1,266 @@
+//! Chat templates and loss masks for tool use: tool calls are rendered and trained, tool
+//! schemas reach the prompt, and the end-of-turn marker comes from the template.
+
+use corpusdb::batches::ChatTokenizer;
+use corpusdb::conversation::{Conversation, Message, Role};
+
+use super::curriculum::trained_tokenizer;
+
+const TOOLS: &str = r#"[{"function":{"description":"Current weather","name":"get_weather","parameters":{"properties":{"city":{"type":"string"}},"required":["city"],"type":"object"}},"type":"function"}]"#;
+
+/// A function-calling exchange as the store keeps it (OpenAI wire form: `arguments` is a
+/// JSON string).
+fn tool_conversation() -> Conversation {
+    let mut call = Message::new(Role::Assistant, "");
+    call.tool_calls = Some(
+        r#"[{"function":{"arguments":"{\"city\":\"Paris\"}","name":"get_weather"},"id":"call12345","type":"function"}]"#
+            .into(),
+    );
+    let mut result = Message::new(Role::Tool, r#"{"temp": 21}"#);
+    result.name = Some("get_weather".into());
+    Conversation {
+        messages: vec![
+            Message::new(Role::System, "You are helpful."),
+            Message::new(Role::User, "Weather in Paris?"),
+            call,
+            result,
+            Message::new(Role::Assistant, "It is 21 degrees in Paris."),
+        ],
+        tools: Some(TOOLS.into()),
+    }
+}
+
+/// The text of the trained tokens, each trained run on its own line.
+fn trained_runs(tokenizer: &ChatTokenizer, conversation: &Conversation) -> Vec<String> {
+    let encoded = tokenizer.encode(conversation).unwrap();
+    let mut runs = Vec::new();
+    let mut current: Vec<u32> = Vec::new();
+    for (&id, &trained) in encoded.ids.iter().zip(&encoded.trained) {
+        if trained {
+            current.push(id);
+        } else if !current.is_empty() {
+            runs.push(tokenizer.tokenizer().decode(&current, false).unwrap());
+            current.clear();
+        }
+    }
+    if !current.is_empty() {
+        runs.push(tokenizer.tokenizer().decode(&current, false).unwrap());
+    }
+    runs
+}
+
+fn tokenizer_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = trained_tokenizer(
+        dir.path(),
+        "weather in paris get_weather city temp degrees you are helpful tool_call tools function\n",
+    );
+    (dir, path)
+}
+
+#[test]
+fn chatml_renders_and_trains_tool_calls_and_offers_the_schemas() {
+    let (_dir, path) = tokenizer_dir();
+    let chatml = ChatTokenizer::load(&path).unwrap();
+    let conversation = tool_conversation();
+    let text = chatml.render(&conversation).unwrap();
+    // The schemas in the system turn, one JSON object per line, Python's spacing.
+    assert!(
+        text.starts_with("<|im_start|>system\nYou are helpful.\n\n# Tools\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<tools>\n{\"function\": {\"description\": \"Current weather\", \"name\": \"get_weather\", \"parameters\": {\"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"], \"type\": \"object\"}}, \"type\": \"function\"}\n</tools>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<|im_start|>tool\n{\"temp\": 21}<|im_end|>\n"),
+        "{text}"
+    );
+    // The call turn is trained: the call (arguments as an object) and the end marker.
+    assert_eq!(
+        trained_runs(&chatml, &conversation),
+        vec![
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>",
+            "It is 21 degrees in Paris.<|im_end|>",
+        ]
+    );
+    assert_eq!(chatml.end_of_turn(), "<|im_end|>");
+}
+
+/// A tokenizer_config.json-style template that renders `tool_calls` the way Qwen2.5's
+/// does (HF shape: `tool_call.function.name`, `arguments` an object through `tojson`).
+const TOOL_TEMPLATE: &str = "{% if tools %}<|im_start|>system\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}{% if message.tool_calls %}{% for tc in message.tool_calls %}<tool_call>{{ tc.function.name }} {{ tc.function.arguments | tojson }} {{ tc.id }}</tool_call>{% endfor %}{% endif %}{% if message.tool_call_id %} (answers {{ message.tool_call_id }}){% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+fn with_template(
+    path: &std::path::Path,
+    template: &str,
+    eos: &str,
+    special: &[&str],
+) -> ChatTokenizer {
+    let mut tokenizer = tokenizers::Tokenizer::from_file(path).unwrap();
+    let added: Vec<tokenizers::AddedToken> = special
+        .iter()
+        .map(|t| tokenizers::AddedToken::from(t.to_string(), true))
+        .collect();
+    tokenizer.add_special_tokens(&added);
+    ChatTokenizer::from_parts(
+        tokenizer,
+        Some(serde_json::json!({"chat_template": template, "eos_token": eos})),
+        std::path::Path::new("tokenizer_config.json"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_model_template_gets_hugging_face_tool_variables_and_trains_the_calls() {
+    let (_dir, path) = tokenizer_dir();
+    let model = with_template(&path, TOOL_TEMPLATE, "<|im_end|>", &[]);
+    let conversation = tool_conversation();
+    let text = model.render(&conversation).unwrap();
+    assert!(
+        text.starts_with("<|im_start|>system\n{\"function\": {\"description\": \"Current weather\""),
+        "{text}"
+    );
+    assert!(text.contains("{\"temp\": 21} (answers call12345)<|im_end|>"), "{text}");
+    assert_eq!(model.end_of_turn(), "<|im_end|>");
+    assert_eq!(
+        trained_runs(&model, &conversation),
+        vec![
+            "<tool_call>get_weather {\"city\": \"Paris\"} call12345</tool_call><|im_end|>",
+            "It is 21 degrees in Paris.<|im_end|>",
+        ]
+    );
+}
+
+#[test]
+fn the_end_of_turn_marker_is_read_from_the_template_or_refused() {
+    let (_dir, path) = tokenizer_dir();
+    // Gemma-style: the marker is a special token that is neither ChatML's nor the eos.
+    let gemma = "{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+    let model = with_template(&path, gemma, "<eos>", &["<start_of_turn>", "<end_of_turn>", "<eos>"]);
+    assert_eq!(model.end_of_turn(), "<end_of_turn>");
+    let chat = Conversation::new(vec![
+        Message::new(Role::User, "Weather in Paris?"),
+        Message::new(Role::Assistant, "It is 21 degrees."),
+    ]);
+    assert_eq!(
+        trained_runs(&model, &chat),
+        vec!["It is 21 degrees.<end_of_turn>"]
+    );
+    model.require_end_of_turn().unwrap();
+
+    // A template that writes nothing after the reply: refused, with the way out.
+    let bare = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}";
+    let mut model = with_template(&path, bare, "", &[]);
+    assert_eq!(model.end_of_turn(), "");
+    let refused = model.require_end_of_turn().unwrap_err();
+    assert!(refused.contains("end_of_turn:"), "{refused}");
+    assert!(refused.contains("tokenizer_config.json"), "{refused}");
+    model.set_end_of_turn("<|im_end|>");
+    model.require_end_of_turn().unwrap();
+}
+
+const SPECIALS: &[&str] = &[
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "<bos>",
+    "<eos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<|endoftext|>",
+];
+
+/// A public model's template (tests/fixtures/templates) over the test tokenizer with the
+/// model's special tokens added.
+fn public(path: &std::path::Path, name: &str) -> ChatTokenizer {
+    let file = format!("{}/tests/fixtures/templates/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let mut tokenizer = tokenizers::Tokenizer::from_file(path).unwrap();
+    let added: Vec<tokenizers::AddedToken> = SPECIALS
+        .iter()
+        .map(|t| tokenizers::AddedToken::from(t.to_string(), true))
+        .collect();
+    tokenizer.add_special_tokens(&added);
+    ChatTokenizer::from_parts(tokenizer, Some(config), std::path::Path::new(&file)).unwrap()
+}
+
+#[test]
+fn public_templates_train_each_reply_with_its_own_end_marker() {
+    let (_dir, path) = tokenizer_dir();
+    let chat = Conversation::new(vec![
+        Message::new(Role::User, "Weather in Paris?"),
+        Message::new(Role::Assistant, "It is 21 degrees."),
+        Message::new(Role::User, "And tomorrow?"),
+        Message::new(Role::Assistant, "Rain."),
+    ]);
+    // Mistral's replies start with the space after `[/INST]`: the model writes it.
+    for (name, lead, marker) in [
+        ("llama-3.1", "", "<|eot_id|>"),
+        ("qwen2.5", "", "<|im_end|>"),
+        ("mistral-v0.3", " ", "</s>"),
+        ("gemma-2", "", "<end_of_turn>"),
+        ("phi-3", "", "<|end|>"),
+        ("smollm2", "", "<|im_end|>"),
+    ] {
+        let model = public(&path, name);
+        assert_eq!(model.end_of_turn(), marker, "{name}");
+        let runs = trained_runs(&model, &chat);
+        assert_eq!(
+            runs,
+            vec![
+                format!("{lead}It is 21 degrees.{marker}"),
+                format!("{lead}Rain.{marker}")
+            ],
+            "{name}: {}",
+            model.render(&chat).unwrap()
+        );
+    }
+}
+
+#[test]
+fn public_templates_with_tools_show_the_schemas_and_train_the_calls() {
+    let (_dir, path) = tokenizer_dir();
+    let mut conversation = tool_conversation();
+    // Mistral's template takes no system turn with tools in all versions; keep it plain.
+    conversation.messages.remove(0);
+    for (name, lead, marker) in [
+        ("llama-3.1", "", "<|eot_id|>"),
+        ("qwen2.5", "", "<|im_end|>"),
+        ("mistral-v0.3", " ", "</s>"),
+    ] {
+        let model = public(&path, name);
+        let text = model
+            .render(&conversation)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(text.contains("Current weather"), "{name}: no schema in {text}");
+        let runs = trained_runs(&model, &conversation);
+        assert_eq!(runs.len(), 2, "{name}: {runs:?}\n{text}");
+        assert!(
+            runs[0].contains("get_weather") && runs[0].contains("Paris") && runs[0].ends_with(marker),
+            "{name}: the call turn trains {:?}\n{text}",
+            runs[0]
+        );
+        assert_eq!(runs[1], format!("{lead}It is 21 degrees in Paris.{marker}"), "{name}");
+    }
+}
