@@ -119,10 +119,15 @@ fn a_model_template_gets_hugging_face_tool_variables_and_trains_the_calls() {
     let conversation = tool_conversation();
     let text = model.render(&conversation).unwrap();
     assert!(
-        text.starts_with("<|im_start|>system\n{\"function\": {\"description\": \"Current weather\""),
+        text.starts_with(
+            "<|im_start|>system\n{\"function\": {\"description\": \"Current weather\""
+        ),
         "{text}"
     );
-    assert!(text.contains("{\"temp\": 21} (answers call12345)<|im_end|>"), "{text}");
+    assert!(
+        text.contains("{\"temp\": 21} (answers call12345)<|im_end|>"),
+        "{text}"
+    );
     assert_eq!(model.end_of_turn(), "<|im_end|>");
     assert_eq!(
         trained_runs(&model, &conversation),
@@ -138,7 +143,12 @@ fn the_end_of_turn_marker_is_read_from_the_template_or_refused() {
     let (_dir, path) = tokenizer_dir();
     // Gemma-style: the marker is a special token that is neither ChatML's nor the eos.
     let gemma = "{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
-    let model = with_template(&path, gemma, "<eos>", &["<start_of_turn>", "<end_of_turn>", "<eos>"]);
+    let model = with_template(
+        &path,
+        gemma,
+        "<eos>",
+        &["<start_of_turn>", "<end_of_turn>", "<eos>"],
+    );
     assert_eq!(model.end_of_turn(), "<end_of_turn>");
     let chat = Conversation::new(vec![
         Message::new(Role::User, "Weather in Paris?"),
@@ -193,7 +203,10 @@ const SPECIALS: &[&str] = &[
 /// A public model's template (tests/fixtures/templates) over the test tokenizer with the
 /// model's special tokens added.
 fn public(path: &std::path::Path, name: &str) -> ChatTokenizer {
-    let file = format!("{}/tests/fixtures/templates/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let file = format!(
+        "{}/tests/fixtures/templates/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     let mut tokenizer = tokenizers::Tokenizer::from_file(path).unwrap();
@@ -253,14 +266,50 @@ fn public_templates_with_tools_show_the_schemas_and_train_the_calls() {
         let text = model
             .render(&conversation)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert!(text.contains("Current weather"), "{name}: no schema in {text}");
+        assert!(
+            text.contains("Current weather"),
+            "{name}: no schema in {text}"
+        );
         let runs = trained_runs(&model, &conversation);
         assert_eq!(runs.len(), 2, "{name}: {runs:?}\n{text}");
         assert!(
-            runs[0].contains("get_weather") && runs[0].contains("Paris") && runs[0].ends_with(marker),
+            runs[0].contains("get_weather")
+                && runs[0].contains("Paris")
+                && runs[0].ends_with(marker),
             "{name}: the call turn trains {:?}\n{text}",
             runs[0]
         );
-        assert_eq!(runs[1], format!("{lead}It is 21 degrees in Paris.{marker}"), "{name}");
+        assert_eq!(
+            runs[1],
+            format!("{lead}It is 21 degrees in Paris.{marker}"),
+            "{name}"
+        );
     }
+}
+
+#[test]
+fn a_template_that_ignores_tool_use_gets_the_calls_in_the_text() {
+    let (_dir, path) = tokenizer_dir();
+    // SmolLM2's template renders only `content`.
+    let model = public(&path, "smollm2");
+    assert_eq!(model.inlines_tool_use(), (true, true));
+    let conversation = tool_conversation();
+    let text = model.render(&conversation).unwrap();
+    assert!(
+        text.contains("You are helpful.\n\nYou may call these functions:\n<tools>\n{\"function\": {\"description\": \"Current weather\""),
+        "{text}"
+    );
+    assert_eq!(
+        trained_runs(&model, &conversation),
+        vec![
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>",
+            "It is 21 degrees in Paris.<|im_end|>",
+        ]
+    );
+    // Templates that write them are left alone.
+    assert_eq!(public(&path, "qwen2.5").inlines_tool_use(), (false, false));
+    assert_eq!(
+        public(&path, "llama-3.1").inlines_tool_use(),
+        (false, false)
+    );
 }

@@ -612,3 +612,73 @@ fn smollm2_answers_sensibly_and_trains_end_to_end() {
     let lora = Lora::load_peft(&summary.adapter, &model.config, &Device::Cpu).unwrap();
     assert_eq!(lora.config.r, 32);
 }
+
+#[test]
+fn examples_that_fail_to_render_are_counted_and_stop_the_run_above_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index) = store_with_categories(dir.path());
+    let path = trained_tokenizer(dir.path(), "the cat sat on the mat\nhello there\n");
+    // A template that refuses every reply of odd length: about half the examples.
+    let template = "{% for m in messages %}{% if m.role == 'assistant' and m.content|length is odd %}{{ raise_exception('odd reply') }}{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let tokenizer = ChatTokenizer::from_parts(
+        tokenizers::Tokenizer::from_file(&path).unwrap(),
+        Some(serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>"})),
+        Path::new("tokenizer_config.json"),
+    )
+    .unwrap();
+    let curriculum: Curriculum = serde_yaml::from_str(
+        "name: t\nseed: 5\nphases:\n  - {name: a, select: '*', learning_rate: 2.0e-5}\n",
+    )
+    .unwrap();
+    let plan = Plan::build(&index, &curriculum).unwrap();
+    let mut model_config = tiny_config(tokenizer.tokenizer().get_vocab_size(true));
+    model_config.max_position_embeddings = 256;
+    let model = tiny_model(&model_config, 1, DType::F32);
+
+    // Over the default budget (1%): stopped once 100 examples were seen, reasons grouped.
+    let mut config = config(&dir.path().join("strict"), 40);
+    let refused = train::run(
+        &config,
+        &model,
+        &tokenizer,
+        &store,
+        &plan,
+        &options(Resume::No),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("more than max_skipped_share (1.0%)"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("x chat template: invalid operation: odd reply"),
+        "{refused}"
+    );
+
+    // Within a budget that allows it: trained, and every skipped example counted.
+    config.output = dir.path().join("lenient");
+    config.max_skipped_share = 0.9;
+    config.max_steps = Some(6);
+    let summary = train::run(
+        &config,
+        &model,
+        &tokenizer,
+        &store,
+        &plan,
+        &options(Resume::No),
+    )
+    .unwrap();
+    let per_step: u64 = summary.steps.iter().map(|s| s.skipped).sum();
+    assert!(summary.skipped > 0 && summary.examples > 0, "{summary:?}");
+    assert_eq!(per_step, summary.skipped);
+    assert_eq!(
+        summary.steps.iter().map(|s| s.examples).sum::<u64>(),
+        summary.examples
+    );
+    // 6 steps × batch 4 × accumulation 2 = 48 plan positions, each trained or skipped.
+    assert_eq!(summary.examples + summary.skipped, 48);
+    assert_eq!(summary.skip_reasons.values().sum::<u64>(), summary.skipped);
+    let metrics = std::fs::read_to_string(config.output.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"skipped\":"), "{metrics}");
+}

@@ -33,6 +33,11 @@ enum Template {
 struct Specials {
     bos: String,
     eos: String,
+    /// Whether the template writes `tool_calls` and `tools` (probed when it is loaded);
+    /// when it does not, they are written into the messages' text instead (see
+    /// [`inline_tool_use`]).
+    renders_tool_calls: bool,
+    renders_tools: bool,
 }
 
 /// One tokenized example: ids and, per id, whether it is trained (an assistant token).
@@ -95,6 +100,8 @@ impl ChatTokenizer {
         let specials = Specials {
             bos: token_text(config.as_ref().and_then(|c| c.get("bos_token"))).unwrap_or_default(),
             eos: token_text(config.as_ref().and_then(|c| c.get("eos_token"))).unwrap_or_default(),
+            renders_tool_calls: true,
+            renders_tools: true,
         };
         let (template, end_of_turn) = match template_source {
             Some(source) => {
@@ -155,6 +162,7 @@ impl ChatTokenizer {
             pad_id,
             origin: origin.display().to_string(),
         };
+        chat.probe_tool_use();
         if chat.end_of_turn.is_empty() {
             chat.end_of_turn = chat.detect_end_of_turn().unwrap_or_default();
         }
@@ -166,16 +174,23 @@ impl ChatTokenizer {
     /// assistant's reply is the marker (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`,
     /// `<|end|>`, `</s>`, ...). `None` when the template puts none there.
     fn detect_end_of_turn(&self) -> Option<String> {
-        const REPLY: &str = "Probe reply 7f3a.";
+        // Two replies, in case a template refuses one of them (templates check lengths,
+        // roles, characters).
+        ["Probe reply 7f3a.", "Probe reply 7f3a"]
+            .iter()
+            .find_map(|reply| self.marker_after(reply))
+    }
+
+    fn marker_after(&self, reply: &str) -> Option<String> {
         let probe = Conversation {
             messages: vec![
                 crate::conversation::Message::new(Role::User, "Probe question?"),
-                crate::conversation::Message::new(Role::Assistant, REPLY),
+                crate::conversation::Message::new(Role::Assistant, reply),
             ],
             tools: None,
         };
         let text = self.render(&probe).ok()?;
-        let after = &text[text.find(REPLY)? + REPLY.len()..];
+        let after = &text[text.find(reply)? + reply.len()..];
         let after = after.trim_start_matches([' ', '\n']);
         let mut candidates: Vec<String> = self
             .tokenizer
@@ -191,6 +206,58 @@ impl ChatTokenizer {
             .into_iter()
             .filter(|c| !c.is_empty() && after.starts_with(c.as_str()))
             .max_by_key(|c| c.len())
+    }
+
+    /// Finds out whether the template writes tool calls and tool schemas: a probe
+    /// conversation with a call and a schema of unlikely names is rendered.
+    fn probe_tool_use(&mut self) {
+        let Template::Jinja(_, specials) = &mut self.template else {
+            return;
+        };
+        specials.renders_tool_calls = true;
+        specials.renders_tools = true;
+        let mut call = crate::conversation::Message::new(Role::Assistant, "");
+        call.tool_calls = Some(
+            r#"[{"function":{"arguments":"{\"q\":1}","name":"probe_call_7f3a"},"id":"abc123XYZ","type":"function"}]"#
+                .into(),
+        );
+        let mut result = crate::conversation::Message::new(Role::Tool, "1");
+        result.name = Some("probe_call_7f3a".into());
+        let probe = Conversation {
+            messages: vec![
+                crate::conversation::Message::new(Role::User, "Probe question?"),
+                call,
+                result,
+                crate::conversation::Message::new(Role::Assistant, "Probe reply."),
+            ],
+            tools: Some(
+                r#"[{"function":{"description":"d","name":"probe_schema_7f3a","parameters":{"properties":{},"type":"object"}},"type":"function"}]"#
+                    .into(),
+            ),
+        };
+        // A template that raises on tools (or on the tool role) is left as it is: the
+        // examples that use them are skipped and reported.
+        let Ok(text) = self.render(&probe) else {
+            return;
+        };
+        let (calls, schemas) = (
+            text.contains("probe_call_7f3a"),
+            text.contains("probe_schema_7f3a"),
+        );
+        if let Template::Jinja(_, specials) = &mut self.template {
+            specials.renders_tool_calls = calls;
+            specials.renders_tools = schemas;
+        }
+    }
+
+    /// Whether tool calls and schemas are written into the messages' text because the
+    /// model's template ignores them (`(calls, schemas)`); `(false, false)` for ChatML and
+    /// for templates that render them.
+    pub fn inlines_tool_use(&self) -> (bool, bool) {
+        match &self.template {
+            Template::Jinja(_, s) => (!s.renders_tool_calls, !s.renders_tools),
+            Template::ChatMl => (false, false),
+        }
     }
 
     /// The end-of-turn marker trained after each reply (empty when none is known).
@@ -247,8 +314,14 @@ impl ChatTokenizer {
                 Ok(text)
             }
             Template::Jinja(env, specials) => {
-                let messages = hf_messages(shown);
-                let tools = conversation.tools.as_deref().and_then(hf_tools);
+                let mut messages = hf_messages(shown);
+                let mut tools = conversation.tools.as_deref().and_then(hf_tools);
+                inline_tool_use(
+                    &mut messages,
+                    &mut tools,
+                    !specials.renders_tool_calls,
+                    !specials.renders_tools,
+                );
                 let template = env.get_template("chat").map_err(|e| e.to_string())?;
                 template
                     .render(minijinja::context! {
@@ -522,6 +595,63 @@ fn strftime_now(format: &str) -> String {
         }
     }
     out
+}
+
+/// For templates that ignore tool use (many render only `content`, SmolLM2's among them):
+/// each call is appended to its message's content as
+/// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (the ChatML rendering's
+/// form) and the schemas are put at the end of the system message (one is added first when
+/// there is none), so no call is dropped and the model still learns to make it.
+fn inline_tool_use(
+    messages: &mut Vec<serde_json::Value>,
+    tools: &mut Option<serde_json::Value>,
+    calls: bool,
+    schemas: bool,
+) {
+    if calls {
+        for m in messages.iter_mut() {
+            let Some(serde_json::Value::Array(list)) = m.get("tool_calls").cloned() else {
+                continue;
+            };
+            let mut content = m["content"].as_str().unwrap_or_default().to_string();
+            for call in &list {
+                if !content.is_empty() {
+                    content.push('\n');
+                }
+                content.push_str(&format!(
+                    "<tool_call>\n{{\"name\": {}, \"arguments\": {}}}\n</tool_call>",
+                    python_json(&call["function"]["name"], None),
+                    python_json(&call["function"]["arguments"], None)
+                ));
+            }
+            m["content"] = content.into();
+            if let Some(object) = m.as_object_mut() {
+                object.remove("tool_calls");
+            }
+        }
+    }
+    if !schemas {
+        return;
+    }
+    if let Some(list) = tools.take() {
+        let mut block = String::from("You may call these functions:\n<tools>");
+        for tool in list.as_array().into_iter().flatten() {
+            block.push('\n');
+            block.push_str(&python_json(tool, None));
+        }
+        block.push_str("\n</tools>");
+        match messages.first_mut() {
+            Some(first) if first["role"] == "system" => {
+                let content = first["content"].as_str().unwrap_or_default();
+                first["content"] = if content.is_empty() {
+                    block.into()
+                } else {
+                    format!("{content}\n\n{block}").into()
+                };
+            }
+            _ => messages.insert(0, serde_json::json!({"role": "system", "content": block})),
+        }
+    }
 }
 
 /// Tool calls in Hugging Face's chat-template shape: `[{type: "function", function: {name,

@@ -211,6 +211,21 @@ pub struct BatchesArgs {
     prefetch: usize,
 }
 
+/// Says on stderr when the model's chat template ignores tool calls or schemas, which are
+/// then written into the messages' text (README, "Tool calls").
+pub fn note_tool_rendering(tokenizer: &ChatTokenizer) {
+    let (calls, schemas) = tokenizer.inlines_tool_use();
+    let what = match (calls, schemas) {
+        (true, true) => "tool calls and tool schemas",
+        (true, false) => "tool calls",
+        (false, true) => "tool schemas",
+        (false, false) => return,
+    };
+    eprintln!(
+        "note: the chat template ignores {what}; they are written into the messages' text as <tool_call>/<tools> blocks"
+    );
+}
+
 pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode> {
     if args.ranks == 0 || args.rank >= args.ranks {
         bail!("--rank must be below --ranks");
@@ -220,6 +235,7 @@ pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode>
     if let Some(marker) = &args.end_of_turn {
         tokenizer.set_end_of_turn(marker);
     }
+    note_tool_rendering(&tokenizer);
     tokenizer.require_end_of_turn().map_err(|e| {
         anyhow::anyhow!(
             "{}",

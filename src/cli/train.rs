@@ -229,6 +229,7 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(marker) = &config.end_of_turn {
         tokenizer.set_end_of_turn(marker);
     }
+    super::plan::note_tool_rendering(&tokenizer);
     let (store, index) = super::index::open_for_reading(store_path)?;
     let plan = Plan::build(&index, &curriculum)?;
     let lora_params = config
