@@ -313,3 +313,110 @@ fn a_template_that_ignores_tool_use_gets_the_calls_in_the_text() {
         (false, false)
     );
 }
+
+/// The Python interpreter for the transformers comparison: `CORPUSDB_PYTHON`, else `python3`.
+fn python() -> std::path::PathBuf {
+    std::env::var_os("CORPUSDB_PYTHON").map_or_else(|| "python3".into(), Into::into)
+}
+
+#[test]
+#[ignore = "needs Python with transformers (CORPUSDB_PYTHON; cargo test -- --ignored apply_chat_template)"]
+fn token_ids_equal_transformers_apply_chat_template() {
+    let (_dir, path) = tokenizer_dir();
+    let plain = Conversation::new(vec![
+        Message::new(Role::User, "Weather in Paris?"),
+        Message::new(Role::Assistant, "It is 21 degrees."),
+    ]);
+    let mut system = plain.clone();
+    system
+        .messages
+        .insert(0, Message::new(Role::System, "You are helpful."));
+    let mut multi = plain.clone();
+    multi
+        .messages
+        .push(Message::new(Role::User, "And tomorrow?"));
+    multi.messages.push(Message::new(Role::Assistant, "Rain."));
+    let mut tools = tool_conversation();
+    tools.messages.remove(0);
+    // The same conversations in Hugging Face's shape, as a user would pass them.
+    let hf = |c: &Conversation| -> serde_json::Value {
+        let messages: Vec<serde_json::Value> = c
+            .messages
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::json!({"role": m.role.as_str(), "content": m.content});
+                if let Some(name) = &m.name {
+                    v["name"] = name.clone().into();
+                }
+                if m.tool_calls.is_some() {
+                    v["tool_calls"] = serde_json::json!([{"type": "function", "id": "call12345",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]);
+                }
+                if m.role == Role::Tool {
+                    v["tool_call_id"] = "call12345".into();
+                }
+                v
+            })
+            .collect();
+        let tools: Option<serde_json::Value> =
+            c.tools.as_deref().map(|t| serde_json::from_str(t).unwrap());
+        serde_json::json!({"messages": messages, "tools": tools})
+    };
+    for (name, conversations) in [
+        ("llama-3.1", vec![&plain, &system, &multi, &tools]),
+        ("qwen2.5", vec![&plain, &system, &multi, &tools]),
+        ("mistral-v0.3", vec![&plain, &multi, &tools]),
+        ("gemma-2", vec![&plain, &multi]),
+        ("phi-3", vec![&plain, &system, &multi]),
+        ("smollm2", vec![&plain, &system, &multi]),
+    ] {
+        let file = format!(
+            "{}/tests/fixtures/templates/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let request = serde_json::json!({
+            "tokenizer": path,
+            "config": config,
+            "special_tokens": SPECIALS,
+            "conversations": conversations.iter().map(|c| hf(c)).collect::<Vec<_>>(),
+        });
+        let mut child = std::process::Command::new(python())
+            .arg(format!(
+                "{}/tests/python/chat_template_ids.py",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("a Python interpreter (set CORPUSDB_PYTHON)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(request.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: transformers failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reference: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let model = public(&path, name);
+        for (i, conversation) in conversations.iter().enumerate() {
+            let ours = model.encode(conversation).unwrap().ids;
+            let theirs: Vec<u32> = serde_json::from_value(reference["ids"][i].clone()).unwrap();
+            assert_eq!(
+                ours,
+                theirs,
+                "{name}, conversation {i}:\nours:   {:?}\ntheirs: {:?}",
+                model.render(conversation).unwrap(),
+                model.tokenizer().decode(&theirs, false).unwrap()
+            );
+        }
+    }
+}
