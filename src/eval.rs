@@ -37,6 +37,11 @@ impl Default for EvalOptions {
 pub struct CategoryLoss {
     pub category: String,
     pub examples: usize,
+    /// Examples that failed to render or tokenize (left out), with the first reason, and
+    /// tokens cut at `max_seq_len`.
+    pub skipped: usize,
+    pub skip_reason: Option<String>,
+    pub truncated_tokens: u64,
     /// Trained (assistant) tokens scored.
     pub tokens: u64,
     pub base_loss: f64,
@@ -84,15 +89,27 @@ pub fn held_out_loss(
     let mut out = Vec::new();
     let (mut all_tokens, mut all_base, mut all_adapter, mut all_examples) =
         (0u64, 0f64, 0f64, 0usize);
+    let mut all_left_out = LeftOut::default();
     for (category, examples) in by_category {
         let (mut tokens, mut base, mut adapted, mut scored) = (0u64, 0f64, 0f64, 0usize);
+        let mut left_out = LeftOut::default();
         for chunk in examples.chunks(options.batch_size.max(1)) {
             let mut encoded = Vec::new();
             for (ordinal, conversation) in chunk {
-                if let Ok(mut t) = tokenizer.encode(conversation) {
-                    t.ids.truncate(batch_options.max_seq_len);
-                    t.trained.truncate(batch_options.max_seq_len);
-                    encoded.push((*ordinal, *ordinal, t));
+                match tokenizer.encode(conversation) {
+                    Ok(mut t) => {
+                        left_out.truncated_tokens +=
+                            t.ids.len().saturating_sub(batch_options.max_seq_len) as u64;
+                        t.ids.truncate(batch_options.max_seq_len);
+                        t.trained.truncate(batch_options.max_seq_len);
+                        encoded.push((*ordinal, *ordinal, t));
+                    }
+                    Err(reason) => {
+                        left_out.skipped += 1;
+                        left_out
+                            .reason
+                            .get_or_insert(format!("ordinal {ordinal}: {reason}"));
+                    }
                 }
             }
             done += chunk.len() as u64;
@@ -120,9 +137,15 @@ pub fn held_out_loss(
         all_base += base;
         all_adapter += adapted;
         all_examples += scored;
+        all_left_out.skipped += left_out.skipped;
+        all_left_out.truncated_tokens += left_out.truncated_tokens;
+        if all_left_out.reason.is_none() {
+            all_left_out.reason = left_out.reason.clone();
+        }
         out.push(category_loss(
             category,
             scored,
+            left_out,
             tokens,
             base,
             adapter.map(|_| adapted),
@@ -131,11 +154,20 @@ pub fn held_out_loss(
     out.push(category_loss(
         "*".into(),
         all_examples,
+        all_left_out,
         all_tokens,
         all_base,
         adapter.map(|_| all_adapter),
     ));
     Ok(out)
+}
+
+/// What evaluation could not score.
+#[derive(Clone, Default)]
+struct LeftOut {
+    skipped: usize,
+    reason: Option<String>,
+    truncated_tokens: u64,
 }
 
 fn sum(t: &candle_core::Tensor) -> Result<f64, Error> {
@@ -147,6 +179,7 @@ fn sum(t: &candle_core::Tensor) -> Result<f64, Error> {
 fn category_loss(
     category: String,
     examples: usize,
+    left_out: LeftOut,
     tokens: u64,
     base: f64,
     adapter: Option<f64>,
@@ -161,6 +194,9 @@ fn category_loss(
     CategoryLoss {
         category,
         examples,
+        skipped: left_out.skipped,
+        skip_reason: left_out.reason,
+        truncated_tokens: left_out.truncated_tokens,
         tokens,
         base_loss: mean(base),
         base_perplexity: mean(base).exp(),

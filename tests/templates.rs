@@ -420,3 +420,21 @@ fn token_ids_equal_transformers_apply_chat_template() {
         }
     }
 }
+
+#[test]
+fn generation_config_eos_ids_end_generation_too() {
+    let (dir, path) = tokenizer_dir();
+    let without = ChatTokenizer::load(&path).unwrap().stop_ids();
+    assert!(!without.contains(&7), "{without:?}");
+    // Llama-3 lists several (end of text, end of message, end of turn).
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"bos_token_id": 1, "eos_token_id": [7, 9]}"#,
+    )
+    .unwrap();
+    let with = ChatTokenizer::load(dir.path()).unwrap().stop_ids();
+    assert!(with.contains(&7) && with.contains(&9), "{with:?}");
+    std::fs::write(dir.path().join("generation_config.json"), "{not json").unwrap();
+    let refused = ChatTokenizer::load(dir.path()).err().unwrap();
+    assert!(refused.contains("generation_config.json"), "{refused}");
+}

@@ -3,11 +3,13 @@
 //!
 //! The template is `chat_template` of `tokenizer_config.json`, rendered with minijinja the
 //! way Hugging Face renders it (`trim_blocks`, `lstrip_blocks`, Python string methods,
-//! `raise_exception`, `bos_token` / `eos_token`, `add_generation_prompt = false`); without
-//! one, ChatML (`<|im_start|>role\n...<|im_end|>\n`). In the rendered text each assistant
-//! message's content, plus the end-of-turn token right after it, is a trained span; the
-//! whole text is tokenized once and every token whose bytes overlap a trained span is
-//! trained.
+//! `raise_exception`, `strftime_now`, Python-spaced `tojson`, `bos_token` / `eos_token`,
+//! messages with `tool_calls` and `tool_call_id`, `tools`); without one, ChatML
+//! (`<|im_start|>role\n...<|im_end|>\n`, Hermes-style tool calls). Each assistant turn's
+//! trained span is the text rendering that turn adds after the conversation before it and
+//! its generation prompt (content, tool calls, end-of-turn marker); the whole text is
+//! tokenized once and every token whose bytes overlap a trained span is trained. The
+//! end-of-turn marker is read from the template's output for a probe conversation.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,8 @@ pub struct ChatTokenizer {
     pub pad_id: u32,
     /// Where the template came from, for messages.
     origin: String,
+    /// End-of-sequence ids of generation_config.json, if the model has one.
+    generation_eos: Vec<u32>,
 }
 
 enum Template {
@@ -77,7 +81,25 @@ impl ChatTokenizer {
             ),
             Err(_) => None,
         };
-        ChatTokenizer::from_parts(tokenizer, config, &config_file)
+        let mut chat = ChatTokenizer::from_parts(tokenizer, config, &config_file)?;
+        // generation_config.json's eos ids (a list for Llama-3: <|end_of_text|>, <|eom_id|>,
+        // <|eot_id|>) also end generation.
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: {e}", dir.join("generation_config.json").display()))?;
+            chat.generation_eos = match value.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => {
+                    n.as_u64().map(|n| n as u32).into_iter().collect()
+                }
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|n| n as u32)
+                    .collect(),
+                _ => Vec::new(),
+            };
+        }
+        Ok(chat)
     }
 
     /// A tokenizer and a `tokenizer_config.json`-like object (`chat_template`,
@@ -161,6 +183,7 @@ impl ChatTokenizer {
             end_of_turn,
             pad_id,
             origin: origin.display().to_string(),
+            generation_eos: Vec::new(),
         };
         chat.probe_tool_use();
         if chat.end_of_turn.is_empty() {
@@ -347,7 +370,8 @@ impl ChatTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// Ids that end an assistant turn: the end-of-turn marker and the eos token.
+    /// Ids that end an assistant turn: the end-of-turn marker, the eos token and
+    /// generation_config.json's eos ids.
     pub fn stop_ids(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = [
             self.end_of_turn.as_str(),
@@ -363,6 +387,7 @@ impl ChatTokenizer {
         if let Template::Jinja(_, specials) = &self.template {
             ids.extend(self.tokenizer.token_to_id(&specials.eos));
         }
+        ids.extend(&self.generation_eos);
         ids.sort_unstable();
         ids.dedup();
         ids

@@ -455,6 +455,18 @@ pub fn eval(store_path: &Path, args: EvalArgs) -> anyhow::Result<ExitCode> {
                 opt(l.adapter_perplexity, 2)
             );
         }
+        if let Some(all) = losses.iter().find(|l| l.category == "*") {
+            if all.skipped > 0 || all.truncated_tokens > 0 {
+                println!(
+                    "left out: {} examples that failed to render or tokenize{}; {} tokens truncated at max_seq_len",
+                    all.skipped,
+                    all.skip_reason
+                        .as_deref()
+                        .map_or(String::new(), |r| format!(" (first: {r})")),
+                    all.truncated_tokens
+                );
+            }
+        }
     }
     for a in &answers {
         println!("\n[{}] {}", a.context, a.prompt);
