@@ -438,3 +438,21 @@ fn generation_config_eos_ids_end_generation_too() {
     let refused = ChatTokenizer::load(dir.path()).err().unwrap();
     assert!(refused.contains("generation_config.json"), "{refused}");
 }
+
+#[test]
+fn ignored_tool_calls_can_be_refused_instead_of_inlined() {
+    let (_dir, path) = tokenizer_dir();
+    let mut model = public(&path, "smollm2");
+    model.refuse_ignored_tool_calls();
+    let refused = model.encode(&tool_conversation()).unwrap_err();
+    assert!(refused.contains("inline_tool_calls is false"), "{refused}");
+    // Conversations without tool use are unaffected.
+    let plain = Conversation::new(vec![
+        Message::new(Role::User, "Weather in Paris?"),
+        Message::new(Role::Assistant, "It is 21 degrees."),
+    ]);
+    assert_eq!(
+        trained_runs(&model, &plain),
+        vec!["It is 21 degrees.<|im_end|>"]
+    );
+}

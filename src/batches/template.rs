@@ -27,6 +27,8 @@ pub struct ChatTokenizer {
     origin: String,
     /// End-of-sequence ids of generation_config.json, if the model has one.
     generation_eos: Vec<u32>,
+    /// See [`ChatTokenizer::refuse_ignored_tool_calls`].
+    refuse_inlining: bool,
 }
 
 enum Template {
@@ -184,6 +186,7 @@ impl ChatTokenizer {
             pad_id,
             origin: origin.display().to_string(),
             generation_eos: Vec::new(),
+            refuse_inlining: false,
         };
         chat.probe_tool_use();
         if chat.end_of_turn.is_empty() {
@@ -273,6 +276,13 @@ impl ChatTokenizer {
         }
     }
 
+    /// Refuses, instead of writing into the messages' text, tool calls (and schemas) that
+    /// the model's template ignores: such examples then fail to encode with a reason that
+    /// says so (a training config's `inline_tool_calls: false`).
+    pub fn refuse_ignored_tool_calls(&mut self) {
+        self.refuse_inlining = true;
+    }
+
     /// Whether tool calls and schemas are written into the messages' text because the
     /// model's template ignores them (`(calls, schemas)`); `(false, false)` for ChatML and
     /// for templates that render them.
@@ -339,6 +349,13 @@ impl ChatTokenizer {
             Template::Jinja(env, specials) => {
                 let mut messages = hf_messages(shown);
                 let mut tools = conversation.tools.as_deref().and_then(hf_tools);
+                let uses_tools = tools.is_some() || shown.iter().any(|m| m.tool_calls.is_some());
+                if self.refuse_inlining
+                    && uses_tools
+                    && !(specials.renders_tool_calls && specials.renders_tools)
+                {
+                    return Err("the chat template ignores tool calls or tool schemas and inline_tool_calls is false".into());
+                }
                 inline_tool_use(
                     &mut messages,
                     &mut tools,

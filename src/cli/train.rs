@@ -229,6 +229,9 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(marker) = &config.end_of_turn {
         tokenizer.set_end_of_turn(marker);
     }
+    if !config.inline_tool_calls {
+        tokenizer.refuse_ignored_tool_calls();
+    }
     super::plan::note_tool_rendering(&tokenizer);
     let (store, index) = super::index::open_for_reading(store_path)?;
     let plan = Plan::build(&index, &curriculum)?;

@@ -194,6 +194,10 @@ pub struct TrainConfig {
     /// template's own marker cannot be found (e.g. `<|eot_id|>`, `<end_of_turn>`).
     #[serde(default)]
     pub end_of_turn: Option<String>,
+    /// When the model's chat template ignores tool calls or schemas: write them into the
+    /// messages' text (`true`, the default) or leave such examples out as skipped.
+    #[serde(default = "default_true")]
+    pub inline_tool_calls: bool,
 }
 
 fn default_max_skipped_share() -> f64 {
