@@ -5,6 +5,7 @@ mod util;
 
 mod analyze;
 mod cli;
+mod compat;
 mod conversation;
 mod crash;
 mod curriculum;

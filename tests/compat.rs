@@ -1,0 +1,139 @@
+//! A store written by an earlier corpusdb (`tests/compat/store-v2/`: schema version 2, the
+//! sample corpus of `configs/sample-corpus.yaml`) opens and reads the same in this one:
+//! counters, every example under the hash of its own content, provenance, imports and
+//! rejects. A change that breaks this changes the on-disk format: bump `SCHEMA_VERSION`,
+//! and keep this store as the one an older version wrote (opening it must then be refused
+//! with the version message, below).
+
+use std::path::Path;
+
+use corpusdb::store::{Store, SCHEMA_VERSION};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A writable copy of the frozen store (opening may write RocksDB's own files).
+fn frozen() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat/store-v2"),
+        &path,
+    );
+    (dir, path)
+}
+
+#[test]
+fn a_store_written_by_schema_version_2_reads_the_same() {
+    let (_dir, path) = frozen();
+    if SCHEMA_VERSION != 2 {
+        // The format changed on purpose: the old store is refused, not misread.
+        let refused = Store::open(&path).err().expect("a refusal").to_string();
+        assert!(refused.contains("schema version 2"), "{refused}");
+        return;
+    }
+    let store = Store::open(&path).unwrap();
+    let counters = store.counters().unwrap();
+    // As `corpusdb stats` printed when the store was written.
+    assert_eq!(
+        (
+            counters.read,
+            counters.examples,
+            counters.duplicates,
+            counters.rejected
+        ),
+        (108, 92, 7, 5)
+    );
+    assert_eq!((counters.joined, counters.extra), (5, 1));
+    assert_eq!(counters.categories["instruction"], 30);
+    assert_eq!(counters.categories["tool"], 3);
+    assert_eq!(counters.sources["sample-alpaca"], 27);
+    assert_eq!(store.imports().unwrap().len(), 10);
+    // Every example is stored under the SHA-1 of its canonical content, densely numbered.
+    let mut ordinals = Vec::new();
+    let mut with_tool_calls = 0;
+    store
+        .for_each_example(|hash, example| {
+            assert_eq!(
+                *hash,
+                example.conversation.content_hash(),
+                "ordinal {}",
+                example.ordinal
+            );
+            assert_eq!(store.hash_at(example.ordinal).unwrap(), Some(*hash));
+            assert!(!store.provenance(hash).unwrap().is_empty());
+            with_tool_calls += example
+                .conversation
+                .messages
+                .iter()
+                .filter(|m| m.tool_calls.is_some())
+                .count();
+            ordinals.push(example.ordinal);
+            Ok(())
+        })
+        .unwrap();
+    ordinals.sort_unstable();
+    assert_eq!(ordinals, (0..92).collect::<Vec<u64>>());
+    assert!(with_tool_calls >= 2, "{with_tool_calls}");
+    // Duplicates kept their provenance: 92 examples, 99 provenance entries.
+    let mut entries = 0;
+    store
+        .for_each_example(|hash, _| {
+            entries += store.provenance(hash).unwrap().len();
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(entries, 92 + 7);
+    let rejects = store.rejects(None).unwrap();
+    assert_eq!(rejects.len(), 5);
+    assert!(rejects
+        .iter()
+        .all(|r| !r.reason.is_empty() && !r.path.is_empty()));
+}
+
+/// The stored enums are written as their variant's index (bincode, u32 little-endian):
+/// reordering or inserting a variant changes the format. These are the codes schema
+/// version 2 uses.
+#[test]
+fn stored_enum_codes_are_fixed() {
+    use corpusdb::conversation::Role;
+    use corpusdb::reader::{Compression, Container};
+    use corpusdb::store::ImportState;
+    fn code<T: serde::Serialize>(value: &T) -> Vec<u8> {
+        bincode::serialize(value).unwrap()
+    }
+    for (role, tag) in [
+        (Role::System, 0u8),
+        (Role::User, 1),
+        (Role::Assistant, 2),
+        (Role::Tool, 3),
+    ] {
+        assert_eq!(code(&role), [tag, 0, 0, 0], "{role:?}");
+    }
+    assert_eq!(code(&ImportState::Partial), [0, 0, 0, 0]);
+    assert_eq!(code(&ImportState::Done), [1, 0, 0, 0]);
+    for (container, tag) in [
+        (Container::Jsonl, 0u8),
+        (Container::JsonArray, 1),
+        (Container::Parquet, 2),
+    ] {
+        assert_eq!(code(&container), [tag, 0, 0, 0], "{container:?}");
+    }
+    for (compression, tag) in [
+        (Compression::None, 0u8),
+        (Compression::Gzip, 1),
+        (Compression::Zstd, 2),
+    ] {
+        assert_eq!(code(&compression), [tag, 0, 0, 0], "{compression:?}");
+    }
+}
