@@ -745,6 +745,26 @@ fn profile(args: &[String]) -> Value {
             }
         }),
     );
+    let flat_f32 = flat.to_dtype(DType::F32).unwrap();
+    put(
+        "dropout_forward_ms",
+        time_ms(&device, || {
+            model::lora::keyed_dropout(&flat_f32, 1, [0, 0, 0, 0], 0.05).unwrap();
+        }),
+    );
+    put(
+        "lora_deltas_forward_ms",
+        time_ms(&device, || {
+            for target in model::Target::ALL {
+                let input = if target == model::Target::Down {
+                    &wide
+                } else {
+                    &flat
+                };
+                lora.delta(0, target, input, Some(&key)).unwrap();
+            }
+        }),
+    );
     put(
         "lora_deltas_forward_backward_ms",
         time_ms(&device, || {

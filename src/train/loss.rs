@@ -124,15 +124,20 @@ struct CrossEntropy {
     targets: Vec<u32>,
 }
 
+fn max_of<T: Float>(row: &[T]) -> T {
+    row.iter().fold(T::neg_infinity(), |m, &x| m.maximum(x))
+}
+
+/// `ln Σ exp(row)`: the exponentials in the logits' own precision (f32's `exp` is several
+/// times cheaper than f64's and exact to an ulp of values in `(0, 1]`), summed in f64.
 fn log_sum_exp<T: Float>(row: &[T]) -> f64 {
-    let max = row
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &x| m.max(x.to_f64()));
-    max + row
-        .iter()
-        .map(|&x| (x.to_f64() - max).exp())
-        .sum::<f64>()
-        .ln()
+    let max = max_of(row);
+    max.to_f64()
+        + row
+            .iter()
+            .map(|&x| (x - max).exp().to_f64())
+            .sum::<f64>()
+            .ln()
 }
 
 fn nll_rows<T: Float>(logits: &[T], vocab: usize, targets: &[u32]) -> Vec<T> {
@@ -144,19 +149,27 @@ fn nll_rows<T: Float>(logits: &[T], vocab: usize, targets: &[u32]) -> Vec<T> {
         .collect()
 }
 
-/// `g · (softmax(row) - onehot(target))` for every row.
+/// `g · (softmax(row) - onehot(target))` for every row, with one exponential per logit:
+/// `exp(x - max)` is kept in place and scaled by `g / Σ` afterwards.
 fn nll_gradient<T: Float>(logits: &[T], vocab: usize, targets: &[u32], grad: &[f64]) -> Vec<T> {
     use rayon::prelude::*;
     let mut out: Vec<T> = logits.to_vec();
     out.par_chunks_mut(vocab)
         .zip(targets.par_iter().zip(grad.par_iter()))
         .for_each(|(row, (&t, &g))| {
-            let lse = log_sum_exp(row);
+            let max = max_of(row);
+            let mut sum = 0f64;
             for x in row.iter_mut() {
-                *x = T::from_f64(g * (x.to_f64() - lse).exp());
+                let e = (*x - max).exp();
+                sum += e.to_f64();
+                *x = e;
+            }
+            let scale = T::from_f64(g / sum);
+            for x in row.iter_mut() {
+                *x = *x * scale;
             }
             let at = t as usize;
-            row[at] = T::from_f64(row[at].to_f64() - g);
+            row[at] = row[at] - T::from_f64(g);
         });
     out
 }
