@@ -111,8 +111,10 @@ def stage(name: str, command: list, timeout: float, env=None, memory=True) -> di
         lines = [l for l in proc.stdout.splitlines() if l.strip().startswith("{")]
         if lines:
             result.update(json.loads(lines[-1]))
-        if proc.returncode != 0 or not lines:
+        if proc.returncode != 0:
             result["error"] = (proc.stderr or proc.stdout)[-3000:]
+        elif not lines:
+            result["output"] = (proc.stdout or proc.stderr)[-3000:]
     except subprocess.TimeoutExpired as e:
         result["error"] = f"timed out after {timeout:.0f} s"
         result["stderr_tail"] = (e.stderr or b"")[-2000:].decode("utf-8", "replace") if isinstance(e.stderr, bytes) else str(e.stderr)[-2000:]
