@@ -115,46 +115,28 @@ pub fn rms_norm_forward(
     w_layout: &Layout,
     eps: f32,
 ) -> Result<CudaStorage> {
-    let device = &x.device;
-    let dim = *x_layout.dims().last().unwrap_or(&1);
-    let n = x_layout.shape().elem_count();
-    let rows = n / dim.max(1);
-    let dim_arg = dim as i32;
-    macro_rules! launch {
-        ($ty:ty, $name:literal, $variant:ident) => {{
-            let func = device.get_or_load_custom_func($name, MODULE, PTX)?;
-            let (xs, ws) = (view!(x, x_layout, $ty), view!(w, w_layout, $ty));
-            // SAFETY: the kernel writes every element of every row.
-            let out = unsafe { device.alloc::<$ty>(n)? };
-            let mut builder = func.builder();
-            builder.arg(&xs);
-            builder.arg(&ws);
-            builder.arg(&out);
-            builder.arg(&dim_arg);
-            builder.arg(&eps);
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { builder.launch(per_row(rows)) }.w()?;
-            CudaStorage {
-                slice: CudaStorageSlice::$variant(out),
-                device: device.clone(),
-            }
-        }};
-    }
-    Ok(match x.dtype() {
-        candle_core::DType::F32 => launch!(f32, "rms_norm_fwd_f32", F32),
-        candle_core::DType::BF16 => launch!(half::bf16, "rms_norm_fwd_bf16", BF16),
-        other => candle_core::bail!("rms norm kernel: unsupported dtype {other:?}"),
-    })
+    rms_norm(x, x_layout, None, w, w_layout, eps)
 }
 
 /// The gradient of [`rms_norm_forward`] with respect to `x` for the upstream gradient `g`
 /// (same shape and dtype as `x`).
-#[allow(clippy::too_many_arguments)]
 pub fn rms_norm_backward(
     x: &CudaStorage,
     x_layout: &Layout,
-    g: &CudaStorage,
-    g_layout: &Layout,
+    g: (&CudaStorage, &Layout),
+    w: &CudaStorage,
+    w_layout: &Layout,
+    eps: f32,
+) -> Result<CudaStorage> {
+    rms_norm(x, x_layout, Some(g), w, w_layout, eps)
+}
+
+/// `rms_norm_fwd_*(x, w, y, dim, eps)` or, with an upstream gradient,
+/// `rms_norm_bwd_*(x, g, w, dx, dim, eps)`: one block per row.
+fn rms_norm(
+    x: &CudaStorage,
+    x_layout: &Layout,
+    g: Option<(&CudaStorage, &Layout)>,
     w: &CudaStorage,
     w_layout: &Layout,
     eps: f32,
@@ -164,19 +146,24 @@ pub fn rms_norm_backward(
     let n = x_layout.shape().elem_count();
     let rows = n / dim.max(1);
     let dim_arg = dim as i32;
+    let direction = if g.is_some() { "bwd" } else { "fwd" };
     macro_rules! launch {
-        ($ty:ty, $name:literal, $variant:ident) => {{
-            let func = device.get_or_load_custom_func($name, MODULE, PTX)?;
-            let (xs, gs, ws) = (
-                view!(x, x_layout, $ty),
-                view!(g, g_layout, $ty),
-                view!(w, w_layout, $ty),
-            );
+        ($ty:ty, $suffix:literal, $variant:ident) => {{
+            let name = format!("rms_norm_{direction}_{}", $suffix);
+            let func = device.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let xs = view!(x, x_layout, $ty);
+            let gs = match g {
+                Some((g, g_layout)) => Some(view!(g, g_layout, $ty)),
+                None => None,
+            };
+            let ws = view!(w, w_layout, $ty);
             // SAFETY: the kernel writes every element of every row.
             let out = unsafe { device.alloc::<$ty>(n)? };
             let mut builder = func.builder();
             builder.arg(&xs);
-            builder.arg(&gs);
+            if let Some(gs) = &gs {
+                builder.arg(gs);
+            }
             builder.arg(&ws);
             builder.arg(&out);
             builder.arg(&dim_arg);
@@ -190,8 +177,8 @@ pub fn rms_norm_backward(
         }};
     }
     Ok(match x.dtype() {
-        candle_core::DType::F32 => launch!(f32, "rms_norm_bwd_f32", F32),
-        candle_core::DType::BF16 => launch!(half::bf16, "rms_norm_bwd_bf16", BF16),
+        candle_core::DType::F32 => launch!(f32, "f32", F32),
+        candle_core::DType::BF16 => launch!(half::bf16, "bf16", BF16),
         other => candle_core::bail!("rms norm kernel: unsupported dtype {other:?}"),
     })
 }

@@ -790,8 +790,14 @@ impl candle_core::CustomOp2 for RmsNormGrad {
         let candle_core::Storage::Cuda(w) = &*weight else {
             candle_core::bail!("rms norm gradient: input on CUDA, weight elsewhere")
         };
-        let out =
-            cuda::rms_norm_backward(x, x_layout, g, g_layout, w, weight_layout, self.eps as f32)?;
+        let out = cuda::rms_norm_backward(
+            x,
+            x_layout,
+            (g, g_layout),
+            w,
+            weight_layout,
+            self.eps as f32,
+        )?;
         Ok((out, x_layout.shape().clone()))
     }
 }
