@@ -46,7 +46,15 @@ fn device_of(name: Option<&str>) -> Device {
         "cpu"
     }) {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).expect("a CUDA device (this binary needs --features cuda)"),
+        "cuda" => {
+            let device =
+                Device::new_cuda(0).expect("a CUDA device (this binary needs --features cuda)");
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(cuda) = &device {
+                model::cuda::tune_for_training(cuda).unwrap();
+            }
+            device
+        }
         other => panic!("--device is cpu or cuda, not {other}"),
     }
 }

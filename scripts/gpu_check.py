@@ -224,6 +224,14 @@ def main() -> None:
                 run["memory_ratio"] = round(ours["peak_gpu_used_mib"] / theirs["peak_gpu_used_mib"], 3)
             doc["runs"].append(run)
             emit()
+            if key == "1b" and mode == "layers" and args.device == "cuda":
+                # The allocator settings of model::cuda::tune_for_training, opt-in until
+                # this comparison says they pay.
+                doc["tuned_1b_layers"] = stage(f"corpusdb {config} {mode} tuned", [
+                    bins["gpu"], "--speed", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
+                    "--steps", str(args.steps), "--checkpointing", mode, "--dtype", "bf16", "--device", "cuda"],
+                    240, env={"CORPUSDB_CUDA_TUNING": "1"})
+                emit()
             if key == "1b" and mode == "layers" and args.device == "cuda" and not args.no_composed:
                 # Before corpusdb's kernels: candle's composed ops (dropout masks drawn on the
                 # CPU and uploaded, RMS norm from elementary ops).

@@ -352,3 +352,40 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
         Ok((out, probs_layout.shape().clone()))
     }
 }
+
+/// Allocator settings for one-stream training, opt in with `CORPUSDB_CUDA_TUNING=1` until
+/// measured (`scripts/gpu-check run` times the 1B step with and without them):
+/// - the device's default memory pool keeps freed memory instead of returning it to the
+///   driver at every synchronisation (release threshold: unlimited), as PyTorch's caching
+///   allocator does;
+/// - no per-tensor CUDA events: candle uses one stream per device, so the events that
+///   order tensors across streams are pure overhead (two per allocation).
+///
+/// Applies to tensors created afterwards; errors are reported, not fatal.
+pub fn tune_for_training(device: &candle_core::CudaDevice) -> Result<()> {
+    if std::env::var("CORPUSDB_CUDA_TUNING").map_or(true, |v| v != "1") {
+        return Ok(());
+    }
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = device.cuda_stream();
+    let cu_device = stream.context().cu_device();
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    // SAFETY: plain driver calls on a device the context holds; `pool` is written by the
+    // first call before it is read.
+    unsafe {
+        stream.context().bind_to_thread().w()?;
+        sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), cu_device)
+            .result()
+            .w()?;
+        let mut threshold: u64 = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool.assume_init(),
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .w()?;
+        device.disable_event_tracking();
+    }
+    Ok(())
+}

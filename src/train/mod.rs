@@ -77,7 +77,12 @@ impl DeviceKind {
                         "device `cuda` needs a build with `--features cuda`".into(),
                     ));
                 }
-                Ok((Device::new_cuda(0)?, self.default_dtype()))
+                let device = Device::new_cuda(0)?;
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(cuda) = &device {
+                    crate::model::cuda::tune_for_training(cuda)?;
+                }
+                Ok((device, self.default_dtype()))
             }
         }
     }
