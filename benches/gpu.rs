@@ -227,6 +227,17 @@ fn check_config(tiny: bool) -> LlamaConfig {
     .unwrap()
 }
 
+/// The relative error of what `run` returns with corpusdb's CUDA kernels against candle's
+/// composed ops (the same on the CPU, where the kernels do not exist).
+fn kernels_against_composed(mut run: impl FnMut() -> HashMap<String, Vec<f32>>) -> f64 {
+    set_kernels(true);
+    let kernels = run();
+    set_kernels(false);
+    let composed = run();
+    set_kernels(true);
+    relative_error(&composed, &kernels)
+}
+
 fn set_kernels(_on: bool) {
     #[cfg(feature = "cuda")]
     model::cuda::set_kernels_enabled(_on);
@@ -293,9 +304,7 @@ fn check(device: &Device, tiny: bool, emulate: bool) -> (Value, bool) {
         let x = Var::from_tensor(&tensor(1, rows * dim, &[rows, dim])).unwrap();
         let w = tensor(2, dim, &[dim]);
         let upstream = tensor(3, rows * dim, &[rows, dim]);
-        let mut outputs = Vec::new();
-        for kernels in [true, false] {
-            set_kernels(kernels);
+        let error = kernels_against_composed(|| {
             let y = model::rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
             let grads = (y.to_dtype(DType::F32).unwrap() * upstream.to_dtype(DType::F32).unwrap())
                 .unwrap()
@@ -304,19 +313,10 @@ fn check(device: &Device, tiny: bool, emulate: bool) -> (Value, bool) {
                 .backward()
                 .unwrap();
             let dx = grads.get(x.as_tensor()).expect("a gradient").clone();
-            outputs.push(HashMap::from([
-                ("y".to_string(), flat(&y)),
-                ("dx".to_string(), flat(&dx)),
-            ]));
-        }
-        set_kernels(true);
+            HashMap::from([("y".to_string(), flat(&y)), ("dx".to_string(), flat(&dx))])
+        });
         let name = format!("rms_norm_kernel_rel_err_{dtype:?}").to_lowercase();
-        verdict(
-            &name,
-            relative_error(&outputs[1], &outputs[0]),
-            tolerance,
-            &mut report,
-        );
+        verdict(&name, error, tolerance, &mut report);
     }
     on_device(false);
 
@@ -358,9 +358,7 @@ fn check(device: &Device, tiny: bool, emulate: bool) -> (Value, bool) {
                     Var::from_tensor(&tensor(3, t)).unwrap(),
                 );
                 let upstream = tensor(4, group * t).to_dtype(DType::F32).unwrap();
-                let mut outputs = Vec::new();
-                for kernels in [true, false] {
-                    set_kernels(kernels);
+                let error = kernels_against_composed(|| {
                     let prepared = attention::prepare(mask, b, t, 0, device, dtype).unwrap();
                     let o = attention::attend(
                         q.as_tensor(),
@@ -383,16 +381,10 @@ fn check(device: &Device, tiny: bool, emulate: bool) -> (Value, bool) {
                             flat(grads.get(var.as_tensor()).expect("a gradient")),
                         );
                     }
-                    outputs.push(out);
-                }
-                set_kernels(true);
+                    out
+                });
                 let name = format!("attention_kernel_rel_err_{mask_name}_{dtype:?}").to_lowercase();
-                verdict(
-                    &name,
-                    relative_error(&outputs[1], &outputs[0]),
-                    tolerance,
-                    &mut report,
-                );
+                verdict(&name, error, tolerance, &mut report);
             }
         }
     }
