@@ -525,15 +525,10 @@ fn chatml(
     let mut text = String::new();
     let mut spans = Vec::new();
     let tools_block = tools.and_then(hf_tools).map(|tools| {
-        let mut block = String::from(
-            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>",
-        );
-        for tool in tools.as_array().into_iter().flatten() {
-            block.push('\n');
-            block.push_str(&python_json(tool, None));
-        }
-        block.push_str("\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>");
-        block
+        format!(
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n{}\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>",
+            tools_block(&tools)
+        )
     });
     let has_system = messages.first().is_some_and(|m| m.role == Role::System);
     if let (Some(block), false) = (&tools_block, has_system) {
@@ -563,13 +558,7 @@ fn chatml(
             if text.len() > start {
                 text.push('\n');
             }
-            // Hermes' key order: name first.
-            let function = &call["function"];
-            text.push_str(&format!(
-                "<tool_call>\n{{\"name\": {}, \"arguments\": {}}}\n</tool_call>",
-                python_json(&function["name"], None),
-                python_json(&function["arguments"], None)
-            ));
+            text.push_str(&tool_call_block(&call));
         }
         text.push_str("<|im_end|>");
         if m.role == Role::Assistant && text.len() > start + "<|im_end|>".len() {
@@ -660,11 +649,7 @@ fn inline_tool_use(
                 if !content.is_empty() {
                     content.push('\n');
                 }
-                content.push_str(&format!(
-                    "<tool_call>\n{{\"name\": {}, \"arguments\": {}}}\n</tool_call>",
-                    python_json(&call["function"]["name"], None),
-                    python_json(&call["function"]["arguments"], None)
-                ));
+                content.push_str(&tool_call_block(call));
             }
             m["content"] = content.into();
             if let Some(object) = m.as_object_mut() {
@@ -676,12 +661,7 @@ fn inline_tool_use(
         return;
     }
     if let Some(list) = tools.take() {
-        let mut block = String::from("You may call these functions:\n<tools>");
-        for tool in list.as_array().into_iter().flatten() {
-            block.push('\n');
-            block.push_str(&python_json(tool, None));
-        }
-        block.push_str("\n</tools>");
+        let block = format!("You may call these functions:\n{}", tools_block(&list));
         match messages.first_mut() {
             Some(first) if first["role"] == "system" => {
                 let content = first["content"].as_str().unwrap_or_default();
@@ -694,6 +674,28 @@ fn inline_tool_use(
             _ => messages.insert(0, serde_json::json!({"role": "system", "content": block})),
         }
     }
+}
+
+/// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` for a call in HF's shape
+/// (Hermes' key order: name first).
+fn tool_call_block(call: &serde_json::Value) -> String {
+    let function = &call["function"];
+    format!(
+        "<tool_call>\n{{\"name\": {}, \"arguments\": {}}}\n</tool_call>",
+        python_json(&function["name"], None),
+        python_json(&function["arguments"], None)
+    )
+}
+
+/// `<tools>` with one schema per line, `</tools>`.
+fn tools_block(tools: &serde_json::Value) -> String {
+    let mut block = String::from("<tools>");
+    for tool in tools.as_array().into_iter().flatten() {
+        block.push('\n');
+        block.push_str(&python_json(tool, None));
+    }
+    block.push_str("\n</tools>");
+    block
 }
 
 /// Tool calls in Hugging Face's chat-template shape: `[{type: "function", function: {name,

@@ -12,7 +12,7 @@ writes merge_and_unload()'s weights there as model.safetensors (Hugging Face nam
 lm_head is left out when tied to the embeddings) with a copy of config.json.
 
 Exits 3 with a one-line message on stderr when torch, transformers or peft is missing, so
-callers can skip.
+the Rust test fails with that message (it is `#[ignore]`d by default).
 """
 
 import argparse
