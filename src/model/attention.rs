@@ -861,3 +861,76 @@ impl CustomOp3 for FlashAttention {
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
+
+/// The blockwise op's forward pass on plain values (the CPU decoder layer, which keeps no
+/// graph): `q: [b, kv_heads, rows, d]`, `k`, `v: [b, kv_heads, s, d]`; returns the output
+/// and each query's log-sum-exp.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn blockwise_forward(
+    mask: &Prepared,
+    b: usize,
+    kv_heads: usize,
+    rows: usize,
+    s: usize,
+    d: usize,
+    scale: f64,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> (Vec<f32>, Vec<f64>) {
+    let op = blockwise(mask, scale);
+    let vis = Visibility::new(mask.rule, b, mask.t, mask.past);
+    let shapes = Shapes {
+        kv_heads,
+        rows,
+        s,
+        d,
+    };
+    op.forward(&vis, &shapes, q, k, v)
+}
+
+/// The gradients `(dq, dk, dv)` of [`blockwise_forward`] from its inputs, output,
+/// log-sum-exps and the output's gradient.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn blockwise_backward(
+    mask: &Prepared,
+    b: usize,
+    kv_heads: usize,
+    rows: usize,
+    s: usize,
+    d: usize,
+    scale: f64,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    grad: &[f32],
+    lse: &[f64],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let op = blockwise(mask, scale);
+    let vis = Visibility::new(mask.rule, b, mask.t, mask.past);
+    let shapes = Shapes {
+        kv_heads,
+        rows,
+        s,
+        d,
+    };
+    op.backward(&vis, &shapes, q, k, v, out, grad, lse)
+}
+
+impl Prepared<'_> {
+    /// Whether attention runs as the blockwise CPU op (no additive mask, no CUDA kernel).
+    pub(super) fn is_blockwise(&self) -> bool {
+        self.additive.is_none() && !self.kernel
+    }
+}
+
+fn blockwise(mask: &Prepared, scale: f64) -> FlashAttention {
+    FlashAttention {
+        scale,
+        t: mask.t,
+        past: mask.past,
+        mask: mask.rule.clone(),
+        log_sum_exp: Mutex::new(Vec::new()),
+    }
+}

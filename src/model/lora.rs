@@ -366,6 +366,16 @@ impl Lora {
         Ok(Some(down.matmul(&b.t()?)?))
     }
 
+    /// The parameters' dtype (f32 in training, f64 in gradient checks).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `alpha / r`, the factor of every update.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
     /// Every trainable variable by its PEFT key, in key order.
     pub fn named_vars(&self) -> Vec<(String, &Var)> {
         let mut out = Vec::new();

@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod blas;
+pub mod cpu_layer;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod frozen;

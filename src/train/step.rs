@@ -22,7 +22,9 @@ use candle_core::{DType, Result, Tensor, Var};
 use super::loss::{nll_of_logits, Targets};
 use super::Checkpointing;
 use crate::batches::Batch;
-use crate::model::{lora::peft_key, Adapter, AttentionMask, DropoutKey, Llama, Lora, Target};
+use crate::model::{
+    cpu_layer, lora::peft_key, Adapter, AttentionMask, DropoutKey, Llama, Lora, Target,
+};
 
 /// How a micro-batch's gradients are computed.
 #[derive(Clone, Copy, Debug)]
@@ -85,13 +87,19 @@ pub fn accumulate_gradients(
         return Ok(nll);
     }
 
+    // On the CPU in f32 each layer is one hand-written pass forward and back (no graph).
+    let by_hand = cpu_layer::supported(model, lora, &context);
     // Forward: keep each layer's input only.
     let mut inputs = Vec::with_capacity(layers);
     let mut x = embedded;
     for l in 0..layers {
-        let y = model
-            .decoder_layer(l, &x, &context, adapter, None)?
-            .detach();
+        let y = if by_hand {
+            cpu_layer::forward(model, lora, l, &x, &context, dropout)?
+        } else {
+            model
+                .decoder_layer(l, &x, &context, adapter, None)?
+                .detach()
+        };
         inputs.push(x);
         x = y;
     }
@@ -107,6 +115,23 @@ pub fn accumulate_gradients(
     // Backward: recompute each layer, last first, with its graph.
     for l in (0..layers).rev() {
         let kept = inputs.pop().expect("one input per layer");
+        if by_hand {
+            let dx = cpu_layer::backward(
+                model,
+                lora,
+                l,
+                &kept,
+                &context,
+                dropout,
+                &upstream,
+                l > 0,
+                grads,
+            )?;
+            if let Some(dx) = dx {
+                upstream = dx;
+            }
+            continue;
+        }
         // The embeddings need no gradient: the first layer's input stays a plain tensor.
         let input = if l > 0 {
             Some(Var::from_tensor(&kept)?)
