@@ -15,6 +15,11 @@
 //! process, so the peak resident memory it prints (VmHWM) is that model's alone. Under
 //! `cargo test --all-targets` it runs one step of a tiny model as a smoke test.
 
+// The allocator and setting of `corpusdb train` (src/main.rs), so that this measures what
+// the command runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -124,6 +129,8 @@ fn load(which: &str, measuring: bool) -> (String, Llama) {
 }
 
 fn main() {
+    // Safety: as `keep_freed_memory` in src/main.rs (mi_option_purge_delay = -1).
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     let args: Vec<String> = std::env::args().collect();
     let measuring = args.iter().any(|a| a == "--bench");
     let which = args

@@ -326,6 +326,69 @@ fn driven(
     (nll, grads)
 }
 
+/// The driver's loss and gradients in every mode (checkpointing, loss chunk) against one
+/// graph over the whole batch (`token_nll` + backward), within `tolerance` of each
+/// gradient's largest value.
+fn assert_driven_matches_one_graph(model: &corpusdb::model::Llama, lora: &Lora, tolerance: f64) {
+    let batch = batch_of(
+        &[
+            vec![2, 5, 7, 9, 11, 3, 3, 8],
+            vec![3, 4, 8],
+            vec![1, 6, 10, 12, 13, 14, 30],
+            vec![9, 9, 1],
+        ],
+        12,
+    );
+    let targets = loss::Targets::of(&batch).unwrap();
+    // The reference: one graph, all logits at once.
+    let adapter = corpusdb::model::Adapter {
+        lora,
+        dropout: Some(DropoutKey {
+            seed: 4,
+            step: 2,
+            micro_batch: 1,
+        }),
+    };
+    let nll = loss::token_nll(model, Some(adapter), &batch, &targets)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let reference_loss = nll
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let reference = nll.backward().unwrap();
+    let dtype = model.dtype;
+    for (checkpointing, chunk) in [
+        (Checkpointing::None, 1024),
+        (Checkpointing::Layers, 1024),
+        (Checkpointing::Layers, 5),
+        (Checkpointing::None, 1),
+    ] {
+        let (loss, grads) = driven(model, lora, &batch, checkpointing, chunk);
+        assert!(
+            (loss - reference_loss).abs() <= tolerance * reference_loss.abs(),
+            "{checkpointing:?}/{chunk} {dtype:?}: loss {loss} vs {reference_loss}"
+        );
+        let vars = lora.named_vars();
+        assert_eq!(grads.len(), vars.len(), "every matrix gets a gradient");
+        for (key, var) in vars {
+            let expected = reference.get(var.as_tensor()).unwrap();
+            let got = &grads[&key];
+            let scale = max_abs_diff(expected, &expected.zeros_like().unwrap());
+            let diff = max_abs_diff(got, expected);
+            assert!(scale > 0.0, "{key}: zero reference gradient");
+            assert!(
+                diff <= tolerance * scale,
+                "{checkpointing:?}/{chunk} {dtype:?} {key}: differs by {diff} (scale {scale})"
+            );
+        }
+    }
+}
+
+/// In f32 on the CPU the driver runs each layer by hand (`model::cpu_layer`); in f64 it
+/// runs candle's graph: both against the one-graph reference.
 #[test]
 fn checkpointed_and_chunked_steps_give_the_one_graph_gradients() {
     for dtype in [DType::F64, DType::F32] {
@@ -334,62 +397,50 @@ fn checkpointed_and_chunked_steps_give_the_one_graph_gradients() {
         let model = tiny_model(&config, 3, dtype);
         let lora = Lora::with_dtype(lora_config(3, 0.1), &config, 5, &Device::Cpu, dtype).unwrap();
         randomize_b(&lora, 11);
-        let batch = batch_of(
-            &[
-                vec![2, 5, 7, 9, 11, 3, 3, 8],
-                vec![3, 4, 8],
-                vec![1, 6, 10, 12, 13, 14, 30],
-                vec![9, 9, 1],
-            ],
-            12,
-        );
-        let targets = loss::Targets::of(&batch).unwrap();
-        // The reference: one graph, all logits at once.
-        let adapter = corpusdb::model::Adapter {
-            lora: &lora,
-            dropout: Some(DropoutKey {
-                seed: 4,
-                step: 2,
-                micro_batch: 1,
-            }),
-        };
-        let nll = loss::token_nll(&model, Some(adapter), &batch, &targets)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let reference_loss = nll
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let reference = nll.backward().unwrap();
         let tolerance = if dtype == DType::F64 { 1e-11 } else { 2e-5 };
-        for (checkpointing, chunk) in [
-            (Checkpointing::None, 1024),
-            (Checkpointing::Layers, 1024),
-            (Checkpointing::Layers, 5),
-            (Checkpointing::None, 1),
-        ] {
-            let (loss, grads) = driven(&model, &lora, &batch, checkpointing, chunk);
-            assert!(
-                (loss - reference_loss).abs() <= tolerance * reference_loss.abs(),
-                "{checkpointing:?}/{chunk} {dtype:?}: loss {loss} vs {reference_loss}"
-            );
-            let vars = lora.named_vars();
-            assert_eq!(grads.len(), vars.len(), "every matrix gets a gradient");
-            for (key, var) in vars {
-                let expected = reference.get(var.as_tensor()).unwrap();
-                let got = &grads[&key];
-                let scale = max_abs_diff(expected, &expected.zeros_like().unwrap());
-                let diff = max_abs_diff(got, expected);
-                assert!(scale > 0.0, "{key}: zero reference gradient");
-                assert!(
-                    diff <= tolerance * scale,
-                    "{checkpointing:?}/{chunk} {dtype:?} {key}: differs by {diff} (scale {scale})"
-                );
-            }
-        }
+        assert_driven_matches_one_graph(&model, &lora, tolerance);
     }
+}
+
+/// The hand-written layer with some projections not adapted and without dropout, and
+/// with heads that share no key/value head (one group each).
+#[test]
+fn the_layer_by_hand_handles_partial_targets_and_no_dropout() {
+    for (kv_heads, dropout, targets) in [
+        (2, 0.0, vec!["q_proj", "v_proj", "down_proj"]),
+        (4, 0.3, vec!["k_proj", "o_proj", "gate_proj", "up_proj"]),
+    ] {
+        let mut config = tiny_config(40);
+        config.num_key_value_heads = Some(kv_heads);
+        let model = tiny_model(&config, 8, DType::F32);
+        let mut lora_settings = lora_config(4, dropout);
+        lora_settings.targets = targets.iter().map(|t| t.to_string()).collect();
+        let lora = Lora::new(lora_settings, &config, 6, &Device::Cpu).unwrap();
+        randomize_b(&lora, 12);
+        assert_driven_matches_one_graph(&model, &lora, 2e-5);
+    }
+}
+
+/// The kept bits of a dropout mask are the f32 mask's non-zero values, across the
+/// parallel chunks' boundaries.
+#[test]
+fn dropout_bits_are_the_dropout_mask() {
+    use corpusdb::model::rng;
+    let n = (1 << 16) * 2 + 77;
+    let mask = rng::dropout_mask(3, &[1, 2, 3, 4], n, 0.3);
+    let bits = rng::dropout_bits(3, &[1, 2, 3, 4], n, 0.3);
+    assert_eq!(bits.len(), n.div_ceil(64));
+    let kept = (0..n)
+        .filter(|&i| bits[i / 64] >> (i % 64) & 1 == 1)
+        .count();
+    assert!(
+        (kept as f64 / n as f64 - 0.7).abs() < 0.01,
+        "{kept} of {n} kept"
+    );
+    for (i, &m) in mask.iter().enumerate() {
+        assert_eq!(bits[i / 64] >> (i % 64) & 1 == 1, m != 0.0, "value {i}");
+    }
+    assert!(bits[n / 64] >> (n % 64) == 0, "no bits past the end");
 }
 
 #[test]

@@ -218,6 +218,7 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(output) = args.output {
         config.output = output;
     }
+    crate::keep_freed_memory();
     let curriculum = Curriculum::load(&config.curriculum)
         .with_context(|| format!("curriculum of {}", args.config.display()))?;
     let (model, mut tokenizer) = train::load_model_as(

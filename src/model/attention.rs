@@ -505,7 +505,7 @@ impl FlashAttention {
                                 let correction = (max[ii] - new_max).exp();
                                 let mut block_sum = T::zero();
                                 for x in line.iter_mut() {
-                                    *x = (*x - new_max).exp();
+                                    *x = (*x - new_max).exp_fast();
                                     block_sum = block_sum + *x;
                                 }
                                 sum[ii] = sum[ii] * correction + block_sum;
@@ -617,7 +617,7 @@ impl FlashAttention {
                             let l = T::from_f64(lse[task.r0 + ii]);
                             probs[ii * BLOCK..ii * BLOCK + nk]
                                 .iter_mut()
-                                .for_each(|x| *x = (*x - l).exp());
+                                .for_each(|x| *x = (*x - l).exp_fast());
                         }
                         // Safety: block sizes as above; dk/dv/dq are this task's own.
                         unsafe {

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::num_float::exp_f32;
 use super::{attention, lora::peft_key, rng, Context, DropoutKey, Llama, Lora, Target};
 
 /// Rows per parallel chunk of the elementwise passes.
@@ -31,8 +32,14 @@ pub fn supported(model: &Llama, lora: &Lora, context: &Context) -> bool {
         && context.mask.is_blockwise()
 }
 
+/// What [`forward`] keeps of one layer for [`backward`] when asked to: about a third of
+/// the values the graph would keep (the norms' outputs, the attention output's copy and
+/// the MLP's product are recomputed from what is kept; dropout masks are kept as bits).
+pub struct Activations(Saved);
+
 /// Layer `layer`'s output for `x: [batch, seq, hidden]` with the adapter in training mode
-/// (dropout masks of `key`): the same values as [`Llama::decoder_layer`].
+/// (dropout masks of `key`): the same values as [`Llama::decoder_layer`]. With `keep`,
+/// also what [`backward`] needs, so that it does not run the layer again.
 pub fn forward(
     model: &Llama,
     lora: &Lora,
@@ -40,16 +47,19 @@ pub fn forward(
     x: &Tensor,
     context: &Context,
     key: DropoutKey,
-) -> Result<Tensor> {
+    keep: bool,
+) -> Result<(Tensor, Option<Activations>)> {
     let pass = Pass::new(model, lora, layer, x, context, key)?;
     let input = values(x)?;
-    let (y, _) = pass.forward(input.get())?;
-    Tensor::from_vec(y, x.shape(), &Device::Cpu)
+    let (y, saved) = pass.forward(input.get())?;
+    let y = Tensor::from_vec(y, x.shape(), &Device::Cpu)?;
+    Ok((y, keep.then_some(Activations(saved))))
 }
 
-/// Recomputes layer `layer` on `x` and back-propagates `upstream` (the gradient of its
-/// output): adds the gradients of its LoRA matrices to `grads` (by PEFT key) and returns
-/// the gradient of `x` when `input_gradient` is set.
+/// Back-propagates `upstream` (the gradient of layer `layer`'s output) through the layer
+/// on input `x`, from `kept` activations or by running the layer again: adds the
+/// gradients of its LoRA matrices to `grads` (by PEFT key) and returns the gradient of
+/// `x` when `input_gradient` is set.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     model: &Llama,
@@ -58,13 +68,17 @@ pub fn backward(
     x: &Tensor,
     context: &Context,
     key: DropoutKey,
+    kept: Option<Activations>,
     upstream: &Tensor,
     input_gradient: bool,
     grads: &mut HashMap<String, Tensor>,
 ) -> Result<Option<Tensor>> {
     let pass = Pass::new(model, lora, layer, x, context, key)?;
     let input = values(x)?;
-    let (_, saved) = pass.forward(input.get())?;
+    let saved = match kept {
+        Some(Activations(saved)) => saved,
+        None => pass.forward(input.get())?.1,
+    };
     let upstream = upstream.to_dtype(DType::F32)?.contiguous()?;
     let dy = values(&upstream)?;
     let dx = pass.backward(input.get(), saved, dy.get(), input_gradient, grads)?;
@@ -185,13 +199,14 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
         .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
 }
 
-/// What the backward pass needs from the forward pass (the dropped inputs of the
-/// adapters are drawn again instead).
+/// What the backward pass needs from the forward pass.
 struct Saved {
     /// `1/√(mean(x²) + ε)` per token, before attention and before the MLP.
     r1: Vec<f32>,
-    n1: Vec<f32>,
-    /// Each adapter's scaled rank-r intermediate `s · dropout(input) · Aᵀ`.
+    r2: Vec<f32>,
+    /// Each adapted projection's dropout mask (bit set = kept) and its scaled rank-r
+    /// intermediate `s · dropout(input) · Aᵀ`.
+    masks: [Option<Vec<u64>>; 7],
     lora_mid: [Option<Vec<f32>>; 7],
     /// Rotated queries and keys and the values, `[batch, heads, seq, dim]`.
     q: Vec<f32>,
@@ -200,15 +215,10 @@ struct Saved {
     /// Attention's output in the same layout, and per query its log-sum-exp.
     o: Vec<f32>,
     lse: Vec<f64>,
-    /// The output projection's input `[tokens, heads · dim]`.
-    attended: Vec<f32>,
-    /// The residual stream after attention, its norm's scale and output.
+    /// The residual stream after attention.
     h: Vec<f32>,
-    r2: Vec<f32>,
-    n2: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    act: Vec<f32>,
 }
 
 /// One layer's weights, adapter and shapes for one pass.
@@ -266,33 +276,56 @@ impl<'a> Pass<'a> {
         values(&self.model.layers[self.layer].projections[target as usize])
     }
 
-    /// The adapter's input after dropout (the mask of this layer and target).
-    fn dropped<'x>(&self, target: Target, input: &'x [f32]) -> Cow<'x, [f32]> {
+    /// The dropout mask of this layer's `target` for `n` values, or `None` without
+    /// dropout or adapter.
+    fn mask(&self, target: Target, n: usize) -> Option<Vec<u64>> {
         let p = self.lora.config.dropout as f32;
-        if p <= 0.0 {
-            return Cow::Borrowed(input);
-        }
-        let mut out = input.to_vec();
-        self.drop_in_place(target, &mut out);
-        Cow::Owned(out)
-    }
-
-    fn drop_in_place(&self, target: Target, values: &mut [f32]) {
-        let p = self.lora.config.dropout as f32;
-        if p > 0.0 {
+        self.lora.layers[self.layer][target as usize].as_ref()?;
+        (p > 0.0).then(|| {
             let key = [
                 self.key.step,
                 self.key.micro_batch,
                 self.layer as u64,
                 target as u64,
             ];
-            rng::dropout_in_place(self.key.seed, &key, p, values, |x, keep| x * keep);
-        }
+            rng::dropout_bits(self.key.seed, &key, n, p)
+        })
+    }
+
+    /// `values` after inverted dropout with `mask`.
+    fn dropped<'x>(&self, mask: Option<&[u64]>, values: &'x [f32]) -> Cow<'x, [f32]> {
+        let Some(mask) = mask else {
+            return Cow::Borrowed(values);
+        };
+        let mut out = values.to_vec();
+        self.drop_in_place(mask, &mut out);
+        Cow::Owned(out)
+    }
+
+    fn drop_in_place(&self, mask: &[u64], values: &mut [f32]) {
+        let keep = 1.0 / (1.0 - self.lora.config.dropout as f32);
+        values
+            .par_chunks_mut(1 << 14)
+            .zip(mask.par_chunks((1 << 14) / 64))
+            .for_each(|(values, words)| {
+                for (i, v) in values.iter_mut().enumerate() {
+                    *v = if words[i / 64] >> (i % 64) & 1 == 1 {
+                        *v * keep
+                    } else {
+                        0.0
+                    };
+                }
+            });
     }
 
     /// `input · Wᵀ` plus the adapter's update; the update's rank-r intermediate is kept
     /// for the backward pass.
-    fn project(&self, target: Target, input: &[f32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    fn project(
+        &self,
+        target: Target,
+        input: &[f32],
+        mask: Option<&[u64]>,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let (out_dim, in_dim) = self.model.config.projection_shape(target);
         let m = self.tokens;
         let w = self.weight(target)?;
@@ -309,7 +342,7 @@ impl<'a> Pass<'a> {
         };
         let (a, b) = (values(pair.a.as_tensor())?, values(pair.b.as_tensor())?);
         let r = self.lora.config.r;
-        let dropped = self.dropped(target, input);
+        let dropped = self.dropped(mask, input);
         let mut mid = vec![0f32; m * r];
         product(
             &mut mid,
@@ -335,6 +368,7 @@ impl<'a> Pass<'a> {
         &self,
         target: Target,
         input: &[f32],
+        mask: Option<&[u64]>,
         mid: Option<&[f32]>,
         d_out: &[f32],
         d_input: &mut [f32],
@@ -377,7 +411,7 @@ impl<'a> Pass<'a> {
         );
         let mut d_a = vec![0f32; r * in_dim];
         {
-            let dropped = self.dropped(target, input);
+            let dropped = self.dropped(mask, input);
             product(
                 &mut d_a,
                 Mat::new(&d_mid, m, r).t(),
@@ -387,7 +421,7 @@ impl<'a> Pass<'a> {
             );
         }
         // d_input += dropout(s · d_mid · A), the same mask as the forward pass.
-        if self.lora.config.dropout > 0.0 {
+        if let Some(mask) = mask {
             let mut d_dropped = vec![0f32; m * in_dim];
             product(
                 &mut d_dropped,
@@ -396,7 +430,7 @@ impl<'a> Pass<'a> {
                 false,
                 scale,
             );
-            self.drop_in_place(target, &mut d_dropped);
+            self.drop_in_place(mask, &mut d_dropped);
             add_into(d_input, &d_dropped);
         } else {
             product(
@@ -423,75 +457,74 @@ impl<'a> Pass<'a> {
     fn forward(&self, x: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let weights = &self.model.layers[self.layer];
         let eps = self.model.config.rms_norm_eps;
-        let (m, hidden, d) = (self.tokens, self.hidden, self.dim);
+        let m = self.tokens;
         let (n1, r1) = rms_forward(x, values(&weights.input_norm)?.get(), eps);
+        let mut masks: [Option<Vec<u64>>; 7] = Default::default();
         let mut lora_mid: [Option<Vec<f32>>; 7] = Default::default();
         let mut project = |target: Target, input: &[f32]| -> Result<Vec<f32>> {
-            let (out, mid) = self.project(target, input)?;
+            let mask = self.mask(target, input.len());
+            let (out, mid) = self.project(target, input, mask.as_deref())?;
+            masks[target as usize] = mask;
             lora_mid[target as usize] = mid;
             Ok(out)
         };
         let q_lin = project(Target::Q, &n1)?;
         let k_lin = project(Target::K, &n1)?;
         let v_lin = project(Target::V, &n1)?;
+        drop(n1);
         let cos = values(&self.context.cos)?;
         let sin = values(&self.context.sin)?;
-        let (cos, sin) = (cos.get(), sin.get());
-        let q = self.head_major(&q_lin, self.heads, Some((cos, sin)));
-        let k = self.head_major(&k_lin, self.kv_heads, Some((cos, sin)));
+        let rotary = Some((cos.get(), sin.get()));
+        let q = self.head_major(&q_lin, self.heads, rotary);
+        let k = self.head_major(&k_lin, self.kv_heads, rotary);
         let v = self.head_major(&v_lin, self.kv_heads, None);
         drop((q_lin, k_lin, v_lin));
-        let group = self.heads / self.kv_heads;
-        let scale = 1.0 / (d as f64).sqrt();
-        let (o, lse) = attention::blockwise_forward(
-            &self.context.mask,
-            self.batch,
-            self.kv_heads,
-            group * self.seq,
-            self.seq,
-            d,
-            scale,
-            &q,
-            &k,
-            &v,
-        );
+        let (o, lse) = self.attention_forward(&q, &k, &v);
         let attended = self.token_major(&o, self.heads, None);
         let mut h = project(Target::O, &attended)?;
+        drop(attended);
         add_into(&mut h, x);
         let (n2, r2) = rms_forward(&h, values(&weights.post_attention_norm)?.get(), eps);
         let gate = project(Target::Gate, &n2)?;
         let up = project(Target::Up, &n2)?;
-        let mut act = vec![0f32; m * self.intermediate];
-        act.par_chunks_mut(1 << 14)
-            .zip(gate.par_chunks(1 << 14).zip(up.par_chunks(1 << 14)))
-            .for_each(|(a, (g, u))| {
-                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    *a = g / (1.0 + (-g).exp()) * u;
-                }
-            });
+        drop(n2);
+        let act = silu_product(&gate, &up);
         let mut y = project(Target::Down, &act)?;
+        drop(act);
         add_into(&mut y, &h);
-        debug_assert_eq!(y.len(), m * hidden);
+        debug_assert_eq!(y.len(), m * self.hidden);
         Ok((
             y,
             Saved {
                 r1,
-                n1,
+                r2,
+                masks,
                 lora_mid,
                 q,
                 k,
                 v,
                 o,
                 lse,
-                attended,
                 h,
-                r2,
-                n2,
                 gate,
                 up,
-                act,
             },
         ))
+    }
+
+    fn attention_forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f64>) {
+        attention::blockwise_forward(
+            &self.context.mask,
+            self.batch,
+            self.kv_heads,
+            self.heads / self.kv_heads * self.seq,
+            self.seq,
+            self.dim,
+            1.0 / (self.dim as f64).sqrt(),
+            q,
+            k,
+            v,
+        )
     }
 
     fn backward(
@@ -504,101 +537,113 @@ impl<'a> Pass<'a> {
     ) -> Result<Option<Vec<f32>>> {
         let weights = &self.model.layers[self.layer];
         let (m, hidden, d) = (self.tokens, self.hidden, self.dim);
-        let mid = |t: Target| saved.lora_mid[t as usize].as_deref();
+        let Saved {
+            r1,
+            r2,
+            masks,
+            lora_mid,
+            q,
+            k,
+            v,
+            o,
+            lse,
+            h,
+            gate,
+            up,
+        } = saved;
+        let mask = |t: Target| masks[t as usize].as_deref();
+        let mid = |t: Target| lora_mid[t as usize].as_deref();
         // MLP: y = h + down(silu(gate) · up)
         let mut d_act = vec![0f32; m * self.intermediate];
-        self.project_backward(
-            Target::Down,
-            &saved.act,
-            mid(Target::Down),
-            dy,
-            &mut d_act,
-            false,
-            grads,
-        )?;
-        drop(saved.act);
+        {
+            let act = silu_product(&gate, &up);
+            self.project_backward(
+                Target::Down,
+                &act,
+                mask(Target::Down),
+                mid(Target::Down),
+                dy,
+                &mut d_act,
+                false,
+                grads,
+            )?;
+        }
         // d_up = d_act · silu(g); d_gate = d_act · up · σ(g) · (1 + g · (1 − σ(g)))
         let mut d_up = d_act;
         let mut d_gate = vec![0f32; m * self.intermediate];
         d_up.par_chunks_mut(1 << 14)
             .zip(d_gate.par_chunks_mut(1 << 14))
-            .zip(
-                saved
-                    .gate
-                    .par_chunks(1 << 14)
-                    .zip(saved.up.par_chunks(1 << 14)),
-            )
+            .zip(gate.par_chunks(1 << 14).zip(up.par_chunks(1 << 14)))
             .for_each(|((du, dg), (g, u))| {
                 for (((du, dg), &g), &u) in du.iter_mut().zip(dg).zip(g).zip(u) {
-                    let sigmoid = 1.0 / (1.0 + (-g).exp());
+                    let sigmoid = 1.0 / (1.0 + exp_f32(-g));
                     let da = *du;
                     *du = da * g * sigmoid;
                     *dg = da * u * sigmoid * (1.0 + g * (1.0 - sigmoid));
                 }
             });
+        drop((gate, up));
+        let post_norm = values(&weights.post_attention_norm)?;
         let mut d_n2 = vec![0f32; m * hidden];
-        self.project_backward(
-            Target::Gate,
-            &saved.n2,
-            mid(Target::Gate),
-            &d_gate,
-            &mut d_n2,
-            false,
-            grads,
-        )?;
-        self.project_backward(
-            Target::Up,
-            &saved.n2,
-            mid(Target::Up),
-            &d_up,
-            &mut d_n2,
-            true,
-            grads,
-        )?;
+        {
+            let n2 = rms_apply(&h, &r2, post_norm.get());
+            for (target, grad, accumulate) in
+                [(Target::Gate, &d_gate, false), (Target::Up, &d_up, true)]
+            {
+                self.project_backward(
+                    target,
+                    &n2,
+                    mask(target),
+                    mid(target),
+                    grad,
+                    &mut d_n2,
+                    accumulate,
+                    grads,
+                )?;
+            }
+        }
         drop((d_gate, d_up));
         let mut d_h = dy.to_vec();
-        rms_backward(
-            &saved.h,
-            &saved.r2,
-            values(&weights.post_attention_norm)?.get(),
-            &d_n2,
-            &mut d_h,
-        );
-        drop(d_n2);
+        rms_backward(&h, &r2, post_norm.get(), &d_n2, &mut d_h);
+        drop((d_n2, h));
         // Attention: h = x + o_proj(attention(rotate(q), rotate(k), v))
         let mut d_attended = vec![0f32; m * self.heads * d];
-        self.project_backward(
-            Target::O,
-            &saved.attended,
-            mid(Target::O),
-            &d_h,
-            &mut d_attended,
-            false,
-            grads,
-        )?;
+        {
+            let attended = self.token_major(&o, self.heads, None);
+            self.project_backward(
+                Target::O,
+                &attended,
+                mask(Target::O),
+                mid(Target::O),
+                &d_h,
+                &mut d_attended,
+                false,
+                grads,
+            )?;
+        }
         let d_o = self.head_major(&d_attended, self.heads, None);
         drop(d_attended);
-        let group = self.heads / self.kv_heads;
-        let scale = 1.0 / (d as f64).sqrt();
         let (d_q, d_k, d_v) = attention::blockwise_backward(
             &self.context.mask,
             self.batch,
             self.kv_heads,
-            group * self.seq,
+            self.heads / self.kv_heads * self.seq,
             self.seq,
             d,
-            scale,
-            &saved.q,
-            &saved.k,
-            &saved.v,
-            &saved.o,
+            1.0 / (d as f64).sqrt(),
+            &q,
+            &k,
+            &v,
+            &o,
             &d_o,
-            &saved.lse,
+            &lse,
         );
-        drop(d_o);
+        drop((d_o, q, k, v, o, lse));
         let cos = values(&self.context.cos)?;
         let sin = values(&self.context.sin)?;
         let rotary = Some((cos.get(), sin.get()));
+        let input_norm = values(&weights.input_norm)?;
+        let n1 = rms_apply(x, &r1, input_norm.get());
         let mut d_n1 = vec![0f32; m * hidden];
         for (target, grad, heads, rotary, accumulate) in [
             (Target::Q, d_q, self.heads, rotary, false),
@@ -609,7 +654,8 @@ impl<'a> Pass<'a> {
             drop(grad);
             self.project_backward(
                 target,
-                &saved.n1,
+                &n1,
+                mask(target),
                 mid(target),
                 &d_lin,
                 &mut d_n1,
@@ -621,13 +667,7 @@ impl<'a> Pass<'a> {
             return Ok(None);
         }
         let mut d_x = d_h;
-        rms_backward(
-            x,
-            &saved.r1,
-            values(&weights.input_norm)?.get(),
-            &d_n1,
-            &mut d_x,
-        );
+        rms_backward(x, &r1, input_norm.get(), &d_n1, &mut d_x);
         Ok(Some(d_x))
     }
 
@@ -710,6 +750,35 @@ fn rms_forward(x: &[f32], weight: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
             }
         });
     (out, scales)
+}
+
+/// The normed rows again from the rows and their scales: the values of [`rms_forward`].
+fn rms_apply(x: &[f32], scales: &[f32], weight: &[f32]) -> Vec<f32> {
+    let dim = weight.len();
+    let mut out = x.to_vec();
+    out.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(scales.par_chunks(ROWS_PER_TASK))
+        .for_each(|(rows, scales)| {
+            for (row, &r) in rows.chunks_mut(dim).zip(scales) {
+                for (v, &w) in row.iter_mut().zip(weight) {
+                    *v = *v * r * w;
+                }
+            }
+        });
+    out
+}
+
+/// `silu(gate) · up`, with candle's `silu(x) = x / (1 + e^−x)`.
+fn silu_product(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut act = vec![0f32; gate.len()];
+    act.par_chunks_mut(1 << 14)
+        .zip(gate.par_chunks(1 << 14).zip(up.par_chunks(1 << 14)))
+        .for_each(|(a, (g, u))| {
+            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                *a = g / (1.0 + exp_f32(-g)) * u;
+            }
+        });
+    act
 }
 
 /// Adds the gradient of RMS norm's input to `d_x`:

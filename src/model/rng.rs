@@ -63,3 +63,25 @@ pub fn dropout_in_place<T: Copy + Default + Send>(
             }
         });
 }
+
+/// The decisions of [`dropout_in_place`] for `n` values as bits (set = kept), 64 per
+/// word: the same draws, kept at 1/32 of the size of an f32 mask so that a layer's masks
+/// can live from its forward pass to its backward pass.
+pub fn dropout_bits(seed: u64, key: &[u64], n: usize, p: f32) -> Vec<u64> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let base = dropout_stream(seed, key);
+    let mut bits = vec![0u64; n.div_ceil(64)];
+    bits.par_chunks_mut(CHUNK / 64)
+        .enumerate()
+        .for_each(|(chunk, words)| {
+            let mut rng = SplitMix64::keyed(base, &[chunk as u64]);
+            let len = CHUNK.min(n - chunk * CHUNK);
+            for i in 0..len {
+                if rng.next_f32() >= p {
+                    words[i / 64] |= 1 << (i % 64);
+                }
+            }
+        });
+    bits
+}

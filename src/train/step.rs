@@ -73,6 +73,41 @@ pub fn accumulate_gradients(
     let layers = model.layers.len();
     let embedded = model.embed(&ids)?;
 
+    // On the CPU in f32 each layer is one hand-written pass forward and back (no graph).
+    if cpu_layer::supported(model, lora, &context) {
+        let keep = options.checkpointing != Checkpointing::Layers;
+        // Forward: keep each layer's input, and its activations unless checkpointing.
+        let mut kept = Vec::with_capacity(layers);
+        let mut x = embedded;
+        for l in 0..layers {
+            let (y, activations) = cpu_layer::forward(model, lora, l, &x, &context, dropout, keep)?;
+            kept.push((x, activations));
+            x = y;
+        }
+        let (nll, mut upstream) = loss_of_last(model, &x, &head_input, &targets.tokens, options)?;
+        drop(x);
+        // Backward, last layer first, running each layer again when checkpointing.
+        for l in (0..layers).rev() {
+            let (input, activations) = kept.pop().expect("one input per layer");
+            let dx = cpu_layer::backward(
+                model,
+                lora,
+                l,
+                &input,
+                &context,
+                dropout,
+                activations,
+                &upstream,
+                l > 0,
+                grads,
+            )?;
+            if let Some(dx) = dx {
+                upstream = dx;
+            }
+        }
+        return Ok(nll);
+    }
+
     if options.checkpointing != Checkpointing::Layers {
         let mut x = embedded;
         for l in 0..layers {
@@ -87,51 +122,21 @@ pub fn accumulate_gradients(
         return Ok(nll);
     }
 
-    // On the CPU in f32 each layer is one hand-written pass forward and back (no graph).
-    let by_hand = cpu_layer::supported(model, lora, &context);
     // Forward: keep each layer's input only.
     let mut inputs = Vec::with_capacity(layers);
     let mut x = embedded;
     for l in 0..layers {
-        let y = if by_hand {
-            cpu_layer::forward(model, lora, l, &x, &context, dropout)?
-        } else {
-            model
-                .decoder_layer(l, &x, &context, adapter, None)?
-                .detach()
-        };
+        let y = model
+            .decoder_layer(l, &x, &context, adapter, None)?
+            .detach();
         inputs.push(x);
         x = y;
     }
-    let last = Var::from_tensor(&x)?;
+    let (nll, mut upstream) = loss_of_last(model, &x, &head_input, &targets.tokens, options)?;
     drop(x);
-    let (nll, mut upstream) = {
-        let picked = head_input(last.as_tensor())?;
-        let (nll, upstream) = chunked_loss(model, &picked.detach(), &targets.tokens, options)?;
-        let store = (picked * upstream)?.sum_all()?.backward()?;
-        (nll, gradient_of(&store, last.as_tensor())?)
-    };
-    drop(last);
     // Backward: recompute each layer, last first, with its graph.
     for l in (0..layers).rev() {
         let kept = inputs.pop().expect("one input per layer");
-        if by_hand {
-            let dx = cpu_layer::backward(
-                model,
-                lora,
-                l,
-                &kept,
-                &context,
-                dropout,
-                &upstream,
-                l > 0,
-                grads,
-            )?;
-            if let Some(dx) = dx {
-                upstream = dx;
-            }
-            continue;
-        }
         // The embeddings need no gradient: the first layer's input stays a plain tensor.
         let input = if l > 0 {
             Some(Var::from_tensor(&kept)?)
@@ -150,6 +155,22 @@ pub fn accumulate_gradients(
         }
     }
     Ok(nll)
+}
+
+/// The summed loss of the last layer's output `last` and its gradient with respect to
+/// `last`, through the final norm and the rows that predict a trained token.
+fn loss_of_last(
+    model: &Llama,
+    last: &Tensor,
+    head_input: &dyn Fn(&Tensor) -> Result<Tensor>,
+    tokens: &[u32],
+    options: StepOptions,
+) -> Result<(f64, Tensor)> {
+    let last = Var::from_tensor(last)?;
+    let picked = head_input(last.as_tensor())?;
+    let (nll, upstream) = chunked_loss(model, &picked.detach(), tokens, options)?;
+    let store = (picked * upstream)?.sum_all()?.backward()?;
+    Ok((nll, gradient_of(&store, last.as_tensor())?))
 }
 
 fn gradient_of(store: &candle_core::backprop::GradStore, tensor: &Tensor) -> Result<Tensor> {
