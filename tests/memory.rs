@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use corpusdb::model::{weights, LlamaConfig, LoraConfig};
-use corpusdb::train::memory::{self, PeakPhase};
+use corpusdb::train::memory::{self, LayerPass, PeakPhase};
 use corpusdb::train::Checkpointing;
 use serde_json::Value;
 
@@ -63,6 +63,7 @@ fn the_plan_of_a_small_model_matches_the_hand_count() {
         256,
         2,
         DType::F32,
+        LayerPass::Graph,
         Checkpointing::Layers,
         100,
     );
@@ -141,6 +142,7 @@ fn the_plan_of_a_small_model_matches_the_hand_count() {
         256,
         2,
         DType::F32,
+        LayerPass::Graph,
         Checkpointing::None,
         100,
     );
@@ -166,6 +168,7 @@ fn the_plan_of_a_small_model_matches_the_hand_count() {
         256,
         2,
         DType::BF16,
+        LayerPass::Graph,
         Checkpointing::None,
         100,
     );
@@ -183,6 +186,7 @@ fn without_dropout_or_targets_the_lora_terms_vanish() {
         64,
         1,
         DType::F32,
+        LayerPass::Graph,
         Checkpointing::Layers,
         64,
     );
@@ -199,6 +203,7 @@ fn without_dropout_or_targets_the_lora_terms_vanish() {
         64,
         1,
         DType::F32,
+        LayerPass::Graph,
         Checkpointing::Layers,
         64,
     );
@@ -218,6 +223,7 @@ fn a_large_vocabulary_makes_the_loss_the_peak_with_checkpointing() {
         256,
         2,
         DType::F32,
+        LayerPass::Graph,
         Checkpointing::Layers,
         1024,
     );
@@ -241,6 +247,7 @@ fn a_large_vocabulary_makes_the_loss_the_peak_with_checkpointing() {
         256,
         2,
         DType::F32,
+        LayerPass::Graph,
         Checkpointing::Layers,
         16,
     );
@@ -260,6 +267,7 @@ fn memory_grows_with_tokens_and_checkpointing_saves_it() {
             tokens,
             rows,
             DType::F32,
+            LayerPass::Graph,
             Checkpointing::Layers,
             1024,
         );
@@ -269,6 +277,7 @@ fn memory_grows_with_tokens_and_checkpointing_saves_it() {
             tokens,
             rows,
             DType::F32,
+            LayerPass::Graph,
             Checkpointing::None,
             1024,
         );
@@ -283,8 +292,28 @@ fn memory_grows_with_tokens_and_checkpointing_saves_it() {
     let mut deep = model.clone();
     deep.num_hidden_layers *= 2;
     let grow = |c: Checkpointing| {
-        memory::plan(&deep, &adapter, 2048, 1, DType::F32, c, 1024).total
-            - memory::plan(&model, &adapter, 2048, 1, DType::F32, c, 1024).total
+        memory::plan(
+            &deep,
+            &adapter,
+            2048,
+            1,
+            DType::F32,
+            LayerPass::Graph,
+            c,
+            1024,
+        )
+        .total
+            - memory::plan(
+                &model,
+                &adapter,
+                2048,
+                1,
+                DType::F32,
+                LayerPass::Graph,
+                c,
+                1024,
+            )
+            .total
     };
     assert!(grow(Checkpointing::Layers) * 5 < grow(Checkpointing::None));
     // Auto is resolved by the model's size: SmolLM2 (135M) checkpoints.
@@ -294,6 +323,7 @@ fn memory_grows_with_tokens_and_checkpointing_saves_it() {
         2048,
         1,
         DType::F32,
+        LayerPass::Graph,
         Checkpointing::Auto,
         1024,
     );
@@ -311,7 +341,18 @@ fn llama3_8b_fits_80_gib_with_checkpointing_only() {
     let model = llama3_8b();
     assert_eq!(model.parameter_count(), 8_030_261_248);
     let adapter = all_seven(32);
-    let plan = |c| memory::plan(&model, &adapter, 16_384, 8, DType::BF16, c, 1024);
+    let plan = |c| {
+        memory::plan(
+            &model,
+            &adapter,
+            16_384,
+            8,
+            DType::BF16,
+            LayerPass::Graph,
+            c,
+            1024,
+        )
+    };
     let layers = plan(Checkpointing::Layers);
     let none = plan(Checkpointing::None);
     assert_eq!(layers.inputs.lora.parameters, 83_886_080);

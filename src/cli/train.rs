@@ -161,12 +161,14 @@ fn dry_run(config: &TrainConfig, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         None => config.checkpointing,
     }
     .resolve(model.parameter_count());
+    let pass = memory::LayerPass::of(config.device == DeviceKind::Cpu, dtype);
     let plan = memory::plan(
         &model,
         &config.lora,
         tokens as usize,
         rows as usize,
         dtype,
+        pass,
         checkpointing,
         config.loss_chunk,
     );

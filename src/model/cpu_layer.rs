@@ -821,3 +821,70 @@ fn add_gradient(grads: &mut HashMap<String, Tensor>, key: String, g: Tensor) -> 
     grads.insert(key, sum);
     Ok(())
 }
+
+/// The summed cross-entropy of `rows: [n, hidden]` (final-norm outputs at trained
+/// positions) against `tokens`, and its gradient with respect to `rows`, holding one
+/// `[n, vocab]` buffer: the logits, overwritten by their gradient. The values of
+/// `train::loss::nll_of_logits` and its backward pass, without a graph (whose gradient
+/// accumulation would hold three more such buffers).
+pub fn loss_chunk(model: &Llama, rows: &Tensor, tokens: &[u32]) -> Result<(f64, Tensor)> {
+    let rows = rows.contiguous()?;
+    let (n, hidden) = rows.dims2()?;
+    let vocab = model.config.vocab_size;
+    if n != tokens.len() || model.dtype != DType::F32 {
+        candle_core::bail!("loss chunk: {n} f32 rows for {} tokens", tokens.len())
+    }
+    let head = values(model.lm_head())?;
+    let input = values(&rows)?;
+    let mut logits = vec![0f32; n * vocab];
+    product(
+        &mut logits,
+        Mat::new(input.get(), n, hidden),
+        Mat::new(head.get(), vocab, hidden).t(),
+        false,
+        1.0,
+    );
+    // Per row, then summed in order: rayon's own sum would add in an order that depends
+    // on scheduling, and a resumed run must repeat the same losses to the last bit.
+    let per_row: Vec<f64> = logits
+        .par_chunks_mut(vocab)
+        .zip(tokens.par_iter())
+        .map(|(row, &token)| {
+            let target = row[token as usize];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            for x in row.iter_mut() {
+                *x = exp_f32(*x - max);
+            }
+            let sum = sum_f64(row);
+            let inverse = (1.0 / sum) as f32;
+            for x in row.iter_mut() {
+                *x *= inverse;
+            }
+            row[token as usize] -= 1.0;
+            max as f64 + sum.ln() - target as f64
+        })
+        .collect();
+    let nll: f64 = per_row.iter().sum();
+    let mut d_rows = vec![0f32; n * hidden];
+    product(
+        &mut d_rows,
+        Mat::new(&logits, n, vocab),
+        Mat::new(head.get(), vocab, hidden),
+        false,
+        1.0,
+    );
+    Ok((nll, Tensor::from_vec(d_rows, (n, hidden), &Device::Cpu)?))
+}
+
+/// The sum of `values` in f64, in four running sums (one sum would wait on every add).
+fn sum_f64(values: &[f32]) -> f64 {
+    let mut sums = [0f64; 4];
+    let mut quads = values.chunks_exact(4);
+    for quad in &mut quads {
+        for (s, &v) in sums.iter_mut().zip(quad) {
+            *s += v as f64;
+        }
+    }
+    let rest: f64 = quads.remainder().iter().map(|&v| v as f64).sum();
+    (sums[0] + sums[1]) + (sums[2] + sums[3]) + rest
+}

@@ -391,7 +391,7 @@ impl Llama {
         out
     }
 
-    fn lm_head(&self) -> &Tensor {
+    pub(crate) fn lm_head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 

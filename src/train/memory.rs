@@ -97,6 +97,19 @@ pub const ATTENTION_BLOCK: u64 = 64;
 /// holds a partial `dk` and `dv` over the row's keys until the backward pass ends.
 pub const ATTENTION_THREADS: u64 = 16;
 
+// The CPU's hand-written layer (`model::cpu_layer`, f32).
+
+/// `[tokens, intermediate]` buffers at the peak of the hand-written layer's backward pass
+/// (the down projection's: its input, recomputed, the input's gradient, and the gradient
+/// through the adapter's dropout).
+pub const HAND_BACKWARD_INTERMEDIATE: u64 = 3;
+/// `[tokens, hidden]` buffers there beside them: the gradient flowing in, the residual
+/// stream's gradient and a normed copy.
+pub const HAND_BACKWARD_HIDDEN: u64 = 3;
+/// `[chunk, vocab]` buffers of a loss chunk by hand (`model::cpu_layer::loss_chunk`): the
+/// logits, overwritten by their gradient.
+pub const HAND_LOSS_VOCAB_COPIES: u64 = 1;
+
 // Checkpointing and loss.
 
 /// `[tokens, hidden]` tensors kept beside the layer inputs with `checkpointing: layers`:
@@ -130,6 +143,10 @@ pub const CUDA_ATTENTION_DTYPE_COPIES: u64 = 2;
 /// `checkpointing: layers`, 4 × 512 with and without): every estimate within 13% of the
 /// measured peak.
 pub const RUNTIME_FIXED_BYTES: u64 = 192 * MIB;
+/// The fixed overhead with the layers by hand (no graph), calibrated the same way against
+/// the SmolLM2-135M runs of BENCHMARKS.md (512 to 4,096 tokens per step, both
+/// checkpointing settings: every estimate within 9% of the measured peak).
+pub const HAND_RUNTIME_FIXED_BYTES: u64 = 96 * MIB;
 /// Allocator slack as a share of the activation bytes (freed blocks that are not
 /// reused or returned at once).
 pub const ALLOCATOR_SLACK: f64 = 0.10;
@@ -140,6 +157,36 @@ pub struct Term {
     pub name: &'static str,
     /// f32 values per token.
     pub values: u64,
+}
+
+/// How a decoder layer's forward and backward passes run, which decides what they keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerPass {
+    /// Written out by hand (`model::cpu_layer`: the CPU in f32): keeps the values of
+    /// [`hand_layer_terms`], dropout masks as bits.
+    ByHand,
+    /// candle's autograd graph (CUDA, bf16): keeps every op's inputs ([`layer_terms`]).
+    Graph,
+}
+
+impl LayerPass {
+    /// The plan's fixed runtime overhead with this pass.
+    pub fn runtime_fixed(self) -> u64 {
+        match self {
+            LayerPass::ByHand => HAND_RUNTIME_FIXED_BYTES,
+            LayerPass::Graph => RUNTIME_FIXED_BYTES,
+        }
+    }
+
+    /// The pass training runs on the CPU (`on_cpu`) or a GPU with base weights in `dtype`.
+    pub fn of(on_cpu: bool, dtype: DType) -> LayerPass {
+        if on_cpu && dtype == DType::F32 {
+            LayerPass::ByHand
+        } else {
+            LayerPass::Graph
+        }
+    }
 }
 
 /// The model's shape, as the plan used it.
@@ -178,6 +225,7 @@ pub struct PlanInputs {
     pub rows: usize,
     /// The base weights' dtype (`f32`, `bf16`).
     pub dtype: &'static str,
+    pub layer_pass: LayerPass,
     /// `layers` or `none` (`auto` resolved by the model's size).
     pub checkpointing: Checkpointing,
     pub loss_chunk: usize,
@@ -336,6 +384,61 @@ pub fn layer_terms(model: &LlamaConfig, lora: &LoraConfig) -> Vec<Term> {
     terms
 }
 
+/// What the hand-written layer keeps for its backward pass, per token, as named terms of
+/// f32 values (read off `model::cpu_layer::Saved`; the layer's input is counted by the
+/// caller). The norms' outputs, the attention output's transposed copy and the MLP's
+/// product are recomputed from these.
+pub fn hand_layer_terms(model: &LlamaConfig, lora: &LoraConfig) -> Vec<Term> {
+    let h = model.hidden_size as u64;
+    let i = model.intermediate_size as u64;
+    let q = (model.num_attention_heads * model.head_dim()) as u64;
+    let kv = (model.kv_heads() * model.head_dim()) as u64;
+    let adapted = targets(lora);
+    let mut terms = vec![Term {
+        name: "rms norm scales",
+        values: NORMS_PER_LAYER,
+    }];
+    if lora.dropout > 0.0 {
+        let bits: u64 = adapted
+            .iter()
+            .map(|&t| model.projection_shape(t).1 as u64)
+            .sum();
+        terms.push(Term {
+            // One bit per value of each adapted projection's input.
+            name: "dropout masks (bits)",
+            values: bits.div_ceil(32),
+        });
+    }
+    terms.extend([
+        Term {
+            name: "lora rank-r intermediates",
+            values: adapted.len() as u64 * lora.r as u64,
+        },
+        Term {
+            name: "rotated q, k and v",
+            values: q + 2 * kv,
+        },
+        Term {
+            name: "attention output",
+            values: q,
+        },
+        Term {
+            name: "attention log-sum-exp",
+            values: LOG_SUM_EXP_UNITS * model.num_attention_heads as u64,
+        },
+        Term {
+            name: "residual after attention",
+            values: h,
+        },
+        Term {
+            name: "gate and up outputs",
+            values: 2 * i,
+        },
+    ]);
+    terms.retain(|t| t.values > 0);
+    terms
+}
+
 /// The fused attention's backward working memory beyond its inputs: each task's partial
 /// `dk` and `dv` over its row's keys, and two score tiles per thread.
 fn attention_block_bytes(model: &LlamaConfig, tokens: u64, rows: u64) -> u64 {
@@ -355,14 +458,16 @@ fn attention_block_bytes(model: &LlamaConfig, tokens: u64, rows: u64) -> u64 {
 
 /// The memory plan of training `lora` on `model` with micro-batches of
 /// `tokens_per_micro_batch` tokens in `rows` rows, base weights in `dtype`, and the loss
-/// over `loss_chunk` trained tokens at a time. `checkpointing` should be resolved
-/// (`Layers` or `None`); `Auto` is resolved here by the model's size.
+/// over `loss_chunk` trained tokens at a time, each layer run by `pass`. `checkpointing`
+/// should be resolved (`Layers` or `None`); `Auto` is resolved here by the model's size.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     model: &LlamaConfig,
     lora: &LoraConfig,
     tokens_per_micro_batch: usize,
     rows: usize,
     dtype: DType,
+    pass: LayerPass,
     checkpointing: Checkpointing,
     loss_chunk: usize,
 ) -> MemoryPlan {
@@ -388,7 +493,10 @@ pub fn plan(
     let vocab = model.vocab_size as u64;
     let a = ACTIVATION_BYTES;
 
-    let layer_terms = layer_terms(model, lora);
+    let layer_terms = match pass {
+        LayerPass::ByHand => hand_layer_terms(model, lora),
+        LayerPass::Graph => layer_terms(model, lora),
+    };
     let per_token: u64 = layer_terms.iter().map(|t| t.values).sum();
     let working_set = per_token * tokens * a;
     let hidden_states = tokens * h * a;
@@ -397,9 +505,13 @@ pub fn plan(
     let lora_and_optimizer = LORA_COPIES * lora_parameters * 4;
     let (kept_activations, layer_working_set) = match checkpointing {
         Checkpointing::None => (
-            // The embeddings (the first layer's input) and every layer's working set but
-            // the last one's.
-            hidden_states + layers.saturating_sub(1) * working_set,
+            // By hand: every layer's input and what it keeps, the last layer's counted
+            // as the working set. The graph: the embeddings (the first layer's input;
+            // the others are inside the working sets) and every working set but the last.
+            match pass {
+                LayerPass::ByHand => layers * hidden_states,
+                LayerPass::Graph => hidden_states,
+            } + layers.saturating_sub(1) * working_set,
             if layers > 0 { working_set } else { 0 },
         ),
         _ => ((layers + RECOMPUTE_COPIES) * hidden_states, working_set),
@@ -407,10 +519,18 @@ pub fn plan(
     let gradients_flowing = GRADIENTS_FLOWING * hidden_states;
     let mlp_backward = MLP_BACKWARD_INTERMEDIATES * i + h;
     let attention_backward = ATTENTION_BACKWARD_Q * q + ATTENTION_BACKWARD_KV * kv + h;
-    let backward_transients = mlp_backward.max(attention_backward) * tokens * a;
+    let backward_transients = match pass {
+        LayerPass::ByHand => HAND_BACKWARD_INTERMEDIATE * i + HAND_BACKWARD_HIDDEN * h,
+        LayerPass::Graph => mlp_backward.max(attention_backward),
+    } * tokens
+        * a;
     let attention_block = attention_block_bytes(model, tokens, rows);
     let chunk = (loss_chunk.max(1) as u64).min(tokens);
-    let loss_chunks = LOSS_VOCAB_COPIES * chunk * vocab
+    let vocab_copies = match pass {
+        LayerPass::ByHand => HAND_LOSS_VOCAB_COPIES,
+        LayerPass::Graph => LOSS_VOCAB_COPIES,
+    };
+    let loss_chunks = vocab_copies * chunk * vocab
         + LOSS_HIDDEN_COPIES * tokens * h
         + LOSS_PICKED_COPIES * chunk * h;
     let final_norm_backward = FINAL_NORM_BACKWARD_COPIES * tokens * h;
@@ -430,7 +550,7 @@ pub fn plan(
         * model.head_dim() as u64
         * dtype.size_in_bytes() as u64;
     let runtime =
-        rotary + RUNTIME_FIXED_BYTES + (activations as f64 * ALLOCATOR_SLACK).round() as u64;
+        rotary + pass.runtime_fixed() + (activations as f64 * ALLOCATOR_SLACK).round() as u64;
     let total = base_weights + lora_and_optimizer + activations + runtime;
     let width = tokens.div_ceil(rows);
     let scores = rows * model.num_attention_heads as u64 * width * width;
@@ -459,6 +579,7 @@ pub fn plan(
             tokens_per_micro_batch: tokens as usize,
             rows: rows as usize,
             dtype: dtype.as_str(),
+            layer_pass: pass,
             checkpointing,
             loss_chunk: chunk as usize,
         },
@@ -592,7 +713,12 @@ impl fmt::Display for MemoryPlan {
         writeln!(f)?;
         let tokens = crate::report::thousands(inputs.tokens_per_micro_batch as u64);
         let layers = m.num_hidden_layers as u64;
+        let by_hand = inputs.layer_pass == LayerPass::ByHand;
         let kept_note = match inputs.checkpointing {
+            Checkpointing::None if by_hand => format!(
+                "layer inputs + {} layers' kept values",
+                layers.saturating_sub(1)
+            ),
             Checkpointing::None => format!(
                 "embeddings + {} layers' working sets",
                 layers.saturating_sub(1)
@@ -629,8 +755,9 @@ impl fmt::Display for MemoryPlan {
                 "layer working set",
                 self.layer_working_set,
                 format!(
-                    "{} f32 per token, one layer with its graph",
-                    crate::report::thousands(self.layer_values_per_token)
+                    "{} f32 per token, one layer {}",
+                    crate::report::thousands(self.layer_values_per_token),
+                    if by_hand { "by hand" } else { "with its graph" }
                 ),
                 in_phase(PeakPhase::LayerBackward),
             ),
@@ -659,7 +786,12 @@ impl fmt::Display for MemoryPlan {
                 "loss",
                 self.loss_chunk,
                 format!(
-                    "{LOSS_VOCAB_COPIES} × {} × {} logits f32 + hidden states",
+                    "{} × {} × {} logits f32 + hidden states",
+                    if by_hand {
+                        HAND_LOSS_VOCAB_COPIES
+                    } else {
+                        LOSS_VOCAB_COPIES
+                    },
                     crate::report::thousands(inputs.loss_chunk as u64),
                     crate::report::thousands(m.vocab_size as u64)
                 ),
@@ -670,7 +802,7 @@ impl fmt::Display for MemoryPlan {
                 self.runtime,
                 format!(
                     "rotary tables, {} fixed, {:.0}% allocator slack",
-                    format_bytes(RUNTIME_FIXED_BYTES),
+                    format_bytes(inputs.layer_pass.runtime_fixed()),
                     ALLOCATOR_SLACK * 100.0
                 ),
                 true,

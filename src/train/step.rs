@@ -84,7 +84,8 @@ pub fn accumulate_gradients(
             kept.push((x, activations));
             x = y;
         }
-        let (nll, mut upstream) = loss_of_last(model, &x, &head_input, &targets.tokens, options)?;
+        let (nll, mut upstream) =
+            loss_of_last(model, &x, &head_input, &targets.tokens, options, true)?;
         drop(x);
         // Backward, last layer first, running each layer again when checkpointing.
         for l in (0..layers).rev() {
@@ -114,7 +115,8 @@ pub fn accumulate_gradients(
             x = model.decoder_layer(l, &x, &context, adapter, None)?;
         }
         let picked = head_input(&x)?;
-        let (nll, upstream) = chunked_loss(model, &picked.detach(), &targets.tokens, options)?;
+        let (nll, upstream) =
+            chunked_loss(model, &picked.detach(), &targets.tokens, options, false)?;
         let store = (picked * upstream)?.sum_all()?.backward()?;
         for l in 0..layers {
             collect(lora, l, &store, grads)?;
@@ -132,7 +134,8 @@ pub fn accumulate_gradients(
         inputs.push(x);
         x = y;
     }
-    let (nll, mut upstream) = loss_of_last(model, &x, &head_input, &targets.tokens, options)?;
+    let (nll, mut upstream) =
+        loss_of_last(model, &x, &head_input, &targets.tokens, options, false)?;
     drop(x);
     // Backward: recompute each layer, last first, with its graph.
     for l in (0..layers).rev() {
@@ -158,17 +161,19 @@ pub fn accumulate_gradients(
 }
 
 /// The summed loss of the last layer's output `last` and its gradient with respect to
-/// `last`, through the final norm and the rows that predict a trained token.
+/// `last`, through the final norm and the rows that predict a trained token; the chunks'
+/// logits `by_hand` (`model::cpu_layer::loss_chunk`) or through candle's graph.
 fn loss_of_last(
     model: &Llama,
     last: &Tensor,
     head_input: &dyn Fn(&Tensor) -> Result<Tensor>,
     tokens: &[u32],
     options: StepOptions,
+    by_hand: bool,
 ) -> Result<(f64, Tensor)> {
     let last = Var::from_tensor(last)?;
     let picked = head_input(last.as_tensor())?;
-    let (nll, upstream) = chunked_loss(model, &picked.detach(), tokens, options)?;
+    let (nll, upstream) = chunked_loss(model, &picked.detach(), tokens, options, by_hand)?;
     let store = (picked * upstream)?.sum_all()?.backward()?;
     Ok((nll, gradient_of(&store, last.as_tensor())?))
 }
@@ -187,6 +192,7 @@ fn chunked_loss(
     picked: &Tensor,
     tokens: &[u32],
     options: StepOptions,
+    by_hand: bool,
 ) -> Result<(f64, Tensor)> {
     let n = picked.dim(0)?;
     let chunk = options.loss_chunk.max(1);
@@ -194,6 +200,13 @@ fn chunked_loss(
     let mut gradients = Vec::with_capacity(n.div_ceil(chunk));
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
+        if by_hand {
+            let rows = picked.narrow(0, start, len)?;
+            let (nll, gradient) = cpu_layer::loss_chunk(model, &rows, &tokens[start..start + len])?;
+            total += nll;
+            gradients.push(gradient);
+            continue;
+        }
         let rows = Var::from_tensor(&picked.narrow(0, start, len)?)?;
         let nll = nll_of_logits(
             &model.logits(rows.as_tensor())?,
