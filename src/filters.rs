@@ -416,18 +416,16 @@ pub fn apply_to_store(
             .map(|(_, conversation)| filters.failures(conversation))
             .collect();
         let mut counters = store.counters()?;
-        let mut batch = store.batch();
+        let mut batch = store.exclusion_batch(&mut counters);
         for ((hash, _), failed) in chunk.iter().zip(failures) {
             let previous = before.get(hash).map(Vec::as_slice).unwrap_or_default();
-            let mut changed = false;
             for failure in &failed {
                 let counts = run.filters.get_mut(&failure.filter).expect("known filter");
                 if previous.contains(&failure.filter) {
                     counts.kept += 1;
                 } else {
                     counts.excluded += 1;
-                    changed = true;
-                    batch.put_exclusion(
+                    batch.exclude(
                         hash,
                         &crate::store::Exclusion {
                             filter: failure.filter.clone(),
@@ -440,19 +438,13 @@ pub fn apply_to_store(
             for name in previous {
                 if !failed.iter().any(|f| &f.filter == name) {
                     run.filters.get_mut(name).expect("known filter").lifted += 1;
-                    changed = true;
-                    batch.delete_exclusion(hash, name);
+                    batch.lift(hash, name);
                 }
-            }
-            if changed {
-                batch.put_change(counters.changes, hash);
-                counters.changes += 1;
             }
         }
         run.examples += chunk.len() as u64;
-        if !dry_run && !batch.is_empty() {
-            batch.put_counters(&counters);
-            store.write(batch)?;
+        if !dry_run {
+            batch.commit()?;
         }
         chunk.clear();
         progress(run.examples, total);
@@ -483,14 +475,11 @@ pub fn undo(store: &crate::store::Store, name: &str) -> crate::store::Result<u64
     }
     for chunk in hashes.chunks(STORE_CHUNK) {
         let mut counters = store.counters()?;
-        let mut batch = store.batch();
+        let mut batch = store.exclusion_batch(&mut counters);
         for hash in chunk {
-            batch.delete_exclusion(hash, name);
-            batch.put_change(counters.changes, hash);
-            counters.changes += 1;
+            batch.lift(hash, name);
         }
-        batch.put_counters(&counters);
-        store.write(batch)?;
+        batch.commit()?;
     }
     store.flush()?;
     Ok(hashes.len() as u64)

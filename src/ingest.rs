@@ -24,10 +24,7 @@ use crate::category::{self, Rule};
 use crate::conversation::ContentHash;
 use crate::formats::{Detected, Format, Formats, Outcome};
 use crate::reader::{self, FileNote, Position, RawBody, RawItem, RecordReader, Resume};
-use crate::store::{
-    self, Counters, ExampleHeader, ImportCounts, ImportRecord, ImportState, ProvenanceValue,
-    Reject, Store,
-};
+use crate::store::{self, Counters, ImportCounts, ImportRecord, ImportState, Reject, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -682,13 +679,8 @@ impl BatchWriter<'_> {
         let mut stored_by = self.store.first_imports(&hashes)?.into_iter();
         let mut new_in_batch: HashSet<ContentHash> = HashSet::with_capacity(hashes.len());
         let mut counts = ImportCounts::default();
-        let mut write = self.store.batch();
         let import_id = self.import.id;
-        // Keys go into the memtable in sorted order: consecutive skiplist inserts then
-        // share most of their search path (measured in BENCHMARKS.md).
-        let mut new_examples = Vec::new();
-        let mut provenance = Vec::with_capacity(batch.items.len());
-        let mut changed = Vec::new();
+        let mut write = self.store.import_batch(self.counters, import_id);
         for item in batch.items {
             counts.read += item.rows;
             counts.joined += item.rows - 1 - item.row_rejects.len() as u64;
@@ -700,7 +692,8 @@ impl BatchWriter<'_> {
                 let mut raw = row.raw;
                 let raw_truncated = raw.len() > Reject::RAW_LIMIT;
                 raw.truncate(Reject::RAW_LIMIT);
-                write.put_reject(&self.reject(
+                write.add_reject(reject_of(
+                    self.import,
                     Some(row.at.records),
                     row.at,
                     row.reason,
@@ -721,20 +714,25 @@ impl BatchWriter<'_> {
                         let hash = encoded.hash;
                         let stored_by_import = stored_by.next().flatten();
                         let seen = stored_by_import.is_some() || !new_in_batch.insert(hash);
-                        // The index learns of new examples and of duplicates that may add
-                        // a source; a repeat within the import that stored it changes
-                        // nothing.
-                        if !seen || stored_by_import.is_some_and(|first| first != import_id) {
-                            changed.push(hash);
-                        }
                         if seen {
                             counts.duplicates += 1;
+                            // The index learns of duplicates that may add a source; a
+                            // repeat within the import that stored it changes nothing.
+                            if stored_by_import.is_some_and(|first| first != import_id) {
+                                write.add_change(hash);
+                            }
                         } else {
                             counts.stored += 1;
-                            new_examples.push((self.counters.examples, encoded));
-                            self.counters.examples += 1;
+                            let category = encoded.category.unwrap_or(&self.import.category);
+                            write.add_example(
+                                hash,
+                                category,
+                                encoded.chars,
+                                encoded.turns,
+                                encoded.bytes,
+                            );
                         }
-                        provenance.push((hash, item.at.records, item.at.line()));
+                        write.add_provenance(hash, item.at.records, item.at.line());
                     }
                     Err(reason) => {
                         counts.rejected += 1;
@@ -750,94 +748,63 @@ impl BatchWriter<'_> {
                         let mut raw = raw.take().unwrap_or_default();
                         let raw_truncated = raw.len() > Reject::RAW_LIMIT;
                         raw.truncate(Reject::RAW_LIMIT);
-                        let mut reject =
-                            self.reject(Some(item.at.records), item.at, reason, raw, raw_truncated);
+                        let mut reject = reject_of(
+                            self.import,
+                            Some(item.at.records),
+                            item.at,
+                            reason,
+                            raw,
+                            raw_truncated,
+                        );
                         reject.part = part as u32;
-                        write.put_reject(&reject);
+                        write.add_reject(reject);
                     }
                 }
             }
         }
-        new_examples.sort_unstable_by_key(|(_, encoded)| encoded.hash);
-        for (ordinal, encoded) in &new_examples {
-            let header = ExampleHeader {
-                ordinal: *ordinal,
-                category: encoded.category.unwrap_or(&self.import.category),
-                first_import: import_id,
-                chars: encoded.chars,
-                turns: encoded.turns,
-            };
-            write.put_example(&encoded.hash, &header, &encoded.bytes);
-        }
-        provenance.sort_unstable();
-        changed.sort_unstable();
-        changed.dedup();
-        for hash in &changed {
-            write.put_change(self.counters.changes, hash);
-            self.counters.changes += 1;
-        }
-        for (hash, record, line) in provenance {
-            write.put_provenance(&hash, import_id, record, &ProvenanceValue { line });
-        }
         for note in batch.notes {
             self.notes
                 .push(format!("line {}: {}", note.at.line(), note.message));
-            write.put_reject(&self.reject(None, note.at, note.message, Vec::new(), false));
+            write.add_reject(reject_of(
+                self.import,
+                None,
+                note.at,
+                note.message,
+                Vec::new(),
+                false,
+            ));
         }
-        for (_, encoded) in &new_examples {
-            let category = encoded.category.unwrap_or(&self.import.category);
-            match self.counters.categories.get_mut(category) {
-                Some(count) => *count += 1,
-                None => {
-                    self.counters.categories.insert(category.to_string(), 1);
-                }
-            }
-        }
-        if counts.stored + counts.duplicates > 0 {
-            *self
-                .counters
-                .sources
-                .entry(self.import.source.clone())
-                .or_default() += counts.stored + counts.duplicates;
-        }
-        self.counters.read += counts.read;
-        self.counters.duplicates += counts.duplicates;
-        self.counters.rejected += counts.rejected;
-        self.counters.joined += counts.joined;
-        self.counters.extra += counts.extra;
-        self.import.counts.add(&counts);
         self.import.checkpoint = batch.end;
         self.import.updated_unix = unix_now();
         if batch.last {
             self.import.state = ImportState::Done;
         }
-        write.put_import(self.import);
-        write.put_counters(self.counters);
-        self.store.write(write)?;
+        write.commit(self.import, &counts)?;
         self.run.add(&counts);
         Ok(())
     }
+}
 
-    fn reject(
-        &self,
-        record: Option<u64>,
-        at: Position,
-        reason: String,
-        raw: Vec<u8>,
-        raw_truncated: bool,
-    ) -> Reject {
-        Reject {
-            import_id: self.import.id,
-            source: self.import.source.clone(),
-            path: self.import.path.clone(),
-            record,
-            part: 0,
-            line: at.line(),
-            byte_offset: at.bytes,
-            reason,
-            raw,
-            raw_truncated,
-        }
+/// A reject of `import`'s record `record` (or a note about its file when `None`) at `at`.
+fn reject_of(
+    import: &ImportRecord,
+    record: Option<u64>,
+    at: Position,
+    reason: String,
+    raw: Vec<u8>,
+    raw_truncated: bool,
+) -> Reject {
+    Reject {
+        import_id: import.id,
+        source: import.source.clone(),
+        path: import.path.clone(),
+        record,
+        part: 0,
+        line: at.line(),
+        byte_offset: at.bytes,
+        reason,
+        raw,
+        raw_truncated,
     }
 }
 

@@ -256,3 +256,102 @@ fn a_store_of_another_schema_version_is_refused_with_a_message() {
         );
     }
 }
+
+/// The rules the store's transactions keep, read back from a store: dense ordinals, a
+/// change log without gaps that names every example, and counters that equal the sums
+/// of what the imports wrote.
+fn assert_store_rules(store: &Store) {
+    let counters = store.counters().unwrap();
+    let ordinals: Vec<u64> = store.ordinals().map(|e| e.unwrap().0).collect();
+    assert_eq!(ordinals, (0..counters.examples).collect::<Vec<_>>());
+    let changes: Vec<(u64, _)> = store.changes_from(0).map(|e| e.unwrap()).collect();
+    let sequences: Vec<u64> = changes.iter().map(|(s, _)| *s).collect();
+    assert_eq!(sequences, (0..counters.changes).collect::<Vec<_>>());
+    let changed: std::collections::HashSet<_> = changes.iter().map(|(_, h)| *h).collect();
+    for entry in store.ordinals() {
+        assert!(
+            changed.contains(&entry.unwrap().1),
+            "every example is in the log"
+        );
+    }
+    assert_eq!(counters.categories.values().sum::<u64>(), counters.examples);
+    let imports = store.imports().unwrap();
+    let sum = |f: &dyn Fn(&corpusdb::store::ImportCounts) -> u64| -> u64 {
+        imports.iter().map(|i| f(&i.counts)).sum()
+    };
+    assert_eq!(sum(&|c| c.stored), counters.examples);
+    assert_eq!(sum(&|c| c.read), counters.read);
+    assert_eq!(sum(&|c| c.duplicates), counters.duplicates);
+    assert_eq!(sum(&|c| c.rejected), counters.rejected);
+    assert_eq!(sum(&|c| c.joined), counters.joined);
+    assert_eq!(sum(&|c| c.extra), counters.extra);
+    for import in &imports {
+        assert!(import.counts.adds_up(), "{:?}", import.counts);
+    }
+    let mut sources = std::collections::BTreeMap::new();
+    for import in &imports {
+        *sources.entry(import.source.clone()).or_insert(0) +=
+            import.counts.stored + import.counts.duplicates;
+    }
+    sources.retain(|_, n| *n > 0);
+    assert_eq!(sources, counters.sources);
+    assert_eq!(
+        store
+            .rejects(None)
+            .unwrap()
+            .iter()
+            .filter(|r| r.record.is_some())
+            .count() as u64,
+        counters.rejected
+    );
+}
+
+#[test]
+fn imports_and_filters_keep_the_stores_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let first = write(
+        dir.path(),
+        "a.jsonl",
+        br#"{"instruction": "Name a planet.", "output": "Mars."}
+{"instruction": "Name a color.", "output": "Red."}
+not json
+{"instruction": "Name a planet.", "output": "Mars."}
+"#,
+    );
+    let second = write(
+        dir.path(),
+        "b.jsonl",
+        br#"{"instruction": "Name a color.", "output": "Red."}
+{"instruction": "Are you a person?", "output": "As an AI language model, I am not a person."}
+{"instruction": "Sing", "output": "la la la la la la la la la la la la la la la la la la la la la la la la la la"}
+"#,
+    );
+    ingest(&store, &first, "alpha", "instruction");
+    assert_store_rules(&store);
+    ingest(&store, &second, "beta", "chat");
+    assert_store_rules(&store);
+    let counters = store.counters().unwrap();
+    assert_eq!(
+        (counters.examples, counters.duplicates, counters.rejected),
+        (4, 2, 1)
+    );
+    // The duplicate from another source is a change; the repeat within `a` is not.
+    assert_eq!(counters.changes, 5);
+
+    let filters = corpusdb::filters::Filters::load(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/filters.yaml"),
+    )
+    .unwrap();
+    let run = corpusdb::filters::apply_to_store(&store, &filters, false, &|_, _| {}).unwrap();
+    assert_eq!(run.filters["repetition"].excluded, 1);
+    assert_eq!(
+        store.counters().unwrap().changes,
+        7,
+        "two exclusions, two entries"
+    );
+    assert_store_rules(&store);
+    assert_eq!(corpusdb::filters::undo(&store, "repetition").unwrap(), 1);
+    assert_eq!(store.counters().unwrap().changes, 8);
+    assert_store_rules(&store);
+}

@@ -17,6 +17,7 @@
 //! running counters, goes through one [`Batch`] written atomically, so a crash at any point
 //! leaves the store at a batch boundary that the checkpoint describes exactly.
 
+mod transaction;
 mod types;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use rocksdb::{
 
 use crate::conversation::ContentHash;
 
+pub use transaction::{ExclusionBatch, ImportBatch};
 pub use types::{
     Counters, ExampleHeader, Exclusion, ImportCounts, ImportRecord, ImportState, ProvenanceEntry,
     ProvenanceValue, Reject, StoredExample,
@@ -529,7 +531,7 @@ impl Store {
     /// Writes a batch atomically. With the write-ahead log off (the default) the batch is
     /// durable at the next flush, which writes every family at once; with it on, the log
     /// is written but not fsynced. Either way a crash ends the store at a batch boundary.
-    pub fn write(&self, batch: Batch) -> Result<()> {
+    fn write(&self, batch: Batch) -> Result<()> {
         let options = self
             .write_options
             .as_ref()
@@ -540,7 +542,7 @@ impl Store {
     }
 
     /// Starts an empty batch for this store.
-    pub fn batch(&self) -> Batch<'_> {
+    fn batch(&self) -> Batch<'_> {
         Batch {
             store: self,
             inner: WriteBatch::default(),
@@ -625,8 +627,9 @@ impl ProvenanceCursor<'_> {
     }
 }
 
-/// Changes written together by [`Store::write`].
-pub struct Batch<'a> {
+/// Raw writes applied together by [`Store::write`]: private to the store, whose
+/// transactions ([`ImportBatch`], [`ExclusionBatch`]) keep its rules.
+struct Batch<'a> {
     store: &'a Store,
     inner: WriteBatch,
 }
@@ -634,12 +637,7 @@ pub struct Batch<'a> {
 impl Batch<'_> {
     /// Puts a new example and its ordinal. `conversation` is the bincode encoding of the
     /// example's `Conversation` (see [`ExampleHeader`]).
-    pub fn put_example(
-        &mut self,
-        hash: &ContentHash,
-        header: &ExampleHeader<'_>,
-        conversation: &[u8],
-    ) {
+    fn put_example(&mut self, hash: &ContentHash, header: &ExampleHeader<'_>, conversation: &[u8]) {
         let mut value = Vec::with_capacity(64 + conversation.len());
         bincode::serialize_into(&mut value, header).expect("headers always serialise");
         value.extend_from_slice(conversation);
@@ -652,7 +650,7 @@ impl Batch<'_> {
         );
     }
 
-    pub fn put_provenance(
+    fn put_provenance(
         &mut self,
         hash: &ContentHash,
         import_id: u32,
@@ -665,7 +663,7 @@ impl Batch<'_> {
         self.put(CF_PROVENANCE, &key, value);
     }
 
-    pub fn put_reject(&mut self, reject: &Reject) {
+    fn put_reject(&mut self, reject: &Reject) {
         // File notes sort after the records, one key per position in the file.
         let record = reject
             .record
@@ -676,12 +674,12 @@ impl Batch<'_> {
         self.put(CF_REJECTS, &key, reject);
     }
 
-    pub fn put_import(&mut self, import: &ImportRecord) {
+    fn put_import(&mut self, import: &ImportRecord) {
         self.put(CF_IMPORTS, &import.id.to_be_bytes(), import);
     }
 
     /// Records that the example `hash` is new or gained provenance, for derived indexes.
-    pub fn put_change(&mut self, sequence: u64, hash: &ContentHash) {
+    fn put_change(&mut self, sequence: u64, hash: &ContentHash) {
         self.inner.put_cf(
             self.store.cf(CF_CHANGES),
             sequence.to_be_bytes(),
@@ -690,27 +688,19 @@ impl Batch<'_> {
     }
 
     /// Marks `hash` as excluded by the filter named in `exclusion`.
-    pub fn put_exclusion(&mut self, hash: &ContentHash, exclusion: &Exclusion) {
+    fn put_exclusion(&mut self, hash: &ContentHash, exclusion: &Exclusion) {
         let key = exclusion_key(hash, &exclusion.filter);
         self.put(CF_EXCLUDED, &key, exclusion);
     }
 
     /// Lifts the exclusion of `hash` by `filter`.
-    pub fn delete_exclusion(&mut self, hash: &ContentHash, filter: &str) {
+    fn delete_exclusion(&mut self, hash: &ContentHash, filter: &str) {
         let key = exclusion_key(hash, filter);
         self.inner.delete_cf(self.store.cf(CF_EXCLUDED), key);
     }
 
-    pub fn put_counters(&mut self, counters: &Counters) {
+    fn put_counters(&mut self, counters: &Counters) {
         self.put(CF_META, KEY_COUNTERS, counters);
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.inner.is_empty()
     }
 
     fn put<T: serde::Serialize>(&mut self, cf: &str, key: &[u8], value: &T) {

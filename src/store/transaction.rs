@@ -1,0 +1,233 @@
+//! The only ways to change the store: an import batch and an exclusion batch.
+//!
+//! Each keeps the store's rules itself, so that no caller can break them:
+//! - ordinals are dense: a new example takes the next one, in the order examples are
+//!   added;
+//! - the change log has no gaps: every example that is new, gains a source, or is
+//!   excluded or lifted gets the next sequence number, once per batch;
+//! - the counters move with what is written (examples, categories, sources, the import's
+//!   counts), in the same atomic write.
+//!
+//! Callers hold the store's [`Counters`] (read once with [`Store::counters`]) for as long
+//! as they write: one writer at a time, as the store's lock guarantees.
+
+use std::collections::HashSet;
+
+use super::{Batch, Counters, ExampleHeader, ImportRecord, ProvenanceValue, Reject, Result, Store};
+use crate::conversation::ContentHash;
+use crate::store::types::{Exclusion, ImportCounts};
+
+/// A new example as an import batch holds it until it commits.
+struct NewExample {
+    hash: ContentHash,
+    ordinal: u64,
+    category: String,
+    chars: u64,
+    turns: u32,
+    conversation: Vec<u8>,
+}
+
+/// One atomic step of an import ([`Store::import_batch`]).
+pub struct ImportBatch<'a> {
+    store: &'a Store,
+    counters: &'a mut Counters,
+    import_id: u32,
+    examples: Vec<NewExample>,
+    changed: Vec<ContentHash>,
+    provenance: Vec<(ContentHash, u64, u64)>,
+    rejects: Vec<Reject>,
+}
+
+impl Store {
+    /// Starts a batch of import `import_id`; `counters` are the store's, kept current by
+    /// every batch that commits.
+    pub fn import_batch<'a>(
+        &'a self,
+        counters: &'a mut Counters,
+        import_id: u32,
+    ) -> ImportBatch<'a> {
+        ImportBatch {
+            store: self,
+            counters,
+            import_id,
+            examples: Vec::new(),
+            changed: Vec::new(),
+            provenance: Vec::new(),
+            rejects: Vec::new(),
+        }
+    }
+
+    /// Starts a batch of exclusions and lifts (quality filters).
+    pub fn exclusion_batch<'a>(&'a self, counters: &'a mut Counters) -> ExclusionBatch<'a> {
+        ExclusionBatch {
+            batch: self.batch(),
+            counters,
+            changed: Vec::new(),
+            seen: HashSet::new(),
+        }
+    }
+}
+
+impl ImportBatch<'_> {
+    /// Adds a new example (`conversation` as [`super::encode_conversation`] writes it);
+    /// returns the ordinal it takes. It is also a change.
+    pub fn add_example(
+        &mut self,
+        hash: ContentHash,
+        category: &str,
+        chars: u64,
+        turns: u32,
+        conversation: Vec<u8>,
+    ) -> u64 {
+        let ordinal = self.counters.examples;
+        self.counters.examples += 1;
+        match self.counters.categories.get_mut(category) {
+            Some(count) => *count += 1,
+            None => {
+                self.counters.categories.insert(category.to_string(), 1);
+            }
+        }
+        self.examples.push(NewExample {
+            hash,
+            ordinal,
+            category: category.to_string(),
+            chars,
+            turns,
+            conversation,
+        });
+        self.changed.push(hash);
+        ordinal
+    }
+
+    /// Records that a stored example gained a source, for derived indexes.
+    pub fn add_change(&mut self, hash: ContentHash) {
+        self.changed.push(hash);
+    }
+
+    /// Records that `record` (at `line`) of this import gave `hash`.
+    pub fn add_provenance(&mut self, hash: ContentHash, record: u64, line: u64) {
+        self.provenance.push((hash, record, line));
+    }
+
+    /// Keeps a rejected record (or a note about the file) in the rejects ledger.
+    pub fn add_reject(&mut self, reject: Reject) {
+        self.rejects.push(reject);
+    }
+
+    /// Writes the batch atomically: `counts` (this batch's) are added to `import`'s
+    /// counts and to the store's counters, and `import` (with the checkpoint the caller
+    /// set) is written with them.
+    pub fn commit(self, import: &mut ImportRecord, counts: &ImportCounts) -> Result<()> {
+        let ImportBatch {
+            store,
+            counters,
+            import_id,
+            mut examples,
+            mut changed,
+            mut provenance,
+            rejects,
+        } = self;
+        if counts.stored != examples.len() as u64 || import.id != import_id {
+            return Err(store.corrupt(&format!(
+                "import batch of import {import_id}: {} stored for {} examples added (import {})",
+                counts.stored,
+                examples.len(),
+                import.id
+            )));
+        }
+        let mut batch = store.batch();
+        for reject in &rejects {
+            batch.put_reject(reject);
+        }
+        // Keys go into the memtable in sorted order: consecutive skiplist inserts then
+        // share most of their search path (measured in BENCHMARKS.md).
+        examples.sort_unstable_by_key(|e| e.hash);
+        for e in &examples {
+            let header = ExampleHeader {
+                ordinal: e.ordinal,
+                category: &e.category,
+                first_import: import_id,
+                chars: e.chars,
+                turns: e.turns,
+            };
+            batch.put_example(&e.hash, &header, &e.conversation);
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        for hash in &changed {
+            batch.put_change(counters.changes, hash);
+            counters.changes += 1;
+        }
+        provenance.sort_unstable();
+        for (hash, record, line) in provenance {
+            batch.put_provenance(&hash, import_id, record, &ProvenanceValue { line });
+        }
+        if counts.stored + counts.duplicates > 0 {
+            *counters.sources.entry(import.source.clone()).or_default() +=
+                counts.stored + counts.duplicates;
+        }
+        counters.read += counts.read;
+        counters.duplicates += counts.duplicates;
+        counters.rejected += counts.rejected;
+        counters.joined += counts.joined;
+        counters.extra += counts.extra;
+        import.counts.add(counts);
+        batch.put_import(import);
+        batch.put_counters(counters);
+        store.write(batch)
+    }
+}
+
+/// Exclusions and lifts written together ([`Store::exclusion_batch`]).
+pub struct ExclusionBatch<'a> {
+    batch: Batch<'a>,
+    counters: &'a mut Counters,
+    /// Examples changed in this batch, in the order of their first change.
+    changed: Vec<ContentHash>,
+    seen: HashSet<ContentHash>,
+}
+
+impl ExclusionBatch<'_> {
+    /// Excludes `hash` by the filter named in `exclusion`.
+    pub fn exclude(&mut self, hash: &ContentHash, exclusion: &Exclusion) {
+        self.batch.put_exclusion(hash, exclusion);
+        self.changed(hash);
+    }
+
+    /// Lifts the exclusion of `hash` by `filter`.
+    pub fn lift(&mut self, hash: &ContentHash, filter: &str) {
+        self.batch.delete_exclusion(hash, filter);
+        self.changed(hash);
+    }
+
+    fn changed(&mut self, hash: &ContentHash) {
+        if self.seen.insert(*hash) {
+            self.changed.push(*hash);
+        }
+    }
+
+    /// Whether nothing was excluded or lifted.
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty()
+    }
+
+    /// Writes the batch atomically: each changed example gets the next change-log entry,
+    /// and the counters are written with them. An empty batch writes nothing.
+    pub fn commit(self) -> Result<()> {
+        let ExclusionBatch {
+            mut batch,
+            counters,
+            changed,
+            ..
+        } = self;
+        if changed.is_empty() {
+            return Ok(());
+        }
+        for hash in &changed {
+            batch.put_change(counters.changes, hash);
+            counters.changes += 1;
+        }
+        batch.put_counters(counters);
+        batch.store.write(batch)
+    }
+}
