@@ -76,12 +76,12 @@ fn main() {
         ranks: 1,
     };
     let limit = stream_examples.div_ceil(options.batch_size as u64);
-    let mut seen = 0;
-    let stats = batches::stream(&store, &plan, &tokenizer, 0, &options, 4, |_| {
-        seen += 1;
-        seen < limit
-    })
-    .unwrap();
+    let stats = batches::with_stream(&store, &plan, &tokenizer, 0, &options, 4, |stream| {
+        for batch in stream.take(limit as usize) {
+            batch.unwrap();
+        }
+        stream.stats()
+    });
     println!(
         "stream: {} batches of {} examples, {} tokens in {:.2}s: {:.0} tokens/s, {:.0} examples/s; packing efficiency {:.1}%; first batch after {:.3}s",
         stats.batches,

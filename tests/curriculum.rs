@@ -292,15 +292,16 @@ fn run(
 ) -> (Vec<Seen>, u64) {
     let mut out = Vec::new();
     let mut next = position;
-    batches::stream(store, plan, tokenizer, position, o, 2, |batch| {
-        next = batch.next.position;
-        out.push((
-            batch.positions.clone(),
-            batch.input_ids.to_vec2::<u32>().unwrap(),
-        ));
-        out.len() < limit
-    })
-    .unwrap();
+    batches::with_stream(store, plan, tokenizer, position, o, 2, |stream| {
+        for batch in stream.take(limit) {
+            let batch = batch.unwrap();
+            next = batch.next.position;
+            out.push((
+                batch.positions.clone(),
+                batch.input_ids.to_vec2::<u32>().unwrap(),
+            ));
+        }
+    });
     (out, next)
 }
 

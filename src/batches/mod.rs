@@ -277,21 +277,70 @@ pub struct StreamStats {
     pub seconds: f64,
 }
 
-/// Streams this rank's batches from `position` on: a background thread builds them into
-/// a bounded queue (`prefetch` batches ahead) while `consume` uses them; `consume`
-/// returns `false` to stop.
-pub fn stream(
+/// This rank's batches from a position on, as an iterator: a background thread builds
+/// them into a bounded queue while the consumer uses them ([`with_stream`]). An error
+/// ends the stream after it is returned.
+pub struct BatchStream {
+    batches: crossbeam_channel::Receiver<Result<Batch, Error>>,
+    stats: StreamStats,
+    started: Instant,
+    failed: bool,
+}
+
+impl Iterator for BatchStream {
+    type Item = Result<Batch, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let batch = match self.batches.recv().ok()? {
+            Ok(batch) => batch,
+            Err(e) => {
+                self.failed = true;
+                return Some(Err(e));
+            }
+        };
+        let stats = &mut self.stats;
+        if stats.batches == 0 {
+            stats.seconds_to_first_batch = self.started.elapsed().as_secs_f64();
+        }
+        stats.batches += 1;
+        stats.examples += batch.positions.len() as u64;
+        stats.tokens += batch.tokens as u64;
+        stats.trained_tokens += batch.trained_tokens as u64;
+        stats.capacity += batch.capacity as u64;
+        stats.truncated += batch.truncated as u64;
+        stats.skipped += batch.skipped.len() as u64;
+        stats.seconds = self.started.elapsed().as_secs_f64();
+        Some(Ok(batch))
+    }
+}
+
+impl BatchStream {
+    /// What the batches returned so far held, and the time since the stream started.
+    pub fn stats(&self) -> StreamStats {
+        StreamStats {
+            seconds: self.started.elapsed().as_secs_f64(),
+            ..self.stats.clone()
+        }
+    }
+}
+
+/// Runs `consume` on this rank's batches from `position` on: a background thread builds
+/// them `prefetch` ahead and stops when `consume` returns (whether or not it read them
+/// all). Returns what `consume` returns.
+pub fn with_stream<R>(
     store: &Store,
     plan: &Plan,
     tokenizer: &ChatTokenizer,
     position: u64,
     options: &BatchOptions,
     prefetch: usize,
-    mut consume: impl FnMut(Batch) -> bool,
-) -> Result<StreamStats, Error> {
+    consume: impl FnOnce(&mut BatchStream) -> R,
+) -> R {
     let started = Instant::now();
-    let mut stats = StreamStats::default();
-    std::thread::scope(|scope| -> Result<(), Error> {
+    std::thread::scope(|scope| {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Batch, Error>>(prefetch.max(1));
         scope.spawn(move || {
             let mut at = position;
@@ -311,24 +360,15 @@ pub fn stream(
                 }
             }
         });
-        for batch in rx {
-            let batch = batch?;
-            if stats.batches == 0 {
-                stats.seconds_to_first_batch = started.elapsed().as_secs_f64();
-            }
-            stats.batches += 1;
-            stats.examples += batch.positions.len() as u64;
-            stats.tokens += batch.tokens as u64;
-            stats.trained_tokens += batch.trained_tokens as u64;
-            stats.capacity += batch.capacity as u64;
-            stats.truncated += batch.truncated as u64;
-            stats.skipped += batch.skipped.len() as u64;
-            if !consume(batch) {
-                break;
-            }
-        }
-        Ok(())
-    })?;
-    stats.seconds = started.elapsed().as_secs_f64();
-    Ok(stats)
+        let mut stream = BatchStream {
+            batches: rx,
+            stats: StreamStats::default(),
+            started,
+            failed: false,
+        };
+        let result = consume(&mut stream);
+        // Dropping the receiver stops the builder at its next batch, so the scope can end.
+        drop(stream);
+        result
+    })
 }

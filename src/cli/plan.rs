@@ -267,16 +267,10 @@ pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode>
         None => None,
     };
     let mut last_state = plan.state(position);
-    let mut failure = None;
     let mut seen = 0u64;
-    let stats = batches::stream(
-        &store,
-        &plan,
-        &tokenizer,
-        position,
-        &options,
-        args.prefetch,
-        |batch| {
+    let consume = |stream: &mut batches::BatchStream| -> anyhow::Result<batches::StreamStats> {
+        for batch in &mut *stream {
+            let batch = batch?;
             last_state = batch.next.clone();
             if let Some(out) = &mut dump {
                 let line = json!({
@@ -291,21 +285,27 @@ pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode>
                 "seq_starts": batch.seq_starts.to_vec1::<u32>().unwrap_or_default(),
                     "next": batch.next,
                 });
-                if let Err(e) = writeln!(out, "{line}") {
-                    failure = Some(e);
-                    return false;
-                }
+                writeln!(out, "{line}")?;
             }
             for (ordinal, reason) in &batch.skipped {
                 eprintln!("skipped ordinal {ordinal}: {reason}");
             }
             seen += 1;
-            args.limit == 0 || seen < args.limit
-        },
+            if args.limit != 0 && seen >= args.limit {
+                break;
+            }
+        }
+        Ok(stream.stats())
+    };
+    let stats = batches::with_stream(
+        &store,
+        &plan,
+        &tokenizer,
+        position,
+        &options,
+        args.prefetch,
+        consume,
     )?;
-    if let Some(e) = failure {
-        return Err(e.into());
-    }
     if let Some(out) = &mut dump {
         out.flush()?;
     }

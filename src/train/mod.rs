@@ -511,187 +511,176 @@ pub fn run(
     let (mut step_examples, mut step_skipped, mut step_truncated) = (0u64, 0u64, 0u64);
     let mut micro = 0u64;
     let mut step_started = Instant::now();
-    let mut failure: Option<Error> = None;
 
     let step_options = step::StepOptions {
         checkpointing: config.checkpointing.resolve(model.config.parameter_count()),
         loss_chunk: config.loss_chunk,
     };
     let start = position;
-    let mut on_batch = |batch: batches::Batch| -> Result<bool, Error> {
-        let targets = Targets::of(&batch)?;
-        if !targets.is_empty() {
-            let dropout = DropoutKey {
-                seed,
-                step,
-                micro_batch: micro,
-            };
-            nll_sum += step::accumulate_gradients(
-                model,
-                &lora,
-                dropout,
-                &batch,
-                &targets,
-                step_options,
-                &mut grads,
-            )?;
-            targets_n += targets.len() as u64;
-        }
-        tokens += batch.tokens as u64;
-        trained += targets.len() as u64;
-        step_examples += batch.seq_starts.dim(0)? as u64;
-        step_skipped += batch.skipped.len() as u64;
-        step_truncated += batch.truncated as u64;
-        for (ordinal, reason) in &batch.skipped {
-            // Reasons are grouped by their first line (a template's error, a tokenizer's).
-            let reason: String = reason
-                .lines()
-                .next()
-                .unwrap_or("")
-                .chars()
-                .take(200)
-                .collect();
-            *summary.skip_reasons.entry(reason.clone()).or_default() += 1;
-            summary.skipped_examples.entry(reason).or_insert(*ordinal);
-        }
-        micro += 1;
-        let phase = &plan.phases[batch.phase];
-        let phase_end = phase.start + phase.len();
-        let next = batch.next.position;
-        if micro < config.gradient_accumulation as u64 && next < phase_end {
-            return Ok(true);
-        }
-
-        // The step is complete: normalise by its trained tokens, clip, update.
-        let step_in_phase = (position - phase.start) / config.step_span();
-        let lr = config.schedule.rate(
-            phase.learning_rate * config.learning_rate_scale,
-            step_in_phase,
-            phase_steps[batch.phase],
-        );
-        let mut grad_norm = 0.0;
-        if targets_n > 0 {
-            for g in grads.values_mut() {
-                *g = (&*g / targets_n as f64)?;
+    let train_on = |stream: &mut batches::BatchStream| -> Result<(), Error> {
+        for batch in stream {
+            let batch = batch?;
+            let targets = Targets::of(&batch)?;
+            if !targets.is_empty() {
+                let dropout = DropoutKey {
+                    seed,
+                    step,
+                    micro_batch: micro,
+                };
+                nll_sum += step::accumulate_gradients(
+                    model,
+                    &lora,
+                    dropout,
+                    &batch,
+                    &targets,
+                    step_options,
+                    &mut grads,
+                )?;
+                targets_n += targets.len() as u64;
             }
-            grad_norm = optim::clip_global_norm(&mut grads, config.optimizer.max_grad_norm)?;
-            if !grad_norm.is_finite() {
-                return Err(Error::Checkpoint(format!(
+            tokens += batch.tokens as u64;
+            trained += targets.len() as u64;
+            step_examples += batch.seq_starts.dim(0)? as u64;
+            step_skipped += batch.skipped.len() as u64;
+            step_truncated += batch.truncated as u64;
+            for (ordinal, reason) in &batch.skipped {
+                // Reasons are grouped by their first line (a template's error, a tokenizer's).
+                let reason: String = reason
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect();
+                *summary.skip_reasons.entry(reason.clone()).or_default() += 1;
+                summary.skipped_examples.entry(reason).or_insert(*ordinal);
+            }
+            micro += 1;
+            let phase = &plan.phases[batch.phase];
+            let phase_end = phase.start + phase.len();
+            let next = batch.next.position;
+            if micro < config.gradient_accumulation as u64 && next < phase_end {
+                continue;
+            }
+
+            // The step is complete: normalise by its trained tokens, clip, update.
+            let step_in_phase = (position - phase.start) / config.step_span();
+            let lr = config.schedule.rate(
+                phase.learning_rate * config.learning_rate_scale,
+                step_in_phase,
+                phase_steps[batch.phase],
+            );
+            let mut grad_norm = 0.0;
+            if targets_n > 0 {
+                for g in grads.values_mut() {
+                    *g = (&*g / targets_n as f64)?;
+                }
+                grad_norm = optim::clip_global_norm(&mut grads, config.optimizer.max_grad_norm)?;
+                if !grad_norm.is_finite() {
+                    return Err(Error::Checkpoint(format!(
                     "the gradient norm of step {} is {grad_norm} (loss {}); stopped before it reaches the adapter, the last checkpoint is intact",
                     step + 1,
                     nll_sum / targets_n as f64
                 )));
+                }
+                optimizer.step(&param_refs, &grads, lr)?;
             }
-            optimizer.step(&param_refs, &grads, lr)?;
-        }
-        step += 1;
-        position = next;
-        let seconds = step_started.elapsed().as_secs_f64();
-        let record = StepMetrics {
-            step,
-            phase: phase.name.clone(),
-            loss: (targets_n > 0).then(|| nll_sum / targets_n as f64),
-            learning_rate: lr,
-            grad_norm,
-            tokens,
-            trained_tokens: trained,
-            tokens_per_second: tokens as f64 / seconds.max(1e-9),
-            elapsed_seconds: started.elapsed().as_secs_f64(),
-            position,
-            examples: step_examples,
-            skipped: step_skipped,
-            truncated_tokens: step_truncated,
-        };
-        summary.examples += step_examples;
-        summary.skipped += step_skipped;
-        summary.truncated_tokens += step_truncated;
-        writeln!(metrics, "{}", serde_json::to_string(&record).expect("json"))
-            .map_err(io_error(&metrics_file))?;
-        bar.set_message(format!(
-            "{} loss {} lr {:.2e} {:.0} tok/s",
-            record.phase,
-            record.loss.map_or("-".into(), |l| format!("{l:.4}")),
-            lr,
-            record.tokens_per_second
-        ));
-        bar.inc(1);
-        if !options.progress
-            && options.log_every > 0
-            && (step.is_multiple_of(options.log_every) || step == last_step)
-        {
-            let done = (step - first_step) as f64;
-            let eta = started.elapsed().as_secs_f64() / done.max(1.0) * (last_step - step) as f64;
-            eprintln!(
-                "step {step}/{last_step} {} loss {} lr {lr:.2e} {:.0} tok/s, eta {eta:.0} s",
+            step += 1;
+            position = next;
+            let seconds = step_started.elapsed().as_secs_f64();
+            let record = StepMetrics {
+                step,
+                phase: phase.name.clone(),
+                loss: (targets_n > 0).then(|| nll_sum / targets_n as f64),
+                learning_rate: lr,
+                grad_norm,
+                tokens,
+                trained_tokens: trained,
+                tokens_per_second: tokens as f64 / seconds.max(1e-9),
+                elapsed_seconds: started.elapsed().as_secs_f64(),
+                position,
+                examples: step_examples,
+                skipped: step_skipped,
+                truncated_tokens: step_truncated,
+            };
+            summary.examples += step_examples;
+            summary.skipped += step_skipped;
+            summary.truncated_tokens += step_truncated;
+            writeln!(metrics, "{}", serde_json::to_string(&record).expect("json"))
+                .map_err(io_error(&metrics_file))?;
+            bar.set_message(format!(
+                "{} loss {} lr {:.2e} {:.0} tok/s",
                 record.phase,
                 record.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                lr,
                 record.tokens_per_second
-            );
-        }
-        summary.steps.push(record);
-        grads.clear();
-        (nll_sum, targets_n, tokens, trained, micro) = (0.0, 0, 0, 0, 0);
-        (step_examples, step_skipped, step_truncated) = (0, 0, 0);
-        let seen = summary.examples + summary.skipped;
-        if seen >= 100 && summary.skipped as f64 > config.max_skipped_share * seen as f64 {
-            let reasons: Vec<String> = summary
-                .skip_reasons
-                .iter()
-                .map(|(reason, n)| {
-                    format!(
-                        "  {n} x {reason} (e.g. ordinal {})",
-                        summary.skipped_examples[reason]
-                    )
-                })
-                .collect();
-            return Err(Error::Config(format!(
+            ));
+            bar.inc(1);
+            if !options.progress
+                && options.log_every > 0
+                && (step.is_multiple_of(options.log_every) || step == last_step)
+            {
+                let done = (step - first_step) as f64;
+                let eta =
+                    started.elapsed().as_secs_f64() / done.max(1.0) * (last_step - step) as f64;
+                eprintln!(
+                    "step {step}/{last_step} {} loss {} lr {lr:.2e} {:.0} tok/s, eta {eta:.0} s",
+                    record.phase,
+                    record.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    record.tokens_per_second
+                );
+            }
+            summary.steps.push(record);
+            grads.clear();
+            (nll_sum, targets_n, tokens, trained, micro) = (0.0, 0, 0, 0, 0);
+            (step_examples, step_skipped, step_truncated) = (0, 0, 0);
+            let seen = summary.examples + summary.skipped;
+            if seen >= 100 && summary.skipped as f64 > config.max_skipped_share * seen as f64 {
+                let reasons: Vec<String> = summary
+                    .skip_reasons
+                    .iter()
+                    .map(|(reason, n)| {
+                        format!(
+                            "  {n} x {reason} (e.g. ordinal {})",
+                            summary.skipped_examples[reason]
+                        )
+                    })
+                    .collect();
+                return Err(Error::Config(format!(
                 "{} of {seen} examples ({:.1}%) could not be rendered or tokenized, more than max_skipped_share ({:.1}%); stopped after step {step} (the last checkpoint is intact):\n{}",
                 summary.skipped,
                 100.0 * summary.skipped as f64 / seen as f64,
                 100.0 * config.max_skipped_share,
                 reasons.join("\n")
             )));
-        }
-        step_started = Instant::now();
-
-        let stop = step >= last_step;
-        if step.is_multiple_of(config.checkpoint.every) || next >= phase_end || stop {
-            let state = TrainerState {
-                step,
-                seed,
-                sampler: plan.state(position),
-                phase: phase.name.clone(),
-            };
-            let dir = checkpoint::save(
-                &checkpoints_dir,
-                &lora,
-                &optimizer,
-                &state,
-                &options.base_model,
-            )?;
-            checkpoint::prune(&checkpoints_dir, config.checkpoint.keep)?;
-            summary.checkpoints.push(dir);
-        }
-        Ok(!stop)
-    };
-    batches::stream(
-        store,
-        plan,
-        tokenizer,
-        start,
-        &options_batches,
-        2,
-        |batch| match on_batch(batch) {
-            Ok(go_on) => go_on,
-            Err(e) => {
-                failure = Some(e);
-                false
             }
-        },
-    )?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
+            step_started = Instant::now();
+
+            let stop = step >= last_step;
+            if step.is_multiple_of(config.checkpoint.every) || next >= phase_end || stop {
+                let state = TrainerState {
+                    step,
+                    seed,
+                    sampler: plan.state(position),
+                    phase: phase.name.clone(),
+                };
+                let dir = checkpoint::save(
+                    &checkpoints_dir,
+                    &lora,
+                    &optimizer,
+                    &state,
+                    &options.base_model,
+                )?;
+                checkpoint::prune(&checkpoints_dir, config.checkpoint.keep)?;
+                summary.checkpoints.push(dir);
+            }
+            if stop {
+                break;
+            }
+        }
+        Ok(())
+    };
+    batches::with_stream(store, plan, tokenizer, start, &options_batches, 2, train_on)?;
     bar.finish_and_clear();
     lora.save_peft(&summary.adapter, &options.base_model)
         .map_err(Error::Checkpoint)?;
