@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::num_float::exp_f32;
+use super::num_float::{exp_f32, sum_f64};
 use super::{attention, lora::peft_key, rng, Context, DropoutKey, Llama, Lora, Target};
 
 /// Rows per parallel chunk of the elementwise passes.
@@ -874,17 +874,4 @@ pub fn loss_chunk(model: &Llama, rows: &Tensor, tokens: &[u32]) -> Result<(f64, 
         1.0,
     );
     Ok((nll, Tensor::from_vec(d_rows, (n, hidden), &Device::Cpu)?))
-}
-
-/// The sum of `values` in f64, in four running sums (one sum would wait on every add).
-fn sum_f64(values: &[f32]) -> f64 {
-    let mut sums = [0f64; 4];
-    let mut quads = values.chunks_exact(4);
-    for quad in &mut quads {
-        for (s, &v) in sums.iter_mut().zip(quad) {
-            *s += v as f64;
-        }
-    }
-    let rest: f64 = quads.remainder().iter().map(|&v| v as f64).sum();
-    (sums[0] + sums[1]) + (sums[2] + sums[3]) + rest
 }

@@ -875,6 +875,20 @@ pub(crate) mod num_float {
         fn exp_fast(self) -> Self;
     }
 
+    /// The sum of `values` in f64, in four running sums (one sum would wait on every
+    /// add); the same order every time.
+    pub fn sum_f64<T: Float>(values: &[T]) -> f64 {
+        let mut sums = [0f64; 4];
+        let mut quads = values.chunks_exact(4);
+        for quad in &mut quads {
+            for (s, v) in sums.iter_mut().zip(quad) {
+                *s += v.to_f64();
+            }
+        }
+        let rest: f64 = quads.remainder().iter().map(|v| v.to_f64()).sum();
+        (sums[0] + sums[1]) + (sums[2] + sums[3]) + rest
+    }
+
     /// `e^x` in f32 without branches or calls, so that loops over it vectorise: the
     /// exponent by rounding `x·log₂e` (adding 1.5·2²³ rounds to an integer), the rest by
     /// Cephes' degree-6 polynomial on `[−ln 2 / 2, ln 2 / 2]`. Within one ulp of the exact

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
 use crate::batches::{Batch, IGNORE};
-use crate::model::num_float::Float;
+use crate::model::num_float::{sum_f64, Float};
 use crate::model::{reduction_dtype, Adapter, AttentionMask, Llama};
 
 /// The positions of a batch that predict a trained token.
@@ -142,19 +142,6 @@ fn log_sum_exp<T: Float>(row: &[T]) -> f64 {
         sum += sum_f64(block);
     }
     max.to_f64() + sum.ln()
-}
-
-/// The sum of `values` in f64, in four running sums (one sum would wait on every add).
-fn sum_f64<T: Float>(values: &[T]) -> f64 {
-    let mut sums = [0f64; 4];
-    let mut quads = values.chunks_exact(4);
-    for quad in &mut quads {
-        for (s, v) in sums.iter_mut().zip(quad) {
-            *s += v.to_f64();
-        }
-    }
-    let rest: f64 = quads.remainder().iter().map(|v| v.to_f64()).sum();
-    (sums[0] + sums[1]) + (sums[2] + sums[3]) + rest
 }
 
 fn nll_rows<T: Float>(logits: &[T], vocab: usize, targets: &[u32]) -> Vec<T> {
