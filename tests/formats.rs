@@ -149,26 +149,31 @@ fn each_fixture_is_detected_as_its_format_and_ties_name_the_candidates() {
         }
         let records = fixture_records(name);
         let detected = formats.detect_sample(records.iter().map(|r| r.as_bytes()));
-        match name {
-            // Both are {question, answer}: the user must say which.
-            "gsm8k" | "natural-questions" => {
-                let message = detected.unwrap_err();
-                assert!(
-                    message.starts_with("ambiguous record shape")
-                        && message.contains("gsm8k (question, answer)")
-                        && message.contains("natural-questions (question, answer)")
-                        && message.ends_with("pass --format"),
-                    "{message}"
-                );
+        // gsm8k and natural-questions share their fields ({question, answer}): the
+        // values decide (a string answer, a list of answers).
+        match detected {
+            Ok(corpusdb::formats::Detected::One(found)) => {
+                assert_eq!(found.name(), name, "fixture of {name}")
             }
-            _ => match detected {
-                Ok(corpusdb::formats::Detected::One(found)) => {
-                    assert_eq!(found.name(), name, "fixture of {name}")
-                }
-                other => panic!("fixture of {name}: {other:?}"),
-            },
+            other => panic!("fixture of {name}: {other:?}"),
         }
     }
+    // When the values do not decide either, the candidates are named.
+    let message = formats
+        .detect(br#"{"question": "q", "answer": 5}"#)
+        .unwrap_err();
+    assert!(
+        message.starts_with("ambiguous record shape")
+            && message.contains("gsm8k (question, answer)")
+            && message.contains("natural-questions (question, answer)")
+            && message.ends_with("pass --format"),
+        "{message}"
+    );
+    let gsm8k =
+        br#"{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"}"#;
+    assert_eq!(formats.detect(gsm8k).unwrap().name(), "gsm8k");
+    let nq = br#"{"question": "who wrote frankenstein", "answer": ["Mary Shelley"]}"#;
+    assert_eq!(formats.detect(nq).unwrap().name(), "natural-questions");
     let unknown = formats.detect(br#"{"foo": 1, "bar": 2}"#).unwrap_err();
     assert_eq!(
         unknown,
@@ -199,21 +204,32 @@ fn auto_detection_imports_a_file_and_an_ambiguous_file_is_refused_with_the_candi
     .unwrap();
     assert_eq!(outcome.import.format, "auto: dolly");
     assert_eq!(outcome.run.stored, 3);
-    let error = ingest::ingest_file(
+    // Fields alone would tie gsm8k with natural-questions; the string answers decide.
+    let gsm8k = ingest::ingest_file(
         &store,
         &fixtures().join("gsm8k.jsonl"),
         &options,
         &ingest::Quiet,
     )
-    .unwrap_err()
-    .to_string();
+    .unwrap();
+    assert_eq!(gsm8k.import.format, "auto: gsm8k");
+    // Records whose values fit neither are refused with the candidates.
+    let ambiguous = dir.path().join("ambiguous.jsonl");
+    std::fs::write(
+        &ambiguous,
+        "{\"question\": \"q\", \"answer\": 5}\n{\"question\": \"r\", \"answer\": 6}\n",
+    )
+    .unwrap();
+    let error = ingest::ingest_file(&store, &ambiguous, &options, &ingest::Quiet)
+        .unwrap_err()
+        .to_string();
     assert!(
-        error.contains("gsm8k.jsonl: cannot detect the format"),
+        error.contains("ambiguous.jsonl: cannot detect the format"),
         "{error}"
     );
     assert!(error.contains("natural-questions"), "{error}");
     // Nothing of the refused file was imported.
-    assert_eq!(store.imports().unwrap().len(), 1);
+    assert_eq!(store.imports().unwrap().len(), 2);
 }
 
 /// Whether `fields` (a format's field list) marks `field` as optional.

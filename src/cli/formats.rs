@@ -29,7 +29,9 @@ use corpusdb::formats::Formats;
 /// `transcript: {path, markers: {"\n\nHuman:": user, "\n\nAssistant:": assistant}}`.
 /// Also: `rejected:` (the other side of a preference pair), `each: {path, as, limit}`
 /// (one example per list item), `group: {by, order}` (join rows into one conversation),
-/// `require: {field: value}`, `replace: {from: to}`, `raw_text: true`. The built-in
+/// `require: {field: value}`, `replace: {from: to}`, `raw_text: true`, and
+/// `values: {field: string|number|bool|list|object}` (the kind of value a field holds,
+/// which decides between formats with the same fields when detecting). The built-in
 /// mappings (src/formats/builtin.yaml) are examples of each.
 #[derive(clap::Args)]
 pub struct Args {

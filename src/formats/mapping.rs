@@ -64,6 +64,34 @@ pub struct MappingSpec {
     pub replace: BTreeMap<String, String>,
     #[serde(default)]
     pub raw_text: bool,
+    /// The kind of value a field holds in records of this shape (`answer: string`):
+    /// what tells apart formats whose fields are the same when detecting.
+    #[serde(default)]
+    pub values: BTreeMap<String, ValueKind>,
+}
+
+/// The kind of a JSON value, as `values:` of a mapping names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueKind {
+    String,
+    Number,
+    Bool,
+    List,
+    Object,
+}
+
+impl ValueKind {
+    fn fits(self, value: &Value) -> bool {
+        matches!(
+            (self, value),
+            (ValueKind::String, Value::String(_))
+                | (ValueKind::Number, Value::Number(_))
+                | (ValueKind::Bool, Value::Bool(_))
+                | (ValueKind::List, Value::Array(_))
+                | (ValueKind::Object, Value::Object(_))
+        )
+    }
 }
 
 /// Where the messages of the rejected side come from: exactly one of the four fields.
@@ -182,6 +210,7 @@ pub struct Mapping {
     require: Vec<(JsonPath, Value)>,
     replace: Vec<(String, String)>,
     raw_text: bool,
+    values: Vec<(JsonPath, ValueKind)>,
 }
 
 #[derive(Debug)]
@@ -622,7 +651,20 @@ impl Mapping {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             raw_text: spec.raw_text,
+            values: spec
+                .values
+                .iter()
+                .map(|(k, v)| Ok((JsonPath::parse(k)?, *v)))
+                .collect::<Result<_, String>>()
+                .map_err(in_mapping)?,
         })
+    }
+
+    /// Whether every field named in `values:` that `record` has holds that kind of value.
+    pub fn values_fit(&self, record: &Value) -> bool {
+        self.values
+            .iter()
+            .all(|(path, kind)| path.resolve(record).is_none_or(|v| kind.fits(v)))
     }
 
     /// The fields a record of this shape has, for `corpusdb formats`.

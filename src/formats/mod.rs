@@ -187,6 +187,21 @@ impl Format {
     }
 }
 
+/// Whether `format` turns `bytes` into at least one example and no reject, and the
+/// record's values are of the kinds the format names (`values:` of a mapping).
+fn converts(format: &Format, bytes: &[u8]) -> bool {
+    let fit = match &format.0.kind {
+        Kind::Mapping(mapping) => serde_json::from_slice::<Value>(bytes)
+            .map(|record| mapping.values_fit(&record))
+            .unwrap_or(false),
+        _ => true,
+    };
+    fit && match format.parse(bytes) {
+        Ok(examples) => !examples.is_empty() && examples.iter().all(Result::is_ok),
+        Err(_) => false,
+    }
+}
+
 fn check_opening(text: &str, opening: u8) -> Result<(), String> {
     let first = text.trim_start().as_bytes().first().copied();
     if first == Some(opening) {
@@ -368,14 +383,29 @@ impl Formats {
                 ))
             }
             [(best, _), (second, _), ..] if best == second => {
-                let tied: Vec<String> = candidates
+                let tied: Vec<&Format> = candidates
                     .iter()
                     .take_while(|(s, _)| s == best)
-                    .map(|(_, f)| format!("{} ({})", f.name(), f.detect_fields()))
+                    .map(|(_, f)| *f)
+                    .collect();
+                // The values decide between formats of the same fields: the one format
+                // that converts this record and whose `values:` it fits (gsm8k's
+                // `answer` is a string, natural-questions' a list) wins.
+                let converting: Vec<&Format> = tied
+                    .iter()
+                    .copied()
+                    .filter(|f| converts(f, bytes))
+                    .collect();
+                if let [only] = converting.as_slice() {
+                    return Ok((*only).clone());
+                }
+                let names: Vec<String> = tied
+                    .iter()
+                    .map(|f| format!("{} ({})", f.name(), f.detect_fields()))
                     .collect();
                 Err(format!(
                     "ambiguous record shape: it matches {}; pass --format",
-                    tied.join(", ")
+                    names.join(", ")
                 ))
             }
             [(_, best), ..] => Ok((*best).clone()),
