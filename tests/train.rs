@@ -23,12 +23,34 @@ fn config(output: &Path, max_steps: u64) -> TrainConfig {
     .unwrap()
 }
 
+/// What a run told its observer.
+#[derive(Default)]
+struct Recorder {
+    started: u32,
+    ended: u32,
+    steps: Vec<u64>,
+    checkpoints: Vec<std::path::PathBuf>,
+}
+
+impl train::Observer for Recorder {
+    fn started(&mut self, _: u64, _: u64) {
+        self.started += 1;
+    }
+    fn step(&mut self, metrics: &train::StepMetrics, _: u64) {
+        self.steps.push(metrics.step);
+    }
+    fn checkpoint(&mut self, dir: &Path) {
+        self.checkpoints.push(dir.to_owned());
+    }
+    fn ended(&mut self) {
+        self.ended += 1;
+    }
+}
+
 fn options(resume: Resume) -> RunOptions {
     RunOptions {
         resume,
         max_steps: None,
-        progress: false,
-        log_every: 0,
         base_model: "tiny".into(),
     }
 }
@@ -67,7 +89,25 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     let train_with = |output: &Path, steps: u64, resume: Resume, checkpointing| {
         let mut config = config(output, steps);
         config.checkpointing = checkpointing;
-        train::run(&config, &model, &tokenizer, &store, &plan, &options(resume))
+        let mut seen = Recorder::default();
+        let summary = train::run(
+            &config,
+            &model,
+            &tokenizer,
+            &store,
+            &plan,
+            &options(resume),
+            &mut seen,
+        );
+        // The observer hears every step and checkpoint of the summary, between one
+        // start and one end.
+        if let Ok(summary) = &summary {
+            let steps: Vec<u64> = summary.steps.iter().map(|s| s.step).collect();
+            assert_eq!(seen.steps, steps);
+            assert_eq!(seen.checkpoints, summary.checkpoints);
+            assert_eq!((seen.started, seen.ended), (1, 1));
+        }
+        summary
     };
     let train = |output: &Path, steps: u64, resume: Resume| {
         train_with(output, steps, resume, Checkpointing::None)
@@ -598,6 +638,7 @@ fn smollm2_answers_sensibly_and_trains_end_to_end() {
         &store,
         &plan,
         &options(Resume::No),
+        &mut train::Quiet,
     )
     .unwrap();
     assert_eq!(summary.steps.len(), 3);
@@ -644,6 +685,7 @@ fn examples_that_fail_to_render_are_counted_and_stop_the_run_above_the_budget() 
         &store,
         &plan,
         &options(Resume::No),
+        &mut train::Quiet,
     )
     .unwrap_err()
     .to_string();
@@ -667,6 +709,7 @@ fn examples_that_fail_to_render_are_counted_and_stop_the_run_above_the_budget() 
         &store,
         &plan,
         &options(Resume::No),
+        &mut train::Quiet,
     )
     .unwrap();
     let per_step: u64 = summary.steps.iter().map(|s| s.skipped).sum();

@@ -271,11 +271,18 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
     let options = RunOptions {
         resume,
         max_steps: args.max_steps,
-        progress: std::io::stderr().is_terminal(),
-        log_every: 10,
         base_model: args.model.display().to_string(),
     };
-    let summary = train::run(&config, &model, &tokenizer, &store, &plan, &options)?;
+    let mut progress = Progress::new(std::io::stderr().is_terminal(), 10);
+    let summary = train::run(
+        &config,
+        &model,
+        &tokenizer,
+        &store,
+        &plan,
+        &options,
+        &mut progress,
+    )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(ExitCode::SUCCESS);
@@ -675,4 +682,68 @@ pub fn init_model(args: InitModelArgs) -> anyhow::Result<ExitCode> {
         model.config.vocab_size
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A training run's progress on stderr: a bar on a terminal, else a line every
+/// `log_every` steps (and at the last).
+struct Progress {
+    bar: indicatif::ProgressBar,
+    terminal: bool,
+    log_every: u64,
+    first_step: u64,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    fn new(terminal: bool, log_every: u64) -> Progress {
+        Progress {
+            bar: indicatif::ProgressBar::hidden(),
+            terminal,
+            log_every,
+            first_step: 0,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl train::Observer for Progress {
+    fn started(&mut self, first_step: u64, last_step: u64) {
+        self.first_step = first_step;
+        self.started = std::time::Instant::now();
+        if self.terminal {
+            self.bar = indicatif::ProgressBar::new(last_step.saturating_sub(first_step));
+            self.bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+                )
+                .expect("template"),
+            );
+        }
+    }
+
+    fn step(&mut self, m: &train::StepMetrics, last_step: u64) {
+        let loss = m.loss.map_or("-".into(), |l| format!("{l:.4}"));
+        self.bar.set_message(format!(
+            "{} loss {loss} lr {:.2e} {:.0} tok/s",
+            m.phase, m.learning_rate, m.tokens_per_second
+        ));
+        self.bar.inc(1);
+        let step = m.step;
+        if !self.terminal
+            && self.log_every > 0
+            && (step.is_multiple_of(self.log_every) || step == last_step)
+        {
+            let done = (step - self.first_step) as f64;
+            let eta = self.started.elapsed().as_secs_f64() / done.max(1.0)
+                * last_step.saturating_sub(step) as f64;
+            eprintln!(
+                "step {step}/{last_step} {} loss {loss} lr {:.2e} {:.0} tok/s, eta {eta:.0} s",
+                m.phase, m.learning_rate, m.tokens_per_second
+            );
+        }
+    }
+
+    fn ended(&mut self) {
+        self.bar.finish_and_clear();
+    }
 }

@@ -372,12 +372,28 @@ pub struct RunOptions {
     pub resume: Resume,
     /// Overrides `max_steps` of the config.
     pub max_steps: Option<u64>,
-    pub progress: bool,
-    /// Without the progress bar, print a line to stderr every this many steps (0: never).
-    pub log_every: u64,
     /// Recorded as `base_model_name_or_path` in saved adapters.
     pub base_model: String,
 }
+
+/// What a training run reports as it goes ([`run`]); the library prints nothing itself
+/// (the CLI draws a progress bar or logs lines from these).
+pub trait Observer {
+    /// The run goes from step `first_step` to `last_step`.
+    fn started(&mut self, _first_step: u64, _last_step: u64) {}
+    /// Step `metrics.step` of `last_step` finished (also written to `metrics.jsonl`).
+    fn step(&mut self, _metrics: &StepMetrics, _last_step: u64) {}
+    /// A checkpoint was written to `dir`.
+    fn checkpoint(&mut self, _dir: &Path) {}
+    /// The run ended after [`Observer::started`] (finished, stopped at `max_steps`, or
+    /// failed).
+    fn ended(&mut self) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+
+impl Observer for Quiet {}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RunSummary {
@@ -405,6 +421,7 @@ pub fn run(
     store: &Store,
     plan: &Plan,
     options: &RunOptions,
+    observer: &mut dyn Observer,
 ) -> Result<RunSummary, Error> {
     let started = Instant::now();
     tokenizer.require_end_of_turn().map_err(Error::Config)?;
@@ -464,17 +481,7 @@ pub fn run(
         .append(true)
         .open(&metrics_file)
         .map_err(io_error(&metrics_file))?;
-    let bar = if options.progress {
-        indicatif::ProgressBar::new(last_step.saturating_sub(step))
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("template"),
-    );
+    observer.started(step, last_step);
 
     let params: Vec<(String, candle_core::Var)> = lora
         .named_vars()
@@ -499,6 +506,7 @@ pub fn run(
         seconds: 0.0,
     };
     if step >= last_step || position >= plan.total {
+        observer.ended();
         summary.finished = position >= plan.total;
         lora.save_peft(&summary.adapter, &options.base_model)
             .map_err(Error::Checkpoint)?;
@@ -608,28 +616,7 @@ pub fn run(
             summary.truncated_tokens += step_truncated;
             writeln!(metrics, "{}", serde_json::to_string(&record).expect("json"))
                 .map_err(io_error(&metrics_file))?;
-            bar.set_message(format!(
-                "{} loss {} lr {:.2e} {:.0} tok/s",
-                record.phase,
-                record.loss.map_or("-".into(), |l| format!("{l:.4}")),
-                lr,
-                record.tokens_per_second
-            ));
-            bar.inc(1);
-            if !options.progress
-                && options.log_every > 0
-                && (step.is_multiple_of(options.log_every) || step == last_step)
-            {
-                let done = (step - first_step) as f64;
-                let eta =
-                    started.elapsed().as_secs_f64() / done.max(1.0) * (last_step - step) as f64;
-                eprintln!(
-                    "step {step}/{last_step} {} loss {} lr {lr:.2e} {:.0} tok/s, eta {eta:.0} s",
-                    record.phase,
-                    record.loss.map_or("-".into(), |l| format!("{l:.4}")),
-                    record.tokens_per_second
-                );
-            }
+            observer.step(&record, last_step);
             summary.steps.push(record);
             grads.clear();
             (nll_sum, targets_n, tokens, trained, micro) = (0.0, 0, 0, 0, 0);
@@ -672,6 +659,7 @@ pub fn run(
                     &options.base_model,
                 )?;
                 checkpoint::prune(&checkpoints_dir, config.checkpoint.keep)?;
+                observer.checkpoint(&dir);
                 summary.checkpoints.push(dir);
             }
             if stop {
@@ -680,8 +668,10 @@ pub fn run(
         }
         Ok(())
     };
-    batches::with_stream(store, plan, tokenizer, start, &options_batches, 2, train_on)?;
-    bar.finish_and_clear();
+    let trained =
+        batches::with_stream(store, plan, tokenizer, start, &options_batches, 2, train_on);
+    observer.ended();
+    trained?;
     lora.save_peft(&summary.adapter, &options.base_model)
         .map_err(Error::Checkpoint)?;
     summary.finished = position >= plan.total;
