@@ -73,7 +73,14 @@ pub enum Container {
     JsonArray,
     /// Apache Parquet: each row becomes a JSON record (nested lists and structs included).
     Parquet,
+    /// One JSON object spread over many lines that holds the records: a list under a key
+    /// (`{"data": [...]}`) or the values of an `id -> record` object. Read whole (up to
+    /// [`MAX_DOCUMENT_BYTES`]); positions count records, and resuming skips records.
+    Document,
 }
+
+/// The largest JSON object document read whole.
+pub const MAX_DOCUMENT_BYTES: u64 = 2 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compression {
@@ -151,6 +158,8 @@ pub struct RecordReader {
     finished: bool,
     /// Rows of a Parquet file, streamed row group by row group.
     rows: Option<ParquetRows>,
+    /// The records of a JSON object document, in order.
+    document: Option<std::vec::IntoIter<Vec<u8>>>,
 }
 
 struct ParquetRows {
@@ -178,6 +187,17 @@ impl RecordReader {
         resume: Option<Resume>,
         max_record_bytes: usize,
     ) -> io::Result<RecordReader> {
+        RecordReader::open_as(path, resume, max_record_bytes, true)
+    }
+
+    /// [`RecordReader::open`]; `documents`: whether a first object that continues past
+    /// its first line may be a JSON object document (else the file is JSONL).
+    fn open_as(
+        path: &Path,
+        resume: Option<Resume>,
+        max_record_bytes: usize,
+        documents: bool,
+    ) -> io::Result<RecordReader> {
         let mut file = File::open(path)?;
         let file_len = file.metadata()?.len();
         let mut magic = [0u8; 4];
@@ -191,8 +211,10 @@ impl RecordReader {
         if &magic[..n] == b"PAR1" {
             return RecordReader::open_parquet(path, start, max_record_bytes, file_len);
         }
-        // Plain files seek to the checkpoint; compressed ones decompress and discard.
-        let seek_to = if compression == Compression::None {
+        let document = resume.is_some_and(|r| r.container == Container::Document);
+        // Plain files seek to the checkpoint; compressed ones decompress and discard; a
+        // document is read again from its start.
+        let seek_to = if compression == Compression::None && !document {
             start.bytes
         } else {
             0
@@ -215,7 +237,7 @@ impl RecordReader {
                 zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(BUF, counted))?,
             )),
         };
-        if seek_to < start.bytes {
+        if seek_to < start.bytes && !document {
             let skipped = io::copy(&mut (&mut input).take(start.bytes), &mut io::sink())?;
             if skipped < start.bytes {
                 return Err(io::Error::new(
@@ -241,9 +263,19 @@ impl RecordReader {
             notes: Vec::new(),
             finished: false,
             rows: None,
+            document: None,
         };
         if resume.is_none() {
-            reader.detect_container()?;
+            if !reader.detect_container(documents)? {
+                // Not one JSON value after all (a JSONL file whose first record is cut
+                // short): read it again as JSONL.
+                return RecordReader::open_as(path, None, max_record_bytes, false);
+            }
+        } else if document && !reader.load_document(start.records)? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the JSON document no longer parses as it did when its import began",
+            ));
         }
         Ok(reader)
     }
@@ -306,6 +338,7 @@ impl RecordReader {
             notes: Vec::new(),
             finished: false,
             rows: Some(ParquetRows { rows, total }),
+            document: None,
         };
         reader.update_parquet_progress();
         Ok(reader)
@@ -341,14 +374,20 @@ impl RecordReader {
     }
 
     /// Skips a byte order mark and leading blank space; a first byte `[` makes the file a
-    /// JSON array, anything else JSONL.
-    fn detect_container(&mut self) -> io::Result<()> {
+    /// JSON array, an object that continues past its first line a JSON object document
+    /// (with `documents`), anything else JSONL. Returns `false` when the supposed
+    /// document is not one JSON value, so the file must be read again as JSONL.
+    fn detect_container(&mut self, documents: bool) -> io::Result<bool> {
         if self.input.fill_buf()?.starts_with(b"\xef\xbb\xbf") {
             self.input.consume(3);
             self.pos.bytes += 3;
         }
         match self.skip_whitespace() {
             Ok(Some(b'[')) => self.container = Container::JsonArray,
+            Ok(Some(b'{')) if documents && self.first_line_continues()? => {
+                self.container = Container::Document;
+                return self.load_document(0);
+            }
             Ok(Some(_)) => self.container = Container::Jsonl,
             Ok(None) => {
                 let message = if self.file_len == 0 {
@@ -364,7 +403,85 @@ impl RecordReader {
             }
             Err(e) => self.stream_failed(e)?,
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Whether the object that starts the file continues past its first line (a
+    /// pretty-printed document, not JSONL). Decided on the buffered bytes: a first line
+    /// longer than the buffer counts as JSONL.
+    fn first_line_continues(&mut self) -> io::Result<bool> {
+        let buf = self.input.fill_buf()?;
+        let Some(end) = memchr::memchr(b'\n', buf) else {
+            return Ok(false);
+        };
+        Ok(matches!(
+            serde_json::from_slice::<serde::de::IgnoredAny>(&buf[..end]),
+            Err(e) if e.classify() == serde_json::error::Category::Eof
+        ))
+    }
+
+    /// Reads the rest of the input as one JSON object document and keeps its records
+    /// from index `skip` on; a document without a recognisable list of records is a
+    /// note naming the keys it has. `false`: the input is not one JSON value.
+    fn load_document(&mut self, skip: u64) -> io::Result<bool> {
+        let mut bytes = Vec::new();
+        if let Err(e) = (&mut self.input)
+            .take(MAX_DOCUMENT_BYTES + 1)
+            .read_to_end(&mut bytes)
+        {
+            // A corrupt compressed stream is a note; other I/O errors are errors.
+            self.stream_failed(e)?;
+            return Ok(true);
+        }
+        let note = |message: String| FileNote {
+            at: Position::default(),
+            message,
+        };
+        if bytes.len() as u64 > MAX_DOCUMENT_BYTES {
+            self.notes.push(note(format!(
+                "a JSON object document over {}: split it into JSONL",
+                human_bytes(MAX_DOCUMENT_BYTES)
+            )));
+            self.finished = true;
+            return Ok(true);
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return Ok(false);
+        };
+        drop(bytes);
+        let records = match document_records(value) {
+            Ok(records) => records,
+            Err(message) => {
+                self.notes.push(note(message));
+                self.finished = true;
+                return Ok(true);
+            }
+        };
+        let skip = (skip as usize).min(records.len());
+        let encoded: Vec<Vec<u8>> = records
+            .into_iter()
+            .skip(skip)
+            .map(|r| serde_json::to_vec(&r).expect("values serialise"))
+            .collect();
+        self.pos = Position {
+            records: skip as u64,
+            lines: skip as u64,
+            bytes: 0,
+        };
+        self.document = Some(encoded.into_iter());
+        Ok(true)
+    }
+
+    fn next_document_record(&mut self) -> io::Result<Option<RawItem>> {
+        let Some(bytes) = self.document.as_mut().and_then(Iterator::next) else {
+            return Ok(None);
+        };
+        let at = self.pos;
+        let len = bytes.len() as u64;
+        self.pos.bytes += len;
+        // `line` is the 1-based record number, as for Parquet rows.
+        self.pos.lines += 1;
+        Ok(Some(self.finish_item(at, bytes, len, true)))
     }
 
     /// Where a later reader resumes: just after the last record returned.
@@ -444,6 +561,7 @@ impl RecordReader {
             Container::Jsonl => self.next_line(),
             Container::JsonArray => self.next_element(),
             Container::Parquet => self.next_row(),
+            Container::Document => self.next_document_record(),
         };
         let item = match item {
             Ok(item) => item,
@@ -706,6 +824,46 @@ impl RecordReader {
         self.array = ArrayState::AfterRecord;
         Ok(self.finish_item(at, value, len, complete))
     }
+}
+
+/// The records of a JSON object document: the list (or `id -> record` object) under its
+/// one key that holds records beside other metadata (`{"version": 2, "data": [...]}`),
+/// or the document's own values when they are all records (`{"id1": {...}, ...}`).
+fn document_records(document: serde_json::Value) -> Result<Vec<serde_json::Value>, String> {
+    use serde_json::Value;
+    let Value::Object(top) = document else {
+        return Err("the document is not a JSON object".into());
+    };
+    let records_in = |value: &Value| match value {
+        Value::Array(items) => !items.is_empty() && items.iter().all(Value::is_object),
+        Value::Object(map) => !map.is_empty() && map.values().all(Value::is_object),
+        _ => false,
+    };
+    let holders: Vec<&String> = top
+        .iter()
+        .filter(|(_, v)| records_in(v))
+        .map(|(k, _)| k)
+        .collect();
+    let values = |value: Value| match value {
+        Value::Array(items) => items,
+        Value::Object(map) => map.into_iter().map(|(_, v)| v).collect(),
+        _ => Vec::new(),
+    };
+    if let [key] = holders.as_slice() {
+        let key = (*key).clone();
+        let mut top = top;
+        return Ok(values(top.remove(&key).expect("a key of the object")));
+    }
+    // Every value an object: an `id -> record` object.
+    if top.len() > 1 && top.values().all(Value::is_object) {
+        return Ok(top.into_iter().map(|(_, v)| v).collect());
+    }
+    let keys: Vec<&str> = top.keys().map(String::as_str).take(20).collect();
+    Err(format!(
+        "a JSON object document whose records were not found: {} of its keys ({}) hold a list of objects; write the records as JSONL or a JSON array",
+        holders.len(),
+        keys.join(", ")
+    ))
 }
 
 const PREFIX_BYTES: usize = 4096;

@@ -126,6 +126,7 @@ fn stored_enum_codes_are_fixed() {
         (Container::Jsonl, 0u8),
         (Container::JsonArray, 1),
         (Container::Parquet, 2),
+        (Container::Document, 3),
     ] {
         assert_eq!(code(&container), [tag, 0, 0, 0], "{container:?}");
     }

@@ -355,3 +355,44 @@ not json
     assert_eq!(store.counters().unwrap().changes, 8);
     assert_store_rules(&store);
 }
+
+#[test]
+fn a_pretty_printed_json_document_is_imported_record_by_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let path = write(
+        dir.path(),
+        "doc.json",
+        br#"{
+  "version": 2,
+  "data": [
+    {"instruction": "Name a planet.", "output": "Mars."},
+    {"instruction": "Name a color.",
+     "output": "Red."},
+    {"instruction": "Name a planet.", "output": "Mars."},
+    {"output": "no instruction"}
+  ]
+}
+"#,
+    );
+    let outcome = ingest(&store, &path, "doc", "instruction");
+    assert_eq!(outcome.import.format, "auto: alpaca");
+    let counts = outcome.run;
+    assert_eq!(
+        (
+            counts.read,
+            counts.stored,
+            counts.duplicates,
+            counts.rejected
+        ),
+        (4, 2, 1, 1)
+    );
+    let rejects = store.rejects(None).unwrap();
+    assert_eq!(rejects[0].record, Some(3));
+    assert!(
+        rejects[0].reason.contains("instruction"),
+        "{}",
+        rejects[0].reason
+    );
+    assert_store_rules(&store);
+}

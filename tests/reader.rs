@@ -268,3 +268,94 @@ fn the_fingerprint_sees_changes_in_the_middle_of_large_files() {
     assert_eq!(fp(&a), fp(&a2));
     assert_ne!(fp(&a), fp(&b));
 }
+
+#[test]
+fn json_object_documents_give_their_records_and_resume_by_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let alpaca = |i: u32| format!("{{\"instruction\": \"Say {i}.\", \"output\": \"{i}\"}}");
+    // Records under a key, beside metadata, pretty-printed over many lines.
+    let under_key = format!(
+        "{{\n  \"version\": \"1.0\",\n  \"data\": [\n    {},\n    {},\n    {}\n  ]\n}}\n",
+        alpaca(1),
+        alpaca(2),
+        alpaca(3)
+    );
+    // An `id -> record` object, and records as an object under a key.
+    let by_id = format!(
+        "{{\n  \"a1\": {},\n  \"b2\": {}\n}}\n",
+        alpaca(4),
+        alpaca(5)
+    );
+    let nested = format!(
+        "{{\n  \"problems\": {{\n    \"p1\": {},\n    \"p2\": {}\n  }}\n}}",
+        alpaca(6),
+        alpaca(7)
+    );
+    for (name, text, expected) in [
+        ("under-key.json", under_key, vec![1, 2, 3]),
+        ("by-id.json", by_id, vec![4, 5]),
+        ("nested.json", nested, vec![6, 7]),
+    ] {
+        let path = write(dir.path(), name, text.as_bytes());
+        let (items, reader) = read_all(&path, None);
+        assert_eq!(reader.container(), Container::Document, "{name}");
+        let records: Vec<serde_json::Value> = items
+            .iter()
+            .map(|i| serde_json::from_slice(bytes(i)).unwrap())
+            .collect();
+        let wanted: Vec<serde_json::Value> = expected
+            .iter()
+            .map(|&i| serde_json::from_str(&alpaca(i)).unwrap())
+            .collect();
+        assert_eq!(records, wanted, "{name}");
+        assert_eq!(
+            items.iter().map(|i| i.at.records).collect::<Vec<_>>(),
+            (0..expected.len() as u64).collect::<Vec<_>>()
+        );
+        // Resuming after the first record gives the rest.
+        let mut first = RecordReader::open(&path, None, DEFAULT_MAX_RECORD_BYTES).unwrap();
+        first.next_item().unwrap().unwrap();
+        let (rest, _) = read_all(&path, Some(first.resume_point()));
+        assert_eq!(rest.len(), expected.len() - 1, "{name}");
+        assert_eq!(bytes(&rest[0]), bytes(&items[1]));
+        assert_eq!(rest[0].at.records, 1);
+    }
+    // No list of records: a note naming the keys, no record.
+    let path = write(
+        dir.path(),
+        "meta.json",
+        b"{\n  \"name\": \"x\",\n  \"size\": 3\n}\n",
+    );
+    let (items, mut reader) = read_all(&path, None);
+    assert!(items.is_empty());
+    let notes = reader.take_notes();
+    assert!(
+        notes[0].message.contains("records were not found")
+            && notes[0].message.contains("name, size"),
+        "{notes:?}"
+    );
+    // JSONL whose first record is cut short is still JSONL: the file is not one value.
+    let path = write(
+        dir.path(),
+        "cut.jsonl",
+        format!(
+            "{{\"instruction\": \"a\", \"out\n{}\n{}\n",
+            alpaca(1),
+            alpaca(2)
+        )
+        .as_bytes(),
+    );
+    let (items, reader) = read_all(&path, None);
+    assert_eq!(reader.container(), Container::Jsonl);
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[1].at.line(), 2);
+    // JSONL whose first line is a whole object stays JSONL.
+    let path = write(
+        dir.path(),
+        "a.jsonl",
+        format!("{}\n{}\n", alpaca(1), alpaca(2)).as_bytes(),
+    );
+    let (items, reader) = read_all(&path, None);
+    assert_eq!(reader.container(), Container::Jsonl);
+    assert_eq!(items.len(), 2);
+}
