@@ -174,6 +174,14 @@ fn each_fixture_is_detected_as_its_format_and_ties_name_the_candidates() {
     assert_eq!(formats.detect(gsm8k).unwrap().name(), "gsm8k");
     let nq = br#"{"question": "who wrote frankenstein", "answer": ["Mary Shelley"]}"#;
     assert_eq!(formats.detect(nq).unwrap().name(), "natural-questions");
+    // Eval-style files need no mapping: `options` is multiple choice's other name.
+    let choice = br#"{"question": "2 + 2?", "options": ["3", "4", "5"], "answer": "B"}"#;
+    let format = formats.detect(choice).unwrap();
+    assert_eq!(format.name(), "multiple-choice");
+    let example = format.parse(choice).unwrap().remove(0).unwrap();
+    let messages = &example.conversation.messages;
+    assert_eq!(messages[0].content, "2 + 2?\n\nA. 3\nB. 4\nC. 5");
+    assert_eq!(messages[1].content, "B. 4");
     let unknown = formats.detect(br#"{"foo": 1, "bar": 2}"#).unwrap_err();
     assert_eq!(
         unknown,
