@@ -120,6 +120,70 @@ impl Source {
     }
 }
 
+/// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub` (where `datasets` and `huggingface_hub` download to).
+pub fn hub_cache_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("HF_HUB_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(home) = var("HF_HOME") {
+        return Some(PathBuf::from(home).join("hub"));
+    }
+    var("HOME").map(|home| PathBuf::from(home).join(".cache/huggingface/hub"))
+}
+
+/// The readable files of dataset `repo` (`ORG/NAME`, optionally `/PATTERN` within the
+/// dataset, e.g. `openai/gsm8k/main/**`) in the hub cache `cache`: the snapshot that
+/// `refs/main` names, else the newest one. Empty when the dataset is not in the cache.
+pub fn hub_cache_files(cache: &Path, repo: &str) -> Result<Vec<PathBuf>, Error> {
+    let mut parts = repo.trim_matches('/').splitn(3, '/');
+    let (Some(org), Some(name)) = (parts.next(), parts.next()) else {
+        return Err(Error::Invalid {
+            path: PathBuf::from(repo),
+            message: "a Hugging Face dataset is named ORG/NAME".into(),
+        });
+    };
+    let pattern = parts.next().unwrap_or("**");
+    let dataset = cache.join(format!("datasets--{org}--{name}"));
+    let snapshots = dataset.join("snapshots");
+    if !snapshots.is_dir() {
+        return Ok(Vec::new());
+    }
+    let named = std::fs::read_to_string(dataset.join("refs/main"))
+        .ok()
+        .map(|rev| snapshots.join(rev.trim()))
+        .filter(|dir| dir.is_dir());
+    let snapshot = match named {
+        Some(dir) => dir,
+        None => {
+            let entries = std::fs::read_dir(&snapshots).map_err(|source| Error::Io {
+                path: snapshots.clone(),
+                source,
+            })?;
+            let newest = entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+            match newest {
+                Some(entry) => entry.path(),
+                None => return Ok(Vec::new()),
+            }
+        }
+    };
+    let source = Source {
+        name: String::new(),
+        hub: None,
+        format: None,
+        mapping: None,
+        category: String::new(),
+        rules: Vec::new(),
+        target: None,
+        files: vec![pattern.to_string()],
+    };
+    source.files(&snapshot)
+}
+
 fn walk(
     dir: &Path,
     relative: &mut Vec<String>,

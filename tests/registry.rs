@@ -79,9 +79,12 @@ fn the_registry_imports_every_present_family_into_one_store() {
 
     let store_dir = dir.path().join("store");
     let registry = root.join("configs/sources.yaml");
+    let empty_cache = dir.path().join("hf-cache");
     let run = |store_dir: &Path| {
         run_ok(
             corpusdb(store_dir)
+                // No dataset comes from the machine's own Hugging Face cache.
+                .env("HF_HUB_CACHE", &empty_cache)
                 .arg("ingest")
                 .arg("--registry")
                 .arg(&registry)
@@ -180,4 +183,111 @@ fn the_registry_imports_every_present_family_into_one_store() {
     let again = run(&store_dir);
     assert!(String::from_utf8_lossy(&again.stdout).contains("already imported"));
     assert_eq!(crate::util::stored_hashes(&store_dir), before);
+}
+
+/// A dataset as `huggingface_hub` caches it: `refs/main` names the snapshot, whose files
+/// are links into `blobs/`; an older snapshot beside it.
+fn fake_hub_cache(cache: &Path, org: &str, name: &str, records: &str) {
+    let dataset = cache.join(format!("datasets--{org}--{name}"));
+    std::fs::create_dir_all(dataset.join("blobs")).unwrap();
+    std::fs::create_dir_all(dataset.join("refs")).unwrap();
+    std::fs::write(dataset.join("blobs/b1"), records).unwrap();
+    std::fs::write(dataset.join("refs/main"), "rev1\n").unwrap();
+    let split = dataset.join("snapshots/rev1/main");
+    std::fs::create_dir_all(&split).unwrap();
+    std::os::unix::fs::symlink(
+        "../../../blobs/b1",
+        split.join("train-00000-of-00001.jsonl"),
+    )
+    .unwrap();
+    std::fs::write(split.join("../README.md"), "# card").unwrap();
+    let old = dataset.join("snapshots/rev0");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(
+        old.join("old.jsonl"),
+        "{\"instruction\": \"old\", \"output\": \"x\"}\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn datasets_in_the_hugging_face_cache_are_named_by_hub_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    fake_hub_cache(
+        &cache,
+        "acme",
+        "qa",
+        "{\"instruction\": \"Name a planet.\", \"output\": \"Mars.\"}\n{\"instruction\": \"Name a color.\", \"output\": \"Red.\"}\n",
+    );
+    let store_dir = dir.path().join("store");
+    run_ok(corpusdb(&store_dir).env("HF_HUB_CACHE", &cache).args([
+        "ingest",
+        "hf:acme/qa",
+        "--source",
+        "qa",
+        "--category",
+        "qa",
+    ]));
+    {
+        let store = Store::open_read_only(&store_dir).unwrap();
+        assert_eq!(
+            store.counters().unwrap().examples,
+            2,
+            "refs/main's snapshot only"
+        );
+        let imports = store.imports().unwrap();
+        assert!(imports[0]
+            .path
+            .ends_with("snapshots/rev1/main/train-00000-of-00001.jsonl"));
+    }
+    // Not in the cache: the error says where it looked and how to fetch it.
+    let out = corpusdb(&store_dir)
+        .env("HF_HUB_CACHE", &cache)
+        .args([
+            "ingest",
+            "hf:acme/missing",
+            "--source",
+            "m",
+            "--category",
+            "qa",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("hf:acme/missing: not in the Hugging Face cache at")
+            && stderr.contains("huggingface-cli download --repo-type dataset acme/missing"),
+        "{stderr}"
+    );
+    // A registry source with a hub id and no files under --data-dir comes from the cache.
+    let registry = dir.path().join("sources.yaml");
+    std::fs::write(
+        &registry,
+        "sources:\n  - name: acme-qa\n    hub: acme/qa\n    category: qa\n  - name: other\n    hub: acme/other\n    category: qa\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let out = run_ok(
+        corpusdb(&dir.path().join("store2"))
+            .env("HF_HUB_CACHE", &cache)
+            .arg("ingest")
+            .arg("--registry")
+            .arg(&registry)
+            .arg("--data-dir")
+            .arg(&data),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("note: acme-qa: 1 file(s) from the Hugging Face cache (acme/qa)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("note: skipping other (Hugging Face: acme/other)"),
+        "{stderr}"
+    );
+    let store = Store::open_read_only(&dir.path().join("store2")).unwrap();
+    assert_eq!(store.counters().unwrap().examples, 2);
 }

@@ -25,7 +25,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// shapes; without --format the shape is detected from each file's first records.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Files to import: .jsonl, .json (an array of records), .parquet; optionally .gz/.zst.
+    /// Files to import: .jsonl, .json (an array of records or a document holding them),
+    /// .parquet; optionally .gz/.zst. `hf:ORG/NAME[/PATTERN]` takes a dataset's files
+    /// from the Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub).
     #[arg(required_unless_present_any = ["manifest", "registry"])]
     files: Vec<PathBuf>,
     /// Dataset name kept in the provenance of every record (e.g. gsm8k).
@@ -126,12 +128,26 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
                 bail!("--only {name}: no such source in {}", path.display());
             }
         }
+        let hub_cache = corpusdb::registry::hub_cache_dir();
         let (mut present, mut missing) = (0, Vec::new());
         for source in registry.sources {
             if !args.only.is_empty() && !args.only.contains(&source.name) {
                 continue;
             }
-            let files = source.files(data_dir)?;
+            let mut files = source.files(data_dir)?;
+            if files.is_empty() {
+                // Not under --data-dir: the Hugging Face cache may hold it.
+                if let (Some(hub), Some(cache)) = (&source.hub, &hub_cache) {
+                    files = corpusdb::registry::hub_cache_files(cache, hub)?;
+                    if !files.is_empty() {
+                        eprintln!(
+                            "note: {}: {} file(s) from the Hugging Face cache ({hub})",
+                            source.name,
+                            files.len()
+                        );
+                    }
+                }
+            }
             if files.is_empty() {
                 missing.push(source);
                 continue;
@@ -154,8 +170,12 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .map(|hub| format!(" (Hugging Face: {hub})"))
                 .unwrap_or_default();
+            let cached = match (&source.hub, &hub_cache) {
+                (Some(_), Some(cache)) => format!(" or in {}", cache.display()),
+                _ => String::new(),
+            };
             eprintln!(
-                "note: skipping {}{hub}: no readable files under {}",
+                "note: skipping {}{hub}: no readable files under {}{cached}",
                 source.name,
                 data_dir.join(&source.name).display()
             );
@@ -175,7 +195,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
             args.mapping.as_deref(),
             args.rules.clone(),
         )?;
-        jobs.push((options, args.files.clone()));
+        jobs.push((options, hub_files(&args.files)?));
     }
     let filters = match &args.filters {
         Some(path) => Some(std::sync::Arc::new(corpusdb::filters::Filters::load(path)?)),
@@ -346,4 +366,29 @@ impl Observer for Bar {
             run.rejected
         ));
     }
+}
+
+/// The files to import: each `hf:ORG/NAME[/PATTERN]` argument stands for that dataset's
+/// files in the Hugging Face cache ([`corpusdb::registry::hub_cache_files`]).
+fn hub_files(files: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for file in files {
+        let Some(repo) = file.to_str().and_then(|f| f.strip_prefix("hf:")) else {
+            out.push(file.clone());
+            continue;
+        };
+        let cache = corpusdb::registry::hub_cache_dir()
+            .context("hf: names a dataset in the Hugging Face cache, but HOME is not set")?;
+        let found = corpusdb::registry::hub_cache_files(&cache, repo)?;
+        if found.is_empty() {
+            bail!(
+                "{}: not in the Hugging Face cache at {} (fetch it first, e.g. `huggingface-cli download --repo-type dataset {}`; HF_HUB_CACHE or HF_HOME point elsewhere)",
+                file.display(),
+                cache.display(),
+                repo.splitn(3, '/').take(2).collect::<Vec<_>>().join("/")
+            );
+        }
+        out.extend(found);
+    }
+    Ok(out)
 }
