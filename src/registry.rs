@@ -90,8 +90,18 @@ impl Source {
             &self.files
         };
         let mut found = Vec::new();
-        for pattern in patterns {
-            let pattern: Vec<&str> = pattern.split('/').filter(|p| !p.is_empty()).collect();
+        for raw in patterns {
+            let pattern: Vec<&str> = raw.split('/').filter(|p| !p.is_empty()).collect();
+            // Files stay inside the data directory.
+            if raw.starts_with('/') || pattern.iter().any(|p| *p == ".." || p.contains('\\')) {
+                return Err(Error::Invalid {
+                    path: data_dir.to_owned(),
+                    message: format!(
+                        "source `{}`: `{}` leaves the data directory (`..` and absolute paths are refused)",
+                        self.name, raw
+                    ),
+                });
+            }
             // Walk from the literal directories at the front of the pattern.
             let literal = pattern
                 .iter()
@@ -204,10 +214,16 @@ fn walk(
             continue;
         }
         let path = entry.path();
+        let kind = entry.file_type().map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
         relative.push(name);
-        if path.is_dir() {
+        // Real directories only: a link to a directory could loop or leave the tree. A
+        // link to a file (the Hugging Face cache's snapshots) is read.
+        if kind.is_dir() {
             walk(&path, relative, pattern, found)?;
-        } else if matches(pattern, relative) {
+        } else if (kind.is_file() || path.is_file()) && matches(pattern, relative) {
             found.push(path);
         }
         relative.pop();
@@ -259,5 +275,42 @@ mod tests {
         assert!(!m("*.jsonl", "d/x.jsonl"));
         assert!(m("train-?.json", "train-1.json"));
         assert!(!m("**/*.parquet", "x.jsonl"));
+    }
+
+    fn source(name: &str, files: &[&str]) -> Source {
+        Source {
+            name: name.into(),
+            hub: None,
+            format: None,
+            mapping: None,
+            category: "c".into(),
+            rules: Vec::new(),
+            target: None,
+            files: files.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn files_stay_inside_the_data_directory_and_links_to_directories_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("s/sub")).unwrap();
+        std::fs::write(data.join("s/sub/a.jsonl"), "{}").unwrap();
+        std::fs::write(dir.path().join("outside.jsonl"), "{}").unwrap();
+        // A loop, and a link out of the tree.
+        std::os::unix::fs::symlink(data.join("s"), data.join("s/sub/loop")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), data.join("s/up")).unwrap();
+        let found = source("s", &[]).files(&data).unwrap();
+        assert_eq!(found, vec![data.join("s/sub/a.jsonl")]);
+        for bad in [
+            &["../outside.jsonl"][..],
+            &["s/../../outside.jsonl"],
+            &["/etc/*"],
+        ] {
+            let err = source("s", bad).files(&data).unwrap_err().to_string();
+            assert!(err.contains("leaves the data directory"), "{err}");
+        }
+        let err = source("..", &[]).files(&data).unwrap_err().to_string();
+        assert!(err.contains("leaves the data directory"), "{err}");
     }
 }
