@@ -470,3 +470,55 @@ fn a_broken_row_inside_a_group_does_not_split_the_conversation() {
         rejects[0].reason
     );
 }
+
+/// OASST rows of one tree as the reader groups them: a JSON list.
+fn oasst_rows(rows: &[(String, Option<String>, &str)]) -> Vec<u8> {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(id, parent, role)| {
+            serde_json::json!({
+                "message_id": id, "parent_id": parent, "message_tree_id": "t",
+                "role": role, "text": format!("text of {id}"),
+            })
+        })
+        .collect();
+    serde_json::to_vec(&rows).unwrap()
+}
+
+#[test]
+fn deep_and_wide_oasst_trees_neither_overflow_the_stack_nor_grow_quadratically() {
+    let format = Formats::builtin().get("oasst-rows").unwrap();
+    let role = |i: usize| {
+        if i.is_multiple_of(2) {
+            "prompter"
+        } else {
+            "assistant"
+        }
+    };
+    // A chain of 200,000 messages: one conversation, walked without recursion.
+    let chain: Vec<(String, Option<String>, &str)> = (0..200_000)
+        .map(|i| {
+            (
+                format!("m{i}"),
+                (i > 0).then(|| format!("m{}", i - 1)),
+                role(i),
+            )
+        })
+        .collect();
+    let examples = format.parse(&oasst_rows(&chain)).unwrap();
+    assert_eq!(examples.len(), 1);
+    let conversation = &examples[0].as_ref().unwrap().conversation;
+    assert_eq!(conversation.messages.len(), 200_000);
+    // A chain of 3,000 with 1,000 assistant leaves under its end: 3M messages in all,
+    // over the bound, so the tree is rejected instead of filling memory.
+    let mut wide = chain[..3_000].to_vec();
+    for leaf in 0..1_000 {
+        wide.push((format!("leaf{leaf}"), Some("m2999".into()), "assistant"));
+    }
+    // m2999 is an assistant message; the leaves answer it as assistant turns too.
+    let reason = format.parse(&oasst_rows(&wide)).unwrap_err();
+    assert!(reason.contains("more than 1048576 messages"), "{reason}");
+    // The same tree with only the best path is fine.
+    let best = Formats::builtin().get("oasst-rows-best").unwrap();
+    assert_eq!(best.parse(&oasst_rows(&wide)).unwrap().len(), 1);
+}

@@ -78,11 +78,14 @@ pub fn convert_rows(rows: &Value, best: bool) -> Result<Vec<Result<Example, Stri
         .ok_or("a grouped record must be a list of rows")?;
     let mut nodes = Vec::with_capacity(rows.len());
     let mut by_id = HashMap::with_capacity(rows.len());
+    // Every row's id, deleted ones too.
+    let mut all_ids = std::collections::HashSet::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         let id = row
             .get("message_id")
             .and_then(Value::as_str)
             .ok_or_else(|| format!("row {} lacks required field `message_id`", i + 1))?;
+        all_ids.insert(id);
         if is_deleted(row) {
             continue;
         }
@@ -103,7 +106,7 @@ pub fn convert_rows(rows: &Value, best: bool) -> Result<Vec<Result<Example, Stri
             Some(parent) => match by_id.get(parent) {
                 Some(&p) => nodes[p].replies.push(child),
                 // The parent was deleted (or is missing): the subtree is not reachable.
-                None if rows.iter().any(|r| r.get("message_id").and_then(Value::as_str) == Some(parent)) => {}
+                None if all_ids.contains(parent) => {}
                 None => {
                     return Err(format!(
                         "message {} has parent {parent}, which is not in the tree's rows (are the rows of a tree contiguous?)",
@@ -140,39 +143,59 @@ fn paths(tree: &mut Tree<'_>, best: bool) -> Result<Vec<Result<Example, String>>
         replies.sort_by(|&a, &b| rank(tree.nodes[a].value).total_cmp(&rank(tree.nodes[b].value)));
         tree.nodes[node].replies = replies;
     }
-    let mut found: Vec<Vec<usize>> = Vec::new();
-    let mut path = vec![tree.root];
-    walk(tree, &mut path, best, &mut found);
+    let found = walk(tree, best)?;
     if found.is_empty() {
         return Err("tree has no assistant reply".into());
     }
     Ok(found.iter().map(|path| conversation(tree, path)).collect())
 }
 
-/// Collects the root-to-leaf paths, each cut back to its last assistant message; two
-/// leaves cut back to the same message give one path.
-fn walk(tree: &Tree<'_>, path: &mut Vec<usize>, best: bool, found: &mut Vec<Vec<usize>>) {
-    let node = &tree.nodes[*path.last().expect("path is never empty")];
-    let replies = if best {
-        &node.replies[..node.replies.len().min(1)]
-    } else {
-        &node.replies[..]
-    };
-    if replies.is_empty() {
-        let mut end = path.len();
-        while end > 0 && role_of(tree.nodes[path[end - 1]].value) != Some(Role::Assistant) {
-            end -= 1;
+/// The most messages all of a tree's conversations may hold together: a long chain with
+/// many leaves would otherwise need memory quadratic in the tree's size.
+const MAX_PATH_MESSAGES: usize = 1 << 20;
+
+/// The root-to-leaf paths, each cut back to its last assistant message (two leaves cut
+/// back to the same message give one path), in depth-first order with replies by rank.
+/// Iterative, so a chain of any depth cannot overflow the stack.
+fn walk(tree: &Tree<'_>, best: bool) -> Result<Vec<Vec<usize>>, String> {
+    let mut found: Vec<Vec<usize>> = Vec::new();
+    let mut ends = std::collections::HashSet::new();
+    let mut total = 0usize;
+    let mut path: Vec<usize> = Vec::new();
+    // (node, depth, length of the path up to its last assistant message)
+    let mut stack = vec![(tree.root, 0usize, 0usize)];
+    while let Some((node, depth, assistant_end)) = stack.pop() {
+        path.truncate(depth);
+        path.push(node);
+        let assistant_end = if role_of(tree.nodes[node].value) == Some(Role::Assistant) {
+            depth + 1
+        } else {
+            assistant_end
+        };
+        let replies = &tree.nodes[node].replies;
+        let replies = if best {
+            &replies[..replies.len().min(1)]
+        } else {
+            &replies[..]
+        };
+        if replies.is_empty() {
+            if assistant_end > 0 && ends.insert(path[assistant_end - 1]) {
+                total += assistant_end;
+                if total > MAX_PATH_MESSAGES {
+                    return Err(format!(
+                        "tree expands to more than {MAX_PATH_MESSAGES} messages over its conversations (a long chain with many leaves); the -best format keeps one path"
+                    ));
+                }
+                found.push(path[..assistant_end].to_vec());
+            }
+            continue;
         }
-        if end > 0 && !found.iter().any(|p| p[..] == path[..end]) {
-            found.push(path[..end].to_vec());
+        // Reversed, so the first reply is walked first.
+        for &reply in replies.iter().rev() {
+            stack.push((reply, depth + 1, assistant_end));
         }
-        return;
     }
-    for &reply in replies {
-        path.push(reply);
-        walk(tree, path, best, found);
-        path.pop();
-    }
+    Ok(found)
 }
 
 fn role_of(message: &Value) -> Option<Role> {
