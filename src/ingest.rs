@@ -230,6 +230,17 @@ pub fn ingest_file(
             });
         }
         Some(import) => {
+            // A resumed import reads the rest of the file as it read the start.
+            let format = reading.describe(options.format.is_none());
+            if import.format != format {
+                return Err(Error::Detect {
+                    path: path.to_owned(),
+                    message: format!(
+                        "its import began as `{}` and is resumed as `{format}`; resume it with the same --format, --mapping or --map",
+                        import.format
+                    ),
+                });
+            }
             let at = import.checkpoint;
             (import, Some(at))
         }

@@ -396,3 +396,109 @@ fn a_pretty_printed_json_document_is_imported_record_by_record() {
     );
     assert_store_rules(&store);
 }
+
+#[test]
+fn quick_mappings_on_the_command_line_are_the_imports_format_and_bind_its_resume() {
+    use crate::util::{corpusdb, run_ok};
+    let dir = tempfile::tempdir().unwrap();
+    let data = write(
+        dir.path(),
+        "qa.jsonl",
+        br#"{"question": "Name a planet.", "options": ["Mars", "Paris"], "answer": "A"}
+{"question": "Name a city.", "options": ["Mars", "Paris"], "answer": "B"}
+"#,
+    );
+    let store_dir = dir.path().join("store");
+    run_ok(
+        corpusdb(&store_dir)
+            .args(["ingest", "--source", "qa", "--category", "qa"])
+            .args([
+                "--map",
+                r"user={question}\n\n{options|letters}",
+                "--map",
+                "assistant=answer",
+            ])
+            .arg(&data),
+    );
+    let store = Store::open_read_only(&store_dir).unwrap();
+    let import = &store.imports().unwrap()[0];
+    assert_eq!(
+        import.format,
+        r"map: user={question}\n\n{options|letters}; assistant=answer"
+    );
+    assert_eq!(import.counts.stored, 2);
+    let mut texts = Vec::new();
+    store
+        .for_each_example(|_, e| {
+            texts.push(
+                e.conversation
+                    .messages
+                    .iter()
+                    .map(|m| m.content.clone())
+                    .collect::<Vec<_>>(),
+            );
+            Ok(())
+        })
+        .unwrap();
+    texts.sort();
+    assert_eq!(texts[0], ["Name a city.\n\nA. Mars\nB. Paris", "B"]);
+    drop(store);
+
+    // A role that does not exist is refused before anything is read.
+    let out = corpusdb(&store_dir)
+        .args([
+            "ingest",
+            "--source",
+            "x",
+            "--category",
+            "qa",
+            "--map",
+            "boss=question",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown role `boss`"));
+
+    // A partial import resumes only with the turns it began with.
+    let store = Store::open(&dir.path().join("store2")).unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.jsonl",
+        b"{\"question\": \"q1\", \"answer\": \"a1\"}\n{\"question\": 5}\n{\"question\": \"q3\", \"answer\": \"a3\"}\n",
+    );
+    let formats = corpusdb::formats::Formats::builtin();
+    let turns = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut options = IngestOptions::new("s", "qa");
+    options.format = Some(
+        formats
+            .quick_mapping(&turns(&["user=question", "assistant=answer"]))
+            .unwrap(),
+    );
+    options.strict = true;
+    options.batch_records = 1;
+    assert!(ingest::ingest_file(&store, &bad, &options, &ingest::Quiet).is_err());
+    assert_eq!(store.imports().unwrap()[0].state, ImportState::Partial);
+    let mut other = options.clone();
+    other.strict = false;
+    other.format = Some(
+        formats
+            .quick_mapping(&turns(&["user=answer", "assistant=question"]))
+            .unwrap(),
+    );
+    let err = ingest::ingest_file(&store, &bad, &other, &ingest::Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("its import began as `map: user=question; assistant=answer`"),
+        "{err}"
+    );
+    options.strict = false;
+    let done = ingest::ingest_file(&store, &bad, &options, &ingest::Quiet).unwrap();
+    assert_eq!(done.import.state, ImportState::Done);
+    assert_eq!(
+        (done.import.counts.stored, done.import.counts.rejected),
+        (2, 1)
+    );
+}

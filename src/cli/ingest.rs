@@ -39,6 +39,12 @@ pub struct Args {
     /// Record shape (see `corpusdb formats`); `auto` detects it from the first records.
     #[arg(long, default_value = "auto", conflicts_with = "mapping")]
     format: String,
+    /// One turn of a quick mapping, in order: ROLE=TEMPLATE with the template syntax of
+    /// YAML mappings, or ROLE=FIELD (`--map user=question --map 'assistant={answer}'`,
+    /// `--map 'user={question}\n\n{options|letters}'`). Recorded as the import's format,
+    /// so a resume must give the same turns.
+    #[arg(long = "map", value_name = "ROLE=TEMPLATE", conflicts_with_all = ["mapping", "manifest", "registry"])]
+    map: Vec<String>,
     /// A YAML field mapping that defines the record shape (see `corpusdb formats --help`).
     #[arg(long)]
     mapping: Option<PathBuf>,
@@ -195,6 +201,17 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
             args.mapping.as_deref(),
             args.rules.clone(),
         )?;
+        let mut options = options;
+        if !args.map.is_empty() {
+            if args.format != "auto" {
+                bail!("--map gives the record shape; it goes without --format");
+            }
+            options.format = Some(
+                formats
+                    .quick_mapping(&args.map)
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
         jobs.push((options, hub_files(&args.files)?));
     }
     let filters = match &args.filters {

@@ -310,6 +310,57 @@ impl Formats {
         Formats { list: list.clone() }
     }
 
+    /// A format from command-line turns `ROLE=TEMPLATE` (`user={question}`,
+    /// `assistant={answer}`; `system=` too), in order, with the template syntax of YAML
+    /// mappings (`\n` is a line break). Its identifying fields are the templates'
+    /// required fields; its name spells the turns, so an import records what it used.
+    pub fn quick_mapping(&self, turns: &[String]) -> Result<Format, String> {
+        let mut specs = Vec::new();
+        let mut detect: Vec<String> = Vec::new();
+        for turn in turns {
+            let (role, template) = turn.split_once('=').ok_or_else(|| {
+                format!("--map {turn}: expected ROLE=TEMPLATE (user={{question}})")
+            })?;
+            let role = role.trim();
+            if crate::conversation::Role::from_alias(role).is_none() {
+                return Err(format!(
+                    "--map {turn}: unknown role `{role}` (system, user, assistant, tool)"
+                ));
+            }
+            // A bare field name is its own template: `user=question`.
+            let template = if template.contains('{') {
+                template.replace("\\n", "\n")
+            } else {
+                format!("{{{}}}", template.trim())
+            };
+            for field in template::required_fields(&template)? {
+                if !detect.contains(&field) {
+                    detect.push(field);
+                }
+            }
+            specs.push(serde_json::json!({"role": role, "content": template}));
+        }
+        if detect.is_empty() {
+            return Err("--map: the turns name no required field ({field})".into());
+        }
+        let name = format!(
+            "map: {}",
+            turns
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let spec: MappingSpec = serde_json::from_value(serde_json::json!({
+            "name": name,
+            "description": "turns given with --map",
+            "detect": detect,
+            "turns": specs,
+        }))
+        .map_err(|e| format!("--map: {e}"))?;
+        Ok(Format::from_mapping(Mapping::compile(&spec)?))
+    }
+
     /// Loads a mapping file and adds its format; its name must be new.
     pub fn load_mapping(&mut self, path: &Path) -> Result<Format, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -318,6 +318,21 @@ impl Template {
         })
     }
 
+    /// The paths of its required fields (`{path}`, not `{path?}`), in order.
+    pub fn required_paths(&self) -> Vec<&str> {
+        self.pieces
+            .iter()
+            .filter_map(|piece| match piece {
+                Piece::Field {
+                    path,
+                    optional: false,
+                    ..
+                } => Some(path.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Renders the template. A required field that is missing is an error naming it; if
     /// every field is optional and missing, the result is empty (literal text is dropped
     /// too, so `"Context: {context?}"` disappears as a whole).
@@ -356,6 +371,15 @@ impl Template {
         }
         Ok(out)
     }
+}
+
+/// The required fields of template text `text` (see [`Template::required_paths`]).
+pub fn required_fields(text: &str) -> Result<Vec<String>, String> {
+    Ok(Template::parse(text)?
+        .required_paths()
+        .into_iter()
+        .map(String::from)
+        .collect())
 }
 
 #[cfg(test)]
