@@ -239,6 +239,19 @@ fn attend_kernel(_: &Tensor, _: &Tensor, _: &Tensor, _: f64, _: &Prepared) -> Re
     candle_core::bail!("attention kernels need a build with the `cuda` feature")
 }
 
+/// The sum of `values` in eight running sums (a vector's lanes), then across them.
+fn sum_in_lanes<T: Float>(values: &[T]) -> T {
+    let mut lanes = [T::zero(); 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = *lane + v;
+        }
+    }
+    let rest = chunks.remainder().iter().fold(T::zero(), |a, &v| a + v);
+    lanes.iter().fold(rest, |a, &v| a + v)
+}
+
 /// Queries and keys per block: a 64 × 64 block of scores is 16 KiB in f32.
 const BLOCK: usize = 64;
 
@@ -337,6 +350,40 @@ unsafe fn block_product<T: Float + 'static>(
     rhs_rs: usize,
     rhs_cs: usize,
 ) {
+    scaled_block_product(
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        accumulate,
+        lhs,
+        lhs_rs,
+        lhs_cs,
+        rhs,
+        rhs_rs,
+        rhs_cs,
+        T::from_f64(1.0),
+    )
+}
+
+/// [`block_product`] of `beta · lhs · rhs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn scaled_block_product<T: Float + 'static>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const T,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const T,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: T,
+) {
     gemm::gemm(
         m,
         n,
@@ -352,7 +399,7 @@ unsafe fn block_product<T: Float + 'static>(
         rhs_cs as isize,
         rhs_rs as isize,
         T::from_f64(1.0),
-        T::from_f64(1.0),
+        beta,
         false,
         false,
         false,
@@ -421,8 +468,9 @@ impl FlashAttention {
         let (nq, nk) = (task.r1 - task.r0, j1 - j0);
         // Safety: the slices hold the rows and keys addressed (checked by the callers'
         // shapes), and `scores` has room for nq × BLOCK.
+        // The scale is the product's factor: no pass over the block for it.
         unsafe {
-            block_product(
+            scaled_block_product(
                 nq,
                 nk,
                 d,
@@ -435,21 +483,22 @@ impl FlashAttention {
                 k.as_ptr().add(j0 * d),
                 1,
                 d,
+                T::from_f64(self.scale),
             );
         }
-        let scale = T::from_f64(self.scale);
         let i0 = task.r0 % self.t;
         // Runs start in order, so the block's last query has the latest segment start.
         let all = vis.contiguous
             && j1 <= vis.past + i0 + 1
             && vis.first[row * self.t + i0 + nq - 1] <= j0;
+        if all {
+            return;
+        }
         for (ii, line) in scores.chunks_mut(BLOCK).take(nq).enumerate() {
             for (jj, x) in line[..nk].iter_mut().enumerate() {
-                *x = if all || vis.sees(row, i0 + ii, j0 + jj) {
-                    *x * scale
-                } else {
-                    T::neg_infinity()
-                };
+                if !vis.sees(row, i0 + ii, j0 + jj) {
+                    *x = T::neg_infinity();
+                }
             }
         }
     }
@@ -503,11 +552,11 @@ impl FlashAttention {
                                     continue;
                                 }
                                 let correction = (max[ii] - new_max).exp();
-                                let mut block_sum = T::zero();
+                                // Exponentials, then their sum: each loop vectorises.
                                 for x in line.iter_mut() {
                                     *x = (*x - new_max).exp_fast();
-                                    block_sum = block_sum + *x;
                                 }
+                                let block_sum = sum_in_lanes(line);
                                 sum[ii] = sum[ii] * correction + block_sum;
                                 max[ii] = new_max;
                                 if correction != T::from_f64(1.0) {
