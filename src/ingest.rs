@@ -68,6 +68,9 @@ pub struct IngestOptions {
     /// Records per atomic batch (and per checkpoint).
     pub batch_records: usize,
     pub max_record_bytes: usize,
+    /// Where a JSON object document's records are (`--records`: a dotted path or JSON
+    /// pointer); without it, found by their shape.
+    pub records: Option<String>,
     /// Pause after each committed batch (a test hook to make kills land mid-import).
     pub batch_delay: Option<Duration>,
 }
@@ -84,6 +87,7 @@ impl IngestOptions {
             strict: false,
             batch_records: 4096,
             max_record_bytes: reader::DEFAULT_MAX_RECORD_BYTES,
+            records: None,
             batch_delay: None,
         }
     }
@@ -268,7 +272,7 @@ pub fn ingest_file(
         at: import.checkpoint,
         container,
     });
-    let reader = RecordReader::open(path, resume, options.max_record_bytes).map_err(io_error)?;
+    let reader = open_reader(path, resume, options).map_err(io_error)?;
     import.container = Some(reader.container());
     let (_, file_len) = reader.file_progress();
     observer.file_started(path, file_len, resumed_from);
@@ -430,8 +434,7 @@ enum DetectError {
 const DETECT_SAMPLE: usize = 64;
 
 fn detect(path: &Path, options: &IngestOptions) -> std::result::Result<Reading, DetectError> {
-    let mut reader =
-        RecordReader::open(path, None, options.max_record_bytes).map_err(DetectError::Io)?;
+    let mut reader = open_reader(path, None, options).map_err(DetectError::Io)?;
     let mut sample = Vec::new();
     while sample.len() < DETECT_SAMPLE {
         match reader.next_item().map_err(DetectError::Io)? {
@@ -816,6 +819,17 @@ fn reject_of(
         reason,
         raw,
         raw_truncated,
+    }
+}
+
+fn open_reader(
+    path: &Path,
+    resume: Option<reader::Resume>,
+    options: &IngestOptions,
+) -> std::io::Result<RecordReader> {
+    match &options.records {
+        Some(at) => RecordReader::open_document(path, resume, options.max_record_bytes, at),
+        None => RecordReader::open(path, resume, options.max_record_bytes),
     }
 }
 

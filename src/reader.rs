@@ -160,6 +160,8 @@ pub struct RecordReader {
     rows: Option<ParquetRows>,
     /// The records of a JSON object document, in order.
     document: Option<std::vec::IntoIter<Vec<u8>>>,
+    /// Where a document's records are (`--records`); found by their shape without it.
+    records: Option<String>,
 }
 
 struct ParquetRows {
@@ -187,7 +189,19 @@ impl RecordReader {
         resume: Option<Resume>,
         max_record_bytes: usize,
     ) -> io::Result<RecordReader> {
-        RecordReader::open_as(path, resume, max_record_bytes, true)
+        RecordReader::open_as(path, resume, max_record_bytes, true, None)
+    }
+
+    /// [`RecordReader::open`] for a JSON object document whose records are at `records`:
+    /// a dotted path (`data`, `problems.train`) or a JSON pointer (`/data/0/items`) to a
+    /// list of records or an `id -> record` object.
+    pub fn open_document(
+        path: &Path,
+        resume: Option<Resume>,
+        max_record_bytes: usize,
+        records: &str,
+    ) -> io::Result<RecordReader> {
+        RecordReader::open_as(path, resume, max_record_bytes, true, Some(records))
     }
 
     /// [`RecordReader::open`]; `documents`: whether a first object that continues past
@@ -197,6 +211,7 @@ impl RecordReader {
         resume: Option<Resume>,
         max_record_bytes: usize,
         documents: bool,
+        records: Option<&str>,
     ) -> io::Result<RecordReader> {
         let mut file = File::open(path)?;
         let file_len = file.metadata()?.len();
@@ -264,12 +279,13 @@ impl RecordReader {
             finished: false,
             rows: None,
             document: None,
+            records: records.map(String::from),
         };
         if resume.is_none() {
             if !reader.detect_container(documents)? {
                 // Not one JSON value after all (a JSONL file whose first record is cut
                 // short): read it again as JSONL.
-                return RecordReader::open_as(path, None, max_record_bytes, false);
+                return RecordReader::open_as(path, None, max_record_bytes, false, None);
             }
         } else if document && !reader.load_document(start.records)? {
             return Err(io::Error::new(
@@ -339,6 +355,7 @@ impl RecordReader {
             finished: false,
             rows: Some(ParquetRows { rows, total }),
             document: None,
+            records: None,
         };
         reader.update_parquet_progress();
         Ok(reader)
@@ -384,7 +401,9 @@ impl RecordReader {
         }
         match self.skip_whitespace() {
             Ok(Some(b'[')) => self.container = Container::JsonArray,
-            Ok(Some(b'{')) if documents && self.first_line_continues()? => {
+            Ok(Some(b'{'))
+                if documents && (self.records.is_some() || self.first_line_continues()?) =>
+            {
                 self.container = Container::Document;
                 return self.load_document(0);
             }
@@ -445,11 +464,22 @@ impl RecordReader {
             self.finished = true;
             return Ok(true);
         }
-        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-            return Ok(false);
+        let value = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(value) => value,
+            Err(_) if self.records.is_none() => return Ok(false),
+            Err(e) => {
+                self.notes
+                    .push(note(format!("malformed JSON document: {e}")));
+                self.finished = true;
+                return Ok(true);
+            }
         };
         drop(bytes);
-        let records = match document_records(value) {
+        let found = match &self.records {
+            Some(at) => records_at(value, at),
+            None => document_records(value),
+        };
+        let records = match found {
             Ok(records) => records,
             Err(message) => {
                 self.notes.push(note(message));
@@ -823,6 +853,47 @@ impl RecordReader {
             complete || (started && depth == 0 && !in_string && value.first() != Some(&b'"'));
         self.array = ArrayState::AfterRecord;
         Ok(self.finish_item(at, value, len, complete))
+    }
+}
+
+/// The records at `at` in `document`: a JSON pointer (`/data`) or a dotted path
+/// (`data.train`), holding a list of records or an `id -> record` object.
+fn records_at(document: serde_json::Value, at: &str) -> Result<Vec<serde_json::Value>, String> {
+    use serde_json::Value;
+    let pointer = if at.starts_with('/') {
+        at.to_string()
+    } else {
+        format!(
+            "/{}",
+            at.split('.')
+                .map(|k| k.replace('~', "~0").replace('/', "~1"))
+                .collect::<Vec<_>>()
+                .join("/")
+        )
+    };
+    let keys = |v: &Value| match v {
+        Value::Object(map) => map.keys().take(20).cloned().collect::<Vec<_>>().join(", "),
+        _ => "none: the document is not an object".into(),
+    };
+    let mut document = document;
+    let Some(found) = document.pointer_mut(&pointer) else {
+        return Err(format!(
+            "--records {at}: nothing there (the document's keys: {})",
+            keys(&document)
+        ));
+    };
+    match found.take() {
+        Value::Array(items) => Ok(items),
+        Value::Object(map) => Ok(map.into_iter().map(|(_, v)| v).collect()),
+        other => Err(format!(
+            "--records {at}: a {} there, not a list of records or an object of them",
+            match other {
+                Value::String(_) => "string",
+                Value::Number(_) => "number",
+                Value::Bool(_) => "boolean",
+                _ => "null",
+            }
+        )),
     }
 }
 

@@ -359,3 +359,50 @@ fn json_object_documents_give_their_records_and_resume_by_record() {
     assert_eq!(reader.container(), Container::Jsonl);
     assert_eq!(items.len(), 2);
 }
+
+#[test]
+fn records_can_be_named_by_path_in_a_one_line_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "one-line.json",
+        br#"{"meta": {"n": 2}, "items": {"train": [{"a": 1}, {"a": 2}], "test": [{"a": 3}]}}"#,
+    );
+    for at in ["items.train", "/items/train"] {
+        let mut reader =
+            RecordReader::open_document(&path, None, DEFAULT_MAX_RECORD_BYTES, at).unwrap();
+        assert_eq!(reader.container(), Container::Document);
+        let mut got = Vec::new();
+        while let Some(item) = reader.next_item().unwrap() {
+            got.push(String::from_utf8(bytes(&item).to_vec()).unwrap());
+        }
+        assert_eq!(got, [r#"{"a":1}"#, r#"{"a":2}"#], "{at}");
+        // Resuming after the first record, with the same path.
+        let mut first =
+            RecordReader::open_document(&path, None, DEFAULT_MAX_RECORD_BYTES, at).unwrap();
+        first.next_item().unwrap();
+        let mut rest = RecordReader::open_document(
+            &path,
+            Some(first.resume_point()),
+            DEFAULT_MAX_RECORD_BYTES,
+            at,
+        )
+        .unwrap();
+        assert_eq!(bytes(&rest.next_item().unwrap().unwrap()), br#"{"a":2}"#);
+        assert!(rest.next_item().unwrap().is_none());
+    }
+    // A path to nothing names the document's keys; no record is read.
+    let mut reader =
+        RecordReader::open_document(&path, None, DEFAULT_MAX_RECORD_BYTES, "data").unwrap();
+    assert!(reader.next_item().unwrap().is_none());
+    let notes = reader.take_notes();
+    assert!(
+        notes[0]
+            .message
+            .contains("--records data: nothing there (the document's keys: meta, items)")
+            || notes[0]
+                .message
+                .contains("--records data: nothing there (the document's keys: items, meta)"),
+        "{notes:?}"
+    );
+}

@@ -45,6 +45,12 @@ pub struct Args {
     /// so a resume must give the same turns.
     #[arg(long = "map", value_name = "ROLE=TEMPLATE", conflicts_with_all = ["mapping", "manifest", "registry"])]
     map: Vec<String>,
+    /// Where the records of a JSON object document are: a dotted path (`data`,
+    /// `problems.train`) or a JSON pointer (`/data`) to a list of records or an
+    /// `id -> record` object. Without it, a pretty-printed document's records are found by
+    /// their shape.
+    #[arg(long, value_name = "PATH")]
+    records: Option<String>,
     /// A YAML field mapping that defines the record shape (see `corpusdb formats --help`).
     #[arg(long)]
     mapping: Option<PathBuf>,
@@ -247,6 +253,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     for (mut options, files) in jobs {
         options.strict = args.strict;
         options.max_record_bytes = args.max_record_bytes;
+        options.records = args.records.clone();
         options.batch_records = args.batch_size;
         options.batch_delay = delay;
         for file in files {
