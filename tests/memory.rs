@@ -291,30 +291,10 @@ fn memory_grows_with_tokens_and_checkpointing_saves_it() {
     // More layers cost more without checkpointing than with it.
     let mut deep = model.clone();
     deep.num_hidden_layers *= 2;
-    let grow = |c: Checkpointing| {
-        memory::plan(
-            &deep,
-            &adapter,
-            2048,
-            1,
-            DType::F32,
-            LayerPass::Graph,
-            c,
-            1024,
-        )
-        .total
-            - memory::plan(
-                &model,
-                &adapter,
-                2048,
-                1,
-                DType::F32,
-                LayerPass::Graph,
-                c,
-                1024,
-            )
-            .total
+    let total = |m: &LlamaConfig, c: Checkpointing| {
+        memory::plan(m, &adapter, 2048, 1, DType::F32, LayerPass::Graph, c, 1024).total
     };
+    let grow = |c: Checkpointing| total(&deep, c) - total(&model, c);
     assert!(grow(Checkpointing::Layers) * 5 < grow(Checkpointing::None));
     // Auto is resolved by the model's size: SmolLM2 (135M) checkpoints.
     let auto = memory::plan(
@@ -492,4 +472,66 @@ fn train_dry_run_prints_the_plan_without_loading_anything() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("config.json"), "{stderr}");
     assert!(!store.exists());
+}
+
+#[test]
+fn the_plan_of_the_layer_by_hand_matches_the_hand_count() {
+    let model = small();
+    let adapter = lora(4, 0.1, &["q_proj", "v_proj", "down_proj"]);
+    let tokens = 256u64;
+    let plan = |c| {
+        memory::plan(
+            &model,
+            &adapter,
+            256,
+            2,
+            DType::F32,
+            LayerPass::ByHand,
+            c,
+            100,
+        )
+    };
+    let layers = plan(Checkpointing::Layers);
+    // What one layer keeps per token (q width 64, k/v 32, intermediate 160, r = 4):
+    let per_token = 2              // two norms' scales
+        + (64 + 64 + 160) / 32     // dropout bits of q's, v's and down's inputs
+        + 3 * 4                    // the rank-r intermediates
+        + (64 + 32 + 32)           // rotated q, k and v
+        + 64                       // attention output
+        + 2 * 4                    // log-sum-exp: an f64 per query head
+        + 64                       // the residual after attention
+        + 2 * 160; // gate and up
+    assert_eq!(per_token, 607);
+    assert_eq!(layers.layer_values_per_token, per_token);
+    let hidden = tokens * 64 * 4;
+    let working_set = per_token * tokens * 4;
+    assert_eq!(layers.kept_activations, (3 + 1) * hidden);
+    assert_eq!(layers.layer_working_set, working_set);
+    assert_eq!(layers.backward_transients, (3 * 160 + 3 * 64) * tokens * 4);
+    // One [chunk, vocab] buffer in the loss, not the graph's two.
+    let chunks = 100 * 1000 + 3 * tokens * 64 + 2 * 100 * 64;
+    assert_eq!(layers.loss_chunk, chunks * 4);
+    let none = plan(Checkpointing::None);
+    // Every layer's input and what the first two layers keep; the last is the working set.
+    assert_eq!(none.kept_activations, 3 * hidden + 2 * working_set);
+    assert_eq!(none.layer_working_set, working_set);
+    assert_eq!(none.inputs.layer_pass, LayerPass::ByHand);
+    // By hand keeps less than the graph in every regime.
+    let graph = |c| {
+        memory::plan(
+            &model,
+            &adapter,
+            256,
+            2,
+            DType::F32,
+            LayerPass::Graph,
+            c,
+            100,
+        )
+    };
+    assert!(layers.total < graph(Checkpointing::Layers).total);
+    assert!(none.total < graph(Checkpointing::None).total);
+    assert_eq!(memory::LayerPass::of(true, DType::F32), LayerPass::ByHand);
+    assert_eq!(memory::LayerPass::of(true, DType::BF16), LayerPass::Graph);
+    assert_eq!(memory::LayerPass::of(false, DType::F32), LayerPass::Graph);
 }
