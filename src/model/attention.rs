@@ -333,43 +333,10 @@ impl<'a> Visibility<'a> {
     }
 }
 
-/// Row-major `dst[m × n] (+)= lhs · rhs` with explicit strides (`rs` between rows, `cs`
+/// Row-major `dst[m × n] (+)= beta · lhs · rhs` with explicit strides (`rs` between rows, `cs`
 /// between columns), single-threaded: blocks are already spread over threads.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_product<T: Float + 'static>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const T,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const T,
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
-    scaled_block_product(
-        m,
-        n,
-        k,
-        dst,
-        dst_rs,
-        accumulate,
-        lhs,
-        lhs_rs,
-        lhs_cs,
-        rhs,
-        rhs_rs,
-        rhs_cs,
-        T::from_f64(1.0),
-    )
-}
-
-/// [`block_product`] of `beta · lhs · rhs`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn scaled_block_product<T: Float + 'static>(
     m: usize,
     n: usize,
     k: usize,
@@ -470,7 +437,7 @@ impl FlashAttention {
         // shapes), and `scores` has room for nq × BLOCK.
         // The scale is the product's factor: no pass over the block for it.
         unsafe {
-            scaled_block_product(
+            block_product(
                 nq,
                 nk,
                 d,
@@ -580,6 +547,7 @@ impl FlashAttention {
                                     v.as_ptr().add(j0 * d),
                                     d,
                                     1,
+                                    T::from_f64(1.0),
                                 );
                             }
                         }
@@ -684,6 +652,7 @@ impl FlashAttention {
                                 grad.as_ptr().add(task.r0 * d),
                                 d,
                                 1,
+                                T::from_f64(1.0),
                             );
                             // dP = dO · Vᵀ
                             block_product(
@@ -699,6 +668,7 @@ impl FlashAttention {
                                 v.as_ptr().add(j0 * d),
                                 1,
                                 d,
+                                T::from_f64(1.0),
                             );
                         }
                         // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale
@@ -726,6 +696,7 @@ impl FlashAttention {
                                 k.as_ptr().add(j0 * d),
                                 d,
                                 1,
+                                T::from_f64(1.0),
                             );
                             // dk[j0..j1] += dSᵀ · Q
                             block_product(
@@ -741,6 +712,7 @@ impl FlashAttention {
                                 q.as_ptr().add(task.r0 * d),
                                 d,
                                 1,
+                                T::from_f64(1.0),
                             );
                         }
                     }
