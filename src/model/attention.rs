@@ -883,30 +883,44 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
-/// The blockwise op's forward pass on plain values (the CPU decoder layer, which keeps no
-/// graph): `q: [b, kv_heads, rows, d]`, `k`, `v: [b, kv_heads, s, d]`; returns the output
-/// and each query's log-sum-exp.
-#[allow(clippy::too_many_arguments)]
+/// The shape of a blockwise pass on plain values (the CPU decoder layer, which keeps no
+/// graph): `q: [b, kv_heads, rows, d]`, `k`, `v`: `[b, kv_heads, s, d]`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BlockwiseShape {
+    pub b: usize,
+    pub kv_heads: usize,
+    pub rows: usize,
+    pub s: usize,
+    pub d: usize,
+    pub scale: f64,
+}
+
+impl BlockwiseShape {
+    fn parts<'a>(&self, mask: &'a Prepared) -> (FlashAttention, Visibility<'a>, Shapes) {
+        let shapes = Shapes {
+            kv_heads: self.kv_heads,
+            rows: self.rows,
+            s: self.s,
+            d: self.d,
+        };
+        (
+            blockwise(mask, self.scale),
+            Visibility::new(mask.rule, self.b, mask.t, mask.past),
+            shapes,
+        )
+    }
+}
+
+/// The blockwise op's forward pass on plain values: the output and each query's
+/// log-sum-exp.
 pub(super) fn blockwise_forward(
     mask: &Prepared,
-    b: usize,
-    kv_heads: usize,
-    rows: usize,
-    s: usize,
-    d: usize,
-    scale: f64,
+    shape: BlockwiseShape,
     q: &[f32],
     k: &[f32],
     v: &[f32],
 ) -> (Vec<f32>, Vec<f64>) {
-    let op = blockwise(mask, scale);
-    let vis = Visibility::new(mask.rule, b, mask.t, mask.past);
-    let shapes = Shapes {
-        kv_heads,
-        rows,
-        s,
-        d,
-    };
+    let (op, vis, shapes) = shape.parts(mask);
     op.forward(&vis, &shapes, q, k, v)
 }
 
@@ -915,12 +929,7 @@ pub(super) fn blockwise_forward(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn blockwise_backward(
     mask: &Prepared,
-    b: usize,
-    kv_heads: usize,
-    rows: usize,
-    s: usize,
-    d: usize,
-    scale: f64,
+    shape: BlockwiseShape,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -928,14 +937,7 @@ pub(super) fn blockwise_backward(
     grad: &[f32],
     lse: &[f64],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let op = blockwise(mask, scale);
-    let vis = Visibility::new(mask.rule, b, mask.t, mask.past);
-    let shapes = Shapes {
-        kv_heads,
-        rows,
-        s,
-        d,
-    };
+    let (op, vis, shapes) = shape.parts(mask);
     op.backward(&vis, &shapes, q, k, v, out, grad, lse)
 }
 

@@ -512,19 +512,19 @@ impl<'a> Pass<'a> {
         ))
     }
 
+    fn attention_shape(&self) -> attention::BlockwiseShape {
+        attention::BlockwiseShape {
+            b: self.batch,
+            kv_heads: self.kv_heads,
+            rows: self.heads / self.kv_heads * self.seq,
+            s: self.seq,
+            d: self.dim,
+            scale: 1.0 / (self.dim as f64).sqrt(),
+        }
+    }
+
     fn attention_forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f64>) {
-        attention::blockwise_forward(
-            &self.context.mask,
-            self.batch,
-            self.kv_heads,
-            self.heads / self.kv_heads * self.seq,
-            self.seq,
-            self.dim,
-            1.0 / (self.dim as f64).sqrt(),
-            q,
-            k,
-            v,
-        )
+        attention::blockwise_forward(&self.context.mask, self.attention_shape(), q, k, v)
     }
 
     fn backward(
@@ -625,12 +625,7 @@ impl<'a> Pass<'a> {
         drop(d_attended);
         let (d_q, d_k, d_v) = attention::blockwise_backward(
             &self.context.mask,
-            self.batch,
-            self.kv_heads,
-            self.heads / self.kv_heads * self.seq,
-            self.seq,
-            d,
-            1.0 / (d as f64).sqrt(),
+            self.attention_shape(),
             &q,
             &k,
             &v,
