@@ -50,6 +50,12 @@ const WRITER_BYTES: usize = 64 << 20;
 /// Changes replayed between two index commits (bounds memory during a long catch-up).
 const CHANGES_PER_COMMIT: usize = 200_000;
 
+/// The layout of the index's documents, written with every commit (the third number of
+/// the commit payload; indexes from before it count as 1). An index of another version is
+/// rebuilt from the store's change log, as is one whose fields differ: raise it whenever
+/// what a document holds changes, not only its fields.
+pub const INDEX_SCHEMA_VERSION: u64 = 1;
+
 #[derive(Clone, Copy)]
 struct Fields {
     hash: Field,
@@ -143,9 +149,11 @@ impl Index {
             let index = tantivy::Index::open_in_dir(&path).map_err(error)?;
             // An index of an older layout is rebuilt from the store's change log.
             let current = schema(index.schema().get_field("text").is_ok());
-            if current
-                .fields()
-                .all(|(_, entry)| index.schema().get_field(entry.name()).is_ok())
+            let version = payload_numbers(&index.load_metas().map_err(error)?.payload)[2];
+            if version == INDEX_SCHEMA_VERSION
+                && current
+                    .fields()
+                    .all(|(_, entry)| index.schema().get_field(entry.name()).is_ok())
             {
                 Some(index)
             } else {
@@ -206,11 +214,8 @@ impl Index {
     /// ordinal at or above the bound is in the index (so adding it needs no delete).
     fn payload(&self) -> Result<(u64, u64)> {
         let metas = self.index.load_metas().map_err(|e| self.error(e))?;
-        let payload = metas.payload.unwrap_or_default();
-        let mut numbers = payload
-            .split_whitespace()
-            .map(|n| n.parse::<u64>().unwrap_or(0));
-        Ok((numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)))
+        let [through, bound, _] = payload_numbers(&metas.payload);
+        Ok((through, bound))
     }
 
     /// Indexes every change the store has that the index has not seen; returns how many
@@ -783,13 +788,30 @@ impl tantivy::collector::SegmentCollector for OrdinalSegmentCollector {
     }
 }
 
+/// The commit payload's numbers: changes indexed, the ordinal bound, and the schema
+/// version (1 when absent: written before versions; the current one when there is no
+/// commit yet).
+fn payload_numbers(payload: &Option<String>) -> [u64; 3] {
+    let Some(payload) = payload else {
+        return [0, 0, INDEX_SCHEMA_VERSION];
+    };
+    let mut numbers = payload
+        .split_whitespace()
+        .map(|n| n.parse::<u64>().unwrap_or(0));
+    [
+        numbers.next().unwrap_or(0),
+        numbers.next().unwrap_or(0),
+        numbers.next().unwrap_or(1),
+    ]
+}
+
 fn commit(
     writer: &mut tantivy::IndexWriter<TantivyDocument>,
     through: u64,
     bound: u64,
 ) -> tantivy::Result<()> {
     let mut prepared = writer.prepare_commit()?;
-    prepared.set_payload(&format!("{through} {bound}"));
+    prepared.set_payload(&format!("{through} {bound} {INDEX_SCHEMA_VERSION}"));
     prepared.commit()?;
     Ok(())
 }
