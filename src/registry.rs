@@ -89,45 +89,50 @@ impl Source {
         } else {
             &self.files
         };
-        let mut found = Vec::new();
-        for raw in patterns {
-            let pattern: Vec<&str> = raw.split('/').filter(|p| !p.is_empty()).collect();
-            // Files stay inside the data directory.
-            if raw.starts_with('/') || pattern.iter().any(|p| *p == ".." || p.contains('\\')) {
-                return Err(Error::Invalid {
-                    path: data_dir.to_owned(),
-                    message: format!(
-                        "source `{}`: `{}` leaves the data directory (`..` and absolute paths are refused)",
-                        self.name, raw
-                    ),
-                });
-            }
-            // Walk from the literal directories at the front of the pattern.
-            let literal = pattern
-                .iter()
-                .take_while(|p| !p.contains(['*', '?', '[']))
-                .count();
-            let mut root = data_dir.to_path_buf();
-            for part in &pattern[..literal] {
-                root.push(part);
-            }
-            if root.is_file() {
-                found.push(root);
-                continue;
-            }
-            if !root.is_dir() {
-                continue;
-            }
-            walk(&root, &mut Vec::new(), &pattern[literal..], &mut found)?;
-        }
-        found.retain(|f| {
-            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            READABLE.iter().any(|ext| name.ends_with(ext))
-        });
-        found.sort();
-        found.dedup();
-        Ok(found)
+        files_under(data_dir, patterns, &format!("source `{}`", self.name))
     }
+}
+
+/// The readable files under `data_dir` that match `patterns` (globs of path components),
+/// sorted; `owner` names who gave the patterns in an error.
+fn files_under(data_dir: &Path, patterns: &[String], owner: &str) -> Result<Vec<PathBuf>, Error> {
+    let mut found = Vec::new();
+    for raw in patterns {
+        let pattern: Vec<&str> = raw.split('/').filter(|p| !p.is_empty()).collect();
+        // Files stay inside the data directory.
+        if raw.starts_with('/') || pattern.iter().any(|p| *p == ".." || p.contains('\\')) {
+            return Err(Error::Invalid {
+                path: data_dir.to_owned(),
+                message: format!(
+                    "{owner}: `{raw}` leaves the data directory (`..` and absolute paths are refused)"
+                ),
+            });
+        }
+        // Walk from the literal directories at the front of the pattern.
+        let literal = pattern
+            .iter()
+            .take_while(|p| !p.contains(['*', '?', '[']))
+            .count();
+        let mut root = data_dir.to_path_buf();
+        for part in &pattern[..literal] {
+            root.push(part);
+        }
+        if root.is_file() {
+            found.push(root);
+            continue;
+        }
+        if !root.is_dir() {
+            continue;
+        }
+        walk(&root, &mut Vec::new(), &pattern[literal..], &mut found)?;
+    }
+    found.retain(|f| {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        READABLE.iter().any(|ext| name.ends_with(ext))
+    });
+    found.sort();
+    found.dedup();
+    Ok(found)
 }
 
 /// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
@@ -181,17 +186,7 @@ pub fn hub_cache_files(cache: &Path, repo: &str) -> Result<Vec<PathBuf>, Error> 
             }
         }
     };
-    let source = Source {
-        name: String::new(),
-        hub: None,
-        format: None,
-        mapping: None,
-        category: String::new(),
-        rules: Vec::new(),
-        target: None,
-        files: vec![pattern.to_string()],
-    };
-    source.files(&snapshot)
+    files_under(&snapshot, &[pattern.to_string()], &format!("hf:{repo}"))
 }
 
 fn walk(

@@ -312,7 +312,6 @@ impl Iterator for BatchStream {
         stats.capacity += batch.capacity as u64;
         stats.truncated += batch.truncated as u64;
         stats.skipped += batch.skipped.len() as u64;
-        stats.seconds = self.started.elapsed().as_secs_f64();
         Some(Ok(batch))
     }
 }

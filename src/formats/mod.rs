@@ -188,12 +188,11 @@ impl Format {
 }
 
 /// Whether `format` turns `bytes` into at least one example and no reject, and the
-/// record's values are of the kinds the format names (`values:` of a mapping).
-fn converts(format: &Format, bytes: &[u8]) -> bool {
-    let fit = match &format.0.kind {
-        Kind::Mapping(mapping) => serde_json::from_slice::<Value>(bytes)
-            .map(|record| mapping.values_fit(&record))
-            .unwrap_or(false),
+/// record (`bytes` parsed) has the kinds of values the format names (`values:`).
+fn converts(format: &Format, bytes: &[u8], record: Option<&Value>) -> bool {
+    let fit = match (&format.0.kind, record) {
+        (Kind::Mapping(mapping), Some(record)) => mapping.values_fit(record),
+        (Kind::Mapping(_), None) => false,
         _ => true,
     };
     fit && match format.parse(bytes) {
@@ -442,10 +441,11 @@ impl Formats {
                 // The values decide between formats of the same fields: the one format
                 // that converts this record and whose `values:` it fits (gsm8k's
                 // `answer` is a string, natural-questions' a list) wins.
+                let record = serde_json::from_slice::<Value>(bytes).ok();
                 let converting: Vec<&Format> = tied
                     .iter()
                     .copied()
-                    .filter(|f| converts(f, bytes))
+                    .filter(|f| converts(f, bytes, record.as_ref()))
                     .collect();
                 if let [only] = converting.as_slice() {
                     return Ok((*only).clone());

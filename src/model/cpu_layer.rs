@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::num_float::{exp_f32, sum_f64};
+use super::num_float::exp_f32;
 use super::{attention, lora::peft_key, rng, Context, DropoutKey, Llama, Lora, Target};
 
 /// Rows per parallel chunk of the elementwise passes.
@@ -87,14 +87,14 @@ pub fn backward(
 }
 
 /// A CPU f32 tensor's contiguous values, borrowed for as long as this lives.
-struct Values<'a> {
+pub(crate) struct Values<'a> {
     guard: Box<dyn std::ops::Deref<Target = Storage> + 'a>,
     start: usize,
     len: usize,
 }
 
 impl Values<'_> {
-    fn get(&self) -> &[f32] {
+    pub(crate) fn get(&self) -> &[f32] {
         match &**self.guard {
             Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.start + self.len],
             _ => unreachable!("checked by values()"),
@@ -102,7 +102,7 @@ impl Values<'_> {
     }
 }
 
-fn values(tensor: &Tensor) -> Result<Values<'_>> {
+pub(crate) fn values(tensor: &Tensor) -> Result<Values<'_>> {
     let (guard, layout) = tensor.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("cpu layer: a {:?} tensor is not contiguous", tensor.dims())
@@ -119,7 +119,7 @@ fn values(tensor: &Tensor) -> Result<Values<'_>> {
 
 /// A row-major matrix, or a transposed view of one (strides between rows and columns).
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub(crate) struct Mat<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -128,7 +128,7 @@ struct Mat<'a> {
 }
 
 impl<'a> Mat<'a> {
-    fn new(data: &'a [f32], rows: usize, cols: usize) -> Mat<'a> {
+    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize) -> Mat<'a> {
         Mat {
             data,
             rows,
@@ -138,7 +138,7 @@ impl<'a> Mat<'a> {
         }
     }
 
-    fn t(self) -> Mat<'a> {
+    pub(crate) fn t(self) -> Mat<'a> {
         Mat {
             rows: self.cols,
             cols: self.rows,
@@ -150,7 +150,7 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst = beta · a · b`, or `dst += beta · a · b` when `accumulate`; `dst` is row-major.
-fn product(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, beta: f32) {
+pub(crate) fn product(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, beta: f32) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert_eq!(k, b.rows, "inner dimensions");
     assert!(dst.len() >= m * n, "destination of {m} x {n}");
@@ -458,7 +458,7 @@ impl<'a> Pass<'a> {
         let weights = &self.model.layers[self.layer];
         let eps = self.model.config.rms_norm_eps;
         let m = self.tokens;
-        let (n1, r1) = rms_forward(x, values(&weights.input_norm)?.get(), eps);
+        let (n1, r1) = super::rms_norm_rows_scaled(x, values(&weights.input_norm)?.get(), eps);
         let mut masks: [Option<Vec<u64>>; 7] = Default::default();
         let mut lora_mid: [Option<Vec<f32>>; 7] = Default::default();
         let mut project = |target: Target, input: &[f32]| -> Result<Vec<f32>> {
@@ -484,7 +484,8 @@ impl<'a> Pass<'a> {
         let mut h = project(Target::O, &attended)?;
         drop(attended);
         add_into(&mut h, x);
-        let (n2, r2) = rms_forward(&h, values(&weights.post_attention_norm)?.get(), eps);
+        let (n2, r2) =
+            super::rms_norm_rows_scaled(&h, values(&weights.post_attention_norm)?.get(), eps);
         let gate = project(Target::Gate, &n2)?;
         let up = project(Target::Up, &n2)?;
         drop(n2);
@@ -726,28 +727,8 @@ impl<'a> Pass<'a> {
     }
 }
 
-/// RMS norm of every row: the normed rows and each row's `1/√(mean(x²) + ε)`, computed as
-/// the fused op computes them.
-fn rms_forward(x: &[f32], weight: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
-    let dim = weight.len();
-    let mut out = x.to_vec();
-    let mut scales = vec![0f32; x.len() / dim];
-    out.par_chunks_mut(dim * ROWS_PER_TASK)
-        .zip(scales.par_chunks_mut(ROWS_PER_TASK))
-        .for_each(|(rows, scales)| {
-            for (row, scale) in rows.chunks_mut(dim).zip(scales) {
-                let mean = row.iter().fold(0f32, |acc, &v| acc + v * v) / dim as f32;
-                let r = 1.0 / (mean + eps as f32).sqrt();
-                for (v, &w) in row.iter_mut().zip(weight) {
-                    *v = *v * r * w;
-                }
-                *scale = r;
-            }
-        });
-    (out, scales)
-}
-
-/// The normed rows again from the rows and their scales: the values of [`rms_forward`].
+/// The normed rows again from the rows and their scales: the values of
+/// [`super::rms_norm_rows_scaled`].
 fn rms_apply(x: &[f32], scales: &[f32], weight: &[f32]) -> Vec<f32> {
     let dim = weight.len();
     let mut out = x.to_vec();
@@ -808,65 +789,16 @@ fn rms_backward(x: &[f32], scales: &[f32], weight: &[f32], d_out: &[f32], d_x: &
         });
 }
 
-fn add_gradient(grads: &mut HashMap<String, Tensor>, key: String, g: Tensor) -> Result<()> {
+/// Adds `g` to the gradient kept under `key` in `grads` (or keeps it there).
+pub(crate) fn add_gradient(
+    grads: &mut HashMap<String, Tensor>,
+    key: String,
+    g: Tensor,
+) -> Result<()> {
     let sum = match grads.remove(&key) {
         Some(sum) => (sum + g)?,
         None => g,
     };
     grads.insert(key, sum);
     Ok(())
-}
-
-/// The summed cross-entropy of `rows: [n, hidden]` (final-norm outputs at trained
-/// positions) against `tokens`, and its gradient with respect to `rows`, holding one
-/// `[n, vocab]` buffer: the logits, overwritten by their gradient. The values of
-/// `train::loss::nll_of_logits` and its backward pass, without a graph (whose gradient
-/// accumulation would hold three more such buffers).
-pub fn loss_chunk(model: &Llama, rows: &Tensor, tokens: &[u32]) -> Result<(f64, Tensor)> {
-    let rows = rows.contiguous()?;
-    let (n, hidden) = rows.dims2()?;
-    let vocab = model.config.vocab_size;
-    if n != tokens.len() || model.dtype != DType::F32 {
-        candle_core::bail!("loss chunk: {n} f32 rows for {} tokens", tokens.len())
-    }
-    let head = values(model.lm_head())?;
-    let input = values(&rows)?;
-    let mut logits = vec![0f32; n * vocab];
-    product(
-        &mut logits,
-        Mat::new(input.get(), n, hidden),
-        Mat::new(head.get(), vocab, hidden).t(),
-        false,
-        1.0,
-    );
-    // Per row, then summed in order: rayon's own sum would add in an order that depends
-    // on scheduling, and a resumed run must repeat the same losses to the last bit.
-    let per_row: Vec<f64> = logits
-        .par_chunks_mut(vocab)
-        .zip(tokens.par_iter())
-        .map(|(row, &token)| {
-            let target = row[token as usize];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            for x in row.iter_mut() {
-                *x = exp_f32(*x - max);
-            }
-            let sum = sum_f64(row);
-            let inverse = (1.0 / sum) as f32;
-            for x in row.iter_mut() {
-                *x *= inverse;
-            }
-            row[token as usize] -= 1.0;
-            max as f64 + sum.ln() - target as f64
-        })
-        .collect();
-    let nll: f64 = per_row.iter().sum();
-    let mut d_rows = vec![0f32; n * hidden];
-    product(
-        &mut d_rows,
-        Mat::new(&logits, n, vocab),
-        Mat::new(head.get(), vocab, hidden),
-        false,
-        1.0,
-    );
-    Ok((nll, Tensor::from_vec(d_rows, (n, hidden), &Device::Cpu)?))
 }

@@ -668,19 +668,35 @@ struct RmsNorm {
 }
 
 fn rms_norm_rows<T: num_float::Float>(input: &[T], weight: &[T], eps: f64) -> Vec<T> {
+    rms_norm_rows_scaled(input, weight, eps).0
+}
+
+/// RMS norm of every row, and each row's scale `1/√(mean(x²) + ε)` (what the backward
+/// pass of the CPU layer needs).
+pub(crate) fn rms_norm_rows_scaled<T: num_float::Float>(
+    input: &[T],
+    weight: &[T],
+    eps: f64,
+) -> (Vec<T>, Vec<T>) {
     use rayon::prelude::*;
+    const ROWS: usize = 64;
     let dim = weight.len().max(1);
     let mut out = input.to_vec();
-    out.par_chunks_mut(dim * 64).for_each(|rows| {
-        for row in rows.chunks_mut(dim) {
-            let mean = row.iter().fold(T::zero(), |acc, &v| acc + v * v) / T::from_f64(dim as f64);
-            let scale = T::from_f64(1.0) / (mean + T::from_f64(eps)).sqrt();
-            for (v, &w) in row.iter_mut().zip(weight) {
-                *v = *v * scale * w;
+    let mut scales = vec![T::zero(); input.len() / dim];
+    out.par_chunks_mut(dim * ROWS)
+        .zip(scales.par_chunks_mut(ROWS))
+        .for_each(|(rows, scales)| {
+            for (row, r) in rows.chunks_mut(dim).zip(scales) {
+                let mean =
+                    row.iter().fold(T::zero(), |acc, &v| acc + v * v) / T::from_f64(dim as f64);
+                let scale = T::from_f64(1.0) / (mean + T::from_f64(eps)).sqrt();
+                for (v, &w) in row.iter_mut().zip(weight) {
+                    *v = *v * scale * w;
+                }
+                *r = scale;
             }
-        }
-    });
-    out
+        });
+    (out, scales)
 }
 
 impl candle_core::CustomOp1 for RmsNorm {

@@ -153,27 +153,79 @@ fn nll_rows<T: Float>(logits: &[T], vocab: usize, targets: &[u32]) -> Vec<T> {
         .collect()
 }
 
-/// `g · (softmax(row) - onehot(target))` for every row, with one exponential per logit:
-/// `exp(x - max)` is kept in place and scaled by `g / Σ` afterwards.
+/// `g · (softmax(row) - onehot(target))` for every row, with one exponential per logit.
 fn nll_gradient<T: Float>(logits: &[T], vocab: usize, targets: &[u32], grad: &[f64]) -> Vec<T> {
     use rayon::prelude::*;
     let mut out: Vec<T> = logits.to_vec();
     out.par_chunks_mut(vocab)
         .zip(targets.par_iter().zip(grad.par_iter()))
         .for_each(|(row, (&t, &g))| {
-            let max = max_of(row);
-            for x in row.iter_mut() {
-                *x = (*x - max).exp_fast();
-            }
-            let sum = sum_f64(row);
-            let scale = T::from_f64(g / sum);
-            for x in row.iter_mut() {
-                *x = *x * scale;
-            }
-            let at = t as usize;
-            row[at] = row[at] - T::from_f64(g);
+            row_to_gradient(row, t as usize, g);
         });
     out
+}
+
+/// Overwrites the logits `row` with `g · (softmax(row) - onehot(target))` and returns the
+/// row's negative log-likelihood: `exp(x - max)` is kept in place and scaled by `g / Σ`.
+fn row_to_gradient<T: Float>(row: &mut [T], target: usize, g: f64) -> f64 {
+    let max = max_of(row);
+    let logit = row[target];
+    for x in row.iter_mut() {
+        *x = (*x - max).exp_fast();
+    }
+    let sum = sum_f64(row);
+    let scale = T::from_f64(g / sum);
+    for x in row.iter_mut() {
+        *x = *x * scale;
+    }
+    row[target] = row[target] - T::from_f64(g);
+    max.to_f64() + sum.ln() - logit.to_f64()
+}
+
+/// The summed cross-entropy of `rows: [n, hidden]` (final-norm outputs at trained
+/// positions, f32 on the CPU) against `tokens`, and its gradient with respect to `rows`,
+/// holding one `[n, vocab]` buffer: the logits, overwritten by their gradient. The values
+/// of [`nll_of_logits`] and its backward pass, without a graph (whose gradient
+/// accumulation would hold three more such buffers).
+pub fn chunk_by_hand(model: &Llama, rows: &Tensor, tokens: &[u32]) -> Result<(f64, Tensor)> {
+    use crate::model::cpu_layer::{product, values, Mat};
+    use rayon::prelude::*;
+    let rows = rows.contiguous()?;
+    let (n, hidden) = rows.dims2()?;
+    let vocab = model.config.vocab_size;
+    if n != tokens.len() || model.dtype != DType::F32 {
+        candle_core::bail!("loss chunk: {n} f32 rows for {} tokens", tokens.len())
+    }
+    let head = values(model.lm_head())?;
+    let input = values(&rows)?;
+    let mut logits = vec![0f32; n * vocab];
+    product(
+        &mut logits,
+        Mat::new(input.get(), n, hidden),
+        Mat::new(head.get(), vocab, hidden).t(),
+        false,
+        1.0,
+    );
+    // Per row, then summed in order: rayon's own sum would add in an order that depends
+    // on scheduling, and a resumed run must repeat the same losses to the last bit.
+    let per_row: Vec<f64> = logits
+        .par_chunks_mut(vocab)
+        .zip(tokens.par_iter())
+        .map(|(row, &token)| row_to_gradient(row, token as usize, 1.0))
+        .collect();
+    let nll: f64 = per_row.iter().sum();
+    let mut d_rows = vec![0f32; n * hidden];
+    product(
+        &mut d_rows,
+        Mat::new(&logits, n, vocab),
+        Mat::new(head.get(), vocab, hidden),
+        false,
+        1.0,
+    );
+    Ok((
+        nll,
+        Tensor::from_vec(d_rows, (n, hidden), &candle_core::Device::Cpu)?,
+    ))
 }
 
 impl CustomOp1 for CrossEntropy {

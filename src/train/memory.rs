@@ -106,7 +106,7 @@ pub const HAND_BACKWARD_INTERMEDIATE: u64 = 3;
 /// `[tokens, hidden]` buffers there beside them: the gradient flowing in, the residual
 /// stream's gradient and a normed copy.
 pub const HAND_BACKWARD_HIDDEN: u64 = 3;
-/// `[chunk, vocab]` buffers of a loss chunk by hand (`model::cpu_layer::loss_chunk`): the
+/// `[chunk, vocab]` buffers of a loss chunk by hand (`train::loss::chunk_by_hand`): the
 /// logits, overwritten by their gradient.
 pub const HAND_LOSS_VOCAB_COPIES: u64 = 1;
 

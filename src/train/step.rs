@@ -162,7 +162,7 @@ pub fn accumulate_gradients(
 
 /// The summed loss of the last layer's output `last` and its gradient with respect to
 /// `last`, through the final norm and the rows that predict a trained token; the chunks'
-/// logits `by_hand` (`model::cpu_layer::loss_chunk`) or through candle's graph.
+/// logits `by_hand` ([`super::loss::chunk_by_hand`]) or through candle's graph.
 fn loss_of_last(
     model: &Llama,
     last: &Tensor,
@@ -202,7 +202,8 @@ fn chunked_loss(
         let len = chunk.min(n - start);
         if by_hand {
             let rows = picked.narrow(0, start, len)?;
-            let (nll, gradient) = cpu_layer::loss_chunk(model, &rows, &tokens[start..start + len])?;
+            let (nll, gradient) =
+                super::loss::chunk_by_hand(model, &rows, &tokens[start..start + len])?;
             total += nll;
             gradients.push(gradient);
             continue;
@@ -235,13 +236,7 @@ fn collect(
             let Some(g) = store.get(var.as_tensor()) else {
                 continue;
             };
-            let key = peft_key(layer, target, which);
-            let g = g.detach();
-            let sum = match grads.remove(&key) {
-                Some(sum) => (sum + g)?,
-                None => g,
-            };
-            grads.insert(key, sum);
+            cpu_layer::add_gradient(grads, peft_key(layer, target, which), g.detach())?;
         }
     }
     Ok(())
