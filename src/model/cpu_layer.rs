@@ -32,7 +32,7 @@ pub fn supported(model: &Llama, lora: &Lora, context: &Context) -> bool {
         && context.mask.is_blockwise()
 }
 
-/// What [`forward`] keeps of one layer for [`backward`] when asked to: about a third of
+/// What [`forward`] keeps of one layer for [`backward`] when asked to: about a fifth of
 /// the values the graph would keep (the norms' outputs, the attention output's copy and
 /// the MLP's product are recomputed from what is kept; dropout masks are kept as bits).
 pub struct Activations(Saved);
