@@ -685,6 +685,25 @@ fn profile(args: &[String]) -> Value {
                 .unwrap();
         }),
     );
+    // The layer with tensor ops and no graph (what training runs on CUDA).
+    if model::tensor_layer::supported(&model, &lora, &context) {
+        put(
+            "tensor_layer_forward_ms",
+            time_ms(&device, || {
+                model::tensor_layer::forward(&model, &lora, 0, &x, &context, key, false).unwrap();
+            }),
+        );
+        put(
+            "tensor_layer_forward_backward_ms",
+            time_ms(&device, || {
+                let mut grads = HashMap::new();
+                model::tensor_layer::backward(
+                    &model, &lora, 0, &x, &context, key, None, &upstream, true, &mut grads,
+                )
+                .unwrap();
+            }),
+        );
+    }
     put(
         "layer_forward_no_adapter_ms",
         time_ms(&device, || {
@@ -820,6 +839,20 @@ fn profile(args: &[String]) -> Value {
                 .sum_all()
                 .unwrap();
                 nll.backward().unwrap();
+            }
+        }),
+    );
+    put(
+        "loss_with_tensors_ms",
+        time_ms(&device, || {
+            for start in (0..targets.len()).step_by(1024) {
+                let len = 1024.min(targets.len() - start);
+                loss::chunk_with_tensors(
+                    &model,
+                    &picked.narrow(0, start, len).unwrap(),
+                    &targets.tokens[start..start + len],
+                )
+                .unwrap();
             }
         }),
     );

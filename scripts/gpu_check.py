@@ -147,10 +147,14 @@ def main() -> None:
     ap.add_argument("--models", default="1b,8b", help="which of 1b, 8b to measure")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up)")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--no-composed", action="store_true",
-                    help="skip the run of the 1B model with candle's composed ops instead of the kernels")
+    ap.add_argument("--plan", default="1b:layers,8b:layers,1b:none,1b:profile,1b:composed",
+                    help="MODEL:MODE runs in order of importance; MODE is a checkpointing setting "
+                         "(layers, none), profile (where a step's time goes) or composed (candle's "
+                         "ops instead of corpusdb's kernels)")
+    ap.add_argument("--budget", type=float, default=450,
+                    help="seconds for the whole check; later stages are skipped when it runs out")
     ap.add_argument("--device", default="cuda",
-                    help="cuda; cpu tries the script itself with the tiny model (--models tiny)")
+                    help="cuda; cpu tries the script itself with the tiny model (--models tiny --plan tiny:layers,tiny:none)")
     args = ap.parse_args()
 
     started = time.time()
@@ -178,20 +182,40 @@ def main() -> None:
         check = [bins["gpu"], "--check", "--device", args.device]
         if args.device == "cpu":
             check.append("--emulate")
-        doc["check"] = stage("check", check, 240, memory=False)
+        doc["check"] = stage("check", check, min(180, args.budget / 3), memory=False)
         emit()
 
     settings = {
-        # name: (config, rows, seq, checkpointing settings)
-        "1b": ("llama-3.2-1b", 4, 2048, ["layers", "none"]),
-        "8b": ("llama-3-8b", 8, 2048, ["layers"]),
-        "tiny": ("tiny", 2, 64, ["layers", "none"]),
+        # name: (config, rows, seq)
+        "1b": ("llama-3.2-1b", 4, 2048),
+        "8b": ("llama-3-8b", 8, 2048),
+        "tiny": ("tiny", 2, 64),
     }
     configs = os.path.join(args.bundle, "configs", "models")
     baseline = os.path.join(args.bundle, "peft_baseline.py")
     doc["runs"] = []
-    for key in [m for m in args.models.split(",") if m]:
-        config, rows, seq, modes = settings[key]
+    # The runs in order of importance: each stage gets at most what is left of --budget, and
+    # a stage that cannot start with a minute left is reported as skipped.
+    plan = [tuple(item.split(":")) for item in args.plan.split(",") if item]
+    plan = [(key, mode) for key, mode in plan if key in args.models.split(",")]
+    made_models = {}
+
+    def left():
+        return args.budget - (time.time() - started)
+
+    def budgeted(name, command, cap, **kw):
+        if left() < 60:
+            log(f"== {name}: skipped, {left():.0f} s of the budget left")
+            return {"stage": name, "skipped": f"{left():.0f} s of the {args.budget} s budget left"}
+        return stage(name, command, min(cap, left() - 15), **kw)
+
+    def model_dir_for(key):
+        config = settings[key][0]
+        if key in made_models:
+            return made_models[key]
+        # One random model on disk at a time (the 8B one is 16 GB).
+        for other in list(made_models):
+            shutil.rmtree(made_models.pop(other), ignore_errors=True)
         model_dir = os.path.join(args.work, config)
         config_file = os.path.join(configs, config, "config.json")
         if config == "tiny":
@@ -201,46 +225,63 @@ def main() -> None:
                            "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
                            "num_key_value_heads": 2, "max_position_embeddings": 256,
                            "rms_norm_eps": 1e-5, "tie_word_embeddings": False}, f)
-        made = stage(f"init-model {config}", [bins["corpusdb"], "init-model", "--out", model_dir,
-                                              "--config", config_file, "--dtype", "bf16"], 300, memory=False)
+        made = budgeted(f"init-model {config}", [bins["corpusdb"], "init-model", "--out", model_dir,
+                                                 "--config", config_file, "--dtype", "bf16"], 300, memory=False)
         if made.get("exit") != 0:
             doc["runs"].append(made)
+            return None
+        made_models[key] = model_dir
+        return model_dir
+
+    for key, mode in plan:
+        config, rows, seq = settings[key]
+        model_dir = model_dir_for(key)
+        if model_dir is None:
             continue
-        for mode in modes:
-            ours = stage(f"corpusdb {config} {mode}", [
-                bins["gpu"], "--speed", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
-                "--steps", str(args.steps), "--checkpointing", mode, "--dtype", "bf16", "--device", args.device], 420)
-            theirs_cmd = [sys.executable, baseline, "--model", model_dir, "--batch", str(rows),
-                          "--seq-len", str(seq), "--steps", str(args.steps), "--device", args.device,
-                          "--dtype", "bfloat16", "--json"]
-            if mode == "layers":
-                theirs_cmd.append("--gradient-checkpointing")
-            theirs = stage(f"pytorch {config} {mode}", theirs_cmd, 420)
-            run = {"model": config, "rows": rows, "seq_len": seq, "checkpointing": mode,
-                   "corpusdb": ours, "pytorch_peft": theirs}
-            if ours.get("tokens_per_s") and theirs.get("tokens_per_s"):
-                run["speed_ratio"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
-            if ours.get("peak_gpu_used_mib") and theirs.get("peak_gpu_used_mib"):
-                run["memory_ratio"] = round(ours["peak_gpu_used_mib"] / theirs["peak_gpu_used_mib"], 3)
-            doc["runs"].append(run)
+        if mode == "profile":
+            # Where the step's time goes, for the next kernels to write.
+            doc[f"profile_{key}"] = budgeted(f"profile {config}", [
+                bins["gpu"], "--profile", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
+                "--dtype", "bf16", "--device", args.device], 120)
             emit()
-            if key == "1b" and mode == "layers" and args.device == "cuda":
-                # The allocator settings of model::cuda::tune_for_training, opt-in until
-                # this comparison says they pay.
-                doc["tuned_1b_layers"] = stage(f"corpusdb {config} {mode} tuned", [
-                    bins["gpu"], "--speed", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
-                    "--steps", str(args.steps), "--checkpointing", mode, "--dtype", "bf16", "--device", "cuda"],
-                    240, env={"CORPUSDB_CUDA_TUNING": "1"})
-                emit()
-            if key == "1b" and mode == "layers" and args.device == "cuda" and not args.no_composed:
-                # Before corpusdb's kernels: candle's composed ops (dropout masks drawn on the
-                # CPU and uploaded, RMS norm from elementary ops).
-                doc["composed_1b_layers"] = stage(f"corpusdb {config} {mode} composed", [
-                    bins["gpu"], "--speed", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
-                    "--steps", "2", "--checkpointing", mode, "--dtype", "bf16", "--device", "cuda"], 240,
-                    env={"CORPUSDB_CUDA_KERNELS": "composed"})
-                emit()
+            continue
+        if mode == "composed":
+            # Before corpusdb's kernels: candle's composed ops (dropout masks drawn on the
+            # CPU and uploaded, RMS norm from elementary ops).
+            doc[f"composed_{key}"] = budgeted(f"corpusdb {config} composed", [
+                bins["gpu"], "--speed", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
+                "--steps", "2", "--checkpointing", "layers", "--dtype", "bf16", "--device", args.device],
+                120, env={"CORPUSDB_CUDA_KERNELS": "composed"})
+            emit()
+            continue
+        ours = budgeted(f"corpusdb {config} {mode}", [
+            bins["gpu"], "--speed", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
+            "--steps", str(args.steps), "--checkpointing", mode, "--dtype", "bf16", "--device", args.device], 300)
+        theirs_cmd = [sys.executable, baseline, "--model", model_dir, "--batch", str(rows),
+                      "--seq-len", str(seq), "--steps", str(args.steps), "--device", args.device,
+                      "--dtype", "bfloat16", "--json"]
+        if mode == "layers":
+            theirs_cmd.append("--gradient-checkpointing")
+        theirs = budgeted(f"pytorch {config} {mode}", theirs_cmd, 300)
+        run = {"model": config, "rows": rows, "seq_len": seq, "checkpointing": mode,
+               "corpusdb": ours, "pytorch_peft": theirs}
+        if ours.get("tokens_per_s") and theirs.get("tokens_per_s"):
+            run["speed_ratio"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
+        if ours.get("peak_gpu_used_mib") and theirs.get("peak_gpu_used_mib"):
+            run["memory_ratio"] = round(ours["peak_gpu_used_mib"] / theirs["peak_gpu_used_mib"], 3)
+        doc["runs"].append(run)
+        emit()
+    for model_dir in made_models.values():
         shutil.rmtree(model_dir, ignore_errors=True)
+    table = []
+    for run in doc["runs"]:
+        if "model" in run:
+            ours, theirs = run["corpusdb"], run["pytorch_peft"]
+            table.append(f"{run['model']:>14} {run['checkpointing']:>6}  corpusdb "
+                         f"{ours.get('tokens_per_s', 0):9.0f} tok/s {ours.get('peak_gpu_used_mib', 0):7} MiB"
+                         f"  pytorch {theirs.get('tokens_per_s', 0):9.0f} tok/s {theirs.get('peak_gpu_used_mib', 0):7} MiB"
+                         f"  speed x{run.get('speed_ratio', 0)}")
+    doc["summary"] = table
     print(emit())
 
 

@@ -538,3 +538,157 @@ fn a_bf16_base_gives_the_f64_gradients_within_bf16_precision() {
         assert!(relative > 1e-6, "bf16 gave exactly the f64 gradients");
     }
 }
+
+/// The layer written with tensor ops (CUDA's path, here with the composed attention)
+/// against candle's graph of the same layer: output, input gradient and every LoRA
+/// gradient, in f32 and over a bf16 base, with and without kept activations.
+#[test]
+fn the_tensor_layer_gives_the_graph_gradients() {
+    use corpusdb::model::tensor_layer;
+    let flat = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    // ‖a − b‖ / ‖b‖
+    let relative = |a: &Tensor, b: &Tensor| -> f64 {
+        let (a, b) = (flat(a), flat(b));
+        assert_eq!(a.len(), b.len());
+        let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let norm: f64 = b.iter().map(|y| y * y).sum();
+        assert!(norm > 0.0, "zero reference");
+        (diff / norm).sqrt()
+    };
+    let (b, t) = (2, 9);
+    let segments: Vec<u32> = [0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 2, 2].to_vec();
+    let positions: Vec<u32> = [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 0, 1].to_vec();
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 0.03)] {
+        let mut config = tiny_config(40);
+        config.intermediate_size = 40;
+        let model = tiny_model(&config, 21, dtype);
+        let lora = Lora::new(lora_config(4, 0.2), &config, 7, &Device::Cpu).unwrap();
+        randomize_b(&lora, 13);
+        let mask = AttentionMask::Packed(Arc::new(segments.clone()));
+        let positions = Tensor::from_vec(positions.clone(), (b, t), &Device::Cpu).unwrap();
+        let h = config.hidden_size;
+        let x = Tensor::from_vec(values(31, b * t * h), (b, t, h), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let upstream = Tensor::from_vec(values(32, b * t * h), (b, t, h), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let key = DropoutKey {
+            seed: 9,
+            step: 3,
+            micro_batch: 1,
+        };
+        // The graph: sum(y · upstream) back-propagated from the layer's output.
+        let graph_context = model.context(&positions, &mask, 0).unwrap();
+        let input = Var::from_tensor(&x).unwrap();
+        let adapter = corpusdb::model::Adapter {
+            lora: &lora,
+            dropout: Some(key),
+        };
+        let y_graph = model
+            .decoder_layer(1, input.as_tensor(), &graph_context, Some(adapter), None)
+            .unwrap();
+        let store = (&y_graph * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx_graph = store.get(input.as_tensor()).unwrap();
+
+        let context = model.context_composed(&positions, &mask).unwrap();
+        assert!(tensor_layer::supported(&model, &lora, &context));
+        for keep in [true, false] {
+            let (y, kept) =
+                tensor_layer::forward(&model, &lora, 1, &x, &context, key, keep).unwrap();
+            assert_eq!(kept.is_some(), keep);
+            let error = relative(&y, &y_graph);
+            assert!(error < tolerance, "{dtype:?}: output {error}");
+            let mut grads = HashMap::new();
+            let dx = tensor_layer::backward(
+                &model, &lora, 1, &x, &context, key, kept, &upstream, true, &mut grads,
+            )
+            .unwrap()
+            .expect("the input gradient was asked for");
+            let error = relative(&dx, dx_graph);
+            assert!(
+                error < tolerance,
+                "{dtype:?} keep {keep}: input gradient {error}"
+            );
+            let mut compared = 0;
+            for (name, var) in lora.named_vars() {
+                if !name.contains("layers.1.") {
+                    continue;
+                }
+                let expected = store.get(var.as_tensor()).unwrap();
+                let error = relative(&grads[&name], expected);
+                assert!(error < tolerance, "{dtype:?} keep {keep} {name}: {error}");
+                compared += 1;
+            }
+            assert_eq!(compared, 14, "seven projections, A and B each");
+            assert_eq!(grads.len(), 14);
+            // Without the input gradient the LoRA gradients are the same.
+            let mut again = HashMap::new();
+            let none = tensor_layer::backward(
+                &model, &lora, 1, &x, &context, key, None, &upstream, false, &mut again,
+            )
+            .unwrap();
+            assert!(none.is_none());
+            for (name, g) in &grads {
+                assert!(relative(&again[name], g) < 1e-6, "{name}");
+            }
+        }
+    }
+}
+
+/// The loss chunk with tensor ops (CUDA's path, composed here) against the CPU's chunk by
+/// hand: the same summed loss and gradient of the rows in f32, and within bf16 rounding
+/// over a bf16 base.
+#[test]
+fn the_tensor_loss_chunk_gives_the_cpu_chunk() {
+    let config = tiny_config(40);
+    let h = config.hidden_size;
+    let n = 11;
+    let tokens: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % 40).collect();
+    let rows = Tensor::from_vec(values(41, n * h), (n, h), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let exact = tiny_model(&config, 5, DType::F32);
+    let (want_nll, want) = loss::chunk_by_hand(&exact, &rows, &tokens).unwrap();
+    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 0.02)] {
+        let model = tiny_model(&config, 5, dtype);
+        let (nll, gradient) =
+            loss::chunk_with_tensors(&model, &rows.to_dtype(dtype).unwrap(), &tokens).unwrap();
+        assert!(
+            (nll - want_nll).abs() <= tolerance * want_nll.abs(),
+            "{dtype:?}: loss {nll} vs {want_nll}"
+        );
+        let got: Vec<f32> = gradient
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let diff: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum();
+        let norm: f32 = want.iter().map(|b| b * b).sum();
+        let relative = (diff / norm).sqrt();
+        assert!(
+            relative < tolerance as f32,
+            "{dtype:?}: gradient {relative}"
+        );
+    }
+    let bad = loss::chunk_with_tensors(&exact, &rows, &[40; 11]).unwrap_err();
+    assert!(bad.to_string().contains("outside the vocabulary"), "{bad}");
+}

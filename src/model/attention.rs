@@ -213,6 +213,105 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Prepared) -
     probs.to_dtype(v.dtype())?.matmul(v)
 }
 
+impl Prepared<'_> {
+    /// Whether [`attend_keeping`] and [`attend_backward`] can run on this mask: corpusdb's
+    /// CUDA kernels or the composed ops (not the CPU's blockwise op, which keeps no
+    /// probabilities).
+    pub fn keeps_probabilities(&self) -> bool {
+        self.kernel || self.additive.is_some()
+    }
+}
+
+/// [`attend`] that also returns the attention probabilities `[b, kv_heads, rows, s]`,
+/// which [`attend_backward`] needs: through the CUDA kernels (probabilities in the
+/// inputs' dtype) or the composed ops with an additive mask (f32 probabilities).
+pub(crate) fn attend_keeping(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &Prepared,
+) -> Result<(Tensor, Tensor)> {
+    let (b, kv_heads, rows, _) = q.dims4()?;
+    let (t, s) = (mask.t, mask.past + mask.t);
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let probs = if mask.kernel {
+        masked_softmax(&scores, scale, mask)?
+    } else {
+        let Some(additive) = &mask.additive else {
+            candle_core::bail!(
+                "attention by hand: the CPU's blockwise attention keeps no probabilities"
+            )
+        };
+        let group = rows / t;
+        let scores = (scores.to_dtype(super::reduction_dtype(q.dtype()))? * scale)?
+            .reshape((b, kv_heads, group, t, s))?
+            .broadcast_add(additive)?;
+        softmax_last(&scores)?.reshape((b, kv_heads, rows, s))?
+    };
+    let out = probs.to_dtype(v.dtype())?.matmul(v)?;
+    Ok((out, probs))
+}
+
+/// The gradients of `q`, `k` and `v` for the gradient `d_out` of [`attend_keeping`]'s
+/// output, from its probabilities.
+pub(crate) fn attend_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    d_out: &Tensor,
+    scale: f64,
+    mask: &Prepared,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = q.dtype();
+    let d_probs = d_out.matmul(&v.t()?)?;
+    let d_v = probs.to_dtype(dtype)?.t()?.matmul(d_out)?;
+    let d_scores = if mask.kernel {
+        softmax_backward(probs, &d_probs, scale)?
+    } else {
+        // scale · p · (dp − Σ p·dp), in the probabilities' dtype.
+        let d_probs = d_probs.to_dtype(probs.dtype())?;
+        let dot = (probs * &d_probs)?.sum_keepdim(D::Minus1)?;
+        ((probs * d_probs.broadcast_sub(&dot)?)? * scale)?.to_dtype(dtype)?
+    };
+    let d_q = d_scores.matmul(k)?;
+    let d_k = d_scores.t()?.matmul(q)?;
+    Ok((d_q, d_k, d_v))
+}
+
+/// Softmax over the last dimension (max subtracted first).
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+#[cfg(feature = "cuda")]
+fn masked_softmax(scores: &Tensor, scale: f64, mask: &Prepared) -> Result<Tensor> {
+    scores.apply_op1_no_bwd(&super::cuda::MaskedSoftmax {
+        scale: scale as f32,
+        t: mask.t,
+        past: mask.past,
+        segments: mask.segments.clone(),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn masked_softmax(_: &Tensor, _: f64, _: &Prepared) -> Result<Tensor> {
+    candle_core::bail!("attention kernels need a build with the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+fn softmax_backward(probs: &Tensor, d_probs: &Tensor, scale: f64) -> Result<Tensor> {
+    super::cuda::masked_softmax_backward(probs, d_probs, scale as f32)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn softmax_backward(_: &Tensor, _: &Tensor, _: f64) -> Result<Tensor> {
+    candle_core::bail!("attention kernels need a build with the `cuda` feature")
+}
+
 /// Attention on CUDA with corpusdb's kernels: `q·kᵀ` and `p·v` through cuBLAS in the
 /// inputs' dtype, the scaled, masked softmax in f32 by one kernel whose backward needs only
 /// its output (no additive mask, no f32 copies of the scores).

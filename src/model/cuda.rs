@@ -353,8 +353,8 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
     }
 }
 
-/// Allocator settings for one-stream training, opt in with `CORPUSDB_CUDA_TUNING=1` until
-/// measured (`scripts/gpu-check run` times the 1B step with and without them):
+/// Allocator settings for one-stream training (`CORPUSDB_CUDA_TUNING=0` turns them off; on
+/// an H200 they made a 2-layer 1B step 12% faster, 0.249 → 0.219 s):
 /// - the device's default memory pool keeps freed memory instead of returning it to the
 ///   driver at every synchronisation (release threshold: unlimited), as PyTorch's caching
 ///   allocator does;
@@ -363,7 +363,7 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
 ///
 /// Applies to tensors created afterwards; errors are reported, not fatal.
 pub fn tune_for_training(device: &candle_core::CudaDevice) -> Result<()> {
-    if std::env::var("CORPUSDB_CUDA_TUNING").map_or(true, |v| v != "1") {
+    if std::env::var("CORPUSDB_CUDA_TUNING").is_ok_and(|v| v == "0") {
         return Ok(());
     }
     use candle_core::cuda_backend::cudarc::driver::sys;
@@ -388,4 +388,172 @@ pub fn tune_for_training(device: &candle_core::CudaDevice) -> Result<()> {
         device.disable_event_tracking();
     }
     Ok(())
+}
+
+/// `scale · p · (dp − Σ p·dp)` per row: the gradient of the scores of [`MaskedSoftmax`]
+/// from its output `probs` and the output's gradient `d_probs`.
+pub fn masked_softmax_backward(
+    probs: &candle_core::Tensor,
+    d_probs: &candle_core::Tensor,
+    scale: f32,
+) -> Result<candle_core::Tensor> {
+    probs
+        .contiguous()?
+        .apply_op2_no_bwd(&d_probs.contiguous()?, &SoftmaxBackward { scale })
+}
+
+/// The gradients of `silu(gate) · up` with respect to `gate` and `up` for the upstream
+/// gradient `d` (all of one shape and dtype, f32 or bf16), by one kernel computing in f32.
+pub fn swiglu_backward(
+    gate: &candle_core::Tensor,
+    up: &candle_core::Tensor,
+    d: &candle_core::Tensor,
+) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+    let both = gate.contiguous()?.apply_op3_no_bwd(
+        &up.contiguous()?,
+        &d.contiguous()?,
+        &SwigluBackward,
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// `(gate, up, d) -> [d gate, d up]` stacked on a new first dimension.
+struct SwigluBackward;
+
+impl candle_core::CustomOp3 for SwigluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("swiglu backward: a CUDA kernel (the CPU composes it)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        gate: &CudaStorage,
+        gate_layout: &Layout,
+        up: &CudaStorage,
+        up_layout: &Layout,
+        d: &CudaStorage,
+        d_layout: &Layout,
+    ) -> Result<(CudaStorage, candle_core::Shape)> {
+        if gate_layout.shape() != up_layout.shape() || gate_layout.shape() != d_layout.shape() {
+            candle_core::bail!("swiglu backward: inputs of different shapes")
+        }
+        let device = &gate.device;
+        let n = gate_layout.shape().elem_count();
+        let count = n as u64;
+        macro_rules! launch {
+            ($ty:ty, $name:literal, $variant:ident) => {{
+                let func = device.get_or_load_custom_func($name, MODULE, PTX)?;
+                let (g, u, dy) = (
+                    view!(gate, gate_layout, $ty),
+                    view!(up, up_layout, $ty),
+                    view!(d, d_layout, $ty),
+                );
+                // SAFETY: the kernel writes both halves, every element.
+                let mut out = unsafe { device.alloc::<$ty>(2 * n)? };
+                let mut builder = func.builder();
+                builder.arg(&g);
+                builder.arg(&u);
+                builder.arg(&dy);
+                builder.arg(&mut out);
+                builder.arg(&count);
+                // SAFETY: the argument list matches the kernel's signature.
+                unsafe { builder.launch(grid_stride(n)) }.w()?;
+                CudaStorage {
+                    slice: CudaStorageSlice::$variant(out),
+                    device: device.clone(),
+                }
+            }};
+        }
+        let out = match gate.dtype() {
+            candle_core::DType::F32 => launch!(f32, "swiglu_bwd_f32", F32),
+            candle_core::DType::BF16 => launch!(half::bf16, "swiglu_bwd_bf16", BF16),
+            other => candle_core::bail!("swiglu backward: unsupported dtype {other:?}"),
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(gate_layout.dims());
+        Ok((out, candle_core::Shape::from(dims)))
+    }
+}
+
+/// The cross-entropy of every row of `logits: [n, vocab]` (f32 or bf16, on the device)
+/// against `targets: [n]` (u32, on the device): the per-row negative log-likelihoods (f32)
+/// and the gradient of their sum with respect to the logits, `softmax − onehot` (the
+/// logits' dtype), by one kernel that reads each row twice and computes in f32.
+pub fn cross_entropy(
+    logits: &candle_core::Tensor,
+    targets: &candle_core::Tensor,
+) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+    use candle_core::{op::BackpropOp, Storage, Tensor};
+    let (n, vocab) = logits.dims2()?;
+    if targets.dims1()? != n || targets.dtype() != candle_core::DType::U32 {
+        candle_core::bail!("cross-entropy: {n} rows of logits need {n} u32 targets")
+    }
+    let logits = logits.contiguous()?;
+    let targets = targets.contiguous()?;
+    let (storage, layout) = logits.storage_and_layout();
+    let (target_storage, target_layout) = targets.storage_and_layout();
+    let (Storage::Cuda(storage), Storage::Cuda(target_storage)) = (&*storage, &*target_storage)
+    else {
+        candle_core::bail!("cross-entropy: logits and targets must be on the device")
+    };
+    let device = &storage.device;
+    let vocab_arg = vocab as i32;
+    // SAFETY: the kernel writes one value per row.
+    let mut nll = unsafe { device.alloc::<f32>(n)? };
+    macro_rules! launch {
+        ($ty:ty, $name:literal, $variant:ident) => {{
+            let func = device.get_or_load_custom_func($name, MODULE, PTX)?;
+            let (x, t) = (
+                view!(storage, layout, $ty),
+                view!(target_storage, target_layout, u32),
+            );
+            // SAFETY: the kernel writes every element of every row.
+            let mut grad = unsafe { device.alloc::<$ty>(n * vocab)? };
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&t);
+            builder.arg(&mut grad);
+            builder.arg(&mut nll);
+            builder.arg(&vocab_arg);
+            let config = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the argument list matches the kernel's signature.
+            unsafe { builder.launch(config) }.w()?;
+            CudaStorageSlice::$variant(grad)
+        }};
+    }
+    let grad = match storage.dtype() {
+        candle_core::DType::F32 => launch!(f32, "cross_entropy_f32", F32),
+        candle_core::DType::BF16 => launch!(half::bf16, "cross_entropy_bf16", BF16),
+        other => candle_core::bail!("cross-entropy: unsupported dtype {other:?}"),
+    };
+    let wrap = |slice| {
+        Storage::Cuda(CudaStorage {
+            slice,
+            device: device.clone(),
+        })
+    };
+    let grad = Tensor::from_storage(wrap(grad), (n, vocab), BackpropOp::none(), false);
+    let nll = Tensor::from_storage(
+        wrap(CudaStorageSlice::F32(nll)),
+        n,
+        BackpropOp::none(),
+        false,
+    );
+    Ok((nll, grad))
 }

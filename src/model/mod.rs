@@ -19,6 +19,7 @@ pub mod cuda;
 pub mod frozen;
 pub mod lora;
 pub mod rng;
+pub mod tensor_layer;
 pub mod weights;
 
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -263,6 +264,13 @@ pub struct Context<'a> {
     mask: attention::Prepared<'a>,
 }
 
+impl Context<'_> {
+    /// `−sin`: rotating by it undoes a rotation, which carries a gradient back through one.
+    fn neg_sin(&self) -> Result<Tensor> {
+        self.sin.neg()
+    }
+}
+
 /// Keys and values of earlier positions, per layer, for generation.
 #[derive(Default)]
 pub struct KvCache {
@@ -448,6 +456,19 @@ impl Llama {
             sin: table(&self.sin)?,
             mask: attention::prepare(mask, b, t, past, &self.device, self.dtype)?,
         })
+    }
+
+    /// [`Llama::context`] with the composed attention (an additive mask) whatever the
+    /// device: the path CUDA takes without its kernels, for tests on the CPU.
+    pub fn context_composed<'a>(
+        &self,
+        positions: &Tensor,
+        mask: &'a AttentionMask,
+    ) -> Result<Context<'a>> {
+        let (b, t) = positions.dims2()?;
+        let mut context = self.context(positions, mask, 0)?;
+        context.mask = attention::prepare_composed(mask, b, t, 0, &self.device, self.dtype)?;
+        Ok(context)
     }
 
     /// Decoder layer `layer` on `x: [batch, seq, hidden]`: attention and MLP blocks, each
@@ -750,26 +771,41 @@ impl candle_core::CustomOp1 for RmsNorm {
         Ok((out, layout.shape().clone()))
     }
 
-    /// `dx = r·(g∘w) − x·r³·mean(g∘w∘x)` with `r = 1/√(mean(x²) + ε)` per row.
     fn bwd(&self, x: &Tensor, _output: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        if cuda_kernels(x.device()) {
-            let grad = grad.contiguous()?;
-            return Ok(Some(x.apply_op2_no_bwd(
-                &grad,
-                &RmsNormGrad {
-                    weight: self.weight.clone(),
-                    eps: self.eps,
-                },
-            )?));
-        }
-        let gw = grad.broadcast_mul(&self.weight)?;
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let dot = (&gw * x)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?)?;
-        Ok(Some(dx))
+        Ok(Some(rms_norm_backward(x, &self.weight, self.eps, grad)?))
     }
+}
+
+/// The gradient of [`rms_norm`] with respect to `x` for the upstream gradient `grad`:
+/// `dx = r·(g∘w) − x·r³·mean(g∘w∘x)` with `r = 1/√(mean(x²) + ε)` per row; one kernel on
+/// CUDA, tensor ops (in f32 for bf16) elsewhere.
+pub(crate) fn rms_norm_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    if cuda_kernels(x.device()) && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return x.contiguous()?.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &RmsNormGrad {
+                weight: weight.contiguous()?,
+                eps,
+            },
+        );
+    }
+    let dtype = x.dtype();
+    let wide = reduction_dtype(dtype);
+    let (x, grad, weight) = (
+        x.to_dtype(wide)?,
+        grad.to_dtype(wide)?,
+        weight.to_dtype(wide)?,
+    );
+    let gw = grad.broadcast_mul(&weight)?;
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
+    let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?)?;
+    dx.to_dtype(dtype)
 }
 
 /// The gradient of [`RmsNorm`] with respect to its input, `(x, upstream) -> dx`: one

@@ -228,6 +228,56 @@ pub fn chunk_by_hand(model: &Llama, rows: &Tensor, tokens: &[u32]) -> Result<(f6
     ))
 }
 
+/// [`chunk_by_hand`] with tensor ops on any device (CUDA's path): the chunk's logits in
+/// the model's dtype, their cross-entropy and its gradient by one kernel on CUDA (composed
+/// ops elsewhere), and the rows' gradient through the head. No graph; one `[n, vocab]`
+/// buffer beside the logits.
+pub fn chunk_with_tensors(model: &Llama, rows: &Tensor, tokens: &[u32]) -> Result<(f64, Tensor)> {
+    let (n, _) = rows.dims2()?;
+    let vocab = model.config.vocab_size;
+    if n != tokens.len() {
+        candle_core::bail!("loss chunk: {n} rows for {} tokens", tokens.len())
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target token {bad} is outside the vocabulary of {vocab}")
+    }
+    let head = model.lm_head();
+    let logits = rows.to_dtype(model.dtype)?.matmul(&head.t()?)?;
+    let targets = Tensor::new(tokens, rows.device())?;
+    #[cfg(feature = "cuda")]
+    let (nll, gradient) = if crate::model::cuda_kernels(rows.device()) {
+        crate::model::cuda::cross_entropy(&logits, &targets)?
+    } else {
+        composed_cross_entropy(&logits, &targets)?
+    };
+    #[cfg(not(feature = "cuda"))]
+    let (nll, gradient) = composed_cross_entropy(&logits, &targets)?;
+    drop(logits);
+    // Summed in order, in f64: the same losses to the last bit on a resumed run.
+    let nll: f64 = nll.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().sum();
+    Ok((nll, gradient.matmul(head)?))
+}
+
+/// Per-row negative log-likelihoods (f32) of `logits` against `targets` (u32) and the
+/// gradient of their sum, `softmax − onehot`, in the logits' dtype; from tensor ops in f32.
+fn composed_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dtype = logits.dtype();
+    let logits = logits.to_dtype(reduction_dtype(dtype))?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let log_sum = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?;
+    let index = targets.unsqueeze(1)?;
+    let nll = (&log_sum - logits.gather(&index, D::Minus1)?)?.squeeze(1)?;
+    let ones = Tensor::ones(index.shape(), logits.dtype(), logits.device())?;
+    let onehot = logits.zeros_like()?.scatter_add(&index, &ones, D::Minus1)?;
+    let gradient = (logits.broadcast_sub(&log_sum)?.exp()? - onehot)?.to_dtype(dtype)?;
+    Ok((nll.to_dtype(DType::F32)?, gradient))
+}
+
 impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
         "cross-entropy"

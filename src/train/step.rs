@@ -23,7 +23,8 @@ use super::loss::{nll_of_logits, Targets};
 use super::Checkpointing;
 use crate::batches::Batch;
 use crate::model::{
-    cpu_layer, lora::peft_key, Adapter, AttentionMask, DropoutKey, Llama, Lora, Target,
+    cpu_layer, lora::peft_key, tensor_layer, Adapter, AttentionMask, DropoutKey, Llama, Lora,
+    Target,
 };
 
 /// How a micro-batch's gradients are computed.
@@ -73,40 +74,72 @@ pub fn accumulate_gradients(
     let layers = model.layers.len();
     let embedded = model.embed(&ids)?;
 
-    // On the CPU in f32 each layer is one hand-written pass forward and back (no graph).
+    // On the CPU in f32 each layer is one hand-written pass forward and back over plain
+    // values; on CUDA one written with tensor ops. Neither records a graph.
+    let keep = options.checkpointing != Checkpointing::Layers;
     if cpu_layer::supported(model, lora, &context) {
-        let keep = options.checkpointing != Checkpointing::Layers;
-        // Forward: keep each layer's input, and its activations unless checkpointing.
-        let mut kept = Vec::with_capacity(layers);
-        let mut x = embedded;
-        for l in 0..layers {
-            let (y, activations) = cpu_layer::forward(model, lora, l, &x, &context, dropout, keep)?;
-            kept.push((x, activations));
-            x = y;
-        }
-        let (nll, mut upstream) =
-            loss_of_last(model, &x, &head_input, &targets.tokens, options, true)?;
-        drop(x);
-        // Backward, last layer first, running each layer again when checkpointing.
-        for l in (0..layers).rev() {
-            let (input, activations) = kept.pop().expect("one input per layer");
-            let dx = cpu_layer::backward(
-                model,
-                lora,
-                l,
-                &input,
-                &context,
-                dropout,
-                activations,
-                &upstream,
-                l > 0,
-                grads,
-            )?;
-            if let Some(dx) = dx {
-                upstream = dx;
-            }
-        }
-        return Ok(nll);
+        return layers_by_hand(
+            embedded,
+            |l, x| cpu_layer::forward(model, lora, l, x, &context, dropout, keep),
+            |x| {
+                loss_of_last(
+                    model,
+                    x,
+                    &head_input,
+                    &targets.tokens,
+                    options,
+                    LossChunk::CpuByHand,
+                )
+            },
+            |l, x, kept, upstream, grads| {
+                cpu_layer::backward(
+                    model,
+                    lora,
+                    l,
+                    x,
+                    &context,
+                    dropout,
+                    kept,
+                    upstream,
+                    l > 0,
+                    grads,
+                )
+            },
+            layers,
+            grads,
+        );
+    }
+    if tensor_layer::supported(model, lora, &context) {
+        return layers_by_hand(
+            embedded,
+            |l, x| tensor_layer::forward(model, lora, l, x, &context, dropout, keep),
+            |x| {
+                loss_of_last(
+                    model,
+                    x,
+                    &head_input,
+                    &targets.tokens,
+                    options,
+                    LossChunk::Tensors,
+                )
+            },
+            |l, x, kept, upstream, grads| {
+                tensor_layer::backward(
+                    model,
+                    lora,
+                    l,
+                    x,
+                    &context,
+                    dropout,
+                    kept,
+                    upstream,
+                    l > 0,
+                    grads,
+                )
+            },
+            layers,
+            grads,
+        );
     }
 
     if options.checkpointing != Checkpointing::Layers {
@@ -115,8 +148,13 @@ pub fn accumulate_gradients(
             x = model.decoder_layer(l, &x, &context, adapter, None)?;
         }
         let picked = head_input(&x)?;
-        let (nll, upstream) =
-            chunked_loss(model, &picked.detach(), &targets.tokens, options, false)?;
+        let (nll, upstream) = chunked_loss(
+            model,
+            &picked.detach(),
+            &targets.tokens,
+            options,
+            LossChunk::Graph,
+        )?;
         let store = (picked * upstream)?.sum_all()?.backward()?;
         for l in 0..layers {
             collect(lora, l, &store, grads)?;
@@ -134,8 +172,14 @@ pub fn accumulate_gradients(
         inputs.push(x);
         x = y;
     }
-    let (nll, mut upstream) =
-        loss_of_last(model, &x, &head_input, &targets.tokens, options, false)?;
+    let (nll, mut upstream) = loss_of_last(
+        model,
+        &x,
+        &head_input,
+        &targets.tokens,
+        options,
+        LossChunk::Graph,
+    )?;
     drop(x);
     // Backward: recompute each layer, last first, with its graph.
     for l in (0..layers).rev() {
@@ -160,20 +204,68 @@ pub fn accumulate_gradients(
     Ok(nll)
 }
 
+/// How a loss chunk's logits and their gradient are computed.
+#[derive(Clone, Copy)]
+enum LossChunk {
+    /// Candle's graph (`nll_of_logits` and a backward pass).
+    Graph,
+    /// [`super::loss::chunk_by_hand`]: plain f32 values on the CPU.
+    CpuByHand,
+    /// [`super::loss::chunk_with_tensors`]: tensor ops, one kernel on CUDA.
+    Tensors,
+}
+
+type ChunkFn = fn(&Llama, &Tensor, &[u32]) -> Result<(f64, Tensor)>;
+
+/// The layers run forward (each keeping its input, and its activations when `forward` is
+/// asked to), the loss of the last output, then the layers backward from the last (each
+/// run again when it kept no activations): the summed loss.
+fn layers_by_hand<A>(
+    embedded: Tensor,
+    forward: impl Fn(usize, &Tensor) -> Result<(Tensor, Option<A>)>,
+    loss: impl FnOnce(&Tensor) -> Result<(f64, Tensor)>,
+    backward: impl Fn(
+        usize,
+        &Tensor,
+        Option<A>,
+        &Tensor,
+        &mut HashMap<String, Tensor>,
+    ) -> Result<Option<Tensor>>,
+    layers: usize,
+    grads: &mut HashMap<String, Tensor>,
+) -> Result<f64> {
+    let mut kept = Vec::with_capacity(layers);
+    let mut x = embedded;
+    for l in 0..layers {
+        let (y, activations) = forward(l, &x)?;
+        kept.push((x, activations));
+        x = y;
+    }
+    let (nll, mut upstream) = loss(&x)?;
+    drop(x);
+    for l in (0..layers).rev() {
+        let (input, activations) = kept.pop().expect("one input per layer");
+        if let Some(dx) = backward(l, &input, activations, &upstream, grads)? {
+            upstream = dx;
+        }
+    }
+    Ok(nll)
+}
+
 /// The summed loss of the last layer's output `last` and its gradient with respect to
 /// `last`, through the final norm and the rows that predict a trained token; the chunks'
-/// logits `by_hand` ([`super::loss::chunk_by_hand`]) or through candle's graph.
+/// logits computed as `chunk` says.
 fn loss_of_last(
     model: &Llama,
     last: &Tensor,
     head_input: &dyn Fn(&Tensor) -> Result<Tensor>,
     tokens: &[u32],
     options: StepOptions,
-    by_hand: bool,
+    chunk: LossChunk,
 ) -> Result<(f64, Tensor)> {
     let last = Var::from_tensor(last)?;
     let picked = head_input(last.as_tensor())?;
-    let (nll, upstream) = chunked_loss(model, &picked.detach(), tokens, options, by_hand)?;
+    let (nll, upstream) = chunked_loss(model, &picked.detach(), tokens, options, chunk)?;
     let store = (picked * upstream)?.sum_all()?.backward()?;
     Ok((nll, gradient_of(&store, last.as_tensor())?))
 }
@@ -192,7 +284,7 @@ fn chunked_loss(
     picked: &Tensor,
     tokens: &[u32],
     options: StepOptions,
-    by_hand: bool,
+    how: LossChunk,
 ) -> Result<(f64, Tensor)> {
     let n = picked.dim(0)?;
     let chunk = options.loss_chunk.max(1);
@@ -200,10 +292,14 @@ fn chunked_loss(
     let mut gradients = Vec::with_capacity(n.div_ceil(chunk));
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        if by_hand {
+        let by_hand = match how {
+            LossChunk::CpuByHand => Some(super::loss::chunk_by_hand as ChunkFn),
+            LossChunk::Tensors => Some(super::loss::chunk_with_tensors as ChunkFn),
+            LossChunk::Graph => None,
+        };
+        if let Some(chunk_loss) = by_hand {
             let rows = picked.narrow(0, start, len)?;
-            let (nll, gradient) =
-                super::loss::chunk_by_hand(model, &rows, &tokens[start..start + len])?;
+            let (nll, gradient) = chunk_loss(model, &rows, &tokens[start..start + len])?;
             total += nll;
             gradients.push(gradient);
             continue;

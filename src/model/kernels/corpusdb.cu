@@ -200,3 +200,66 @@ extern "C" __global__ void softmax_backward_bf16(const __nv_bfloat16 *probs, con
                                                  __nv_bfloat16 *dscores, int s, float scale) {
     softmax_backward(probs, dprobs, dscores, s, scale);
 }
+
+// ---- SwiGLU's backward: the gradients of silu(gate) * up, in f32 ----
+// d_gate = d * up * s * (1 + g * (1 - s)), d_up = d * g * s, with s = sigmoid(g); `out`
+// holds d_gate in its first n elements and d_up in the next n.
+template <typename T>
+__device__ void swiglu_bwd(const T *gate, const T *up, const T *d, T *out, uint64_t n) {
+    T *d_gate = out, *d_up = out + n;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        float g = to_float(gate[i]), u = to_float(up[i]), dy = to_float(d[i]);
+        float s = 1.0f / (1.0f + expf(-g));
+        d_up[i] = from_float<T>(dy * g * s);
+        d_gate[i] = from_float<T>(dy * u * s * (1.0f + g * (1.0f - s)));
+    }
+}
+
+extern "C" __global__ void swiglu_bwd_f32(const float *gate, const float *up, const float *d,
+                                          float *out, uint64_t n) {
+    swiglu_bwd(gate, up, d, out, n);
+}
+extern "C" __global__ void swiglu_bwd_bf16(const __nv_bfloat16 *gate, const __nv_bfloat16 *up,
+                                           const __nv_bfloat16 *d, __nv_bfloat16 *out, uint64_t n) {
+    swiglu_bwd(gate, up, d, out, n);
+}
+
+// ---- Cross-entropy of a chunk of logits: one block per row ----
+
+// nll[r] = logsumexp(logits[r]) - logits[r][target[r]], and the gradient of the summed
+// nll with respect to the logits, softmax(logits[r]) - onehot(target[r]), in f32: one
+// pass for the running maximum and sum of exponentials, one to write the gradient.
+template <typename T>
+__device__ void cross_entropy(const T *logits, const uint32_t *targets, T *grad, float *nll, int vocab) {
+    __shared__ float shared[32];
+    size_t base = (size_t)blockIdx.x * vocab;
+    float m = -INFINITY, s = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float x = to_float(logits[base + i]);
+        if (x > m) {
+            s = s * expf(m - x) + 1.0f;
+            m = x;
+        } else {
+            s += expf(x - m);
+        }
+    }
+    float row_max = block_max(m, shared);
+    float sum = block_sum(s > 0.0f ? s * expf(m - row_max) : 0.0f, shared);
+    float lse = row_max + logf(sum);
+    uint32_t target = targets[blockIdx.x];
+    if (threadIdx.x == 0) nll[blockIdx.x] = lse - to_float(logits[base + target]);
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float p = expf(to_float(logits[base + i]) - lse);
+        grad[base + i] = from_float<T>(i == (int)target ? p - 1.0f : p);
+    }
+}
+
+extern "C" __global__ void cross_entropy_f32(const float *logits, const uint32_t *targets, float *grad,
+                                             float *nll, int vocab) {
+    cross_entropy(logits, targets, grad, nll, vocab);
+}
+extern "C" __global__ void cross_entropy_bf16(const __nv_bfloat16 *logits, const uint32_t *targets,
+                                              __nv_bfloat16 *grad, float *nll, int vocab) {
+    cross_entropy(logits, targets, grad, nll, vocab);
+}
