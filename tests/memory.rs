@@ -533,5 +533,58 @@ fn the_plan_of_the_layer_by_hand_matches_the_hand_count() {
     assert!(none.total < graph(Checkpointing::None).total);
     assert_eq!(memory::LayerPass::of(true, DType::F32), LayerPass::ByHand);
     assert_eq!(memory::LayerPass::of(true, DType::BF16), LayerPass::Graph);
-    assert_eq!(memory::LayerPass::of(false, DType::F32), LayerPass::Graph);
+    assert_eq!(memory::LayerPass::of(false, DType::F32), LayerPass::Tensors);
+    assert_eq!(
+        memory::LayerPass::of(false, DType::BF16),
+        LayerPass::Tensors
+    );
+    assert_eq!(memory::LayerPass::of(false, DType::F64), LayerPass::Graph);
+}
+
+/// The plan of CUDA's layer with tensor ops against the peaks nvidia-smi measured on an
+/// H200 (benches/results/gpu-check-h200-2026-11-30-tensor-layer.json): within 8%.
+#[test]
+fn the_tensor_layer_plan_matches_the_h200_peaks() {
+    let read = |name: &str| -> LlamaConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("configs/models/{name}/config.json"));
+        weights::read_hf_config_file(&path).unwrap()
+    };
+    for (name, rows, checkpointing, measured_mib) in [
+        ("llama-3.2-1b", 4, Checkpointing::Layers, 8_529u64),
+        ("llama-3.2-1b", 4, Checkpointing::None, 34_225),
+        ("llama-3-8b", 8, Checkpointing::Layers, 34_545),
+    ] {
+        let model = read(name);
+        let plan = memory::plan(
+            &model,
+            &all_seven(32),
+            rows * 2048,
+            rows,
+            DType::BF16,
+            LayerPass::Tensors,
+            checkpointing,
+            1024,
+        );
+        assert_eq!(plan.cuda_attention, 0, "counted in the terms");
+        let probabilities = plan
+            .layer_terms
+            .iter()
+            .find(|t| t.name == "attention probabilities")
+            .unwrap();
+        // heads × width bf16 values per token, in f32 units.
+        assert_eq!(
+            probabilities.values,
+            model.num_attention_heads as u64 * 2048 / 2
+        );
+        let measured = measured_mib * MIB;
+        let error = (plan.total as f64 - measured as f64) / measured as f64;
+        assert!(
+            error.abs() < 0.08,
+            "{name} {checkpointing:?}: plan {} vs measured {} ({:+.1}%)",
+            memory::format_bytes(plan.total),
+            memory::format_bytes(measured),
+            error * 100.0
+        );
+    }
 }

@@ -37,7 +37,9 @@
 //! copies on the LoRA path; counting everything in f32 stays an upper bound); the fused
 //! CPU ops (RMS norm, keyed dropout, blockwise attention for f32, f64 and bf16). On CUDA
 //! RMS norm and dropout are kernels too, but attention keeps `[rows, heads, width, width]`
-//! scores and probabilities (cuBLAS products around a masked-softmax kernel):
+//! scores and probabilities (cuBLAS products around a masked-softmax kernel): with the
+//! layer written with tensor ops ([`LayerPass::Tensors`], CUDA's path) the plan counts
+//! them in the layer's terms, in the base dtype; otherwise
 //! [`MemoryPlan::cuda_attention`] reports that term, which the total leaves out.
 
 use std::fmt;
@@ -110,6 +112,18 @@ pub const HAND_BACKWARD_HIDDEN: u64 = 3;
 /// logits, overwritten by their gradient.
 pub const HAND_LOSS_VOCAB_COPIES: u64 = 1;
 
+// The layer with tensor ops (`model::tensor_layer`: CUDA).
+
+/// `[tokens, heads, width]` tensors in the base dtype at the peak of the attention's
+/// backward pass beside the kept probabilities: the probabilities' gradient and the
+/// scores' gradient.
+pub const TENSOR_ATTENTION_BACKWARD_COPIES: u64 = 2;
+/// The fixed overhead on CUDA: the context, cuBLAS's workspace, the binary. Calibrated
+/// with the slack below against the H200 runs of BENCHMARKS.md (1B at 4 × 2,048 with and
+/// without checkpointing, 8B at 8 × 2,048 with): every estimate within 6% of nvidia-smi's
+/// peak.
+pub const TENSOR_RUNTIME_FIXED_BYTES: u64 = 512 * MIB;
+
 // Checkpointing and loss.
 
 /// `[tokens, hidden]` tensors kept beside the layer inputs with `checkpointing: layers`:
@@ -166,8 +180,12 @@ pub enum LayerPass {
     /// Written out by hand (`model::cpu_layer`: the CPU in f32): keeps the values of
     /// [`hand_layer_terms`], dropout masks as bits.
     ByHand,
-    /// candle's autograd graph (CUDA, bf16): keeps every op's inputs ([`layer_terms`]).
+    /// candle's autograd graph (bf16 on the CPU, f64, CUDA without its kernels): keeps
+    /// every op's inputs ([`layer_terms`]).
     Graph,
+    /// Written with tensor ops (`model::tensor_layer`: CUDA, bf16 or f32): keeps the
+    /// values of [`tensor_layer_terms`], attention probabilities included.
+    Tensors,
 }
 
 impl LayerPass {
@@ -176,15 +194,16 @@ impl LayerPass {
         match self {
             LayerPass::ByHand => HAND_RUNTIME_FIXED_BYTES,
             LayerPass::Graph => RUNTIME_FIXED_BYTES,
+            LayerPass::Tensors => TENSOR_RUNTIME_FIXED_BYTES,
         }
     }
 
     /// The pass training runs on the CPU (`on_cpu`) or a GPU with base weights in `dtype`.
     pub fn of(on_cpu: bool, dtype: DType) -> LayerPass {
-        if on_cpu && dtype == DType::F32 {
-            LayerPass::ByHand
-        } else {
-            LayerPass::Graph
+        match (on_cpu, dtype) {
+            (true, DType::F32) => LayerPass::ByHand,
+            (false, DType::BF16 | DType::F32) => LayerPass::Tensors,
+            _ => LayerPass::Graph,
         }
     }
 }
@@ -265,7 +284,8 @@ pub struct MemoryPlan {
     pub total: u64,
     /// Not in the total: what one layer's attention keeps on CUDA (scores and
     /// probabilities, `[rows, heads, width, width]` in the base dtype) beyond the CPU's
-    /// blockwise op, plus as much again in its backward pass.
+    /// blockwise op, plus as much again in its backward pass. Zero for
+    /// [`LayerPass::Tensors`], whose terms count them.
     pub cuda_attention: u64,
 }
 
@@ -439,6 +459,56 @@ pub fn hand_layer_terms(model: &LlamaConfig, lora: &LoraConfig) -> Vec<Term> {
     terms
 }
 
+/// What the layer written with tensor ops keeps for its backward pass, per token, as named
+/// terms of f32 units (4 bytes; base-dtype tensors count by their size). Read off
+/// `model::tensor_layer::Activations`; `width` is the tokens per row, which the kept
+/// attention probabilities `[rows, heads, width, width]` scale with.
+pub fn tensor_layer_terms(
+    model: &LlamaConfig,
+    lora: &LoraConfig,
+    dtype: DType,
+    width: u64,
+) -> Vec<Term> {
+    let s = dtype.size_in_bytes() as u64;
+    let in_units = |bytes: u64| bytes.div_ceil(ACTIVATION_BYTES);
+    let h = model.hidden_size as u64;
+    let i = model.intermediate_size as u64;
+    let q = (model.num_attention_heads * model.head_dim()) as u64;
+    let kv = (model.kv_heads() * model.head_dim()) as u64;
+    let mut terms = vec![
+        Term {
+            name: "normed inputs (f32, the adapters' input)",
+            values: 2 * h,
+        },
+        Term {
+            name: "lora rank-r intermediates",
+            values: targets(lora).len() as u64 * lora.r as u64,
+        },
+        Term {
+            name: "rotated q, k and v",
+            values: in_units((q + 2 * kv) * s),
+        },
+        Term {
+            name: "attention probabilities",
+            values: in_units(model.num_attention_heads as u64 * width * s),
+        },
+        Term {
+            name: "attention output",
+            values: in_units(q * s),
+        },
+        Term {
+            name: "residual after attention",
+            values: in_units(h * s),
+        },
+        Term {
+            name: "gate, up and their product",
+            values: in_units(3 * i * s),
+        },
+    ];
+    terms.retain(|t| t.values > 0);
+    terms
+}
+
 /// The fused attention's backward working memory beyond its inputs: each task's partial
 /// `dk` and `dv` over its row's keys, and two score tiles per thread.
 fn attention_block_bytes(model: &LlamaConfig, tokens: u64, rows: u64) -> u64 {
@@ -493,9 +563,11 @@ pub fn plan(
     let vocab = model.vocab_size as u64;
     let a = ACTIVATION_BYTES;
 
+    let width = tokens.div_ceil(rows);
     let layer_terms = match pass {
         LayerPass::ByHand => hand_layer_terms(model, lora),
         LayerPass::Graph => layer_terms(model, lora),
+        LayerPass::Tensors => tensor_layer_terms(model, lora, dtype, width),
     };
     let per_token: u64 = layer_terms.iter().map(|t| t.values).sum();
     let working_set = per_token * tokens * a;
@@ -509,7 +581,7 @@ pub fn plan(
             // as the working set. The graph: the embeddings (the first layer's input;
             // the others are inside the working sets) and every working set but the last.
             match pass {
-                LayerPass::ByHand => layers * hidden_states,
+                LayerPass::ByHand | LayerPass::Tensors => layers * hidden_states,
                 LayerPass::Graph => hidden_states,
             } + layers.saturating_sub(1) * working_set,
             if layers > 0 { working_set } else { 0 },
@@ -519,20 +591,30 @@ pub fn plan(
     let gradients_flowing = GRADIENTS_FLOWING * hidden_states;
     let mlp_backward = MLP_BACKWARD_INTERMEDIATES * i + h;
     let attention_backward = ATTENTION_BACKWARD_Q * q + ATTENTION_BACKWARD_KV * kv + h;
+    let s = dtype.size_in_bytes() as u64;
     let backward_transients = match pass {
-        LayerPass::ByHand => HAND_BACKWARD_INTERMEDIATE * i + HAND_BACKWARD_HIDDEN * h,
-        LayerPass::Graph => mlp_backward.max(attention_backward),
-    } * tokens
-        * a;
-    let attention_block = attention_block_bytes(model, tokens, rows);
-    let chunk = (loss_chunk.max(1) as u64).min(tokens);
-    let vocab_copies = match pass {
-        LayerPass::ByHand => HAND_LOSS_VOCAB_COPIES,
-        LayerPass::Graph => LOSS_VOCAB_COPIES,
+        LayerPass::ByHand => (HAND_BACKWARD_INTERMEDIATE * i + HAND_BACKWARD_HIDDEN * h) * a,
+        LayerPass::Graph => mlp_backward.max(attention_backward) * a,
+        // The attention's gradients of its probabilities and scores, or the MLP's
+        // gradients of gate and up beside the f32 copy of its product and its dropout.
+        LayerPass::Tensors => {
+            (TENSOR_ATTENTION_BACKWARD_COPIES * model.num_attention_heads as u64 * width * s)
+                .max(2 * i * s + 2 * i * 4)
+        }
+    } * tokens;
+    let attention_block = match pass {
+        LayerPass::Tensors => 0,
+        _ => attention_block_bytes(model, tokens, rows),
     };
-    let loss_chunks = vocab_copies * chunk * vocab
-        + LOSS_HIDDEN_COPIES * tokens * h
-        + LOSS_PICKED_COPIES * chunk * h;
+    let chunk = (loss_chunk.max(1) as u64).min(tokens);
+    // In f32 units: by tensors, the logits and their gradient in the base dtype.
+    let vocab_units = match pass {
+        LayerPass::ByHand => HAND_LOSS_VOCAB_COPIES * chunk * vocab,
+        LayerPass::Graph => LOSS_VOCAB_COPIES * chunk * vocab,
+        LayerPass::Tensors => (2 * chunk * vocab * s).div_ceil(a),
+    };
+    let loss_chunks =
+        vocab_units + LOSS_HIDDEN_COPIES * tokens * h + LOSS_PICKED_COPIES * chunk * h;
     let final_norm_backward = FINAL_NORM_BACKWARD_COPIES * tokens * h;
     let loss_chunk_bytes = loss_chunks.max(final_norm_backward) * a;
 
@@ -552,9 +634,11 @@ pub fn plan(
     let runtime =
         rotary + pass.runtime_fixed() + (activations as f64 * ALLOCATOR_SLACK).round() as u64;
     let total = base_weights + lora_and_optimizer + activations + runtime;
-    let width = tokens.div_ceil(rows);
     let scores = rows * model.num_attention_heads as u64 * width * width;
-    let cuda_attention = scores * CUDA_ATTENTION_DTYPE_COPIES * dtype.size_in_bytes() as u64;
+    let cuda_attention = match pass {
+        LayerPass::Tensors => 0,
+        _ => scores * CUDA_ATTENTION_DTYPE_COPIES * s,
+    };
 
     MemoryPlan {
         inputs: PlanInputs {
@@ -713,9 +797,9 @@ impl fmt::Display for MemoryPlan {
         writeln!(f)?;
         let tokens = crate::report::thousands(inputs.tokens_per_micro_batch as u64);
         let layers = m.num_hidden_layers as u64;
-        let by_hand = inputs.layer_pass == LayerPass::ByHand;
+        let without_graph = inputs.layer_pass != LayerPass::Graph;
         let kept_note = match inputs.checkpointing {
-            Checkpointing::None if by_hand => format!(
+            Checkpointing::None if without_graph => format!(
                 "layer inputs + {} layers' kept values",
                 layers.saturating_sub(1)
             ),
@@ -757,7 +841,11 @@ impl fmt::Display for MemoryPlan {
                 format!(
                     "{} f32 per token, one layer {}",
                     crate::report::thousands(self.layer_values_per_token),
-                    if by_hand { "by hand" } else { "with its graph" }
+                    match inputs.layer_pass {
+                        LayerPass::ByHand => "by hand",
+                        LayerPass::Graph => "with its graph",
+                        LayerPass::Tensors => "with tensor ops",
+                    }
                 ),
                 in_phase(PeakPhase::LayerBackward),
             ),
@@ -786,14 +874,18 @@ impl fmt::Display for MemoryPlan {
                 "loss",
                 self.loss_chunk,
                 format!(
-                    "{} × {} × {} logits f32 + hidden states",
-                    if by_hand {
-                        HAND_LOSS_VOCAB_COPIES
-                    } else {
-                        LOSS_VOCAB_COPIES
+                    "{} × {} × {} logits {} + hidden states",
+                    match inputs.layer_pass {
+                        LayerPass::ByHand => HAND_LOSS_VOCAB_COPIES,
+                        _ => LOSS_VOCAB_COPIES,
                     },
                     crate::report::thousands(inputs.loss_chunk as u64),
-                    crate::report::thousands(m.vocab_size as u64)
+                    crate::report::thousands(m.vocab_size as u64),
+                    if inputs.layer_pass == LayerPass::Tensors {
+                        inputs.dtype
+                    } else {
+                        "f32"
+                    }
                 ),
                 in_phase(PeakPhase::Loss),
             ),
@@ -828,7 +920,7 @@ impl fmt::Display for MemoryPlan {
                 PeakPhase::LayerBackward => "a layer's backward pass",
             }
         )?;
-        if inputs.dtype != "f32" && inputs.dtype != "f64" {
+        if self.cuda_attention > 0 && inputs.dtype != "f32" && inputs.dtype != "f64" {
             writeln!(
                 f,
                 "\nnote: on CUDA ({} base) attention keeps {} more per layer (`[rows, heads, width,\nwidth]` scores and probabilities) and as much again in its backward pass, which this\nplan does not count (the CPU's blockwise op keeps none of it)",
