@@ -24,7 +24,10 @@ use crate::category::{self, Rule};
 use crate::conversation::ContentHash;
 use crate::formats::{Detected, Format, Formats, Outcome};
 use crate::reader::{self, FileNote, Position, RawBody, RawItem, RecordReader, Resume};
-use crate::store::{self, Counters, ImportCounts, ImportRecord, ImportState, Reject, Store};
+use crate::store::{
+    self, Counters, ImportCounts, ImportRecord, ImportState, Reject, RejectKind, RejectReason,
+    Store,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -136,7 +139,7 @@ struct Unit {
 
 struct RowReject {
     at: Position,
-    reason: String,
+    reason: RejectReason,
     raw: Vec<u8>,
 }
 
@@ -171,7 +174,7 @@ struct Parsed {
     rows: u64,
     row_rejects: Vec<RowReject>,
     /// Each example of the unit, or why the unit gave none.
-    outcome: std::result::Result<Vec<std::result::Result<Encoded, String>>, String>,
+    outcome: std::result::Result<Vec<std::result::Result<Encoded, RejectReason>>, RejectReason>,
     /// The unit's bytes, kept only when something of it is rejected.
     raw: Vec<u8>,
 }
@@ -562,16 +565,20 @@ impl Units {
 fn group_key(
     group_by: &crate::formats::template::JsonPath,
     bytes: &[u8],
-) -> std::result::Result<String, String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON: {e}"))?;
+) -> std::result::Result<String, RejectReason> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        RejectReason::new(RejectKind::MalformedJson, format!("malformed JSON: {e}"))
+    })?;
     group_by
         .resolve(&value)
         .map(crate::conversation::canonical_json)
         .ok_or_else(|| {
-            format!(
-                "row lacks the field `{}` that groups rows",
-                group_by.as_str()
+            RejectReason::missing_field(
+                group_by.as_str(),
+                format!(
+                    "row lacks the field `{}` that groups rows",
+                    group_by.as_str()
+                ),
             )
         })
 }
@@ -604,14 +611,16 @@ fn parse_unit(
         RawBody::Bytes(bytes) => {
             let outcome = reading.parse(&bytes).and_then(|examples| {
                 if examples.is_empty() {
-                    return Err("the record gives no conversation".to_string());
+                    return Err("the record gives no conversation".to_string().into());
                 }
                 Ok(examples
                     .into_iter()
                     .map(|example| {
                         let example = example.and_then(|example| {
                             match filters.and_then(|f| f.first_failure(&example.conversation)) {
-                                Some(failure) => Err(failure.reason()),
+                                Some(failure) => {
+                                    Err(RejectReason::filter(&failure.filter, failure.reason()))
+                                }
                                 None => Ok(example),
                             }
                         });
@@ -678,7 +687,7 @@ impl BatchWriter<'_> {
                         path: self.path.to_owned(),
                         line: at.line(),
                         record: at.records,
-                        reason: reason.clone(),
+                        reason: reason.to_string(),
                     });
                 }
             }
@@ -701,7 +710,8 @@ impl BatchWriter<'_> {
             for row in item.row_rejects {
                 counts.rejected += 1;
                 if self.first_rejects.len() < FIRST_REJECTS_KEPT {
-                    self.first_rejects.push((row.at.line(), row.reason.clone()));
+                    self.first_rejects
+                        .push((row.at.line(), row.reason.message.clone()));
                 }
                 let mut raw = row.raw;
                 let raw_truncated = raw.len() > Reject::RAW_LIMIT;
@@ -751,12 +761,13 @@ impl BatchWriter<'_> {
                     Err(reason) => {
                         counts.rejected += 1;
                         let reason = if several {
-                            format!("conversation {}: {reason}", part + 1)
+                            reason.prefixed(&format!("conversation {}: ", part + 1))
                         } else {
                             reason
                         };
                         if self.first_rejects.len() < FIRST_REJECTS_KEPT {
-                            self.first_rejects.push((item.at.line(), reason.clone()));
+                            self.first_rejects
+                                .push((item.at.line(), reason.message.clone()));
                         }
                         // The record's bytes are kept once, with its first reject.
                         let mut raw = raw.take().unwrap_or_default();
@@ -783,7 +794,7 @@ impl BatchWriter<'_> {
                 self.import,
                 None,
                 note.at,
-                note.message,
+                RejectReason::new(RejectKind::FileNote, note.message),
                 Vec::new(),
                 false,
             ));
@@ -804,7 +815,7 @@ fn reject_of(
     import: &ImportRecord,
     record: Option<u64>,
     at: Position,
-    reason: String,
+    reason: RejectReason,
     raw: Vec<u8>,
     raw_truncated: bool,
 ) -> Reject {
@@ -816,9 +827,11 @@ fn reject_of(
         part: 0,
         line: at.line(),
         byte_offset: at.bytes,
-        reason,
+        reason: reason.message,
         raw,
         raw_truncated,
+        kind: reason.kind,
+        subject: reason.subject,
     }
 }
 

@@ -41,6 +41,7 @@ pub mod manifest;
 pub mod model;
 pub mod reader;
 pub mod registry;
+pub mod reject;
 pub mod report;
 pub mod store;
 pub mod synth;

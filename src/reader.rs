@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::reject::{RejectKind, RejectReason};
 use sha1::{Digest, Sha1};
 
 /// Records larger than this are rejected (and skipped without buffering) by default.
@@ -56,7 +58,10 @@ pub enum RawBody {
     /// The record's bytes (without the line terminator or array separators).
     Bytes(Vec<u8>),
     /// The record cannot be read as a unit; `prefix` keeps its first bytes.
-    Unreadable { reason: String, prefix: Vec<u8> },
+    Unreadable {
+        reason: RejectReason,
+        prefix: Vec<u8>,
+    },
 }
 
 /// A problem with the file as a whole rather than one record (empty file, array never
@@ -699,20 +704,26 @@ impl RecordReader {
         self.pos.records += 1;
         let body = if len > self.max_record_bytes as u64 {
             RawBody::Unreadable {
-                reason: format!(
-                    "record is {} long, over the {} limit (skipped without reading it whole)",
-                    human_bytes(len),
-                    human_bytes(self.max_record_bytes as u64)
+                reason: RejectReason::new(
+                    RejectKind::TooLarge,
+                    format!(
+                        "record is {} long, over the {} limit (skipped without reading it whole)",
+                        human_bytes(len),
+                        human_bytes(self.max_record_bytes as u64)
+                    ),
                 ),
                 prefix: prefix(bytes),
             }
         } else if !complete && self.container == Container::JsonArray {
             RawBody::Unreadable {
-                reason: format!(
-                    "JSON array ends inside this record (file truncated?): the record starting at \
-                     line {} byte {} has no closing bracket",
-                    at.line(),
-                    at.bytes
+                reason: RejectReason::new(
+                    RejectKind::Truncated,
+                    format!(
+                        "JSON array ends inside this record (file truncated?): the record \
+                         starting at line {} byte {} has no closing bracket",
+                        at.line(),
+                        at.bytes
+                    ),
                 ),
                 prefix: prefix(bytes),
             }
@@ -766,8 +777,10 @@ impl RecordReader {
                     let mut item = self.scan_value()?;
                     if let RawBody::Bytes(bytes) = item.body {
                         item.body = RawBody::Unreadable {
-                            reason: "malformed JSON array: expected `,` or `]` before this record"
-                                .into(),
+                            reason: RejectReason::new(
+                                RejectKind::MalformedJson,
+                                "malformed JSON array: expected `,` or `]` before this record",
+                            ),
                             prefix: prefix(bytes),
                         };
                     }

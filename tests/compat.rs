@@ -99,6 +99,82 @@ fn a_store_written_by_schema_version_2_reads_the_same() {
     assert!(rejects
         .iter()
         .all(|r| !r.reason.is_empty() && !r.path.is_empty()));
+    // Written before kinds were stored: each kind is read from its text, once, on decode.
+    for reject in &rejects {
+        let typed = reject.reason();
+        assert_eq!(
+            typed,
+            corpusdb::reject::RejectReason::classify_legacy(&reject.reason),
+            "{}",
+            reject.reason
+        );
+    }
+    assert!(
+        rejects
+            .iter()
+            .any(|r| r.kind != corpusdb::reject::RejectKind::InvalidRecord),
+        "the sample's rejects are not all of one kind: {:?}",
+        rejects.iter().map(|r| &r.reason).collect::<Vec<_>>()
+    );
+}
+
+/// Reject kinds are stored as fixed one-byte codes (not variant indexes), and a reject
+/// of this version ends with its kind and subject, so an older reader ignores them.
+#[test]
+fn reject_kind_codes_are_fixed() {
+    use corpusdb::reject::RejectKind;
+    let pinned = [
+        (RejectKind::Other, 0u8),
+        (RejectKind::MalformedJson, 1),
+        (RejectKind::InvalidUtf8, 2),
+        (RejectKind::TooLarge, 3),
+        (RejectKind::Truncated, 4),
+        (RejectKind::MissingField, 5),
+        (RejectKind::InvalidRecord, 6),
+        (RejectKind::Filter, 7),
+        (RejectKind::FileNote, 8),
+    ];
+    assert_eq!(pinned.len(), RejectKind::ALL.len());
+    for (kind, code) in pinned {
+        assert_eq!(bincode::serialize(&kind).unwrap(), vec![code], "{kind:?}");
+        assert_eq!(bincode::deserialize::<RejectKind>(&[code]).unwrap(), kind);
+        assert_eq!(RejectKind::from_code(code), Some(kind));
+    }
+    assert!(bincode::deserialize::<RejectKind>(&[200]).is_err());
+    let reject = corpusdb::store::Reject {
+        import_id: 1,
+        source: "s".into(),
+        path: "p".into(),
+        record: Some(3),
+        part: 0,
+        line: 4,
+        byte_offset: 10,
+        reason: "lacks required field `output`".into(),
+        raw: b"{}".to_vec(),
+        raw_truncated: false,
+        kind: RejectKind::MissingField,
+        subject: "output".into(),
+    };
+    let new = bincode::serialize(&reject).unwrap();
+    let legacy = corpusdb::store::LegacyReject {
+        import_id: 1,
+        source: "s".into(),
+        path: "p".into(),
+        record: Some(3),
+        part: 0,
+        line: 4,
+        byte_offset: 10,
+        reason: "lacks required field `output`".into(),
+        raw: b"{}".to_vec(),
+        raw_truncated: false,
+    };
+    let old = bincode::serialize(&legacy).unwrap();
+    // The old encoding is a prefix of the new one: kind byte, then the subject.
+    assert!(new.starts_with(&old));
+    assert_eq!(new[old.len()], 5);
+    // An old record decodes as a legacy one, read into the same typed reject.
+    assert!(bincode::deserialize::<corpusdb::store::Reject>(&old).is_err());
+    assert_eq!(corpusdb::store::Reject::from(legacy), reject);
 }
 
 /// The stored enums are written as their variant's index (bincode, u32 little-endian):

@@ -247,5 +247,7 @@ fn ingest_with_filters_rejects_with_the_filter_name_and_measurement() {
     let out = run_ok(corpusdb(&store).args(["rejects", "--by-reason", "--json"]));
     let kinds: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(kinds[0]["reason"], "filter `ai-boilerplate`");
+    assert_eq!(kinds[0]["kind"], "filter");
+    assert_eq!(kinds[0]["subject"], "ai-boilerplate");
     assert_eq!(kinds[0]["sources"]["s"], 1);
 }

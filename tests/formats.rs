@@ -162,11 +162,12 @@ fn each_fixture_is_detected_as_its_format_and_ties_name_the_candidates() {
     let message = formats
         .detect(br#"{"question": "q", "answer": 5}"#)
         .unwrap_err();
+    let text = &message.message;
     assert!(
-        message.starts_with("ambiguous record shape")
-            && message.contains("gsm8k (question, answer)")
-            && message.contains("natural-questions (question, answer)")
-            && message.ends_with("pass --format"),
+        text.starts_with("ambiguous record shape")
+            && text.contains("gsm8k (question, answer)")
+            && text.contains("natural-questions (question, answer)")
+            && text.ends_with("pass --format"),
         "{message}"
     );
     let gsm8k =
@@ -282,7 +283,7 @@ fn a_missing_required_field_is_rejected_with_the_field_named_in_every_format() {
                 },
             };
             assert!(
-                reason.contains(&key),
+                reason.message.contains(&key),
                 "{}: removing `{key}` gave `{reason}`, which does not name it",
                 format.name()
             );
@@ -517,7 +518,10 @@ fn deep_and_wide_oasst_trees_neither_overflow_the_stack_nor_grow_quadratically()
     }
     // m2999 is an assistant message; the leaves answer it as assistant turns too.
     let reason = format.parse(&oasst_rows(&wide)).unwrap_err();
-    assert!(reason.contains("more than 1048576 messages"), "{reason}");
+    assert!(
+        reason.message.contains("more than 1048576 messages"),
+        "{reason}"
+    );
     // The same tree with only the best path is fine.
     let best = Formats::builtin().get("oasst-rows-best").unwrap();
     assert_eq!(best.parse(&oasst_rows(&wide)).unwrap().len(), 1);

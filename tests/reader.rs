@@ -74,10 +74,13 @@ fn a_truncated_array_keeps_complete_records_and_rejects_the_tail() {
     match &items[2].body {
         RawBody::Unreadable { reason, prefix } => {
             assert!(
-                reason.starts_with("JSON array ends inside this record"),
+                reason
+                    .message
+                    .starts_with("JSON array ends inside this record"),
                 "{reason}"
             );
-            assert!(reason.contains("line 2"), "{reason}");
+            assert!(reason.message.contains("line 2"), "{reason}");
+            assert_eq!(reason.kind, corpusdb::reject::RejectKind::Truncated);
             assert_eq!(prefix, br#"{"c": "unfinish"#);
         }
         other => panic!("expected a truncated record, got {other:?}"),
@@ -179,6 +182,7 @@ fn an_oversized_line_is_skipped_without_losing_the_next_record() {
     match big.body {
         RawBody::Unreadable { reason, prefix } => {
             assert_eq!(reason, "record is 50.0 MiB long, over the 1.0 MiB limit (skipped without reading it whole)");
+            assert_eq!(reason.kind, corpusdb::reject::RejectKind::TooLarge);
             assert_eq!(prefix.len(), 4096);
         }
         other => panic!("{other:?}"),

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::bail;
-use corpusdb::store::{ImportRecord, ImportState, Store};
+use corpusdb::store::{ImportRecord, ImportState, RejectKind, Store};
 use serde_json::json;
 
 /// List every import: source, file, state (done/partial) and its counts.
@@ -50,41 +50,6 @@ pub struct RejectsArgs {
     /// Count the rejects per kind of reason (and source) instead of listing them.
     #[arg(long)]
     by_reason: bool,
-}
-
-/// The kind of a reject reason: details (positions, numbers, what follows a colon) left
-/// out, the filter or field kept: "malformed JSON", "filter `max-turns`",
-/// "alpaca record lacks required field `output`".
-pub fn reason_kind(reason: &str) -> String {
-    let mut reason = reason;
-    if let Some(rest) = reason.strip_prefix("conversation ") {
-        if let Some((n, rest)) = rest.split_once(": ") {
-            if n.bytes().all(|b| b.is_ascii_digit()) {
-                reason = rest;
-            }
-        }
-    }
-    let kind = match reason.strip_prefix("filter `") {
-        Some(rest) => match rest.find('`') {
-            Some(end) => &reason[..end + "filter `".len() + 1],
-            None => reason,
-        },
-        None => reason.split(": ").next().unwrap_or(reason),
-    };
-    let mut out = String::with_capacity(kind.len());
-    let mut in_number = false;
-    for c in kind.chars() {
-        if c.is_ascii_digit() || (in_number && c == '.') {
-            if !in_number {
-                out.push('N');
-            }
-            in_number = true;
-        } else {
-            in_number = false;
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn state_name(state: ImportState) -> &'static str {
@@ -348,33 +313,38 @@ pub fn rejects(store_path: &Path, args: RejectsArgs) -> anyhow::Result<ExitCode>
     }
     let mut out = std::io::stdout().lock();
     if args.by_reason {
-        let mut kinds: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        // Grouped by the stored kind and its subject (the field, the filter), not by text.
+        type Group = (RejectKind, String);
+        let mut kinds: BTreeMap<Group, (String, BTreeMap<String, u64>)> = BTreeMap::new();
         for import in &selected {
             for reject in store.rejects(Some(import.id))? {
-                *kinds
-                    .entry(reason_kind(&reject.reason))
-                    .or_default()
-                    .entry(reject.source.clone())
-                    .or_default() += 1;
+                let reason = reject.reason();
+                let (_, sources) = kinds
+                    .entry((reason.kind, reason.subject.clone()))
+                    .or_insert_with(|| (reason.group(), BTreeMap::new()));
+                *sources.entry(reject.source.clone()).or_default() += 1;
             }
         }
-        let mut rows: Vec<(u64, String, BTreeMap<String, u64>)> = kinds
+        let mut rows: Vec<(u64, Group, String, BTreeMap<String, u64>)> = kinds
             .into_iter()
-            .map(|(kind, sources)| (sources.values().sum(), kind, sources))
+            .map(|(group, (label, sources))| (sources.values().sum(), group, label, sources))
             .collect();
-        rows.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        rows.sort_by(|a, b| b.0.cmp(&a.0).then(a.2.cmp(&b.2)));
         if args.json {
             let list: Vec<_> = rows
                 .iter()
-                .map(|(n, kind, sources)| json!({"reason": kind, "rejects": n, "sources": sources}))
+                .map(|(n, (kind, subject), label, sources)| {
+                    json!({"reason": label, "kind": kind.name(), "subject": subject,
+                           "rejects": n, "sources": sources})
+                })
                 .collect();
             writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
             return Ok(ExitCode::SUCCESS);
         }
         writeln!(out, "{:>9}  reason (sources)", "rejects")?;
-        for (n, kind, sources) in &rows {
+        for (n, _, label, sources) in &rows {
             let sources: Vec<String> = sources.iter().map(|(s, n)| format!("{s} {n}")).collect();
-            writeln!(out, "{n:>9}  {kind} ({})", sources.join(", "))?;
+            writeln!(out, "{n:>9}  {label} ({})", sources.join(", "))?;
         }
         if rows.is_empty() {
             writeln!(out, "no rejects")?;
@@ -398,6 +368,8 @@ pub fn rejects(store_path: &Path, args: RejectsArgs) -> anyhow::Result<ExitCode>
                     "line": reject.line,
                     "byte": reject.byte_offset,
                     "reason": reject.reason,
+                    "kind": reject.kind.name(),
+                    "subject": reject.subject,
                     "raw": raw,
                     "raw_truncated": reject.raw_truncated,
                 });

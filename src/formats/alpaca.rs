@@ -4,10 +4,11 @@
 //! when the input is not empty; the assistant turn is the output.
 
 use crate::conversation::{Conversation, Message, Role};
+use crate::reject::RejectReason;
 
 use super::{missing, system_message, RawRecord};
 
-pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
+pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, RejectReason> {
     let instruction = record
         .instruction
         .ok_or_else(|| missing("alpaca", "instruction"))?;

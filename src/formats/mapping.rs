@@ -22,6 +22,7 @@
 //! fields have the given values, `replace` rewrites text (e.g. `_comma_` to `,`), and
 //! `raw_text: true` marks plain text that is not a dialogue.
 
+use crate::reject::RejectReason;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -270,7 +271,7 @@ impl Content {
         })
     }
 
-    fn render(&self, scope: &Scope<'_>) -> Result<String, String> {
+    fn render(&self, scope: &Scope<'_>) -> Result<String, RejectReason> {
         let mut out = String::new();
         for part in &self.parts {
             let text = part.render(scope)?;
@@ -407,7 +408,7 @@ impl Body {
     }
 
     /// Appends the messages of one record (or one row of a group).
-    fn render(&self, scope: &Scope<'_>, out: &mut Vec<Message>) -> Result<(), String> {
+    fn render(&self, scope: &Scope<'_>, out: &mut Vec<Message>) -> Result<(), RejectReason> {
         match self {
             Body::Turns(turns) => {
                 for (turn_role, content) in turns {
@@ -438,10 +439,13 @@ impl Body {
                             .resolve(item)
                             .and_then(Value::as_str)
                             .ok_or_else(|| {
-                                format!(
-                                    "{}[{i}] lacks required field `{}`",
-                                    path.as_str(),
-                                    role_path.as_str()
+                                RejectReason::missing_field(
+                                    role_path.as_str(),
+                                    format!(
+                                        "{}[{i}] lacks required field `{}`",
+                                        path.as_str(),
+                                        role_path.as_str()
+                                    ),
                                 )
                             })?;
                     let role = roles
@@ -454,10 +458,13 @@ impl Body {
                     let mut text = String::new();
                     super::template::scalar(
                         content.resolve(item).ok_or_else(|| {
-                            format!(
-                                "{}[{i}] lacks required field `{}`",
-                                path.as_str(),
-                                content.as_str()
+                            RejectReason::missing_field(
+                                content.as_str(),
+                                format!(
+                                    "{}[{i}] lacks required field `{}`",
+                                    path.as_str(),
+                                    content.as_str()
+                                ),
                             )
                         })?,
                         &mut text,
@@ -481,9 +488,12 @@ impl Body {
                 }
             }
             Body::Transcript { path, markers } => {
-                let text = scope
-                    .resolve(path)
-                    .ok_or_else(|| format!("lacks required field `{}`", path.as_str()))?;
+                let text = scope.resolve(path).ok_or_else(|| {
+                    RejectReason::missing_field(
+                        path.as_str(),
+                        format!("lacks required field `{}`", path.as_str()),
+                    )
+                })?;
                 let text = text
                     .as_str()
                     .ok_or_else(|| format!("field `{}` is not a string", path.as_str()))?;
@@ -495,12 +505,17 @@ impl Body {
     }
 }
 
-fn list_at<'v>(scope: &Scope<'v>, path: &JsonPath) -> Result<&'v Vec<Value>, String> {
+fn list_at<'v>(scope: &Scope<'v>, path: &JsonPath) -> Result<&'v Vec<Value>, RejectReason> {
     scope
         .resolve(path)
-        .ok_or_else(|| format!("lacks required field `{}`", path.as_str()))?
+        .ok_or_else(|| {
+            RejectReason::missing_field(
+                path.as_str(),
+                format!("lacks required field `{}`", path.as_str()),
+            )
+        })?
         .as_array()
-        .ok_or_else(|| format!("field `{}` is not a list", path.as_str()))
+        .ok_or_else(|| format!("field `{}` is not a list", path.as_str()).into())
 }
 
 /// Splits `text` at speaker markers (`"\n\nHuman:"`, ...). A marker also matches at the very
@@ -700,7 +715,10 @@ impl Mapping {
     }
 
     /// Maps one record (for grouped formats: a JSON array of rows) to its examples.
-    pub fn convert(&self, record: &Value) -> Result<Vec<Result<Example, String>>, String> {
+    pub fn convert(
+        &self,
+        record: &Value,
+    ) -> Result<Vec<Result<Example, RejectReason>>, RejectReason> {
         if self.group.is_some() {
             return Ok(vec![self.convert_rows(record)]);
         }
@@ -716,16 +734,20 @@ impl Mapping {
                     canonical_json(found),
                     self.name,
                     canonical_json(expected)
-                ));
+                )
+                .into());
             }
         }
         let Some((path, name, limit)) = &self.each else {
             return Ok(vec![self.example(&Scope::of(record))]);
         };
         let scope = Scope::of(record);
-        let value = scope
-            .resolve(path)
-            .ok_or_else(|| format!("lacks required field `{}`", path.as_str()))?;
+        let value = scope.resolve(path).ok_or_else(|| {
+            RejectReason::missing_field(
+                path.as_str(),
+                format!("lacks required field `{}`", path.as_str()),
+            )
+        })?;
         // Some datasets (APPS) store the list as a JSON-encoded string.
         let decoded;
         let items = match value {
@@ -735,15 +757,15 @@ impl Mapping {
                 match &decoded {
                     Some(Value::Array(items)) => items,
                     _ if text.trim().is_empty() => {
-                        return Err(format!("field `{}` is empty", path.as_str()))
+                        return Err(format!("field `{}` is empty", path.as_str()).into())
                     }
-                    _ => return Err(format!("field `{}` is not a list", path.as_str())),
+                    _ => return Err(format!("field `{}` is not a list", path.as_str()).into()),
                 }
             }
-            _ => return Err(format!("field `{}` is not a list", path.as_str())),
+            _ => return Err(format!("field `{}` is not a list", path.as_str()).into()),
         };
         if items.is_empty() {
-            return Err(format!("field `{}` is an empty list", path.as_str()));
+            return Err(format!("field `{}` is an empty list", path.as_str()).into());
         }
         let take = limit.unwrap_or(usize::MAX);
         Ok(items
@@ -758,18 +780,21 @@ impl Mapping {
             .collect())
     }
 
-    fn check_detected(&self, record: &Value) -> Result<(), String> {
+    fn check_detected(&self, record: &Value) -> Result<(), RejectReason> {
         match self
             .detect
             .iter()
             .find(|path| path.resolve(record).is_none())
         {
-            Some(path) => Err(format!("lacks required field `{}`", path.as_str())),
+            Some(path) => Err(RejectReason::missing_field(
+                path.as_str(),
+                format!("lacks required field `{}`", path.as_str()),
+            )),
             None => Ok(()),
         }
     }
 
-    fn example(&self, scope: &Scope<'_>) -> Result<Example, String> {
+    fn example(&self, scope: &Scope<'_>) -> Result<Example, RejectReason> {
         let mut messages = Vec::new();
         if let Some(system) = &self.system {
             let text = system.render(scope)?;
@@ -806,7 +831,7 @@ impl Mapping {
         Ok(example)
     }
 
-    fn convert_rows(&self, rows: &Value) -> Result<Example, String> {
+    fn convert_rows(&self, rows: &Value) -> Result<Example, RejectReason> {
         let (by, order) = self.group.as_ref().expect("grouped");
         let rows = rows
             .as_array()
@@ -815,11 +840,11 @@ impl Mapping {
         if let Some(order) = order {
             for (i, row) in rows.iter().enumerate() {
                 if order.resolve(row).is_none() {
-                    return Err(format!(
-                        "row {} lacks required field `{}`",
-                        i + 1,
-                        order.as_str()
-                    ));
+                    return Err(RejectReason::missing_field(
+                        order.as_str(),
+                        format!("row {} lacks required field `{}`", i + 1, order.as_str()),
+                    )
+                    .into());
                 }
             }
             rows.sort_by(|a, b| compare(order.resolve(a), order.resolve(b)));

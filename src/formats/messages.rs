@@ -7,6 +7,7 @@
 //! to the same `tool_calls` / `tools` form as the current API, so both dedupe together.
 //! Empty `tool_calls` / `tools` lists count as absent.
 
+use crate::reject::RejectReason;
 use std::borrow::Cow;
 use std::fmt;
 
@@ -91,16 +92,19 @@ impl<'de> Visitor<'de> for ContentVisitor {
     }
 }
 
-pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
+pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, RejectReason> {
     let raw = record
         .messages
         .ok_or_else(|| missing("messages", "messages"))?;
     let mut messages = Vec::with_capacity(raw.len() + 1);
     messages.extend(system_message(record.system));
     for (i, message) in raw.into_iter().enumerate() {
-        let role_name = message
-            .role
-            .ok_or_else(|| format!("message {} lacks required field `role`", i + 1))?;
+        let role_name = message.role.ok_or_else(|| {
+            RejectReason::missing_field(
+                "role",
+                format!("message {} lacks required field `role`", i + 1),
+            )
+        })?;
         let role = Role::from_alias(&role_name)
             .ok_or_else(|| format!("unknown role `{role_name}` in message {}", i + 1))?;
         let legacy_call = message
@@ -114,7 +118,10 @@ pub(super) fn convert(record: RawRecord<'_>) -> Result<Conversation, String> {
             Content::Text(text) => text,
             Content::Missing if tool_calls.is_some() => String::new(),
             Content::Missing => {
-                return Err(format!("message {} lacks required field `content`", i + 1))
+                return Err(RejectReason::missing_field(
+                    "content",
+                    format!("message {} lacks required field `content`", i + 1),
+                ))
             }
         };
         messages.push(Message {

@@ -18,6 +18,7 @@ mod sniff;
 mod special;
 pub mod template;
 
+use crate::reject::{RejectKind, RejectReason};
 use std::borrow::Cow;
 use std::fmt;
 use std::path::Path;
@@ -52,7 +53,7 @@ impl Example {
 }
 
 /// What one record became: its examples (each valid or not), or why it is none.
-pub type Outcome = Result<Vec<Result<Example, String>>, String>;
+pub type Outcome = Result<Vec<Result<Example, RejectReason>>, RejectReason>;
 
 #[derive(Debug)]
 enum Kind {
@@ -119,25 +120,28 @@ impl Format {
 
     /// Turns one record's bytes into its examples, normalised and validated.
     pub fn parse(&self, bytes: &[u8]) -> Outcome {
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            RejectReason::new(
+                RejectKind::InvalidUtf8,
+                format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()),
+            )
+        })?;
         let opening = if self.0.group_by.is_some() {
             b'['
         } else {
             b'{'
         };
         check_opening(text, opening)?;
-        let name = |e: String| {
-            if e.starts_with("lacks required field") {
-                format!("{} record {e}", self.0.name)
+        let name = |e: RejectReason| {
+            if e.kind == RejectKind::MissingField && e.message.starts_with("lacks required field") {
+                e.prefixed(&format!("{} record ", self.0.name))
             } else {
                 e
             }
         };
         let examples = match &self.0.kind {
             Kind::Alpaca | Kind::Messages | Kind::Sharegpt => {
-                let record: RawRecord<'_> =
-                    serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+                let record: RawRecord<'_> = serde_json::from_str(text).map_err(malformed_json)?;
                 let conversation = match self.0.kind {
                     Kind::Alpaca => alpaca::convert(record)?,
                     Kind::Messages => messages::convert(record)?,
@@ -146,8 +150,7 @@ impl Format {
                 vec![Ok(Example::new(conversation))]
             }
             kind => {
-                let value: Value =
-                    serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+                let value: Value = serde_json::from_str(text).map_err(malformed_json)?;
                 match kind {
                     Kind::Oasst { best } => oasst::convert_nested(&value, *best).map_err(name)?,
                     Kind::OasstRows { best } => oasst::convert_rows(&value, *best).map_err(name)?,
@@ -201,23 +204,34 @@ fn converts(format: &Format, bytes: &[u8], record: Option<&Value>) -> bool {
     }
 }
 
-fn check_opening(text: &str, opening: u8) -> Result<(), String> {
+fn check_opening(text: &str, opening: u8) -> Result<(), RejectReason> {
     let first = text.trim_start().as_bytes().first().copied();
     if first == Some(opening) {
         return Ok(());
     }
     Err(match first {
-        None => "empty record".to_string(),
-        Some(b'[') => "record is a JSON array, expected an object".to_string(),
-        Some(b'{') => "record is a JSON object, expected a list of rows".to_string(),
-        Some(_) => format!(
-            "malformed JSON: expected an object, found `{}`",
-            excerpt(text, 40)
+        None => "empty record".into(),
+        Some(b'[') => "record is a JSON array, expected an object".into(),
+        Some(b'{') => "record is a JSON object, expected a list of rows".into(),
+        Some(_) => RejectReason::new(
+            RejectKind::MalformedJson,
+            format!(
+                "malformed JSON: expected an object, found `{}`",
+                excerpt(text, 40)
+            ),
         ),
     })
 }
 
-fn finish(mut example: Example) -> Result<Example, String> {
+/// serde_json's complaint about a record that is not valid JSON.
+fn malformed_json(error: serde_json::Error) -> RejectReason {
+    RejectReason::new(
+        RejectKind::MalformedJson,
+        format!("malformed JSON: {error}"),
+    )
+}
+
+fn finish(mut example: Example) -> Result<Example, RejectReason> {
     example.conversation.normalize();
     if let Some(rejected) = &mut example.extras.rejected {
         for message in rejected.iter_mut() {
@@ -403,17 +417,23 @@ impl Formats {
     }
 
     /// The format of one record, chosen by the most specific match.
-    pub fn detect(&self, bytes: &[u8]) -> Result<Format, String> {
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
+    pub fn detect(&self, bytes: &[u8]) -> Result<Format, RejectReason> {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            RejectReason::new(
+                RejectKind::InvalidUtf8,
+                format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()),
+            )
+        })?;
         check_opening(text, b'{')?;
         let fields = match sniff::top_fields(text) {
             Some(fields) => fields,
             // Not a well-formed object: let the parser say what is wrong.
             None => {
-                serde_json::from_str::<serde::de::IgnoredAny>(text)
-                    .map_err(|e| format!("malformed JSON: {e}"))?;
-                return Err("malformed JSON: not an object".to_string());
+                serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(malformed_json)?;
+                return Err(RejectReason::new(
+                    RejectKind::MalformedJson,
+                    "malformed JSON: not an object",
+                ));
             }
         };
         let mut candidates: Vec<(usize, &Format)> = self
@@ -430,7 +450,8 @@ impl Formats {
                 let fields = names.join(", ");
                 Err(format!(
                     "unknown record shape: fields ({fields}) match no format; see `corpusdb formats`, or write a mapping"
-                ))
+                )
+                .into())
             }
             [(best, _), (second, _), ..] if best == second => {
                 let tied: Vec<&Format> = candidates
@@ -457,7 +478,8 @@ impl Formats {
                 Err(format!(
                     "ambiguous record shape: it matches {}; pass --format",
                     names.join(", ")
-                ))
+                )
+                .into())
             }
             [(_, best), ..] => Ok((*best).clone()),
         }
@@ -479,9 +501,9 @@ impl Formats {
                 }
                 // Bad records are reported when they are imported; an ambiguous shape
                 // must be settled by the user.
-                Err(e) if e.starts_with("ambiguous") => return Err(e),
+                Err(e) if e.message.starts_with("ambiguous") => return Err(e.message),
                 Err(e) => {
-                    first_error.get_or_insert(e);
+                    first_error.get_or_insert(e.message);
                 }
             }
         }
@@ -530,7 +552,7 @@ impl Formats {
     pub fn parse_detected(&self, bytes: &[u8]) -> Outcome {
         let format = match self.detect(bytes) {
             Ok(format) => format,
-            Err(e) if e.starts_with("unknown record shape") => match self.closest(bytes) {
+            Err(e) if e.message.starts_with("unknown record shape") => match self.closest(bytes) {
                 Some(closest) => closest,
                 None => return Err(e),
             },
@@ -541,7 +563,8 @@ impl Formats {
                 "a {} row in a file of mixed shapes; rows are imported with --format {}",
                 format.name(),
                 format.name()
-            ));
+            )
+            .into());
         }
         format.parse(bytes)
     }
@@ -563,7 +586,7 @@ impl Format {
 
 /// Parses a record that must give exactly one conversation, in the built-in format `name`
 /// (`auto` detects it): a convenience for tests and single records.
-pub fn parse_record(name: &str, bytes: &[u8]) -> Result<Conversation, String> {
+pub fn parse_record(name: &str, bytes: &[u8]) -> Result<Conversation, RejectReason> {
     let formats = Formats::builtin();
     let outcome = match name {
         "auto" => formats.parse_detected(bytes)?,
@@ -572,7 +595,7 @@ pub fn parse_record(name: &str, bytes: &[u8]) -> Result<Conversation, String> {
     let mut examples = outcome.into_iter();
     match (examples.next(), examples.next()) {
         (Some(example), None) => example.map(|e| e.conversation),
-        _ => Err("the record does not give exactly one conversation".to_string()),
+        _ => Err("the record does not give exactly one conversation".into()),
     }
 }
 
@@ -605,8 +628,11 @@ fn system_message(system: Option<Cow<'_, str>>) -> Option<Message> {
 }
 
 /// A missing required field, named with the format that needs it.
-fn missing(format: &str, field: &str) -> String {
-    format!("{format} record lacks required field `{field}`")
+fn missing(format: &str, field: &str) -> RejectReason {
+    RejectReason::missing_field(
+        field,
+        format!("{format} record lacks required field `{field}`"),
+    )
 }
 
 /// The first `max` characters of `text`, on one line, for error messages.
@@ -645,17 +671,30 @@ mod tests {
     }
 
     #[test]
-    fn reasons_are_specific() {
+    fn reasons_are_specific_and_typed() {
         let err = parse_record("alpaca", br#"{"instruction":"x"}"#).unwrap_err();
-        assert_eq!(err, "alpaca record lacks required field `output`");
+        assert_eq!(err.message, "alpaca record lacks required field `output`");
+        assert_eq!(
+            (err.kind, err.subject.as_str()),
+            (RejectKind::MissingField, "output")
+        );
+        assert_eq!(err.group(), "missing field `output`");
         let err = parse_record("auto", br#"{"foo":1}"#).unwrap_err();
-        assert!(err.starts_with("unknown record shape"), "{err}");
+        assert!(err.message.starts_with("unknown record shape"), "{err}");
+        assert_eq!(err.kind, RejectKind::InvalidRecord);
         let err = parse_record("auto", b"{\"messages\": [").unwrap_err();
         assert!(
-            err.starts_with("malformed JSON: EOF while parsing"),
+            err.message.starts_with("malformed JSON: EOF while parsing"),
             "{err}"
         );
+        assert_eq!(err.kind, RejectKind::MalformedJson);
         let err = parse_record("auto", b"{\"a\": \"\xff\"}").unwrap_err();
-        assert_eq!(err, "invalid UTF-8 at byte 7 of the record");
+        assert_eq!(err.message, "invalid UTF-8 at byte 7 of the record");
+        assert_eq!(err.kind, RejectKind::InvalidUtf8);
+        let err = parse_record("sharegpt", br#"{"conversations":[{"from":"human"}]}"#).unwrap_err();
+        assert_eq!(
+            (err.kind, err.subject.as_str()),
+            (RejectKind::MissingField, "value")
+        );
     }
 }

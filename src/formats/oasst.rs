@@ -8,6 +8,7 @@
 //! `rank`) at each step. Deleted messages and their subtrees are skipped, and a path that
 //! ends with a prompter message loses that last message.
 
+use crate::reject::RejectReason;
 use std::collections::HashMap;
 
 use serde_json::Value;
@@ -40,12 +41,20 @@ fn rank(message: &Value) -> f64 {
 }
 
 /// A nested tree record.
-pub fn convert_nested(record: &Value, best: bool) -> Result<Vec<Result<Example, String>>, String> {
+pub fn convert_nested(
+    record: &Value,
+    best: bool,
+) -> Result<Vec<Result<Example, RejectReason>>, RejectReason> {
     let root = match record.get("prompt") {
         Some(prompt) if prompt.is_object() => prompt,
         Some(_) => return Err("field `prompt` is not a message object".into()),
         None if record.get("text").is_some() => record,
-        None => return Err("oasst record lacks required field `prompt`".into()),
+        None => {
+            return Err(RejectReason::missing_field(
+                "prompt",
+                "oasst record lacks required field `prompt`",
+            ))
+        }
     };
     let mut nodes = Vec::new();
     fn add<'v>(nodes: &mut Vec<Node<'v>>, value: &'v Value) -> usize {
@@ -72,7 +81,10 @@ pub fn convert_nested(record: &Value, best: bool) -> Result<Vec<Result<Example, 
 }
 
 /// The rows of one tree, in any order.
-pub fn convert_rows(rows: &Value, best: bool) -> Result<Vec<Result<Example, String>>, String> {
+pub fn convert_rows(
+    rows: &Value,
+    best: bool,
+) -> Result<Vec<Result<Example, RejectReason>>, RejectReason> {
     let rows = rows
         .as_array()
         .ok_or("a grouped record must be a list of rows")?;
@@ -84,7 +96,12 @@ pub fn convert_rows(rows: &Value, best: bool) -> Result<Vec<Result<Example, Stri
         let id = row
             .get("message_id")
             .and_then(Value::as_str)
-            .ok_or_else(|| format!("row {} lacks required field `message_id`", i + 1))?;
+            .ok_or_else(|| {
+                RejectReason::missing_field(
+                    "message_id",
+                    format!("row {} lacks required field `message_id`", i + 1),
+                )
+            })?;
         all_ids.insert(id);
         if is_deleted(row) {
             continue;
@@ -111,7 +128,7 @@ pub fn convert_rows(rows: &Value, best: bool) -> Result<Vec<Result<Example, Stri
                     return Err(format!(
                         "message {} has parent {parent}, which is not in the tree's rows (are the rows of a tree contiguous?)",
                         nodes[child].value.get("message_id").and_then(Value::as_str).unwrap_or("?")
-                    ))
+                    ).into())
                 }
             },
         }
@@ -120,7 +137,10 @@ pub fn convert_rows(rows: &Value, best: bool) -> Result<Vec<Result<Example, Stri
     paths(&mut Tree { nodes, root }, best)
 }
 
-fn paths(tree: &mut Tree<'_>, best: bool) -> Result<Vec<Result<Example, String>>, String> {
+fn paths(
+    tree: &mut Tree<'_>,
+    best: bool,
+) -> Result<Vec<Result<Example, RejectReason>>, RejectReason> {
     for node in &tree.nodes {
         let id = node
             .value
@@ -128,14 +148,24 @@ fn paths(tree: &mut Tree<'_>, best: bool) -> Result<Vec<Result<Example, String>>
             .and_then(Value::as_str)
             .unwrap_or("?");
         match node.value.get("role").and_then(Value::as_str) {
-            None => return Err(format!("message {id} lacks required field `role`")),
+            None => {
+                return Err(RejectReason::missing_field(
+                    "role",
+                    format!("message {id} lacks required field `role`"),
+                )
+                .into())
+            }
             Some(name) if Role::from_alias(name).is_none() => {
-                return Err(format!("unknown role `{name}` in message {id}"))
+                return Err(format!("unknown role `{name}` in message {id}").into())
             }
             Some(_) => {}
         }
         if !node.value.get("text").is_some_and(Value::is_string) {
-            return Err(format!("message {id} lacks required field `text`"));
+            return Err(RejectReason::missing_field(
+                "text",
+                format!("message {id} lacks required field `text`"),
+            )
+            .into());
         }
     }
     for node in 0..tree.nodes.len() {
@@ -157,7 +187,7 @@ const MAX_PATH_MESSAGES: usize = 1 << 20;
 /// The root-to-leaf paths, each cut back to its last assistant message (two leaves cut
 /// back to the same message give one path), in depth-first order with replies by rank.
 /// Iterative, so a chain of any depth cannot overflow the stack.
-fn walk(tree: &Tree<'_>, best: bool) -> Result<Vec<Vec<usize>>, String> {
+fn walk(tree: &Tree<'_>, best: bool) -> Result<Vec<Vec<usize>>, RejectReason> {
     let mut found: Vec<Vec<usize>> = Vec::new();
     let mut ends = std::collections::HashSet::new();
     let mut total = 0usize;
@@ -184,7 +214,7 @@ fn walk(tree: &Tree<'_>, best: bool) -> Result<Vec<Vec<usize>>, String> {
                 if total > MAX_PATH_MESSAGES {
                     return Err(format!(
                         "tree expands to more than {MAX_PATH_MESSAGES} messages over its conversations (a long chain with many leaves); the -best format keeps one path"
-                    ));
+                    ).into());
                 }
                 found.push(path[..assistant_end].to_vec());
             }
@@ -205,7 +235,7 @@ fn role_of(message: &Value) -> Option<Role> {
         .and_then(Role::from_alias)
 }
 
-fn conversation(tree: &Tree<'_>, path: &[usize]) -> Result<Example, String> {
+fn conversation(tree: &Tree<'_>, path: &[usize]) -> Result<Example, RejectReason> {
     let mut messages = Vec::with_capacity(path.len());
     for &node in path {
         let value = tree.nodes[node].value;
@@ -213,16 +243,14 @@ fn conversation(tree: &Tree<'_>, path: &[usize]) -> Result<Example, String> {
             .get("message_id")
             .and_then(Value::as_str)
             .unwrap_or("?");
-        let role_name = value
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("message {id} lacks required field `role`"))?;
+        let role_name = value.get("role").and_then(Value::as_str).ok_or_else(|| {
+            RejectReason::missing_field("role", format!("message {id} lacks required field `role`"))
+        })?;
         let role = Role::from_alias(role_name)
             .ok_or_else(|| format!("unknown role `{role_name}` in message {id}"))?;
-        let text = value
-            .get("text")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("message {id} lacks required field `text`"))?;
+        let text = value.get("text").and_then(Value::as_str).ok_or_else(|| {
+            RejectReason::missing_field("text", format!("message {id} lacks required field `text`"))
+        })?;
         messages.push(Message::new(role, text));
     }
     Ok(Example::new(Conversation::new(messages)))

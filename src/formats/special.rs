@@ -1,6 +1,7 @@
 //! Record shapes that need a little code rather than a field mapping: Glaive function
 //! calling, multiple choice (MMLU, ARC), PRM800K step lists, HotpotQA and MS MARCO.
 
+use crate::reject::RejectReason;
 use serde_json::{json, Value};
 
 use crate::conversation::{canonical_json, Conversation, Message, Role};
@@ -9,20 +10,26 @@ use super::mapping::split_transcript;
 use super::template::scalar;
 use super::{Example, UNANSWERABLE};
 
-fn str_field<'v>(record: &'v Value, field: &str) -> Result<&'v str, String> {
+fn str_field<'v>(record: &'v Value, field: &str) -> Result<&'v str, RejectReason> {
     match record.get(field) {
         Some(Value::String(s)) => Ok(s),
-        Some(Value::Null) | None => Err(format!("lacks required field `{field}`")),
-        Some(_) => Err(format!("field `{field}` is not a string")),
+        Some(Value::Null) | None => Err(RejectReason::missing_field(
+            field,
+            format!("lacks required field `{field}`"),
+        )),
+        Some(_) => Err(format!("field `{field}` is not a string").into()),
     }
 }
 
-fn single(example: Example) -> Vec<Result<Example, String>> {
+fn single(example: Example) -> Vec<Result<Example, RejectReason>> {
     vec![Ok(example)]
 }
 
 /// One question and its answer.
-fn exchange(user: impl Into<String>, assistant: impl Into<String>) -> Vec<Result<Example, String>> {
+fn exchange(
+    user: impl Into<String>,
+    assistant: impl Into<String>,
+) -> Vec<Result<Example, RejectReason>> {
     single(Example::new(Conversation::new(vec![
         Message::new(Role::User, user),
         Message::new(Role::Assistant, assistant),
@@ -33,7 +40,7 @@ fn exchange(user: impl Into<String>, assistant: impl Into<String>) -> Vec<Result
 /// "USER: ...\n\n\nASSISTANT: <functioncall> {...} <|endoftext|>\n\n\nFUNCTION RESPONSE:
 /// ..."}`. Function schemas become the example's tools, `<functioncall>` payloads become
 /// tool calls, and function responses become tool messages.
-pub fn glaive(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
+pub fn glaive(record: &Value) -> Result<Vec<Result<Example, RejectReason>>, RejectReason> {
     let system = str_field(record, "system")?;
     let chat = str_field(record, "chat")?;
     let system = system.trim();
@@ -82,7 +89,7 @@ pub fn glaive(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
 
 /// A Glaive `<functioncall>` payload as an OpenAI tool call list. Glaive quotes the
 /// arguments object in single quotes (`"arguments": '{"a": 1}'`), which is not JSON.
-fn function_call(text: &str) -> Result<String, String> {
+fn function_call(text: &str) -> Result<String, RejectReason> {
     let parsed: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(_) => {
@@ -100,10 +107,9 @@ fn function_call(text: &str) -> Result<String, String> {
             })?
         }
     };
-    let name = parsed
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or("function call lacks required field `name`")?;
+    let name = parsed.get("name").and_then(Value::as_str).ok_or_else(|| {
+        RejectReason::missing_field("name", "function call lacks required field `name`")
+    })?;
     let arguments = match parsed.get("arguments") {
         Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
             Ok(v) => canonical_json(&v),
@@ -121,12 +127,12 @@ fn function_call(text: &str) -> Result<String, String> {
 /// Multiple choice: `question` with `choices` (a list, or `{"text": [...], "label": [...]}`)
 /// and `answer` (an index or a letter) or `answerKey` (a label). The user sees the question
 /// and the lettered choices; the assistant answers with the letter and the choice.
-pub fn multiple_choice(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
+pub fn multiple_choice(record: &Value) -> Result<Vec<Result<Example, RejectReason>>, RejectReason> {
     let question = str_field(record, "question")?;
     let choices = record
         .get("choices")
         .or_else(|| record.get("options"))
-        .ok_or("lacks required field `choices`")?;
+        .ok_or_else(|| RejectReason::missing_field("choices", "lacks required field `choices`"))?;
     let (texts, labels): (Vec<String>, Vec<String>) = match choices {
         Value::Array(items) => {
             let texts = items
@@ -168,7 +174,7 @@ pub fn multiple_choice(record: &Value) -> Result<Vec<Result<Example, String>>, S
     let answer = record
         .get("answerKey")
         .or_else(|| record.get("answer"))
-        .ok_or("lacks required field `answer`")?;
+        .ok_or_else(|| RejectReason::missing_field("answer", "lacks required field `answer`"))?;
     let index = match answer {
         Value::Number(n) => n.as_u64().map(|n| n as usize),
         Value::String(s) => labels
@@ -200,15 +206,22 @@ pub fn multiple_choice(record: &Value) -> Result<Vec<Result<Example, String>>, S
 /// PRM800K: `question.problem` and `label.steps[]`, each step with `completions` and the
 /// `chosen_completion` index (or a `human_completion`). The chosen steps, one per line,
 /// are the answer; the trajectory ends at the first step with no choice.
-pub fn prm800k(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
+pub fn prm800k(record: &Value) -> Result<Vec<Result<Example, RejectReason>>, RejectReason> {
     let problem = record
         .pointer("/question/problem")
         .and_then(Value::as_str)
-        .ok_or("lacks required field `question.problem`")?;
+        .ok_or_else(|| {
+            RejectReason::missing_field(
+                "question.problem",
+                "lacks required field `question.problem`",
+            )
+        })?;
     let steps = record
         .pointer("/label/steps")
         .and_then(Value::as_array)
-        .ok_or("lacks required field `label.steps`")?;
+        .ok_or_else(|| {
+            RejectReason::missing_field("label.steps", "lacks required field `label.steps`")
+        })?;
     let mut answer = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         let text = if let Some(human) = step.get("human_completion").filter(|v| !v.is_null()) {
@@ -233,7 +246,7 @@ pub fn prm800k(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
 
 /// HotpotQA: the context paragraphs (`context: {title: [...], sentences: [[...]]}` or a
 /// list of `[title, [sentences]]`) then the question; the answer is `answer`.
-pub fn hotpotqa(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
+pub fn hotpotqa(record: &Value) -> Result<Vec<Result<Example, RejectReason>>, RejectReason> {
     let question = str_field(record, "question")?;
     let answer = str_field(record, "answer")?;
     let mut paragraphs = Vec::new();
@@ -278,7 +291,7 @@ pub fn hotpotqa(record: &Value) -> Result<Vec<Result<Example, String>>, String> 
 
 /// MS MARCO: the selected passages then the `query`; the answer is the first well-formed
 /// answer, else the first answer. "No Answer Present." becomes the unanswerable reply.
-pub fn msmarco(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
+pub fn msmarco(record: &Value) -> Result<Vec<Result<Example, RejectReason>>, RejectReason> {
     let query = str_field(record, "query")?;
     let first = |field: &str| {
         record.get(field).and_then(Value::as_array).and_then(|a| {
@@ -289,7 +302,12 @@ pub fn msmarco(record: &Value) -> Result<Vec<Result<Example, String>>, String> {
     };
     let answer = first("wellFormedAnswers")
         .or_else(|| first("answers"))
-        .ok_or("lacks required field `answers` (or it is empty)")?;
+        .ok_or_else(|| {
+            RejectReason::missing_field(
+                "answers",
+                "lacks required field `answers` (or it is empty)",
+            )
+        })?;
     let answer = if answer.trim() == "No Answer Present." {
         UNANSWERABLE
     } else {

@@ -6,6 +6,7 @@
 //! `{path|filter}` transforms the value (`letters`, `letter`, `lines`, `json`,
 //! `values(0=No,1=Yes)`).
 
+use crate::reject::RejectReason;
 use std::fmt::Write as _;
 
 use serde_json::Value;
@@ -173,7 +174,7 @@ impl Filter {
         })
     }
 
-    fn apply(&self, value: &Value, out: &mut String) -> Result<(), String> {
+    fn apply(&self, value: &Value, out: &mut String) -> Result<(), RejectReason> {
         match self {
             Filter::Letters => {
                 let items = value.as_array().ok_or("`letters` needs a list")?;
@@ -336,7 +337,7 @@ impl Template {
     /// Renders the template. A required field that is missing is an error naming it; if
     /// every field is optional and missing, the result is empty (literal text is dropped
     /// too, so `"Context: {context?}"` disappears as a whole).
-    pub fn render(&self, scope: &Scope<'_>) -> Result<String, String> {
+    pub fn render(&self, scope: &Scope<'_>) -> Result<String, RejectReason> {
         let mut out = String::new();
         let mut any_field = false;
         let mut any_value = false;
@@ -361,7 +362,12 @@ impl Template {
                             any_value |= !out[start..].trim().is_empty();
                         }
                         None if *optional => {}
-                        None => return Err(format!("lacks required field `{}`", path.as_str())),
+                        None => {
+                            return Err(RejectReason::missing_field(
+                                path.as_str(),
+                                format!("lacks required field `{}`", path.as_str()),
+                            ))
+                        }
                     }
                 }
             }
@@ -388,7 +394,9 @@ mod tests {
     use serde_json::json;
 
     fn render(template: &str, value: &Value) -> Result<String, String> {
-        Template::parse(template)?.render(&Scope::of(value))
+        Template::parse(template)?
+            .render(&Scope::of(value))
+            .map_err(|e| e.message)
     }
 
     #[test]

@@ -31,8 +31,8 @@ use crate::conversation::ContentHash;
 
 pub use transaction::{ExclusionBatch, ImportBatch};
 pub use types::{
-    Counters, ExampleHeader, Exclusion, ImportCounts, ImportRecord, ImportState, ProvenanceEntry,
-    ProvenanceValue, Reject, StoredExample,
+    Counters, ExampleHeader, Exclusion, ImportCounts, ImportRecord, ImportState, LegacyReject,
+    ProvenanceEntry, ProvenanceValue, Reject, RejectKind, RejectReason, StoredExample,
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
@@ -433,7 +433,12 @@ impl Store {
             if prefix.is_some_and(|p| !key.starts_with(&p)) {
                 break;
             }
-            out.push(self.decode(&value, "reject")?);
+            // Rejects written before kinds were stored lack the last two fields.
+            let reject = match bincode::deserialize::<Reject>(&value) {
+                Ok(reject) => reject,
+                Err(_) => self.decode::<LegacyReject>(&value, "reject")?.into(),
+            };
+            out.push(reject);
         }
         Ok(out)
     }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::conversation::{Conversation, Extras};
 use crate::reader::{Container, Position};
+pub use crate::reject::{RejectKind, RejectReason};
 
 /// An example as stored under its content hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,15 +131,65 @@ pub struct Reject {
     pub part: u32,
     pub line: u64,
     pub byte_offset: u64,
+    /// The message shown to people ([`RejectReason::message`]).
     pub reason: String,
     /// The record's bytes, at most `RAW_LIMIT` of them.
     pub raw: Vec<u8>,
     pub raw_truncated: bool,
+    /// The reason's kind and subject. Last, so that a reject written before they were
+    /// stored decodes as [`LegacyReject`] (its kind read from its text once) and a reader
+    /// of that version reads these as trailing bytes it ignores.
+    pub kind: RejectKind,
+    pub subject: String,
 }
 
 impl Reject {
     /// Raw bytes kept per rejected record; longer records keep their beginning.
     pub const RAW_LIMIT: usize = 64 << 10;
+
+    /// The reason, typed.
+    pub fn reason(&self) -> RejectReason {
+        RejectReason {
+            kind: self.kind,
+            subject: self.subject.clone(),
+            message: self.reason.clone(),
+        }
+    }
+}
+
+/// A reject as stores of schema version 2 wrote it before kinds were stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyReject {
+    pub import_id: u32,
+    pub source: String,
+    pub path: String,
+    pub record: Option<u64>,
+    pub part: u32,
+    pub line: u64,
+    pub byte_offset: u64,
+    pub reason: String,
+    pub raw: Vec<u8>,
+    pub raw_truncated: bool,
+}
+
+impl From<LegacyReject> for Reject {
+    fn from(old: LegacyReject) -> Reject {
+        let typed = RejectReason::classify_legacy(&old.reason);
+        Reject {
+            import_id: old.import_id,
+            source: old.source,
+            path: old.path,
+            record: old.record,
+            part: old.part,
+            line: old.line,
+            byte_offset: old.byte_offset,
+            reason: old.reason,
+            raw: old.raw,
+            raw_truncated: old.raw_truncated,
+            kind: typed.kind,
+            subject: typed.subject,
+        }
+    }
 }
 
 /// Store-wide totals, updated in the same batch as the data they count.
