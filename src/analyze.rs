@@ -170,7 +170,7 @@ pub struct TokenCounter {
 
 impl TokenCounter {
     /// Loads `tokenizer.json` (or the one inside a model directory).
-    pub fn load(path: &Path) -> Result<TokenCounter, String> {
+    pub fn load(path: &Path) -> Result<TokenCounter, crate::invalid::Invalid> {
         let file: PathBuf = if path.is_dir() {
             path.join("tokenizer.json")
         } else {

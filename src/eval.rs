@@ -263,10 +263,10 @@ pub fn answer_probes(
             messages.push(Message::new(Role::User, prompt.as_str()));
             let ids = tokenizer
                 .encode_prompt(&Conversation::new(messages))
-                .map_err(Error::Config)?;
+                .map_err(|e| Error::Config(e.0))?;
             let answer = |lora: Option<&Lora>| -> Result<String, Error> {
                 let generated = generate_greedy(model, lora, &ids, probes.max_new_tokens, &stop)?;
-                tokenizer.decode(&generated).map_err(Error::Config)
+                tokenizer.decode(&generated).map_err(|e| Error::Config(e.0))
             };
             out.push(ProbeAnswer {
                 context: context.name.clone(),

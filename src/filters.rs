@@ -134,16 +134,16 @@ impl Filters {
         let file: FilterFile = crate::manifest::load_yaml(path)?;
         Filters::new(file.filters).map_err(|message| crate::manifest::Error::Invalid {
             path: path.to_owned(),
-            message,
+            message: message.0,
         })
     }
 
-    pub fn new(specs: Vec<FilterSpec>) -> Result<Filters, String> {
+    pub fn new(specs: Vec<FilterSpec>) -> Result<Filters, crate::invalid::Invalid> {
         let mut names = HashSet::new();
         let mut filters = Vec::with_capacity(specs.len());
         for spec in specs {
             if !names.insert(spec.name.clone()) {
-                return Err(format!("filter `{}` is defined twice", spec.name));
+                return Err(format!("filter `{}` is defined twice", spec.name).into());
             }
             let mut compiled = Compiled {
                 name: spec.name.clone(),
@@ -176,7 +176,7 @@ impl Filters {
                     }
                 }
                 Check::RepeatedNgrams { n, .. } if *n == 0 => {
-                    return Err(format!("filter `{}`: n must be at least 1", spec.name));
+                    return Err(format!("filter `{}`: n must be at least 1", spec.name).into());
                 }
                 _ => {}
             }

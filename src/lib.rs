@@ -37,6 +37,7 @@ pub mod filters;
 pub mod formats;
 pub mod index;
 pub mod ingest;
+pub mod invalid;
 pub mod manifest;
 pub mod model;
 pub mod reader;

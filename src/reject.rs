@@ -223,3 +223,10 @@ impl PartialEq<str> for RejectReason {
         self.message == other
     }
 }
+
+/// A record whose content a format's templates or paths cannot use.
+impl From<crate::invalid::Invalid> for RejectReason {
+    fn from(invalid: crate::invalid::Invalid) -> RejectReason {
+        RejectReason::new(RejectKind::InvalidRecord, invalid.0)
+    }
+}

@@ -242,7 +242,7 @@ fn loss_masks_cover_exactly_the_assistant_tokens() {
         (Role::Tool, "{}"),
         (Role::Assistant, "ok"),
     ]);
-    assert!(model.encode(&tool).unwrap_err().contains("unknown role"));
+    assert!(model.encode(&tool).unwrap_err().0.contains("unknown role"));
 }
 
 fn options(batch_size: usize, rank: usize, ranks: usize, packing: bool) -> BatchOptions {

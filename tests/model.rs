@@ -478,7 +478,7 @@ fn peft_files_have_peft_names_shapes_and_config_and_merge_matches() {
         .err()
         .unwrap();
     assert!(
-        err.contains("base_model.model.model.layers.") && err.contains("shape"),
+        err.0.contains("base_model.model.model.layers.") && err.0.contains("shape"),
         "{err}"
     );
 }

@@ -165,8 +165,8 @@ fn the_end_of_turn_marker_is_read_from_the_template_or_refused() {
     let mut model = with_template(&path, bare, "", &[]);
     assert_eq!(model.end_of_turn(), "");
     let refused = model.require_end_of_turn().unwrap_err();
-    assert!(refused.contains("end_of_turn:"), "{refused}");
-    assert!(refused.contains("tokenizer_config.json"), "{refused}");
+    assert!(refused.0.contains("end_of_turn:"), "{refused}");
+    assert!(refused.0.contains("tokenizer_config.json"), "{refused}");
     model.set_end_of_turn("<|im_end|>");
     model.require_end_of_turn().unwrap();
 }
@@ -436,7 +436,7 @@ fn generation_config_eos_ids_end_generation_too() {
     assert!(with.contains(&7) && with.contains(&9), "{with:?}");
     std::fs::write(dir.path().join("generation_config.json"), "{not json").unwrap();
     let refused = ChatTokenizer::load(dir.path()).err().unwrap();
-    assert!(refused.contains("generation_config.json"), "{refused}");
+    assert!(refused.0.contains("generation_config.json"), "{refused}");
 }
 
 #[test]
@@ -445,7 +445,10 @@ fn ignored_tool_calls_can_be_refused_instead_of_inlined() {
     let mut model = public(&path, "smollm2");
     model.refuse_ignored_tool_calls();
     let refused = model.encode(&tool_conversation()).unwrap_err();
-    assert!(refused.contains("inline_tool_calls is false"), "{refused}");
+    assert!(
+        refused.0.contains("inline_tool_calls is false"),
+        "{refused}"
+    );
     // Conversations without tool use are unaffected.
     let plain = Conversation::new(vec![
         Message::new(Role::User, "Weather in Paris?"),

@@ -125,7 +125,7 @@ pub fn batch_at(
         let example = store.get(&hash)?.ok_or(Error::Missing(planned.ordinal))?;
         items.push((p, planned.ordinal, example.conversation));
     }
-    let encoded: Vec<(u64, u64, Result<Tokenized, String>)> = items
+    let encoded: Vec<(u64, u64, Result<Tokenized, crate::invalid::Invalid>)> = items
         .into_par_iter()
         .map(|(p, ordinal, conversation)| (p, ordinal, tokenizer.encode(&conversation)))
         .collect();
@@ -143,7 +143,7 @@ pub fn batch_at(
                 }
                 examples.push((p, ordinal, tokens));
             }
-            Err(reason) => skipped.push((ordinal, reason)),
+            Err(reason) => skipped.push((ordinal, reason.0)),
         }
     }
     let mut batch = assemble(examples, tokenizer.pad_id, options)?;

@@ -64,7 +64,7 @@ fn token_text(value: Option<&serde_json::Value>) -> Option<String> {
 impl ChatTokenizer {
     /// Loads `tokenizer.json` and, beside it, `tokenizer_config.json` if present. `path`
     /// is the file or the directory holding it.
-    pub fn load(path: &Path) -> Result<ChatTokenizer, String> {
+    pub fn load(path: &Path) -> Result<ChatTokenizer, crate::invalid::Invalid> {
         let (file, dir): (PathBuf, PathBuf) = if path.is_dir() {
             (path.join("tokenizer.json"), path.to_owned())
         } else {
@@ -110,7 +110,7 @@ impl ChatTokenizer {
         tokenizer: tokenizers::Tokenizer,
         config: Option<serde_json::Value>,
         origin: &Path,
-    ) -> Result<ChatTokenizer, String> {
+    ) -> Result<ChatTokenizer, crate::invalid::Invalid> {
         let config_file = origin;
         let template_source = config.as_ref().and_then(|c| match c.get("chat_template")? {
             serde_json::Value::String(s) => Some(s.clone()),
@@ -306,12 +306,12 @@ impl ChatTokenizer {
 
     /// An error naming the template when no end-of-turn marker is known: a model trained
     /// without one never learns to stop.
-    pub fn require_end_of_turn(&self) -> Result<(), String> {
+    pub fn require_end_of_turn(&self) -> Result<(), crate::invalid::Invalid> {
         if self.end_of_turn.is_empty() {
             return Err(format!(
                 "{}: the chat template writes no end-of-turn marker after an assistant reply (no special token or eos follows it), so the model would never learn to stop; set `end_of_turn: \"<marker>\"` in the training config (e.g. `<|eot_id|>`, `<end_of_turn>`, `</s>`)",
                 self.origin
-            ));
+            ).into());
         }
         Ok(())
     }
@@ -326,8 +326,9 @@ impl ChatTokenizer {
     }
 
     /// The conversation as the model sees it.
-    pub fn render(&self, conversation: &Conversation) -> Result<String, String> {
+    pub fn render(&self, conversation: &Conversation) -> Result<String, crate::invalid::Invalid> {
         self.render_messages(conversation, conversation.messages.len(), false)
+            .map_err(crate::invalid::Invalid::from)
     }
 
     /// The first `upto` messages, optionally followed by the assistant's turn header.
@@ -378,7 +379,10 @@ impl ChatTokenizer {
 
     /// Token ids of a prompt: the conversation followed by the assistant's turn header,
     /// ready for generation.
-    pub fn encode_prompt(&self, conversation: &Conversation) -> Result<Vec<u32>, String> {
+    pub fn encode_prompt(
+        &self,
+        conversation: &Conversation,
+    ) -> Result<Vec<u32>, crate::invalid::Invalid> {
         let text = self.render_messages(conversation, conversation.messages.len(), true)?;
         let encoding = self
             .tokenizer
@@ -411,10 +415,11 @@ impl ChatTokenizer {
     }
 
     /// Text of generated ids (special tokens left out).
-    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+    pub fn decode(&self, ids: &[u32]) -> Result<String, crate::invalid::Invalid> {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| format!("tokenizer: {e}"))
+            .map_err(crate::invalid::Invalid::from)
     }
 
     /// Byte spans of the rendered text that are trained: each assistant message's content
@@ -488,7 +493,10 @@ impl ChatTokenizer {
     /// Token ids of the rendered conversation and which of them are trained: the whole
     /// text is tokenized at once (so merges and prefix spaces are as the model sees them)
     /// and a token is trained when its bytes overlap a trained span.
-    pub fn encode(&self, conversation: &Conversation) -> Result<Tokenized, String> {
+    pub fn encode(
+        &self,
+        conversation: &Conversation,
+    ) -> Result<Tokenized, crate::invalid::Invalid> {
         let text = self.render(conversation)?;
         let spans = self.trained_spans(&text, conversation)?;
         let encoding = self
@@ -832,7 +840,11 @@ pub fn python_json(value: &serde_json::Value, indent: Option<usize>) -> String {
 /// Trains a small byte-level BPE tokenizer (no prefix space, ChatML's markers as special
 /// tokens) on the lines of `text_file` and writes it as `tokenizer.json` to `out`: a real
 /// tokenizer for tests, benchmarks and demos when no model's tokenizer is at hand.
-pub fn train_byte_level_bpe(text_file: &Path, vocab: usize, out: &Path) -> Result<(), String> {
+pub fn train_byte_level_bpe(
+    text_file: &Path,
+    vocab: usize,
+    out: &Path,
+) -> Result<(), crate::invalid::Invalid> {
     use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
     use tokenizers::models::TrainerWrapper;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -858,6 +870,7 @@ pub fn train_byte_level_bpe(text_file: &Path, vocab: usize, out: &Path) -> Resul
     tokenizer
         .save(out, false)
         .map_err(|e| format!("{}: {e}", out.display()))
+        .map_err(crate::invalid::Invalid::from)
 }
 
 /// Trains [`train_byte_level_bpe`] on the message texts of the store's first `examples`
@@ -867,7 +880,7 @@ pub fn train_from_store(
     examples: usize,
     vocab: usize,
     out: &Path,
-) -> Result<(), String> {
+) -> Result<(), crate::invalid::Invalid> {
     use std::io::Write;
     let text = out.with_extension("training.txt");
     let written = (|| -> Result<(), String> {
@@ -893,9 +906,9 @@ pub fn train_from_store(
         }
         file.flush().map_err(io)
     })();
-    let result = written.and_then(|()| train_byte_level_bpe(&text, vocab, out));
+    let result = written.and_then(|()| train_byte_level_bpe(&text, vocab, out).map_err(|e| e.0));
     let _ = std::fs::remove_file(&text);
-    result
+    result.map_err(crate::invalid::Invalid::from)
 }
 
 /// The tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`), rebuilt as a
@@ -905,7 +918,7 @@ pub fn train_from_store(
 pub fn tokenizer_from_gguf(
     metadata: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
     origin: &Path,
-) -> Result<ChatTokenizer, String> {
+) -> Result<ChatTokenizer, crate::invalid::Invalid> {
     use candle_core::quantized::gguf_file::Value;
     let fail = |m: String| format!("{}: {m}", origin.display());
     let strings = |key: &str| -> Result<Vec<String>, String> {
@@ -931,15 +944,16 @@ pub fn tokenizer_from_gguf(
     let kind = match metadata.get("tokenizer.ggml.model") {
         Some(Value::String(s)) => s.clone(),
         _ => {
-            return Err(fail(
-                "no tokenizer.ggml.model in the metadata; pass --tokenizer".into(),
-            ))
+            return Err(
+                fail("no tokenizer.ggml.model in the metadata; pass --tokenizer".into()).into(),
+            )
         }
     };
     if kind != "gpt2" {
         return Err(fail(format!(
             "tokenizer type `{kind}` is not rebuilt from GGUF (only byte-level BPE, `gpt2`); pass --tokenizer with the model's tokenizer.json"
-        )));
+        ))
+        .into());
     }
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges = strings("tokenizer.ggml.merges")?;

@@ -39,7 +39,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
         None => Targets::strategy_default(),
     };
     let counter = match &args.tokenizer {
-        Some(path) => Some(TokenCounter::load(path).map_err(anyhow::Error::msg)?),
+        Some(path) => Some(TokenCounter::load(path)?),
         None => None,
     };
     let store = Store::open_read_only(store_path)?;

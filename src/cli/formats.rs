@@ -46,7 +46,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut formats = Formats::builtin();
     for path in &args.mapping {
-        formats.load_mapping(path).map_err(anyhow::Error::msg)?;
+        formats.load_mapping(path)?;
     }
     if args.json {
         let list: Vec<_> = formats

@@ -106,9 +106,9 @@ fn options_for(
     let mut options = IngestOptions::new(source, category);
     options.rules = rules;
     options.format = match (format, mapping) {
-        (_, Some(mapping)) => Some(formats.load_mapping(mapping).map_err(anyhow::Error::msg)?),
+        (_, Some(mapping)) => Some(formats.load_mapping(mapping)?),
         (None | Some("auto"), None) => None,
-        (Some(name), None) => Some(formats.get(name).map_err(anyhow::Error::msg)?),
+        (Some(name), None) => Some(formats.get(name)?),
     };
     Ok(options)
 }
@@ -212,11 +212,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
             if args.format != "auto" {
                 bail!("--map gives the record shape; it goes without --format");
             }
-            options.format = Some(
-                formats
-                    .quick_mapping(&args.map)
-                    .map_err(anyhow::Error::msg)?,
-            );
+            options.format = Some(formats.quick_mapping(&args.map)?);
         }
         jobs.push((options, hub_files(&args.files)?));
     }

@@ -42,8 +42,7 @@ pub fn plan(store_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode> {
     let built = started.elapsed().as_secs_f64();
     let tokens = match &args.tokenizer {
         Some(path) => {
-            let counter =
-                corpusdb::analyze::TokenCounter::load(path).map_err(anyhow::Error::msg)?;
+            let counter = corpusdb::analyze::TokenCounter::load(path)?;
             let bar = super::index::bar("counting tokens", 0);
             let (counts, note) =
                 corpusdb::analyze::token_counts(&store, &counter, &|done, total| {
@@ -231,7 +230,7 @@ pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode>
         bail!("--rank must be below --ranks");
     }
     let curriculum = Curriculum::load(&args.curriculum)?;
-    let mut tokenizer = ChatTokenizer::load(&args.tokenizer).map_err(anyhow::Error::msg)?;
+    let mut tokenizer = ChatTokenizer::load(&args.tokenizer)?;
     if let Some(marker) = &args.end_of_turn {
         tokenizer.set_end_of_turn(marker);
     }
@@ -239,7 +238,7 @@ pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode>
     tokenizer.require_end_of_turn().map_err(|e| {
         anyhow::anyhow!(
             "{}",
-            e.replace("in the training config", "with --end-of-turn")
+            e.0.replace("in the training config", "with --end-of-turn")
         )
     })?;
     let (store, index) = super::index::open_for_reading(store_path)?;
@@ -353,8 +352,7 @@ pub struct TrainTokenizerArgs {
 
 pub fn train_tokenizer(store_path: &Path, args: TrainTokenizerArgs) -> anyhow::Result<ExitCode> {
     let store = corpusdb::store::Store::open_read_only(store_path)?;
-    batches::template::train_from_store(&store, args.examples, args.vocab, &args.out)
-        .map_err(anyhow::Error::msg)?;
+    batches::template::train_from_store(&store, args.examples, args.vocab, &args.out)?;
     println!("tokenizer written to {}", args.out.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -119,7 +119,7 @@ enum CheckpointingArg {
 }
 
 fn parse_memory_size(text: &str) -> Result<u64, String> {
-    memory::parse_bytes(text)
+    memory::parse_bytes(text).map_err(|e| e.0)
 }
 
 /// `train --dry-run`: the memory plan from the training config and the model's
@@ -238,10 +238,7 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
     super::plan::note_tool_rendering(&tokenizer);
     let (store, index) = super::index::open_for_reading(store_path)?;
     let plan = Plan::build(&index, &curriculum)?;
-    let lora_params = config
-        .lora
-        .parameter_count(&model.config)
-        .map_err(anyhow::Error::msg)?;
+    let lora_params = config.lora.parameter_count(&model.config)?;
     let steps: u64 = train::steps_per_phase(&plan, &config).iter().sum();
     eprintln!(
         "model {} ({} layers, hidden {}, vocab {}), LoRA r={} alpha={} on {}: {} trainable parameters",
@@ -390,9 +387,7 @@ pub fn eval(store_path: &Path, args: EvalArgs) -> anyhow::Result<ExitCode> {
     let (model, tokenizer) =
         train::load_model(&args.model, args.tokenizer.as_deref(), args.device.into())?;
     let adapter = match &args.adapter {
-        Some(dir) => {
-            Some(Lora::load_peft(dir, &model.config, &model.device).map_err(anyhow::Error::msg)?)
-        }
+        Some(dir) => Some(Lora::load_peft(dir, &model.config, &model.device)?),
         None => None,
     };
     let mut losses = Vec::new();
@@ -510,8 +505,7 @@ pub struct MergeArgs {
 pub fn merge_adapter(args: MergeArgs) -> anyhow::Result<ExitCode> {
     let (device, _) = DeviceKind::Cpu.open()?;
     let mut model = weights::load(&args.model, &device, candle_core::DType::F32)?;
-    let lora =
-        Lora::load_peft(&args.adapter, &model.config, &device).map_err(anyhow::Error::msg)?;
+    let lora = Lora::load_peft(&args.adapter, &model.config, &device)?;
     lora.merge_into(&mut model)?;
     weights::save_hf(&model, &args.out)?;
     let copied = copy_tokenizer_files(&args.model, &args.out)?;

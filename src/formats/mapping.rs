@@ -521,7 +521,7 @@ fn list_at<'v>(scope: &Scope<'v>, path: &JsonPath) -> Result<&'v Vec<Value>, Rej
 /// Splits `text` at speaker markers (`"\n\nHuman:"`, ...). A marker also matches at the very
 /// start of the text without its leading whitespace. Text before the first marker is an
 /// error unless it is blank.
-pub fn split_transcript(
+pub(crate) fn split_transcript(
     text: &str,
     markers: &[(String, Role)],
     out: &mut Vec<Message>,
@@ -583,10 +583,13 @@ pub fn split_transcript(
 }
 
 impl Mapping {
-    pub fn compile(spec: &MappingSpec) -> Result<Mapping, String> {
-        let in_mapping = |e: String| format!("format `{}`: {e}", spec.name);
+    pub fn compile(spec: &MappingSpec) -> Result<Mapping, crate::invalid::Invalid> {
+        let in_mapping =
+            |e: String| crate::invalid::Invalid(format!("format `{}`: {e}", spec.name));
         let paths = |list: &[String]| -> Result<Vec<JsonPath>, String> {
-            list.iter().map(|p| JsonPath::parse(p)).collect()
+            list.iter()
+                .map(|p| JsonPath::parse(p).map_err(String::from))
+                .collect()
         };
         if spec.detect.is_empty() {
             return Err(in_mapping("`detect` must name at least one field".into()));
@@ -630,7 +633,7 @@ impl Mapping {
                 .as_deref()
                 .map(JsonPath::parse)
                 .transpose()
-                .map_err(in_mapping)?,
+                .map_err(|e| in_mapping(e.0))?,
             rejected: spec
                 .rejected
                 .as_ref()
@@ -843,8 +846,7 @@ impl Mapping {
                     return Err(RejectReason::missing_field(
                         order.as_str(),
                         format!("row {} lacks required field `{}`", i + 1, order.as_str()),
-                    )
-                    .into());
+                    ));
                 }
             }
             rows.sort_by(|a, b| compare(order.resolve(a), order.resolve(b)));

@@ -327,7 +327,7 @@ impl Formats {
     /// `assistant={answer}`; `system=` too), in order, with the template syntax of YAML
     /// mappings (`\n` is a line break). Its identifying fields are the templates'
     /// required fields; its name spells the turns, so an import records what it used.
-    pub fn quick_mapping(&self, turns: &[String]) -> Result<Format, String> {
+    pub fn quick_mapping(&self, turns: &[String]) -> Result<Format, crate::invalid::Invalid> {
         let mut specs = Vec::new();
         let mut detect: Vec<String> = Vec::new();
         for turn in turns {
@@ -338,7 +338,8 @@ impl Formats {
             if crate::conversation::Role::from_alias(role).is_none() {
                 return Err(format!(
                     "--map {turn}: unknown role `{role}` (system, user, assistant, tool)"
-                ));
+                )
+                .into());
             }
             // A bare field name is its own template: `user=question`.
             let template = if template.contains('{') {
@@ -375,7 +376,7 @@ impl Formats {
     }
 
     /// Loads a mapping file and adds its format; its name must be new.
-    pub fn load_mapping(&mut self, path: &Path) -> Result<Format, String> {
+    pub fn load_mapping(&mut self, path: &Path) -> Result<Format, crate::invalid::Invalid> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let spec: MappingSpec =
             serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -391,7 +392,8 @@ impl Formats {
                 "{}: format `{}` already exists; give the mapping another name",
                 path.display(),
                 mapping.name
-            ));
+            )
+            .into());
         }
         let format = Format::from_mapping(mapping);
         self.list.push(format.clone());
@@ -403,7 +405,7 @@ impl Formats {
     }
 
     /// The format called `name`, or an error listing the known names.
-    pub fn get(&self, name: &str) -> Result<Format, String> {
+    pub fn get(&self, name: &str) -> Result<Format, crate::invalid::Invalid> {
         self.list
             .iter()
             .find(|f| f.name() == name)
@@ -413,7 +415,7 @@ impl Formats {
                     "unknown format `{name}`; known formats: auto, {} (details: `corpusdb formats`)",
                     self.list.iter().map(Format::name).collect::<Vec<_>>().join(", ")
                 )
-            })
+            }).map_err(crate::invalid::Invalid::from)
     }
 
     /// The format of one record, chosen by the most specific match.
@@ -489,7 +491,7 @@ impl Formats {
     pub fn detect_sample<'a>(
         &self,
         records: impl IntoIterator<Item = &'a [u8]>,
-    ) -> Result<Detected, String> {
+    ) -> Result<Detected, crate::invalid::Invalid> {
         let mut seen: Vec<Format> = Vec::new();
         let mut first_error = None;
         for bytes in records {
@@ -501,7 +503,7 @@ impl Formats {
                 }
                 // Bad records are reported when they are imported; an ambiguous shape
                 // must be settled by the user.
-                Err(e) if e.message.starts_with("ambiguous") => return Err(e.message),
+                Err(e) if e.message.starts_with("ambiguous") => return Err(e.message.into()),
                 Err(e) => {
                     first_error.get_or_insert(e.message);
                 }
@@ -509,13 +511,16 @@ impl Formats {
         }
         match seen.as_slice() {
             [one] => Ok(Detected::One(one.clone())),
-            [] => Err(first_error.unwrap_or_else(|| "the file has no records".to_string())),
+            [] => Err(first_error
+                .unwrap_or_else(|| "the file has no records".to_string())
+                .into()),
             many => match many.iter().find(|f| f.group_by().is_some()) {
                 Some(rows) => Err(format!(
                     "the first records mix {} rows with other shapes ({}); pass --format",
                     rows.name(),
                     many.iter().map(Format::name).collect::<Vec<_>>().join(", ")
-                )),
+                )
+                .into()),
                 None => Ok(Detected::PerRecord),
             },
         }

@@ -152,8 +152,7 @@ fn paths(
                 return Err(RejectReason::missing_field(
                     "role",
                     format!("message {id} lacks required field `role`"),
-                )
-                .into())
+                ))
             }
             Some(name) if Role::from_alias(name).is_none() => {
                 return Err(format!("unknown role `{name}` in message {id}").into())
@@ -164,8 +163,7 @@ fn paths(
             return Err(RejectReason::missing_field(
                 "text",
                 format!("message {id} lacks required field `text`"),
-            )
-            .into());
+            ));
         }
     }
     for node in 0..tree.nodes.len() {

@@ -28,7 +28,7 @@ pub struct JsonPath {
 }
 
 impl JsonPath {
-    pub fn parse(text: &str) -> Result<JsonPath, String> {
+    pub fn parse(text: &str) -> Result<JsonPath, crate::invalid::Invalid> {
         let bad = |why: &str| format!("bad field path `{text}`: {why}");
         let mut steps = Vec::new();
         for part in text.split('.') {
@@ -37,7 +37,7 @@ impl JsonPath {
                 None => (part, ""),
             };
             if key.is_empty() && (steps.is_empty() || rest.is_empty()) {
-                return Err(bad("empty field name"));
+                return Err(bad("empty field name").into());
             }
             if !key.is_empty() {
                 steps.push(Step::Key(key.to_string()));
@@ -265,7 +265,7 @@ pub struct Template {
 
 impl Template {
     /// Parses `text`; `{{` and `}}` stand for literal braces.
-    pub fn parse(text: &str) -> Result<Template, String> {
+    pub fn parse(text: &str) -> Result<Template, crate::invalid::Invalid> {
         let mut pieces = Vec::new();
         let mut literal = String::new();
         let mut rest = text;
@@ -279,7 +279,7 @@ impl Template {
                 continue;
             }
             if brace == b'}' {
-                return Err(format!("template `{text}`: unmatched `}}` (write `}}}}`)"));
+                return Err(format!("template `{text}`: unmatched `}}` (write `}}}}`)").into());
             }
             let close = rest
                 .find('}')
@@ -380,7 +380,7 @@ impl Template {
 }
 
 /// The required fields of template text `text` (see [`Template::required_paths`]).
-pub fn required_fields(text: &str) -> Result<Vec<String>, String> {
+pub fn required_fields(text: &str) -> Result<Vec<String>, crate::invalid::Invalid> {
     Ok(Template::parse(text)?
         .required_paths()
         .into_iter()
@@ -436,6 +436,7 @@ mod tests {
             .contains("not one of the mapped values"));
         assert!(Template::parse("{a|upper}")
             .unwrap_err()
+            .0
             .contains("unknown filter"));
     }
 }

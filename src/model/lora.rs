@@ -103,22 +103,25 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    pub fn targets(&self) -> std::result::Result<Vec<Target>, String> {
+    pub fn targets(&self) -> std::result::Result<Vec<Target>, crate::invalid::Invalid> {
         self.targets
             .iter()
             .map(|name| {
                 Target::parse(name).ok_or_else(|| {
-                    format!(
+                    crate::invalid::Invalid(format!(
                         "unknown LoRA target `{name}` (known: {})",
                         default_targets().join(", ")
-                    )
+                    ))
                 })
             })
             .collect()
     }
 
     /// Trainable parameters of an adapter with these settings on `model`.
-    pub fn parameter_count(&self, model: &LlamaConfig) -> std::result::Result<usize, String> {
+    pub fn parameter_count(
+        &self,
+        model: &LlamaConfig,
+    ) -> std::result::Result<usize, crate::invalid::Invalid> {
         let per_layer: usize = self
             .targets()?
             .iter()
@@ -141,7 +144,7 @@ impl LoraConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("LoRA dropout {} is not in [0, 1)", self.dropout));
         }
-        self.targets().map(|_| ())
+        self.targets().map(|_| ()).map_err(|e| e.0)
     }
 }
 
@@ -396,7 +399,11 @@ impl Lora {
     }
 
     /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`.
-    pub fn save_peft(&self, dir: &Path, base_model: &str) -> std::result::Result<(), String> {
+    pub fn save_peft(
+        &self,
+        dir: &Path,
+        base_model: &str,
+    ) -> std::result::Result<(), crate::invalid::Invalid> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let tensors: HashMap<String, Tensor> = self
             .named_vars()
@@ -433,6 +440,7 @@ impl Lora {
             serde_json::to_string_pretty(&config).expect("json") + "\n",
         )
         .map_err(|e| format!("{}: {e}", file.display()))
+        .map_err(crate::invalid::Invalid::from)
     }
 
     /// Reads a PEFT LoRA adapter directory written by PEFT or by [`Lora::save_peft`].
@@ -440,7 +448,7 @@ impl Lora {
         dir: &Path,
         model: &LlamaConfig,
         device: &Device,
-    ) -> std::result::Result<Lora, String> {
+    ) -> std::result::Result<Lora, crate::invalid::Invalid> {
         let config_file = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&config_file)
             .map_err(|e| format!("{}: {e}", config_file.display()))?;
@@ -451,7 +459,7 @@ impl Lora {
                 .ok_or_else(|| format!("{}: no `{k}`", config_file.display()))
         };
         if field("peft_type")?.as_str() != Some("LORA") {
-            return Err(format!("{}: peft_type is not LORA", config_file.display()));
+            return Err(format!("{}: peft_type is not LORA", config_file.display()).into());
         }
         let targets: Vec<String> = match field("target_modules")? {
             serde_json::Value::Array(list) => list
@@ -460,10 +468,9 @@ impl Lora {
                 .collect(),
             serde_json::Value::String(s) => vec![s.clone()],
             _ => {
-                return Err(format!(
-                    "{}: target_modules is not a list",
-                    config_file.display()
-                ))
+                return Err(
+                    format!("{}: target_modules is not a list", config_file.display()).into(),
+                )
             }
         };
         let flag = |key: &str| json.get(key).and_then(|v| v.as_bool()) == Some(true);
@@ -483,7 +490,8 @@ impl Lora {
                 return Err(format!(
                     "{}: adapters with `{key}` are not supported",
                     config_file.display()
-                ));
+                )
+                .into());
             }
         }
         let config = LoraConfig {
@@ -508,7 +516,10 @@ impl Lora {
     }
 
     /// Sets every variable from tensors keyed by PEFT key (shapes must match).
-    pub fn assign(&mut self, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+    pub fn assign(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+    ) -> std::result::Result<(), crate::invalid::Invalid> {
         for (key, var) in self.named_vars() {
             let t = tensors
                 .get(&key)
@@ -518,7 +529,8 @@ impl Lora {
                     "`{key}` has shape {:?}, expected {:?}",
                     t.dims(),
                     var.dims()
-                ));
+                )
+                .into());
             }
             var.set(&t.to_dtype(self.dtype).map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;

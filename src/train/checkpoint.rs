@@ -89,7 +89,7 @@ pub fn save(
         std::fs::remove_dir_all(&staging).map_err(io_error(&staging))?;
     }
     lora.save_peft(&staging, base_model)
-        .map_err(Error::Checkpoint)?;
+        .map_err(|e| Error::Checkpoint(e.0))?;
     let mut moments: HashMap<String, Tensor> = HashMap::new();
     for (key, (m, v)) in &optimizer.moments {
         moments.insert(format!("m/{key}"), m.clone());

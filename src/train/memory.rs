@@ -722,7 +722,7 @@ fn short_count(n: u64) -> String {
 /// A memory size such as `80GiB`, `80 GB`, `512MiB`, `1.5T` or `1073741824`: KiB, MiB,
 /// GiB and TiB (and K, M, G, T) are powers of 1,024; KB, MB, GB and TB powers of 1,000;
 /// no unit (or `B`) is bytes. Case does not matter.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
+pub fn parse_bytes(text: &str) -> Result<u64, crate::invalid::Invalid> {
     let trimmed = text.trim();
     let split = trimmed
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -745,12 +745,13 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         _ => {
             return Err(format!(
                 "`{text}`: unknown unit `{unit}` (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-            ))
+            )
+            .into())
         }
     };
     let bytes = number * factor;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {
-        return Err(format!("`{text}` is too large"));
+        return Err(format!("`{text}` is too large").into());
     }
     Ok(bytes.round() as u64)
 }

@@ -270,7 +270,7 @@ impl TrainConfig {
         Ok(config)
     }
 
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), crate::invalid::Invalid> {
         if self.batch_size == 0 || self.gradient_accumulation == 0 || self.max_seq_len < 2 {
             return Err(
                 "batch_size and gradient_accumulation must be at least 1, max_seq_len at least 2"
@@ -424,7 +424,9 @@ pub fn run(
     observer: &mut dyn Observer,
 ) -> Result<RunSummary, Error> {
     let started = Instant::now();
-    tokenizer.require_end_of_turn().map_err(Error::Config)?;
+    tokenizer
+        .require_end_of_turn()
+        .map_err(|e| Error::Config(e.0))?;
     if config.max_seq_len > model.config.max_position_embeddings {
         return Err(Error::Config(format!(
             "max_seq_len {} exceeds the model's max_position_embeddings {}",
@@ -509,7 +511,7 @@ pub fn run(
         observer.ended();
         summary.finished = position >= plan.total;
         lora.save_peft(&summary.adapter, &options.base_model)
-            .map_err(Error::Checkpoint)?;
+            .map_err(|e| Error::Checkpoint(e.0))?;
         return Ok(summary);
     }
 
@@ -673,7 +675,7 @@ pub fn run(
     observer.ended();
     trained?;
     lora.save_peft(&summary.adapter, &options.base_model)
-        .map_err(Error::Checkpoint)?;
+        .map_err(|e| Error::Checkpoint(e.0))?;
     summary.finished = position >= plan.total;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
@@ -705,11 +707,12 @@ pub fn load_model_as(
             Some(t) => ChatTokenizer::load(t),
             None => batches::template::tokenizer_from_gguf(&content.metadata, path),
         }
-        .map_err(Error::Config)?;
+        .map_err(|e| Error::Config(e.0))?;
         (model, chat)
     } else {
         let model = crate::model::weights::load(path, &device, dtype).map_err(model_error)?;
-        let chat = ChatTokenizer::load(tokenizer.unwrap_or(path)).map_err(Error::Config)?;
+        let chat =
+            ChatTokenizer::load(tokenizer.unwrap_or(path)).map_err(|e| Error::Config(e.0))?;
         (model, chat)
     };
     // Ids, not the count: a vocabulary may have gaps.
