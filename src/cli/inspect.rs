@@ -214,21 +214,7 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
     let example = store
         .get(&hash)?
         .ok_or_else(|| anyhow::anyhow!("no example with hash {hash}"))?;
-    let imports: BTreeMap<u32, ImportRecord> =
-        store.imports()?.into_iter().map(|i| (i.id, i)).collect();
-    let sources: Vec<_> = store
-        .provenance(&hash)?
-        .into_iter()
-        .map(|p| {
-            let import = imports.get(&p.import_id);
-            json!({
-                "source": import.map(|i| i.source.as_str()).unwrap_or("?"),
-                "file": import.map(|i| i.path.as_str()).unwrap_or("?"),
-                "record": p.record,
-                "line": p.line,
-            })
-        })
-        .collect();
+    let sources = store.sources_of(&hash)?;
     let mut out = std::io::stdout().lock();
     if args.json {
         let record = corpusdb::export::messages_record(&example);
@@ -267,10 +253,7 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
         writeln!(
             out,
             "  - {} {}:{} (record {})",
-            s["source"].as_str().unwrap_or("?"),
-            s["file"].as_str().unwrap_or("?"),
-            s["line"],
-            s["record"]
+            s.source, s.file, s.line, s.record
         )?;
     }
     for message in &example.conversation.messages {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use corpusdb::batches::{self, BatchOptions, ChatTokenizer};
-use corpusdb::curriculum::{Curriculum, Plan, SamplerState};
+use corpusdb::curriculum::{Curriculum, Plan, PlanReport, SamplerState};
 use serde_json::json;
 
 /// Show what a curriculum trains on, phase by phase.
@@ -57,105 +57,61 @@ pub fn plan(store_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let batch = args.batch_size.max(1);
-    let mut phases = Vec::new();
-    for (i, phase) in plan.phases.iter().enumerate() {
-        let phase_tokens = tokens.as_ref().map(|counts| {
-            (phase.start..phase.start + phase.len())
-                .map(|p| u64::from(counts[plan.at(p).expect("in plan").ordinal as usize]))
-                .sum::<u64>()
-        });
-        let groups: Vec<_> = phase
-            .groups
-            .iter()
-            .map(|g| {
-                json!({
-                    "name": g.name,
-                    "available": g.ordinals.len(),
-                    "per_epoch": g.quota,
-                    "repeat": if g.ordinals.is_empty() { 0.0 } else { g.quota as f64 / g.ordinals.len() as f64 },
-                    "target_share": g.target_share,
-                    "share": if phase.per_epoch == 0 { 0.0 } else { g.quota as f64 / phase.per_epoch as f64 },
-                })
-            })
-            .collect();
-        phases.push(json!({
-            "phase": i + 1,
-            "name": phase.name,
-            "select": curriculum.phases[i].select,
-            "epochs": phase.epochs,
-            "learning_rate": phase.learning_rate,
-            "per_epoch": phase.per_epoch,
-            "examples": phase.len(),
-            "steps": phase.len().div_ceil(batch),
-            "tokens": phase_tokens,
-            "unmixed": phase.unmixed,
-            "groups": groups,
-            "notes": phase.notes,
-        }));
-    }
-    let value = json!({
-        "curriculum": curriculum.name,
-        "fingerprint": plan.fingerprint,
-        "examples": plan.total,
-        "held_out": plan.eval.len(),
-        "batch_size": batch,
-        "steps": phases.iter().map(|p| p["steps"].as_u64().unwrap_or(0)).sum::<u64>(),
-        "build_seconds": built,
-        "phases": phases,
-    });
+    let report = PlanReport::of(&plan, args.batch_size, tokens.as_deref(), built);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
         "curriculum {} (plan {}): {} examples in {} phases, {} held out for evaluation; built in {:.2}s",
-        curriculum.name,
-        plan.fingerprint,
-        plan.total,
-        plan.phases.len(),
-        plan.eval.len(),
-        built
+        report.curriculum,
+        report.fingerprint,
+        report.examples,
+        report.phases.len(),
+        report.held_out,
+        report.build_seconds
     );
-    for phase in value["phases"].as_array().expect("phases") {
+    for phase in &report.phases {
         println!(
             "\n{}. {}  [{}]\n   {} epoch(s) x {} = {} examples, lr {}, {} steps of {}{}",
-            phase["phase"],
-            phase["name"].as_str().unwrap_or(""),
-            phase["select"].as_str().unwrap_or(""),
-            phase["epochs"],
-            phase["per_epoch"],
-            phase["examples"],
-            phase["learning_rate"],
-            phase["steps"],
-            batch,
-            match phase["tokens"].as_u64() {
+            phase.phase,
+            phase.name,
+            phase.select,
+            phase.epochs,
+            phase.per_epoch,
+            phase.examples,
+            phase.learning_rate,
+            phase.steps,
+            report.batch_size,
+            match phase.tokens {
                 Some(t) => format!(", {t} tokens"),
                 None => String::new(),
             }
         );
-        if phase["groups"]
-            .as_array()
-            .is_some_and(|g| g.len() > 1 || g[0]["target_share"] != serde_json::Value::Null)
+        if phase.groups.len() > 1
+            || phase
+                .groups
+                .first()
+                .is_some_and(|g| g.target_share.is_some())
         {
             println!(
                 "   {:<16} {:>10} {:>10} {:>7} {:>8} {:>8}",
                 "group", "available", "per epoch", "repeat", "target", "share"
             );
-            for g in phase["groups"].as_array().expect("groups") {
+            for g in &phase.groups {
                 println!(
                     "   {:<16} {:>10} {:>10} {:>7.2} {:>7.1}% {:>7.1}%",
-                    g["name"].as_str().unwrap_or(""),
-                    g["available"].as_u64().unwrap_or(0),
-                    g["per_epoch"].as_u64().unwrap_or(0),
-                    g["repeat"].as_f64().unwrap_or(0.0),
-                    100.0 * g["target_share"].as_f64().unwrap_or(0.0),
-                    100.0 * g["share"].as_f64().unwrap_or(0.0)
+                    g.name,
+                    g.available,
+                    g.per_epoch,
+                    g.repeat,
+                    100.0 * g.target_share.unwrap_or(0.0),
+                    100.0 * g.share
                 );
             }
         }
-        for note in phase["notes"].as_array().into_iter().flatten() {
-            println!("   note: {}", note.as_str().unwrap_or(""));
+        for note in &phase.notes {
+            println!("   note: {note}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -470,3 +470,118 @@ pub fn apportion(shares: &[f64], total: u64) -> Vec<u64> {
     }
     out
 }
+
+/// What `corpusdb plan` reports of a plan: the phases with their groups, examples and
+/// steps for a batch size, and tokens when counted. The CLI prints it as text or JSON
+/// (these field names).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlanReport {
+    pub curriculum: String,
+    pub fingerprint: String,
+    pub examples: u64,
+    pub held_out: usize,
+    pub batch_size: u64,
+    pub steps: u64,
+    pub build_seconds: f64,
+    pub phases: Vec<PhaseReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PhaseReport {
+    /// 1-based.
+    pub phase: usize,
+    pub name: String,
+    pub select: String,
+    pub epochs: u32,
+    pub learning_rate: f64,
+    pub per_epoch: u64,
+    pub examples: u64,
+    pub steps: u64,
+    /// Tokens of the phase's examples, when a tokenizer counted them.
+    pub tokens: Option<u64>,
+    pub unmixed: u64,
+    pub groups: Vec<GroupReport>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GroupReport {
+    pub name: String,
+    pub available: usize,
+    pub per_epoch: u64,
+    /// How many times each available example is used per epoch, on average.
+    pub repeat: f64,
+    pub target_share: Option<f64>,
+    /// The group's share of the phase's epoch.
+    pub share: f64,
+}
+
+impl PlanReport {
+    /// The report of `plan` with `batch_size` examples per step; `tokens` holds every
+    /// example's token count by ordinal, when counted. `build_seconds` is how long the
+    /// plan took to build.
+    pub fn of(
+        plan: &Plan,
+        batch_size: u64,
+        tokens: Option<&[u32]>,
+        build_seconds: f64,
+    ) -> PlanReport {
+        let batch = batch_size.max(1);
+        let phases: Vec<PhaseReport> = plan
+            .phases
+            .iter()
+            .enumerate()
+            .map(|(i, phase)| {
+                let tokens = tokens.map(|counts| {
+                    (phase.start..phase.start + phase.len())
+                        .map(|p| u64::from(counts[plan.at(p).expect("in plan").ordinal as usize]))
+                        .sum::<u64>()
+                });
+                let groups = phase
+                    .groups
+                    .iter()
+                    .map(|g| GroupReport {
+                        name: g.name.clone(),
+                        available: g.ordinals.len(),
+                        per_epoch: g.quota,
+                        repeat: if g.ordinals.is_empty() {
+                            0.0
+                        } else {
+                            g.quota as f64 / g.ordinals.len() as f64
+                        },
+                        target_share: g.target_share,
+                        share: if phase.per_epoch == 0 {
+                            0.0
+                        } else {
+                            g.quota as f64 / phase.per_epoch as f64
+                        },
+                    })
+                    .collect();
+                PhaseReport {
+                    phase: i + 1,
+                    name: phase.name.clone(),
+                    select: plan.curriculum.phases[i].select.clone(),
+                    epochs: phase.epochs,
+                    learning_rate: phase.learning_rate,
+                    per_epoch: phase.per_epoch,
+                    examples: phase.len(),
+                    steps: phase.len().div_ceil(batch),
+                    tokens,
+                    unmixed: phase.unmixed,
+                    groups,
+                    notes: phase.notes.clone(),
+                }
+            })
+            .collect();
+        PlanReport {
+            curriculum: plan.curriculum.name.clone(),
+            fingerprint: plan.fingerprint.clone(),
+            examples: plan.total,
+            held_out: plan.eval.len(),
+            batch_size: batch,
+            steps: phases.iter().map(|p| p.steps).sum(),
+            build_seconds,
+            phases,
+        }
+    }
+}

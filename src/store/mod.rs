@@ -31,8 +31,9 @@ use crate::conversation::ContentHash;
 
 pub use transaction::{ExclusionBatch, ImportBatch};
 pub use types::{
-    Counters, ExampleHeader, Exclusion, ImportCounts, ImportRecord, ImportState, LegacyReject,
-    ProvenanceEntry, ProvenanceValue, Reject, RejectKind, RejectReason, StoredExample,
+    Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts, ImportRecord, ImportState,
+    LegacyReject, ProvenanceEntry, ProvenanceValue, Reject, RejectKind, RejectReason,
+    StoredExample,
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
@@ -373,6 +374,26 @@ impl Store {
     }
 
     /// Every source record that produced `hash`, in import order.
+    /// Where the example `hash` came from, each provenance entry with its import's source
+    /// name and file (`?` for an import no longer recorded).
+    pub fn sources_of(&self, hash: &ContentHash) -> Result<Vec<ExampleSource>> {
+        let imports: std::collections::BTreeMap<u32, ImportRecord> =
+            self.imports()?.into_iter().map(|i| (i.id, i)).collect();
+        Ok(self
+            .provenance(hash)?
+            .into_iter()
+            .map(|p| {
+                let import = imports.get(&p.import_id);
+                ExampleSource {
+                    source: import.map_or("?".into(), |i| i.source.clone()),
+                    file: import.map_or("?".into(), |i| i.path.clone()),
+                    record: p.record,
+                    line: p.line,
+                }
+            })
+            .collect())
+    }
+
     pub fn provenance(&self, hash: &ContentHash) -> Result<Vec<ProvenanceEntry>> {
         let mut out = Vec::new();
         let iter = self

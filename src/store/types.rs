@@ -54,6 +54,17 @@ pub struct ProvenanceEntry {
     pub line: u64,
 }
 
+/// One place an example came from, as `show` reports it (not stored).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ExampleSource {
+    pub source: String,
+    pub file: String,
+    /// 0-based record index within the file.
+    pub record: u64,
+    /// 1-based line where the record starts.
+    pub line: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ImportState {
     /// Started; resumes from `checkpoint`.
