@@ -449,12 +449,14 @@ fn parquet_export_reads_back_with_the_same_content() {
 
 /// pyarrow, the reader behind Hugging Face `datasets`, reads the export.
 #[test]
-#[ignore = "needs python3 with pyarrow (cargo test -- --ignored pyarrow)"]
+#[ignore = "needs Python with pyarrow (CORPUSDB_PYTHON; scripts/python-checks runs it)"]
 fn pyarrow_reads_the_parquet_export() {
     let dir = tempfile::tempdir().unwrap();
     let (expected, parquet_file) = jsonl_and_parquet_exports(dir.path());
     let script = "import sys, pyarrow.parquet as pq\nt = pq.read_table(sys.argv[1])\nprint(t.num_rows, t.column('messages')[0][0]['content'])";
-    let out = std::process::Command::new("python3")
+    let python =
+        std::env::var_os("CORPUSDB_PYTHON").unwrap_or_else(|| std::ffi::OsString::from("python3"));
+    let out = std::process::Command::new(python)
         .args(["-c", script])
         .arg(&parquet_file)
         .output()

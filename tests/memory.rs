@@ -335,6 +335,22 @@ fn llama3_8b_fits_80_gib_with_checkpointing_only() {
     };
     let layers = plan(Checkpointing::Layers);
     let none = plan(Checkpointing::None);
+    // CUDA's layer with tensor ops keeps less than the graph, attention included.
+    let tensors = |c| {
+        memory::plan(
+            &model,
+            &adapter,
+            16_384,
+            8,
+            DType::BF16,
+            LayerPass::Tensors,
+            c,
+            1024,
+        )
+    };
+    assert!(tensors(Checkpointing::Layers).fits(40 * GIB));
+    assert!(!tensors(Checkpointing::None).fits(141 * GIB));
+    assert!(tensors(Checkpointing::Layers).total < layers.total);
     assert_eq!(layers.inputs.lora.parameters, 83_886_080);
     assert_eq!(layers.base_weights, 8_030_261_248 * 2);
     assert!(layers.fits(80 * GIB), "{layers}");

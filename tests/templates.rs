@@ -320,7 +320,7 @@ fn python() -> std::path::PathBuf {
 }
 
 #[test]
-#[ignore = "needs Python with transformers (CORPUSDB_PYTHON; cargo test -- --ignored apply_chat_template)"]
+#[ignore = "needs Python with transformers (CORPUSDB_PYTHON; scripts/python-checks runs it)"]
 fn token_ids_equal_transformers_apply_chat_template() {
     let (_dir, path) = tokenizer_dir();
     let plain = Conversation::new(vec![
