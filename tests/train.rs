@@ -121,6 +121,38 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
         .all(|s| s.loss.is_some_and(f64::is_finite)));
     assert_eq!(whole.steps[phase_a_steps as usize].phase, "b");
 
+    // The same run driven one step at a time through `Trainer::step`.
+    {
+        let output = dir.path().join("by-step");
+        let config = config(&output, 9);
+        let run_options = options(Resume::No);
+        let mut trainer =
+            train::Trainer::new(&config, &model, &tokenizer, &plan, &run_options).unwrap();
+        assert_eq!((trainer.steps_done(), trainer.last_step()), (0, 9));
+        let batch_options = config.batch_options();
+        let losses: Vec<Option<f64>> = corpusdb::batches::with_stream(
+            &store,
+            &plan,
+            &tokenizer,
+            0,
+            &batch_options,
+            2,
+            |stream| {
+                (0..3)
+                    .map(|_| trainer.step(stream).unwrap().expect("a step").loss)
+                    .collect()
+            },
+        );
+        assert_eq!(trainer.steps_done(), 3);
+        let want: Vec<Option<f64>> = whole.steps[..3].iter().map(|s| s.loss).collect();
+        assert_eq!(losses, want);
+        let summary = trainer.finish().unwrap();
+        assert_eq!(summary.steps.len(), 3);
+        assert!(summary.adapter.join("adapter_model.safetensors").is_file());
+        let log = std::fs::read_to_string(output.join("metrics.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 3);
+    }
+
     // Activation checkpointing changes memory, not the training: the same losses (up to
     // f32 summation order), and a resumed checkpointed run repeats its own exactly.
     let layers = |output: &str, steps, resume| {

@@ -23,7 +23,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::batches::{self, BatchOptions, ChatTokenizer};
+use crate::batches::{self, Batch, BatchOptions, ChatTokenizer};
 use crate::curriculum::Plan;
 use crate::model::{DropoutKey, Llama, Lora, LoraConfig};
 use crate::store::Store;
@@ -413,7 +413,8 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
-/// Trains a LoRA adapter on `model` through the curriculum `plan`.
+/// Trains a LoRA adapter on `model` through the curriculum `plan`: a [`Trainer`] fed by
+/// the plan's batch stream, reporting to `observer`.
 pub fn run(
     config: &TrainConfig,
     model: &Llama,
@@ -423,136 +424,261 @@ pub fn run(
     options: &RunOptions,
     observer: &mut dyn Observer,
 ) -> Result<RunSummary, Error> {
-    let started = Instant::now();
-    tokenizer
-        .require_end_of_turn()
-        .map_err(|e| Error::Config(e.0))?;
-    if config.max_seq_len > model.config.max_position_embeddings {
-        return Err(Error::Config(format!(
-            "max_seq_len {} exceeds the model's max_position_embeddings {}",
-            config.max_seq_len, model.config.max_position_embeddings
-        )));
-    }
-    let seed = config.seed.unwrap_or(plan.curriculum.seed);
-    let device = model.device.clone();
-    std::fs::create_dir_all(&config.output).map_err(io_error(&config.output))?;
-    let checkpoints_dir = config.output.join("checkpoints");
-    let resume_from = match &options.resume {
-        Resume::No => {
-            if let Some(existing) = checkpoint::latest(&checkpoints_dir)? {
-                return Err(Error::Checkpoint(format!(
-                    "{} already holds checkpoints ({}); pass --resume to continue, or choose another output",
-                    checkpoints_dir.display(),
-                    existing.display()
-                )));
-            }
-            None
-        }
-        Resume::Latest => Some(checkpoint::latest(&checkpoints_dir)?.ok_or_else(|| {
-            Error::Checkpoint(format!(
-                "no checkpoint in {} to resume from",
-                checkpoints_dir.display()
-            ))
-        })?),
-        Resume::From(dir) => Some(dir.clone()),
-    };
-
-    let mut lora = Lora::new(config.lora.clone(), &model.config, seed, &device)?;
-    let mut optimizer = AdamW::new(config.optimizer.clone());
-    let mut step = 0u64;
-    let mut position = 0u64;
-    if let Some(dir) = &resume_from {
-        let state = checkpoint::load(dir, &mut lora, &mut optimizer, &device)?;
-        position = plan.resume(&state.sampler)?;
-        step = state.step;
-        // Checkpoints and metrics after the resumed step belong to a run that is now
-        // abandoned: set aside (never deleted), so that `--resume` and pruning only see
-        // this run, and the metrics log has each step once.
-        checkpoint::set_aside_after(&checkpoints_dir, step)?;
-        truncate_metrics(&config.output.join("metrics.jsonl"), step)?;
-    }
-    let first_step = step;
-    let max_steps = options.max_steps.or(config.max_steps);
-    let phase_steps = steps_per_phase(plan, config);
-    let total_steps: u64 = phase_steps.iter().sum::<u64>();
-    let last_step = max_steps.map_or(total_steps, |m| m.min(total_steps));
-
-    let metrics_file = config.output.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_file)
-        .map_err(io_error(&metrics_file))?;
-    observer.started(step, last_step);
-
-    let params: Vec<(String, candle_core::Var)> = lora
-        .named_vars()
-        .into_iter()
-        .map(|(k, v)| (k, v.clone()))
-        .collect();
-    let param_refs: Vec<(String, &candle_core::Var)> =
-        params.iter().map(|(k, v)| (k.clone(), v)).collect();
-    let options_batches = config.batch_options();
-
-    let mut summary = RunSummary {
-        first_step,
-        steps: Vec::new(),
-        examples: 0,
-        skipped: 0,
-        truncated_tokens: 0,
-        skip_reasons: Default::default(),
-        skipped_examples: Default::default(),
-        adapter: config.output.join("adapter"),
-        checkpoints: Vec::new(),
-        finished: false,
-        seconds: 0.0,
-    };
-    if step >= last_step || position >= plan.total {
+    let mut trainer = Trainer::new(config, model, tokenizer, plan, options)?;
+    observer.started(trainer.step, trainer.last_step);
+    if trainer.is_done() {
         observer.ended();
-        summary.finished = position >= plan.total;
-        lora.save_peft(&summary.adapter, &options.base_model)
-            .map_err(|e| Error::Checkpoint(e.0))?;
-        return Ok(summary);
+        return trainer.finish();
+    }
+    let start = trainer.position;
+    let options_batches = config.batch_options();
+    let trained = batches::with_stream(
+        store,
+        plan,
+        tokenizer,
+        start,
+        &options_batches,
+        2,
+        |stream| {
+            while let Some(metrics) = trainer.step(stream)? {
+                observer.step(&metrics, trainer.last_step);
+                if let Some(dir) = trainer.summary.checkpoints.last() {
+                    if trainer.checkpointed_at == Some(metrics.step) {
+                        observer.checkpoint(dir);
+                    }
+                }
+                if trainer.is_done() {
+                    break;
+                }
+            }
+            Ok::<(), Error>(())
+        },
+    );
+    observer.ended();
+    trained?;
+    trainer.finish()
+}
+
+/// A LoRA training run over a curriculum plan, one optimizer step at a time: the adapter,
+/// the optimizer, where the run stands in the plan, the metrics log and the checkpoints.
+/// The library prints nothing; [`run`] drives it with an [`Observer`].
+pub struct Trainer<'a> {
+    config: &'a TrainConfig,
+    model: &'a Llama,
+    plan: &'a Plan,
+    options: &'a RunOptions,
+    lora: Lora,
+    optimizer: AdamW,
+    params: Vec<(String, candle_core::Var)>,
+    seed: u64,
+    /// Optimizer steps done, and the plan position the next step starts at.
+    step: u64,
+    position: u64,
+    last_step: u64,
+    phase_steps: Vec<u64>,
+    step_options: step::StepOptions,
+    checkpoints_dir: PathBuf,
+    metrics_file: PathBuf,
+    metrics: std::fs::File,
+    started: Instant,
+    /// The step whose end wrote the newest checkpoint.
+    checkpointed_at: Option<u64>,
+    summary: RunSummary,
+}
+
+/// What the micro-batches of the step under way have added up to.
+struct Accumulated {
+    grads: HashMap<String, Tensor>,
+    nll_sum: f64,
+    targets: u64,
+    tokens: u64,
+    examples: u64,
+    skipped: u64,
+    truncated: u64,
+    micro: u64,
+    started: Instant,
+}
+
+impl<'a> Trainer<'a> {
+    /// A run of `config` on `model` through `plan`: a fresh adapter, or the state of the
+    /// checkpoint `options.resume` names (the plan position, the optimizer, the step).
+    pub fn new(
+        config: &'a TrainConfig,
+        model: &'a Llama,
+        tokenizer: &ChatTokenizer,
+        plan: &'a Plan,
+        options: &'a RunOptions,
+    ) -> Result<Trainer<'a>, Error> {
+        let started = Instant::now();
+        tokenizer
+            .require_end_of_turn()
+            .map_err(|e| Error::Config(e.0))?;
+        if config.max_seq_len > model.config.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "max_seq_len {} exceeds the model's max_position_embeddings {}",
+                config.max_seq_len, model.config.max_position_embeddings
+            )));
+        }
+        let seed = config.seed.unwrap_or(plan.curriculum.seed);
+        let device = model.device.clone();
+        std::fs::create_dir_all(&config.output).map_err(io_error(&config.output))?;
+        let checkpoints_dir = config.output.join("checkpoints");
+        let resume_from = match &options.resume {
+            Resume::No => {
+                if let Some(existing) = checkpoint::latest(&checkpoints_dir)? {
+                    return Err(Error::Checkpoint(format!(
+                        "{} already holds checkpoints ({}); pass --resume to continue, or choose another output",
+                        checkpoints_dir.display(),
+                        existing.display()
+                    )));
+                }
+                None
+            }
+            Resume::Latest => Some(checkpoint::latest(&checkpoints_dir)?.ok_or_else(|| {
+                Error::Checkpoint(format!(
+                    "no checkpoint in {} to resume from",
+                    checkpoints_dir.display()
+                ))
+            })?),
+            Resume::From(dir) => Some(dir.clone()),
+        };
+
+        let mut lora = Lora::new(config.lora.clone(), &model.config, seed, &device)?;
+        let mut optimizer = AdamW::new(config.optimizer.clone());
+        let mut step = 0u64;
+        let mut position = 0u64;
+        if let Some(dir) = &resume_from {
+            let state = checkpoint::load(dir, &mut lora, &mut optimizer, &device)?;
+            position = plan.resume(&state.sampler)?;
+            step = state.step;
+            // Checkpoints and metrics after the resumed step belong to a run that is now
+            // abandoned: set aside (never deleted), so that `--resume` and pruning only
+            // see this run, and the metrics log has each step once.
+            checkpoint::set_aside_after(&checkpoints_dir, step)?;
+            truncate_metrics(&config.output.join("metrics.jsonl"), step)?;
+        }
+        let max_steps = options.max_steps.or(config.max_steps);
+        let phase_steps = steps_per_phase(plan, config);
+        let total_steps: u64 = phase_steps.iter().sum::<u64>();
+        let last_step = max_steps.map_or(total_steps, |m| m.min(total_steps));
+        let metrics_file = config.output.join("metrics.jsonl");
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_file)
+            .map_err(io_error(&metrics_file))?;
+        let params = lora
+            .named_vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        let step_options = step::StepOptions {
+            checkpointing: config.checkpointing.resolve(model.config.parameter_count()),
+            loss_chunk: config.loss_chunk,
+        };
+        let summary = RunSummary {
+            first_step: step,
+            steps: Vec::new(),
+            examples: 0,
+            skipped: 0,
+            truncated_tokens: 0,
+            skip_reasons: Default::default(),
+            skipped_examples: Default::default(),
+            adapter: config.output.join("adapter"),
+            checkpoints: Vec::new(),
+            finished: false,
+            seconds: 0.0,
+        };
+        Ok(Trainer {
+            config,
+            model,
+            plan,
+            options,
+            lora,
+            optimizer,
+            params,
+            seed,
+            step,
+            position,
+            last_step,
+            phase_steps,
+            step_options,
+            checkpoints_dir,
+            metrics_file,
+            metrics,
+            started,
+            checkpointed_at: None,
+            summary,
+        })
     }
 
-    // Accumulated over the micro-batches of the current step.
-    let mut grads: HashMap<String, Tensor> = HashMap::new();
-    let (mut nll_sum, mut targets_n, mut tokens, mut trained) = (0f64, 0u64, 0u64, 0u64);
-    let (mut step_examples, mut step_skipped, mut step_truncated) = (0u64, 0u64, 0u64);
-    let mut micro = 0u64;
-    let mut step_started = Instant::now();
+    /// Optimizer steps done so far (counting those before a resume).
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
 
-    let step_options = step::StepOptions {
-        checkpointing: config.checkpointing.resolve(model.config.parameter_count()),
-        loss_chunk: config.loss_chunk,
-    };
-    let start = position;
-    let train_on = |stream: &mut batches::BatchStream| -> Result<(), Error> {
-        for batch in stream {
+    /// The step the run stops after (`max_steps`, or the plan's end).
+    pub fn last_step(&self) -> u64 {
+        self.last_step
+    }
+
+    /// The plan position the next step starts at.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Whether the run has reached its last step or the plan's end.
+    pub fn is_done(&self) -> bool {
+        self.step >= self.last_step || self.position >= self.plan.total
+    }
+
+    /// Runs one optimizer step on the next micro-batches of `batches` (the plan's stream
+    /// from [`Trainer::position`]): accumulates their gradients, then normalises by the
+    /// step's trained tokens, clips, updates the adapter, appends the step to
+    /// `metrics.jsonl` and writes a checkpoint when one is due. `None` when the stream has
+    /// no batch left.
+    pub fn step(
+        &mut self,
+        batches: &mut dyn Iterator<Item = Result<Batch, batches::Error>>,
+    ) -> Result<Option<StepMetrics>, Error> {
+        let config = self.config;
+        let mut acc = Accumulated {
+            grads: HashMap::new(),
+            nll_sum: 0.0,
+            targets: 0,
+            tokens: 0,
+            examples: 0,
+            skipped: 0,
+            truncated: 0,
+            micro: 0,
+            started: Instant::now(),
+        };
+        let mut trained = 0u64;
+        for batch in batches {
             let batch = batch?;
             let targets = Targets::of(&batch)?;
             if !targets.is_empty() {
                 let dropout = DropoutKey {
-                    seed,
-                    step,
-                    micro_batch: micro,
+                    seed: self.seed,
+                    step: self.step,
+                    micro_batch: acc.micro,
                 };
-                nll_sum += step::accumulate_gradients(
-                    model,
-                    &lora,
+                acc.nll_sum += step::accumulate_gradients(
+                    self.model,
+                    &self.lora,
                     dropout,
                     &batch,
                     &targets,
-                    step_options,
-                    &mut grads,
+                    self.step_options,
+                    &mut acc.grads,
                 )?;
-                targets_n += targets.len() as u64;
+                acc.targets += targets.len() as u64;
             }
-            tokens += batch.tokens as u64;
+            acc.tokens += batch.tokens as u64;
             trained += targets.len() as u64;
-            step_examples += batch.seq_starts.dim(0)? as u64;
-            step_skipped += batch.skipped.len() as u64;
-            step_truncated += batch.truncated as u64;
+            acc.examples += batch.seq_starts.dim(0)? as u64;
+            acc.skipped += batch.skipped.len() as u64;
+            acc.truncated += batch.truncated as u64;
             for (ordinal, reason) in &batch.skipped {
                 // Reasons are grouped by their first line (a template's error, a tokenizer's).
                 let reason: String = reason
@@ -562,123 +688,140 @@ pub fn run(
                     .chars()
                     .take(200)
                     .collect();
-                *summary.skip_reasons.entry(reason.clone()).or_default() += 1;
-                summary.skipped_examples.entry(reason).or_insert(*ordinal);
+                *self.summary.skip_reasons.entry(reason.clone()).or_default() += 1;
+                self.summary
+                    .skipped_examples
+                    .entry(reason)
+                    .or_insert(*ordinal);
             }
-            micro += 1;
-            let phase = &plan.phases[batch.phase];
+            acc.micro += 1;
+            let phase = &self.plan.phases[batch.phase];
             let phase_end = phase.start + phase.len();
             let next = batch.next.position;
-            if micro < config.gradient_accumulation as u64 && next < phase_end {
+            if acc.micro < config.gradient_accumulation as u64 && next < phase_end {
                 continue;
             }
+            return self.finish_step(acc, trained, batch.phase, next).map(Some);
+        }
+        Ok(None)
+    }
 
-            // The step is complete: normalise by its trained tokens, clip, update.
-            let step_in_phase = (position - phase.start) / config.step_span();
-            let lr = config.schedule.rate(
-                phase.learning_rate * config.learning_rate_scale,
-                step_in_phase,
-                phase_steps[batch.phase],
-            );
-            let mut grad_norm = 0.0;
-            if targets_n > 0 {
-                for g in grads.values_mut() {
-                    *g = (&*g / targets_n as f64)?;
-                }
-                grad_norm = optim::clip_global_norm(&mut grads, config.optimizer.max_grad_norm)?;
-                if !grad_norm.is_finite() {
-                    return Err(Error::Checkpoint(format!(
-                    "the gradient norm of step {} is {grad_norm} (loss {}); stopped before it reaches the adapter, the last checkpoint is intact",
-                    step + 1,
-                    nll_sum / targets_n as f64
-                )));
-                }
-                optimizer.step(&param_refs, &grads, lr)?;
+    /// The step's update, metrics and checkpoint, its micro-batches done; `next` is the
+    /// plan position after them.
+    fn finish_step(
+        &mut self,
+        mut acc: Accumulated,
+        trained: u64,
+        phase_index: usize,
+        next: u64,
+    ) -> Result<StepMetrics, Error> {
+        let config = self.config;
+        let phase = &self.plan.phases[phase_index];
+        let phase_end = phase.start + phase.len();
+        let step_in_phase = (self.position - phase.start) / config.step_span();
+        let lr = config.schedule.rate(
+            phase.learning_rate * config.learning_rate_scale,
+            step_in_phase,
+            self.phase_steps[phase_index],
+        );
+        let mut grad_norm = 0.0;
+        if acc.targets > 0 {
+            for g in acc.grads.values_mut() {
+                *g = (&*g / acc.targets as f64)?;
             }
-            step += 1;
-            position = next;
-            let seconds = step_started.elapsed().as_secs_f64();
-            let record = StepMetrics {
-                step,
-                phase: phase.name.clone(),
-                loss: (targets_n > 0).then(|| nll_sum / targets_n as f64),
-                learning_rate: lr,
-                grad_norm,
-                tokens,
-                trained_tokens: trained,
-                tokens_per_second: tokens as f64 / seconds.max(1e-9),
-                elapsed_seconds: started.elapsed().as_secs_f64(),
-                position,
-                examples: step_examples,
-                skipped: step_skipped,
-                truncated_tokens: step_truncated,
-            };
-            summary.examples += step_examples;
-            summary.skipped += step_skipped;
-            summary.truncated_tokens += step_truncated;
-            writeln!(metrics, "{}", serde_json::to_string(&record).expect("json"))
-                .map_err(io_error(&metrics_file))?;
-            observer.step(&record, last_step);
-            summary.steps.push(record);
-            grads.clear();
-            (nll_sum, targets_n, tokens, trained, micro) = (0.0, 0, 0, 0, 0);
-            (step_examples, step_skipped, step_truncated) = (0, 0, 0);
-            let seen = summary.examples + summary.skipped;
-            if seen >= 100 && summary.skipped as f64 > config.max_skipped_share * seen as f64 {
-                let reasons: Vec<String> = summary
-                    .skip_reasons
-                    .iter()
-                    .map(|(reason, n)| {
-                        format!(
-                            "  {n} x {reason} (e.g. ordinal {})",
-                            summary.skipped_examples[reason]
-                        )
-                    })
-                    .collect();
-                return Err(Error::Config(format!(
-                "{} of {seen} examples ({:.1}%) could not be rendered or tokenized, more than max_skipped_share ({:.1}%); stopped after step {step} (the last checkpoint is intact):\n{}",
+            grad_norm = optim::clip_global_norm(&mut acc.grads, config.optimizer.max_grad_norm)?;
+            if !grad_norm.is_finite() {
+                return Err(Error::Checkpoint(format!(
+                    "the gradient norm of step {} is {grad_norm} (loss {}); stopped before it reaches the adapter, the last checkpoint is intact",
+                    self.step + 1,
+                    acc.nll_sum / acc.targets as f64
+                )));
+            }
+            let param_refs: Vec<(String, &candle_core::Var)> =
+                self.params.iter().map(|(k, v)| (k.clone(), v)).collect();
+            self.optimizer.step(&param_refs, &acc.grads, lr)?;
+        }
+        self.step += 1;
+        self.position = next;
+        let seconds = acc.started.elapsed().as_secs_f64();
+        let record = StepMetrics {
+            step: self.step,
+            phase: phase.name.clone(),
+            loss: (acc.targets > 0).then(|| acc.nll_sum / acc.targets as f64),
+            learning_rate: lr,
+            grad_norm,
+            tokens: acc.tokens,
+            trained_tokens: trained,
+            tokens_per_second: acc.tokens as f64 / seconds.max(1e-9),
+            elapsed_seconds: self.started.elapsed().as_secs_f64(),
+            position: self.position,
+            examples: acc.examples,
+            skipped: acc.skipped,
+            truncated_tokens: acc.truncated,
+        };
+        let summary = &mut self.summary;
+        summary.examples += acc.examples;
+        summary.skipped += acc.skipped;
+        summary.truncated_tokens += acc.truncated;
+        writeln!(
+            self.metrics,
+            "{}",
+            serde_json::to_string(&record).expect("json")
+        )
+        .map_err(io_error(&self.metrics_file))?;
+        summary.steps.push(record.clone());
+        let seen = summary.examples + summary.skipped;
+        if seen >= 100 && summary.skipped as f64 > config.max_skipped_share * seen as f64 {
+            let reasons: Vec<String> = summary
+                .skip_reasons
+                .iter()
+                .map(|(reason, n)| {
+                    format!(
+                        "  {n} x {reason} (e.g. ordinal {})",
+                        summary.skipped_examples[reason]
+                    )
+                })
+                .collect();
+            return Err(Error::Config(format!(
+                "{} of {seen} examples ({:.1}%) could not be rendered or tokenized, more than max_skipped_share ({:.1}%); stopped after step {} (the last checkpoint is intact):\n{}",
                 summary.skipped,
                 100.0 * summary.skipped as f64 / seen as f64,
                 100.0 * config.max_skipped_share,
+                self.step,
                 reasons.join("\n")
             )));
-            }
-            step_started = Instant::now();
-
-            let stop = step >= last_step;
-            if step.is_multiple_of(config.checkpoint.every) || next >= phase_end || stop {
-                let state = TrainerState {
-                    step,
-                    seed,
-                    sampler: plan.state(position),
-                    phase: phase.name.clone(),
-                };
-                let dir = checkpoint::save(
-                    &checkpoints_dir,
-                    &lora,
-                    &optimizer,
-                    &state,
-                    &options.base_model,
-                )?;
-                checkpoint::prune(&checkpoints_dir, config.checkpoint.keep)?;
-                observer.checkpoint(&dir);
-                summary.checkpoints.push(dir);
-            }
-            if stop {
-                break;
-            }
         }
-        Ok(())
-    };
-    let trained =
-        batches::with_stream(store, plan, tokenizer, start, &options_batches, 2, train_on);
-    observer.ended();
-    trained?;
-    lora.save_peft(&summary.adapter, &options.base_model)
-        .map_err(|e| Error::Checkpoint(e.0))?;
-    summary.finished = position >= plan.total;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+        let stop = self.step >= self.last_step;
+        if self.step.is_multiple_of(config.checkpoint.every) || next >= phase_end || stop {
+            let state = TrainerState {
+                step: self.step,
+                seed: self.seed,
+                sampler: self.plan.state(self.position),
+                phase: phase.name.clone(),
+            };
+            let dir = checkpoint::save(
+                &self.checkpoints_dir,
+                &self.lora,
+                &self.optimizer,
+                &state,
+                &self.options.base_model,
+            )?;
+            checkpoint::prune(&self.checkpoints_dir, config.checkpoint.keep)?;
+            self.summary.checkpoints.push(dir);
+            self.checkpointed_at = Some(self.step);
+        }
+        Ok(record)
+    }
+
+    /// Ends the run: writes the adapter (PEFT) and returns what the run did.
+    pub fn finish(mut self) -> Result<RunSummary, Error> {
+        self.lora
+            .save_peft(&self.summary.adapter, &self.options.base_model)
+            .map_err(|e| Error::Checkpoint(e.0))?;
+        self.summary.finished = self.position >= self.plan.total;
+        self.summary.seconds = self.started.elapsed().as_secs_f64();
+        Ok(self.summary)
+    }
 }
 
 /// Loads a model (Hugging Face folder or `.gguf`) and its chat tokenizer: `tokenizer`
