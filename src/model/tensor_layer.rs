@@ -113,7 +113,36 @@ pub fn backward(
     pass.backward(x, kept, upstream, input_gradient, grads)
 }
 
+/// The sizes a layer pass works with: batch rows, tokens per row, hidden width, tokens in
+/// all (`m = b·t`), query and key/value heads, head width, query heads per key/value head.
+struct Shape {
+    b: usize,
+    t: usize,
+    h: usize,
+    m: usize,
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    group: usize,
+}
+
 impl Pass<'_> {
+    fn shape(&self, x: &Tensor) -> Result<Shape> {
+        let config = &self.model.config;
+        let (b, t, h) = x.dims3()?;
+        let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
+        Ok(Shape {
+            b,
+            t,
+            h,
+            m: b * t,
+            heads,
+            kv_heads,
+            dim: config.head_dim(),
+            group: heads / kv_heads,
+        })
+    }
+
     fn weight(&self, target: Target) -> &Tensor {
         &self.model.layers[self.layer].projections[target as usize]
     }
@@ -192,18 +221,18 @@ impl Pass<'_> {
     }
 
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Activations)> {
-        let model = self.model;
-        let config = &model.config;
-        let weights = &model.layers[self.layer];
-        let eps = config.rms_norm_eps;
-        let (b, t, h) = x.dims3()?;
-        let m = b * t;
-        let (heads, kv_heads, dim) = (
-            config.num_attention_heads,
-            config.kv_heads(),
-            config.head_dim(),
-        );
-        let group = heads / kv_heads;
+        let weights = &self.model.layers[self.layer];
+        let eps = self.model.config.rms_norm_eps;
+        let Shape {
+            b,
+            t,
+            h,
+            m,
+            heads,
+            kv_heads,
+            dim,
+            group,
+        } = self.shape(x)?;
         let x = x.reshape((m, h))?;
 
         let normed = super::rms_norm(&x, &weights.input_norm, eps)?;
@@ -267,18 +296,18 @@ impl Pass<'_> {
         input_gradient: bool,
         grads: &mut HashMap<String, Tensor>,
     ) -> Result<Option<Tensor>> {
-        let model = self.model;
-        let config = &model.config;
-        let weights = &model.layers[self.layer];
-        let eps = config.rms_norm_eps;
-        let (b, t, h) = x.dims3()?;
-        let m = b * t;
-        let (heads, kv_heads, dim) = (
-            config.num_attention_heads,
-            config.kv_heads(),
-            config.head_dim(),
-        );
-        let group = heads / kv_heads;
+        let weights = &self.model.layers[self.layer];
+        let eps = self.model.config.rms_norm_eps;
+        let Shape {
+            b,
+            t,
+            h,
+            m,
+            heads,
+            kv_heads,
+            dim,
+            group,
+        } = self.shape(x)?;
         let dtype = x.dtype();
         let Activations {
             normed_attention,

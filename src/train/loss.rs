@@ -107,16 +107,22 @@ pub fn nll_of_logits(logits: &Tensor, tokens: &[u32]) -> Result<Tensor> {
             targets: tokens.to_vec(),
         });
     }
+    let log_sum = log_sum_exp_rows(&logits)?;
+    let index = Tensor::new(tokens, device)?.unsqueeze(1)?;
+    let target = logits.gather(&index, D::Minus1)?;
+    (log_sum - target)?.squeeze(1)
+}
+
+/// `ln Σ exp` of every row of `logits: [rows, vocab]`, `[rows, 1]`: the maximum
+/// subtracted first (it enters the graph as a constant, its gradient cancels).
+fn log_sum_exp_rows(logits: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach();
-    let log_sum = (logits
+    logits
         .broadcast_sub(&max)?
         .exp()?
         .sum_keepdim(D::Minus1)?
         .log()?
-        + &max)?;
-    let index = Tensor::new(tokens, device)?.unsqueeze(1)?;
-    let target = logits.gather(&index, D::Minus1)?;
-    (log_sum - target)?.squeeze(1)
+        + &max
 }
 
 /// Per-row cross-entropy of `[rows, vocab]` logits against one target per row.
@@ -263,13 +269,7 @@ pub fn chunk_with_tensors(model: &Llama, rows: &Tensor, tokens: &[u32]) -> Resul
 fn composed_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     let dtype = logits.dtype();
     let logits = logits.to_dtype(reduction_dtype(dtype))?;
-    let max = logits.max_keepdim(D::Minus1)?;
-    let log_sum = (logits
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        + &max)?;
+    let log_sum = log_sum_exp_rows(&logits)?;
     let index = targets.unsqueeze(1)?;
     let nll = (&log_sum - logits.gather(&index, D::Minus1)?)?.squeeze(1)?;
     let ones = Tensor::ones(index.shape(), logits.dtype(), logits.device())?;
