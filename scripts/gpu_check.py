@@ -127,6 +127,54 @@ def stage(name: str, command: list, timeout: float, env=None, memory=True) -> di
     return result
 
 
+def kernel_profile(bins: dict, config_file: str, rows: int, seq: int, args, budgeted) -> dict:
+    """Every kernel of one training step (the warm-up step of `gpu --speed --steps 0`) of
+    the model of `config_file` cut to two layers, timed by Nsight Compute and summed per
+    kernel name: where a step's GPU time goes, for the next kernels to write."""
+    import csv, collections
+    ncu = shutil.which("ncu") or next(iter(sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))), None)
+    if ncu is None:
+        return {"error": "ncu not found"}
+    with open(config_file) as f:
+        config = json.load(f)
+    config["num_hidden_layers"] = 2
+    small = os.path.join(args.work, "two-layers")
+    small_config = small + ".json"
+    with open(small_config, "w") as f:
+        json.dump(config, f)
+    made = budgeted("init-model two layers", [bins["corpusdb"], "init-model", "--out", small,
+                                              "--config", small_config, "--dtype", "bf16"], 120, memory=False)
+    if made.get("exit") != 0:
+        return made
+    log = os.path.join(args.work, "ncu.csv")
+    result = budgeted("ncu one step", [
+        ncu, "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv",
+        "--page", "raw", "--log-file", log, bins["gpu"], "--speed", "--model", small,
+        "--rows", str(rows), "--seq", str(seq), "--steps", "0", "--checkpointing", "layers",
+        "--dtype", "bf16", "--device", args.device], 240, memory=False)
+    shutil.rmtree(small, ignore_errors=True)
+    if result.get("exit") != 0 or not os.path.exists(log):
+        return result
+    with open(log) as f:
+        table = [r for r in csv.reader(f)]
+    head = next((i for i, r in enumerate(table) if "Kernel Name" in r), None)
+    if head is None:
+        return {**result, "error": "no kernel table in the ncu log"}
+    names, times = table[head].index("Kernel Name"), table[head].index("gpu__time_duration.sum")
+    total, count = collections.Counter(), collections.Counter()
+    for r in table[head + 2:]:
+        try:
+            total[r[names][:90]] += float(r[times].replace(",", ""))
+            count[r[names][:90]] += 1
+        except (ValueError, IndexError):
+            continue
+    return {"layers": 2, "kernels": sum(count.values()),
+            "total_ms": round(sum(total.values()) / 1e6, 3),
+            "top": [{"kernel": k, "launches": count[k], "ms": round(v / 1e6, 3)}
+                    for k, v in total.most_common(40)],
+            "wall_seconds": result.get("wall_seconds")}
+
+
 def gpu_info() -> dict:
     query = "name,driver_version,memory.total,compute_cap"
     if not shutil.which("nvidia-smi"):
@@ -147,10 +195,11 @@ def main() -> None:
     ap.add_argument("--models", default="1b,8b", help="which of 1b, 8b to measure")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up)")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--plan", default="1b:layers,8b:layers,1b:none,1b:profile,1b:composed",
+    ap.add_argument("--plan", default="1b:layers,8b:layers,1b:none,1b:profile,1b:ncu",
                     help="MODEL:MODE runs in order of importance; MODE is a checkpointing setting "
-                         "(layers, none), profile (where a step's time goes) or composed (candle's "
-                         "ops instead of corpusdb's kernels)")
+                         "(layers, none), profile (one layer's parts timed alone), ncu (every "
+                         "kernel of a step of the model cut to two layers, by Nsight Compute) or "
+                         "composed (candle's ops instead of corpusdb's kernels)")
     ap.add_argument("--budget", type=float, default=450,
                     help="seconds for the whole check; later stages are skipped when it runs out")
     ap.add_argument("--device", default="cuda",
@@ -243,6 +292,12 @@ def main() -> None:
             doc[f"profile_{key}"] = budgeted(f"profile {config}", [
                 bins["gpu"], "--profile", "--model", model_dir, "--rows", str(rows), "--seq", str(seq),
                 "--dtype", "bf16", "--device", args.device], 120)
+            emit()
+            continue
+        if mode == "ncu":
+            config_file = (os.path.join(args.work, "tiny-config.json") if config == "tiny"
+                           else os.path.join(configs, config, "config.json"))
+            doc[f"ncu_{key}"] = kernel_profile(bins, config_file, rows, seq, args, budgeted)
             emit()
             continue
         if mode == "composed":
