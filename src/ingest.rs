@@ -217,10 +217,38 @@ pub fn ingest_file(
         })?,
     };
     let mut counters = store.counters()?;
-    let existing = store
+    // The imports of this source whose sampled fingerprint matches. A finished one whose
+    // whole-file hash differs is of other content (an edit the samples missed): this file
+    // is then new. An unfinished one is resumed.
+    let candidates: Vec<ImportRecord> = store
         .imports()?
         .into_iter()
-        .find(|import| import.source == options.source && import.fingerprint == fingerprint);
+        .filter(|import| import.source == options.source && import.fingerprint == fingerprint)
+        .collect();
+    let mut file_sha1 = None;
+    let mut existing = None;
+    for import in candidates {
+        match (&import.state, &import.file_sha1) {
+            (ImportState::Done, Some(recorded)) => {
+                if file_sha1.is_none() {
+                    file_sha1 = Some(reader::file_sha1(path).map_err(io_error)?);
+                }
+                if file_sha1.as_ref() == Some(recorded) {
+                    existing = Some(import);
+                    break;
+                }
+            }
+            _ => {
+                existing = Some(import);
+                if existing
+                    .as_ref()
+                    .is_some_and(|i| i.state == ImportState::Done)
+                {
+                    break;
+                }
+            }
+        }
+    }
     let now = unix_now();
     let (mut import, resumed_from) = match existing {
         Some(import) if import.state == ImportState::Done => {
@@ -267,6 +295,7 @@ pub fn ingest_file(
                 counts: ImportCounts::default(),
                 started_unix: now,
                 updated_unix: now,
+                file_sha1: None,
             };
             (import, None)
         }
@@ -375,13 +404,24 @@ pub fn ingest_file(
         }
         Ok(())
     })?;
-    store.flush()?;
     let BatchWriter {
         run,
         first_rejects,
         notes,
         ..
     } = writer;
+    if import.state == ImportState::Done {
+        // The whole file's hash, for re-runs to compare (its bytes were just read: the
+        // page cache usually holds them).
+        import.file_sha1 = Some(match file_sha1 {
+            Some(hash) => hash,
+            None => reader::file_sha1(path).map_err(io_error)?,
+        });
+        store
+            .import_batch(&mut counters, import.id)
+            .commit(&mut import, &ImportCounts::default())?;
+    }
+    store.flush()?;
     Ok(FileOutcome {
         path: path.to_owned(),
         bytes: import.checkpoint.bytes - start_bytes,

@@ -92,6 +92,55 @@ fn a_finished_import_run_again_is_a_no_op() {
     assert_eq!((other.run.stored, other.run.duplicates), (0, 3));
 }
 
+/// An edit of the same length between the blocks the fingerprint samples keeps the
+/// fingerprint; the whole-file hash recorded when the import finished tells the files
+/// apart, so the edited file is imported, not called done.
+#[test]
+fn an_edit_the_fingerprint_does_not_sample_is_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    // About 6 MiB: the 16 sampled blocks of 64 KiB between the first and last MiB leave
+    // gaps of 192 KiB.
+    let mut text = String::new();
+    let mut i = 0;
+    while text.len() < 6 << 20 {
+        text.push_str(&format!(
+            "{{\"instruction\": \"Question number {i:07} about {}\", \"output\": \"Answer {i:07}.\"}}\n",
+            "x".repeat(200)
+        ));
+        i += 1;
+    }
+    let a = write(dir.path(), "a.jsonl", text.as_bytes());
+    let first = ingest(&store, &a, "s", "instruction");
+    assert!(!first.already_done);
+    assert!(first.import.file_sha1.is_some());
+    let records = first.run.read;
+    assert_eq!(
+        store.imports().unwrap()[0].file_sha1,
+        first.import.file_sha1
+    );
+    assert!(ingest(&store, &a, "s", "instruction").already_done);
+    // One `x` becomes `y`, 1 MiB + 128 KiB into the file: inside a gap.
+    let at = (1 << 20) + (128 << 10);
+    let at = at + text[at..].find('x').unwrap();
+    let mut edited = text.into_bytes();
+    edited[at] = b'y';
+    let before = corpusdb::reader::fingerprint(&a).unwrap();
+    std::fs::write(&a, &edited).unwrap();
+    assert_eq!(
+        corpusdb::reader::fingerprint(&a).unwrap(),
+        before,
+        "the edit must miss the samples"
+    );
+    let again = ingest(&store, &a, "s", "instruction");
+    assert!(!again.already_done, "the edited file was called done");
+    assert_eq!(again.run.read, records);
+    assert_eq!((again.run.stored, again.run.duplicates), (1, records - 1));
+    assert_eq!(store.imports().unwrap().len(), 2);
+    // And the edited file, run again, is done.
+    assert!(ingest(&store, &a, "s", "instruction").already_done);
+}
+
 #[test]
 fn the_bad_input_zoo_is_recorded_with_reasons_and_counts_add_up() {
     let dir = tempfile::tempdir().unwrap();

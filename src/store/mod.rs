@@ -32,8 +32,8 @@ use crate::conversation::ContentHash;
 pub use transaction::{ExclusionBatch, ImportBatch};
 pub use types::{
     Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts, ImportRecord, ImportState,
-    LegacyReject, ProvenanceEntry, ProvenanceValue, Reject, RejectKind, RejectReason,
-    StoredExample,
+    LegacyImportRecord, LegacyReject, ProvenanceEntry, ProvenanceValue, Reject, RejectKind,
+    RejectReason, StoredExample,
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
@@ -433,7 +433,12 @@ impl Store {
             .iterator_cf(self.cf(CF_IMPORTS), IteratorMode::Start)
         {
             let (_, value) = item.map_err(|e| self.rocks(e))?;
-            out.push(self.decode(&value, "import")?);
+            // Import records written before `file_sha1` lack it.
+            let import = match bincode::deserialize::<ImportRecord>(&value) {
+                Ok(import) => import,
+                Err(_) => self.decode::<LegacyImportRecord>(&value, "import")?.into(),
+            };
+            out.push(import);
         }
         Ok(out)
     }

@@ -128,6 +128,48 @@ pub struct ImportRecord {
     pub counts: ImportCounts,
     pub started_unix: u64,
     pub updated_unix: u64,
+    /// SHA-1 of the whole file (`reader::file_sha1`), written when the import is done: a
+    /// re-run compares it, so an edit the sampled fingerprint misses is seen. Last, so
+    /// that an import record written before it decodes as [`LegacyImportRecord`] (`None`)
+    /// and a reader of that version ignores it as trailing bytes.
+    pub file_sha1: Option<String>,
+}
+
+/// An import record as stores of schema version 2 wrote it before `file_sha1`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyImportRecord {
+    pub id: u32,
+    pub source: String,
+    pub category: String,
+    pub path: String,
+    pub fingerprint: String,
+    pub format: String,
+    pub state: ImportState,
+    pub checkpoint: Position,
+    pub container: Option<Container>,
+    pub counts: ImportCounts,
+    pub started_unix: u64,
+    pub updated_unix: u64,
+}
+
+impl From<LegacyImportRecord> for ImportRecord {
+    fn from(old: LegacyImportRecord) -> ImportRecord {
+        ImportRecord {
+            id: old.id,
+            source: old.source,
+            category: old.category,
+            path: old.path,
+            fingerprint: old.fingerprint,
+            format: old.format,
+            state: old.state,
+            checkpoint: old.checkpoint,
+            container: old.container,
+            counts: old.counts,
+            started_unix: old.started_unix,
+            updated_unix: old.updated_unix,
+            file_sha1: None,
+        }
+    }
 }
 
 /// A record that did not become an example, or a note about a whole file.
