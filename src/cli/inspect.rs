@@ -66,6 +66,7 @@ fn import_json(import: &ImportRecord) -> serde_json::Value {
         "category": import.category,
         "file": import.path,
         "fingerprint": import.fingerprint,
+        "file_sha1": import.file_sha1,
         "format": import.format,
         "state": state_name(import.state),
         "read": import.counts.read,
