@@ -40,7 +40,7 @@ pub const CANONICAL_VERSION: u32 = 1;
 const CANONICAL_MAGIC: &[u8] = b"corpusdb-canonical/1\0";
 
 /// Who speaks a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
     System,
     User,

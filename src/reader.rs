@@ -72,7 +72,7 @@ pub struct FileNote {
     pub message: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Container {
     Jsonl,
     JsonArray,
@@ -87,7 +87,7 @@ pub enum Container {
 /// The largest JSON object document read whole.
 pub const MAX_DOCUMENT_BYTES: u64 = 2 << 30;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
     None,
     Gzip,

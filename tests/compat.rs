@@ -177,9 +177,10 @@ fn reject_kind_codes_are_fixed() {
     assert_eq!(corpusdb::store::Reject::from(legacy), reject);
 }
 
-/// The stored enums are written as their variant's index (bincode, u32 little-endian):
-/// reordering or inserting a variant changes the format. These are the codes schema
-/// version 2 uses.
+/// The stored enums are written as explicit codes (`stored_codes!` in `store::types`;
+/// bincode, u32 little-endian, the bytes derived variant indexes wrote): these are the
+/// codes schema version 2 uses. JSON keeps the variant names, and unknown codes are
+/// refused.
 #[test]
 fn stored_enum_codes_are_fixed() {
     use corpusdb::conversation::Role;
@@ -213,4 +214,18 @@ fn stored_enum_codes_are_fixed() {
     ] {
         assert_eq!(code(&compression), [tag, 0, 0, 0], "{compression:?}");
     }
+    assert!(bincode::deserialize::<Role>(&[4, 0, 0, 0]).is_err());
+    assert!(bincode::deserialize::<ImportState>(&[2, 0, 0, 0]).is_err());
+    assert_eq!(
+        bincode::deserialize::<Container>(&[3, 0, 0, 0]).unwrap(),
+        Container::Document
+    );
+    assert_eq!(
+        serde_json::to_string(&Role::Assistant).unwrap(),
+        "\"Assistant\""
+    );
+    assert_eq!(
+        serde_json::from_str::<Compression>("\"Zstd\"").unwrap(),
+        Compression::Zstd
+    );
 }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::conversation::{Conversation, Extras};
-use crate::reader::{Container, Position};
+use crate::conversation::{Conversation, Extras, Role};
+use crate::reader::{Compression, Container, Position};
 pub use crate::reject::{RejectKind, RejectReason};
 
 /// An example as stored under its content hash.
@@ -65,7 +65,7 @@ pub struct ExampleSource {
     pub line: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImportState {
     /// Started; resumes from `checkpoint`.
     Partial,
@@ -274,3 +274,85 @@ pub struct Exclusion {
     pub measured: String,
     pub unix: u64,
 }
+
+/// The explicit codes of the enums the store writes, in one place: bincode gets the code as
+/// a u32 (what a derived variant index wrote, so the bytes are those of schema version 2),
+/// JSON the variant's name (what a derive wrote). Reordering or inserting a variant changes
+/// nothing on disk; a new variant takes a new code. `tests/compat.rs` pins every code.
+macro_rules! stored_codes {
+    ($ty:ident { $($variant:ident = $code:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The stored code.
+            pub fn code(self) -> u32 {
+                match self {
+                    $($ty::$variant => $code),+
+                }
+            }
+
+            pub fn from_code(code: u32) -> Option<$ty> {
+                match code {
+                    $($code => Some($ty::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                if serializer.is_human_readable() {
+                    let name = match self {
+                        $($ty::$variant => stringify!($variant)),+
+                    };
+                    serializer.serialize_str(name)
+                } else {
+                    serializer.serialize_u32(self.code())
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                if deserializer.is_human_readable() {
+                    let name = String::deserialize(deserializer)?;
+                    match name.as_str() {
+                        $(stringify!($variant) => Ok($ty::$variant),)+
+                        other => Err(serde::de::Error::custom(format!(
+                            "unknown {} `{other}`",
+                            stringify!($ty)
+                        ))),
+                    }
+                } else {
+                    let code = u32::deserialize(deserializer)?;
+                    $ty::from_code(code).ok_or_else(|| {
+                        serde::de::Error::custom(format!(
+                            "unknown {} code {code}",
+                            stringify!($ty)
+                        ))
+                    })
+                }
+            }
+        }
+    };
+}
+
+stored_codes!(Role {
+    System = 0,
+    User = 1,
+    Assistant = 2,
+    Tool = 3,
+});
+stored_codes!(Container {
+    Jsonl = 0,
+    JsonArray = 1,
+    Parquet = 2,
+    Document = 3,
+});
+stored_codes!(Compression {
+    None = 0,
+    Gzip = 1,
+    Zstd = 2,
+});
+stored_codes!(ImportState {
+    Partial = 0,
+    Done = 1,
+});
