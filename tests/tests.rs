@@ -4,6 +4,7 @@
 mod util;
 
 mod analyze;
+mod architecture;
 mod cli;
 mod compat;
 mod conversation;
