@@ -22,9 +22,12 @@
 //! Every variable-length field is length-prefixed and every message is closed, so no two
 //! different conversations can produce the same bytes by shifting text between messages.
 //! Text normalisation (applied once, before hashing and storing): `\r\n` (and any run of
-//! `\r` ending in `\n`) becomes `\n`,
-//! Unicode NFC, then leading and trailing whitespace of each field is trimmed. JSON values
-//! (tools, tool calls) are re-serialised with sorted object keys and no insignificant space.
+//! `\r` ending in `\n`) becomes `\n`, Unicode NFC, and a field of whitespace only becomes
+//! empty; the text is stored so, its indentation and surrounding whitespace kept. The
+//! canonical form trims leading and trailing whitespace of each field, so copies that
+//! differ only there are one example (and keys are those of stores that trimmed the stored
+//! text). JSON values (tools, tool calls) are re-serialised with sorted object keys and no
+//! insignificant space.
 //! Changing any of this changes every key: bump [`CANONICAL_VERSION`] and the store schema.
 
 use std::borrow::Cow;
@@ -184,9 +187,9 @@ impl Conversation {
         }
         for message in &self.messages {
             out.push(message.role.tag());
-            field(out, b'c', &message.content);
+            field(out, b'c', message.content.trim());
             if let Some(name) = &message.name {
-                field(out, b'n', name);
+                field(out, b'n', name.trim());
             }
             if let Some(calls) = &message.tool_calls {
                 field(out, b'k', calls);
@@ -230,8 +233,9 @@ fn field(out: &mut Vec<u8>, tag: u8, value: &str) {
     out.extend_from_slice(value.as_bytes());
 }
 
-/// Normalises one text field: CRLF to LF, NFC, trimmed ends. Borrows when nothing changes,
-/// which is the common case for ASCII text.
+/// Normalises one text field: CRLF to LF, NFC, and whitespace only to empty; the rest of
+/// the text, leading and trailing whitespace included, is kept. Borrows when nothing
+/// changes, which is the common case for ASCII text.
 pub fn normalize_text(text: &str) -> Cow<'_, str> {
     let mut current: Cow<'_, str> = Cow::Borrowed(text);
     if memchr::memchr(b'\r', text.as_bytes()).is_some() {
@@ -240,17 +244,10 @@ pub fn normalize_text(text: &str) -> Cow<'_, str> {
     if !below_combining_marks(&current) && is_nfc_quick(current.chars()) != IsNormalized::Yes {
         current = Cow::Owned(current.nfc().collect());
     }
-    match current {
-        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
-        Cow::Owned(s) => {
-            let trimmed = s.trim();
-            if trimmed.len() == s.len() {
-                Cow::Owned(s)
-            } else {
-                Cow::Owned(trimmed.to_owned())
-            }
-        }
+    if current.trim().is_empty() {
+        return Cow::Borrowed("");
     }
+    current
 }
 
 /// Whether every character is below U+0300, where no character can change under NFC
@@ -346,7 +343,10 @@ mod tests {
             normalize_text("plain text"),
             Cow::Borrowed("plain text")
         ));
-        assert_eq!(normalize_text("  a\r\nb \n"), "a\nb");
+        // Surrounding whitespace is kept (a code reply's indentation); whitespace only is
+        // empty.
+        assert_eq!(normalize_text("  a\r\nb \n"), "  a\nb \n");
+        assert_eq!(normalize_text(" \r\n\t"), "");
         // "e" + combining acute accent composes to U+00E9.
         assert_eq!(normalize_text("cafe\u{301}"), "caf\u{e9}");
         assert_eq!(normalize_text("a\r\r\nb\rc"), "a\nb\rc");
@@ -374,6 +374,31 @@ mod tests {
             let once = normalize_text(text).into_owned();
             assert_eq!(normalize_text(&once), once, "{text:?}");
         }
+    }
+
+    /// Stored text keeps its surrounding whitespace, and the key is that of the trimmed
+    /// text: copies that differ only there are one example, under the key a store that
+    /// trimmed would give.
+    #[test]
+    fn the_key_trims_what_the_stored_text_keeps() {
+        let code = "    indented()\n    more()\n";
+        let mut kept = Conversation::new(vec![
+            Message::new(Role::User, " Fix this: "),
+            Message::new(Role::Assistant, code),
+        ]);
+        kept.normalize();
+        assert_eq!(kept.messages[1].content, code);
+        let trimmed = Conversation::new(vec![
+            Message::new(Role::User, "Fix this:"),
+            Message::new(Role::Assistant, code.trim()),
+        ]);
+        assert_eq!(kept.content_hash(), trimmed.content_hash());
+        let mut blank = Conversation::new(vec![
+            Message::new(Role::User, "q"),
+            Message::new(Role::Assistant, " \n "),
+        ]);
+        blank.normalize();
+        assert!(blank.validate().is_err(), "whitespace only is no reply");
     }
 
     #[test]

@@ -141,6 +141,31 @@ fn an_edit_the_fingerprint_does_not_sample_is_imported() {
     assert!(ingest(&store, &a, "s", "instruction").already_done);
 }
 
+/// Stored text keeps its indentation and surrounding whitespace; the key trims it, so a
+/// copy that differs only there is a duplicate.
+#[test]
+fn stored_text_keeps_the_indentation_of_a_code_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let a = write(
+        dir.path(),
+        "a.jsonl",
+        br#"{"instruction": "Indent it", "output": "    return 1\n"}
+{"instruction": "Indent it ", "output": "return 1"}
+"#,
+    );
+    let outcome = ingest(&store, &a, "s", "code");
+    assert_eq!((outcome.run.stored, outcome.run.duplicates), (1, 1));
+    let mut contents = Vec::new();
+    store
+        .for_each_example(|_, e| {
+            contents.push(e.conversation.messages[1].content.clone());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(contents, ["    return 1\n"]);
+}
+
 #[test]
 fn the_bad_input_zoo_is_recorded_with_reasons_and_counts_add_up() {
     let dir = tempfile::tempdir().unwrap();

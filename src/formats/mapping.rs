@@ -554,7 +554,8 @@ pub(crate) fn split_transcript(
         };
         let before = &rest[..at];
         match current {
-            Some(speaker) => out.push(Message::new(speaker, before)),
+            // The space around markers belongs to the transcript, not to the turn.
+            Some(speaker) => out.push(Message::new(speaker, before.trim())),
             None if before.trim().is_empty() => {}
             None => {
                 return Err(format!(
@@ -567,7 +568,7 @@ pub(crate) fn split_transcript(
         rest = &rest[at + len..];
     }
     match current {
-        Some(speaker) => out.push(Message::new(speaker, rest)),
+        Some(speaker) => out.push(Message::new(speaker, rest.trim())),
         None => {
             return Err(format!(
                 "no speaker marker ({}) found",
