@@ -319,6 +319,7 @@ pub fn ingest_file(
         first_rejects: Vec::new(),
         notes: Vec::new(),
         path,
+        known_sha1: file_sha1,
     };
     let reading = &reading;
     let rules = &options.rules;
@@ -410,17 +411,6 @@ pub fn ingest_file(
         notes,
         ..
     } = writer;
-    if import.state == ImportState::Done {
-        // The whole file's hash, for re-runs to compare (its bytes were just read: the
-        // page cache usually holds them).
-        import.file_sha1 = Some(match file_sha1 {
-            Some(hash) => hash,
-            None => reader::file_sha1(path).map_err(io_error)?,
-        });
-        store
-            .import_batch(&mut counters, import.id)
-            .commit(&mut import, &ImportCounts::default())?;
-    }
     store.flush()?;
     Ok(FileOutcome {
         path: path.to_owned(),
@@ -704,6 +694,8 @@ struct BatchWriter<'a> {
     first_rejects: Vec<(u64, String)>,
     notes: Vec<String>,
     path: &'a Path,
+    /// The file's SHA-1 when a re-run already computed it.
+    known_sha1: Option<String>,
 }
 
 impl BatchWriter<'_> {
@@ -843,6 +835,16 @@ impl BatchWriter<'_> {
         self.import.updated_unix = unix_now();
         if batch.last {
             self.import.state = ImportState::Done;
+            // The whole file's hash, for re-runs to compare, in the same write as `Done`
+            // (its bytes were just read: the page cache usually holds them).
+            let hash = match self.known_sha1.take() {
+                Some(hash) => hash,
+                None => reader::file_sha1(self.path).map_err(|source| Error::Io {
+                    path: self.path.to_owned(),
+                    source,
+                })?,
+            };
+            self.import.file_sha1 = Some(hash);
         }
         write.commit(self.import, &counts)?;
         self.run.add(&counts);

@@ -272,15 +272,25 @@ impl Content {
     }
 
     fn render(&self, scope: &Scope<'_>) -> Result<String, RejectReason> {
-        let mut out = String::new();
+        let mut texts = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             let text = part.render(scope)?;
-            let text = text.trim();
-            if text.is_empty() {
-                continue;
+            if !text.trim().is_empty() {
+                texts.push(text);
             }
-            if !out.is_empty() {
+        }
+        // Whitespace beside a separator goes; the content's own ends stay (a code reply's
+        // first indentation), as the stored text keeps them.
+        let mut out = String::new();
+        let last = texts.len().saturating_sub(1);
+        for (i, text) in texts.iter().enumerate() {
+            let mut text = text.as_str();
+            if i > 0 {
                 out.push_str(&self.sep);
+                text = text.trim_start();
+            }
+            if i < last {
+                text = text.trim_end();
             }
             out.push_str(text);
         }

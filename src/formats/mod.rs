@@ -675,6 +675,16 @@ mod tests {
         );
     }
 
+    /// A mapped format keeps a code reply's own indentation; whitespace beside the
+    /// separators between its parts goes.
+    #[test]
+    fn mapped_formats_keep_the_content_s_own_ends() {
+        let record = br#"{"prompt": "Complete:  ", "completion": "    return x\n"}"#;
+        let conversation = parse_record("prompt-completion", record).unwrap();
+        assert_eq!(conversation.messages[1].content, "    return x\n");
+        assert_eq!(conversation.messages[0].content, "Complete:  ");
+    }
+
     #[test]
     fn reasons_are_specific_and_typed() {
         let err = parse_record("alpaca", br#"{"instruction":"x"}"#).unwrap_err();

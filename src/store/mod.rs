@@ -436,7 +436,9 @@ impl Store {
             // Import records written before `file_sha1` lack it.
             let import = match bincode::deserialize::<ImportRecord>(&value) {
                 Ok(import) => import,
-                Err(_) => self.decode::<LegacyImportRecord>(&value, "import")?.into(),
+                Err(_) => self
+                    .decode_legacy::<LegacyImportRecord>(&value, "import")?
+                    .into(),
             };
             out.push(import);
         }
@@ -462,7 +464,7 @@ impl Store {
             // Rejects written before kinds were stored lack the last two fields.
             let reject = match bincode::deserialize::<Reject>(&value) {
                 Ok(reject) => reject,
-                Err(_) => self.decode::<LegacyReject>(&value, "reject")?.into(),
+                Err(_) => self.decode_legacy::<LegacyReject>(&value, "reject")?.into(),
             };
             out.push(reject);
         }
@@ -601,6 +603,17 @@ impl Store {
         self.db
             .cf_handle(name)
             .expect("every column family is opened with the store")
+    }
+
+    /// Decodes a value of the layout before trailing fields were added: it must use every
+    /// byte, so a damaged or newer value is reported rather than read as an old one.
+    fn decode_legacy<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {
+        use bincode::Options;
+        bincode::DefaultOptions::new()
+            .with_fixint_encoding()
+            .reject_trailing_bytes()
+            .deserialize(bytes)
+            .map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {

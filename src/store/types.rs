@@ -227,7 +227,11 @@ pub struct LegacyReject {
 
 impl From<LegacyReject> for Reject {
     fn from(old: LegacyReject) -> Reject {
-        let typed = RejectReason::classify_legacy(&old.reason);
+        // A note about a whole file is the reject without a record.
+        let typed = match old.record {
+            None => RejectReason::new(RejectKind::FileNote, old.reason.clone()),
+            Some(_) => RejectReason::classify_legacy(&old.reason),
+        };
         Reject {
             import_id: old.import_id,
             source: old.source,

@@ -483,6 +483,9 @@ pub struct Trainer<'a> {
     started: Instant,
     /// The step whose end wrote the newest checkpoint.
     checkpointed_at: Option<u64>,
+    /// Why the run must stop after the step just reported (too many examples skipped):
+    /// returned by the next call, so that the step itself is reported first.
+    stop: Option<Error>,
     summary: RunSummary,
 }
 
@@ -608,6 +611,7 @@ impl<'a> Trainer<'a> {
             metrics,
             started,
             checkpointed_at: None,
+            stop: None,
             summary,
         })
     }
@@ -641,6 +645,12 @@ impl<'a> Trainer<'a> {
         &mut self,
         batches: &mut dyn Iterator<Item = Result<Batch, batches::Error>>,
     ) -> Result<Option<StepMetrics>, Error> {
+        if let Some(stop) = self.stop.take() {
+            return Err(stop);
+        }
+        if self.is_done() {
+            return Ok(None);
+        }
         let config = self.config;
         let mut acc = Accumulated {
             grads: HashMap::new(),
@@ -703,7 +713,21 @@ impl<'a> Trainer<'a> {
             }
             return self.finish_step(acc, trained, batch.phase, next).map(Some);
         }
+        if acc.micro > 0 {
+            // The plan's stream ends at a phase's end, which always closes a step.
+            return Err(Error::Config(format!(
+                "the batch stream ended inside step {} after {} micro-batches",
+                self.step + 1,
+                acc.micro
+            )));
+        }
         Ok(None)
+    }
+
+    /// The reason the run must stop after the step just returned, if any (more examples
+    /// skipped than `max_skipped_share` allows); [`Trainer::step`] returns it too.
+    pub fn take_stop(&mut self) -> Option<Error> {
+        self.stop.take()
     }
 
     /// The step's update, metrics and checkpoint, its micro-batches done; `next` is the
@@ -782,7 +806,7 @@ impl<'a> Trainer<'a> {
                     )
                 })
                 .collect();
-            return Err(Error::Config(format!(
+            self.stop = Some(Error::Config(format!(
                 "{} of {seen} examples ({:.1}%) could not be rendered or tokenized, more than max_skipped_share ({:.1}%); stopped after step {} (the last checkpoint is intact):\n{}",
                 summary.skipped,
                 100.0 * summary.skipped as f64 / seen as f64,
@@ -790,6 +814,8 @@ impl<'a> Trainer<'a> {
                 self.step,
                 reasons.join("\n")
             )));
+            // No checkpoint of this step: the run resumes from the last one.
+            return Ok(record);
         }
         let stop = self.step >= self.last_step;
         if self.step.is_multiple_of(config.checkpoint.every) || next >= phase_end || stop {
