@@ -23,6 +23,30 @@ fn values(seed: u64, n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// A tensor's values in f64, flattened.
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `‖got − want‖ / ‖want‖` over paired values.
+fn relative_error<'a>(pairs: impl IntoIterator<Item = (&'a [f64], &'a [f64])>) -> f64 {
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (got, want) in pairs {
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(want) {
+            diff += (a - b) * (a - b);
+            norm += b * b;
+        }
+    }
+    assert!(norm > 0.0, "zero reference");
+    (diff / norm).sqrt()
+}
+
 /// `softmax(q·kᵀ·scale + mask)·v` by the definition, in f64, for the stacked layout
 /// `q: [b, kv, group × t, d]`, `k`, `v`: `[b, kv, past + t, d]`.
 #[allow(clippy::too_many_arguments)]
@@ -127,14 +151,6 @@ impl Case {
         let scale = 1.0 / (self.d as f64).sqrt();
         let out = attention::attend(&q, &k, &v, scale, &prepared).unwrap();
         assert_eq!(out.dims(), q.dims());
-        let flat = |t: &Tensor| -> Vec<f64> {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
         let expected = reference_attention(
             &flat(&q),
             &flat(&k),
@@ -505,14 +521,6 @@ fn a_bf16_base_gives_the_f64_gradients_within_bf16_precision() {
     let (exact_model, exact_lora) = setup(DType::F64, DType::F64);
     let (exact_loss, exact) = driven(&exact_model, &exact_lora, &batch, Checkpointing::None, 1024);
     let (model, lora) = setup(DType::BF16, DType::F32);
-    let flat = |t: &Tensor| -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
     for checkpointing in [Checkpointing::None, Checkpointing::Layers] {
         let (loss, grads) = driven(&model, &lora, &batch, checkpointing, 7);
         assert!(
@@ -521,15 +529,11 @@ fn a_bf16_base_gives_the_f64_gradients_within_bf16_precision() {
         );
         assert_eq!(grads.len(), exact.len());
         // Relative error of the whole gradient: ‖g_bf16 − g_f64‖ / ‖g_f64‖.
-        let (mut diff, mut norm) = (0.0, 0.0);
-        for (key, reference) in &exact {
-            let (got, want) = (flat(&grads[key]), flat(reference));
-            for (a, b) in got.iter().zip(&want) {
-                diff += (a - b) * (a - b);
-                norm += b * b;
-            }
-        }
-        let relative = (diff / norm).sqrt();
+        let pairs: Vec<(Vec<f64>, Vec<f64>)> = exact
+            .iter()
+            .map(|(key, reference)| (flat(&grads[key]), flat(reference)))
+            .collect();
+        let relative = relative_error(pairs.iter().map(|(g, w)| (g.as_slice(), w.as_slice())));
         assert!(
             relative < 0.05,
             "{checkpointing:?}: bf16 gradients are {relative:.4} away from f64"
@@ -545,23 +549,7 @@ fn a_bf16_base_gives_the_f64_gradients_within_bf16_precision() {
 #[test]
 fn the_tensor_layer_gives_the_graph_gradients() {
     use corpusdb::model::tensor_layer;
-    let flat = |t: &Tensor| -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    // ‖a − b‖ / ‖b‖
-    let relative = |a: &Tensor, b: &Tensor| -> f64 {
-        let (a, b) = (flat(a), flat(b));
-        assert_eq!(a.len(), b.len());
-        let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
-        let norm: f64 = b.iter().map(|y| y * y).sum();
-        assert!(norm > 0.0, "zero reference");
-        (diff / norm).sqrt()
-    };
+    let relative = |a: &Tensor, b: &Tensor| relative_error([(&flat(a)[..], &flat(b)[..])]);
     let (b, t) = (2, 9);
     let segments: Vec<u32> = [0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 2, 2].to_vec();
     let positions: Vec<u32> = [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 0, 1].to_vec();
@@ -665,7 +653,7 @@ fn the_tensor_loss_chunk_gives_the_cpu_chunk() {
         .unwrap();
     let exact = tiny_model(&config, 5, DType::F32);
     let (want_nll, want) = loss::chunk_by_hand(&exact, &rows, &tokens).unwrap();
-    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let want = flat(&want);
     for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 0.02)] {
         let model = tiny_model(&config, 5, dtype);
         let (nll, gradient) =
@@ -674,20 +662,8 @@ fn the_tensor_loss_chunk_gives_the_cpu_chunk() {
             (nll - want_nll).abs() <= tolerance * want_nll.abs(),
             "{dtype:?}: loss {nll} vs {want_nll}"
         );
-        let got: Vec<f32> = gradient
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let diff: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum();
-        let norm: f32 = want.iter().map(|b| b * b).sum();
-        let relative = (diff / norm).sqrt();
-        assert!(
-            relative < tolerance as f32,
-            "{dtype:?}: gradient {relative}"
-        );
+        let relative = relative_error([(&flat(&gradient)[..], &want[..])]);
+        assert!(relative < tolerance, "{dtype:?}: gradient {relative}");
     }
     let bad = loss::chunk_with_tensors(&exact, &rows, &[40; 11]).unwrap_err();
     assert!(bad.to_string().contains("outside the vocabulary"), "{bad}");

@@ -205,11 +205,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Prepared) -
     let scores = (q.matmul(&k.t()?.contiguous()?)?.to_dtype(dtype)? * scale)?
         .reshape((b, kv_heads, group, t, s))?
         .broadcast_add(additive)?;
-    let max = scores.max_keepdim(D::Minus1)?.detach();
-    let exp = scores.broadcast_sub(&max)?.exp()?;
-    let probs = exp
-        .broadcast_div(&exp.sum_keepdim(D::Minus1)?)?
-        .reshape((b, kv_heads, rows, s))?;
+    let probs = softmax_last(&scores)?.reshape((b, kv_heads, rows, s))?;
     probs.to_dtype(v.dtype())?.matmul(v)
 }
 
@@ -280,9 +276,10 @@ pub(crate) fn attend_backward(
     Ok((d_q, d_k, d_v))
 }
 
-/// Softmax over the last dimension (max subtracted first).
+/// Softmax over the last dimension, the maximum subtracted first (it enters a graph as a
+/// constant: its gradient cancels).
 fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
     let exp = x.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
 }

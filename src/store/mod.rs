@@ -434,13 +434,7 @@ impl Store {
         {
             let (_, value) = item.map_err(|e| self.rocks(e))?;
             // Import records written before `file_sha1` lack it.
-            let import = match bincode::deserialize::<ImportRecord>(&value) {
-                Ok(import) => import,
-                Err(_) => self
-                    .decode_legacy::<LegacyImportRecord>(&value, "import")?
-                    .into(),
-            };
-            out.push(import);
+            out.push(self.decode_or_legacy::<ImportRecord, LegacyImportRecord>(&value, "import")?);
         }
         Ok(out)
     }
@@ -462,11 +456,7 @@ impl Store {
                 break;
             }
             // Rejects written before kinds were stored lack the last two fields.
-            let reject = match bincode::deserialize::<Reject>(&value) {
-                Ok(reject) => reject,
-                Err(_) => self.decode_legacy::<LegacyReject>(&value, "reject")?.into(),
-            };
-            out.push(reject);
+            out.push(self.decode_or_legacy::<Reject, LegacyReject>(&value, "reject")?);
         }
         Ok(out)
     }
@@ -605,14 +595,23 @@ impl Store {
             .expect("every column family is opened with the store")
     }
 
-    /// Decodes a value of the layout before trailing fields were added: it must use every
-    /// byte, so a damaged or newer value is reported rather than read as an old one.
-    fn decode_legacy<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {
+    /// Decodes a value of this version, or of `Legacy`, the layout before trailing fields
+    /// were added. The legacy layout must use every byte, so a damaged or newer value is
+    /// reported rather than read as an old one.
+    fn decode_or_legacy<T, Legacy>(&self, bytes: &[u8], what: &str) -> Result<T>
+    where
+        T: serde::de::DeserializeOwned,
+        Legacy: serde::de::DeserializeOwned + Into<T>,
+    {
         use bincode::Options;
+        if let Ok(value) = bincode::deserialize::<T>(bytes) {
+            return Ok(value);
+        }
         bincode::DefaultOptions::new()
             .with_fixint_encoding()
             .reject_trailing_bytes()
-            .deserialize(bytes)
+            .deserialize::<Legacy>(bytes)
+            .map(Into::into)
             .map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
     }
 

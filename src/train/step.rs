@@ -77,69 +77,36 @@ pub fn accumulate_gradients(
     // On the CPU in f32 each layer is one hand-written pass forward and back over plain
     // values; on CUDA one written with tensor ops. Neither records a graph.
     let keep = options.checkpointing != Checkpointing::Layers;
+    macro_rules! layers_by {
+        ($layer:ident, $chunk:expr) => {
+            return layers_by_hand(
+                embedded,
+                |l, x| $layer::forward(model, lora, l, x, &context, dropout, keep),
+                |x| loss_of_last(model, x, &head_input, &targets.tokens, options, $chunk),
+                |l, x, kept, upstream, grads| {
+                    $layer::backward(
+                        model,
+                        lora,
+                        l,
+                        x,
+                        &context,
+                        dropout,
+                        kept,
+                        upstream,
+                        l > 0,
+                        grads,
+                    )
+                },
+                layers,
+                grads,
+            )
+        };
+    }
     if cpu_layer::supported(model, lora, &context) {
-        return layers_by_hand(
-            embedded,
-            |l, x| cpu_layer::forward(model, lora, l, x, &context, dropout, keep),
-            |x| {
-                loss_of_last(
-                    model,
-                    x,
-                    &head_input,
-                    &targets.tokens,
-                    options,
-                    LossChunk::CpuByHand,
-                )
-            },
-            |l, x, kept, upstream, grads| {
-                cpu_layer::backward(
-                    model,
-                    lora,
-                    l,
-                    x,
-                    &context,
-                    dropout,
-                    kept,
-                    upstream,
-                    l > 0,
-                    grads,
-                )
-            },
-            layers,
-            grads,
-        );
+        layers_by!(cpu_layer, LossChunk::CpuByHand);
     }
     if tensor_layer::supported(model, lora, &context) {
-        return layers_by_hand(
-            embedded,
-            |l, x| tensor_layer::forward(model, lora, l, x, &context, dropout, keep),
-            |x| {
-                loss_of_last(
-                    model,
-                    x,
-                    &head_input,
-                    &targets.tokens,
-                    options,
-                    LossChunk::Tensors,
-                )
-            },
-            |l, x, kept, upstream, grads| {
-                tensor_layer::backward(
-                    model,
-                    lora,
-                    l,
-                    x,
-                    &context,
-                    dropout,
-                    kept,
-                    upstream,
-                    l > 0,
-                    grads,
-                )
-            },
-            layers,
-            grads,
-        );
+        layers_by!(tensor_layer, LossChunk::Tensors);
     }
 
     if options.checkpointing != Checkpointing::Layers {
