@@ -243,6 +243,11 @@ fn set_kernels(_on: bool) {
     model::cuda::set_kernels_enabled(_on);
 }
 
+fn set_flash(_on: bool) {
+    #[cfg(feature = "cuda")]
+    model::cuda::set_flash_enabled(_on);
+}
+
 /// CUDA (or `device`) against the CPU; returns the report and whether everything passed.
 /// `emulate` (with the CPU as `device`) runs the device's side with the composed ops CUDA
 /// uses where it has no kernel of its own, so the CPU can try the GPU's code paths.
@@ -389,6 +394,76 @@ fn check(device: &Device, tiny: bool, emulate: bool) -> (Value, bool) {
         }
     }
     on_device(false);
+
+    // 1d. The flash kernels (bf16, head widths 64 and 128, a last tile cut short) against
+    // the composed ops in f32 on the same inputs: output and the three gradients.
+    if device.is_cuda() {
+        use corpusdb::model::attention::{self, AttentionMask};
+        let (b, kv, group, t) = (2, 2, 2, 200);
+        let ids: Vec<u32> = (0..b * t)
+            .map(|i| match (i / t, i % t) {
+                (0, j) if j < 70 => 1,
+                (0, j) if j < 160 => 2,
+                (0, _) => 0,
+                _ => 3,
+            })
+            .collect();
+        let masks = [
+            ("packed", AttentionMask::Packed(std::sync::Arc::new(ids))),
+            ("causal", AttentionMask::Causal),
+        ];
+        for d in [64, 128] {
+            let tensor = |key: u64, rows: usize| {
+                let n = b * kv * rows * d;
+                Tensor::from_vec(
+                    model::rng::normal(9, &[key, d as u64], n, 1.0),
+                    (b, kv, rows, d),
+                    device,
+                )
+                .and_then(|t| t.to_dtype(DType::BF16))
+                .unwrap()
+            };
+            let (q, k, v, d_out) = (
+                tensor(1, group * t),
+                tensor(2, t),
+                tensor(3, t),
+                tensor(4, group * t),
+            );
+            for (mask_name, mask) in &masks {
+                let mut used = false;
+                let mut run = |dtype: DType| {
+                    let prepared = attention::prepare(mask, b, t, 0, device, dtype).unwrap();
+                    used |= prepared.flash(d);
+                    let cast = |x: &Tensor| x.to_dtype(dtype).unwrap();
+                    let (o, dq, dk, dv) = attention::attend_with_gradients(
+                        &cast(&q),
+                        &cast(&k),
+                        &cast(&v),
+                        1.0 / (d as f64).sqrt(),
+                        &prepared,
+                        &cast(&d_out),
+                    )
+                    .unwrap();
+                    HashMap::from([
+                        ("o".to_string(), flat(&o)),
+                        ("dq".to_string(), flat(&dq)),
+                        ("dk".to_string(), flat(&dk)),
+                        ("dv".to_string(), flat(&dv)),
+                    ])
+                };
+                set_kernels(true);
+                let flash = run(DType::BF16);
+                set_kernels(false);
+                let reference = run(DType::F32);
+                set_kernels(true);
+                let name = format!("flash_rel_err_{mask_name}_d{d}");
+                verdict(&name, relative_error(&reference, &flash), 3e-2, &mut report);
+                // 0 when the flash kernels ran, 1 when they did not.
+                let missing = if used { 0.0 } else { 1.0 };
+                verdict(&format!("{name}_flash_missing"), missing, 0.0, &mut report);
+            }
+        }
+    }
 
     // 2. Gradients of one micro-batch: CPU f32 against the device, both regimes.
     let reference = Trainer::new(
@@ -752,6 +827,34 @@ fn profile(args: &[String]) -> Value {
             o.sum_all().unwrap().backward().unwrap();
         }),
     );
+    // Attention as training runs it (no graph): the flash kernels, then the kept
+    // probabilities (cuBLAS products and the softmax kernel).
+    let d_out = rand(4, (rows, kv, group * seq, d));
+    for (name, flash) in [
+        ("attention_flash_forward_backward_ms", true),
+        ("attention_kept_forward_backward_ms", false),
+    ] {
+        set_flash(flash);
+        let prepared = attention::prepare(&mask, rows, seq, 0, &device, dtype).unwrap();
+        if flash && !prepared.flash(d) {
+            continue;
+        }
+        put(
+            name,
+            time_ms(&device, || {
+                attention::attend_with_gradients(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    scale,
+                    &prepared,
+                    &d_out,
+                )
+                .unwrap();
+            }),
+        );
+    }
+    set_flash(true);
     // The seven frozen products of a layer, forward only.
     let flat = x.reshape((rows * seq, c.hidden_size)).unwrap();
     let wide = Tensor::zeros((rows * seq, c.intermediate_size), dtype, &device).unwrap();

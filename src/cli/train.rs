@@ -161,7 +161,8 @@ fn dry_run(config: &TrainConfig, args: &TrainArgs) -> anyhow::Result<ExitCode> {
         None => config.checkpointing,
     }
     .resolve(model.parameter_count());
-    let pass = memory::LayerPass::of(config.device == DeviceKind::Cpu, dtype);
+    let pass =
+        memory::LayerPass::for_training(config.device == DeviceKind::Cpu, dtype, model.head_dim());
     let plan = memory::plan(
         &model,
         &config.lora,

@@ -87,6 +87,12 @@ pub struct Prepared<'a> {
     /// Packed rows' segment ids on the device, for the softmax kernel.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     segments: Option<Tensor>,
+    /// CUDA with the flash kernels on: bf16 training attention (no cached positions) runs
+    /// as the flash kernels and keeps no probabilities.
+    flash: bool,
+    /// Packed rows' masking data for the flash kernels.
+    #[cfg(feature = "cuda")]
+    flash_segments: Option<super::cuda::FlashSegments>,
 }
 
 /// Checks the mask against the batch and builds what the attention of every layer needs.
@@ -107,14 +113,7 @@ pub fn prepare<'a>(
             }
             AttentionMask::Causal => None,
         };
-        return Ok(Prepared {
-            rule: mask,
-            t,
-            past,
-            additive: None,
-            kernel,
-            segments,
-        });
+        return prepare_kernel(mask, b, t, past, device, dtype, segments);
     }
     prepare_as(mask, b, t, past, device, dtype, !fused(device, dtype))
 }
@@ -157,7 +156,78 @@ fn prepare_as<'a>(
         additive,
         kernel: false,
         segments: None,
+        flash: false,
+        #[cfg(feature = "cuda")]
+        flash_segments: None,
     })
+}
+
+#[cfg(feature = "cuda")]
+fn prepare_kernel<'a>(
+    mask: &'a AttentionMask,
+    b: usize,
+    t: usize,
+    past: usize,
+    device: &Device,
+    dtype: DType,
+    segments: Option<Tensor>,
+) -> Result<Prepared<'a>> {
+    let flash = super::cuda::flash_enabled() && dtype == DType::BF16 && past == 0;
+    let flash_segments = match (mask, &segments) {
+        (AttentionMask::Packed(ids), Some(on_device)) if flash => {
+            let (first, last) = segment_bounds(ids, b, t);
+            Some(super::cuda::FlashSegments {
+                ids: on_device.clone(),
+                first: Tensor::from_vec(first, b * t, device)?,
+                last: Tensor::from_vec(last, b * t, device)?,
+            })
+        }
+        _ => None,
+    };
+    Ok(Prepared {
+        rule: mask,
+        t,
+        past,
+        additive: None,
+        kernel: true,
+        segments,
+        flash,
+        flash_segments,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn prepare_kernel<'a>(
+    _: &'a AttentionMask,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: &Device,
+    _: DType,
+    _: Option<Tensor>,
+) -> Result<Prepared<'a>> {
+    candle_core::bail!("attention kernels need a build with the `cuda` feature")
+}
+
+/// Per position of each of `b` packed rows of `t` ids, the first and the last position of
+/// its segment (the positions with the same id): the key and query ranges the flash
+/// kernels must visit.
+pub fn segment_bounds(ids: &[u32], b: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
+    let (mut first, mut last) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let mut span = std::collections::HashMap::new();
+    for row in 0..b {
+        span.clear();
+        let row_ids = &ids[row * t..(row + 1) * t];
+        for (i, id) in row_ids.iter().enumerate() {
+            span.entry(*id).or_insert((i, i)).1 = i;
+        }
+        for (i, id) in row_ids.iter().enumerate() {
+            let (start, end) = span[id];
+            first[row * t + i] = start as u32;
+            last[row * t + i] = end as u32;
+        }
+    }
+    (first, last)
 }
 
 /// `softmax(q·kᵀ·scale + mask)·v` for `q: [b, kv_heads, group × t, d]` (the query heads
@@ -211,11 +281,48 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &Prepared) -
 
 impl Prepared<'_> {
     /// Whether [`attend_keeping`] and [`attend_backward`] can run on this mask: corpusdb's
-    /// CUDA kernels or the composed ops (not the CPU's blockwise op, which keeps no
-    /// probabilities).
+    /// CUDA kernels or the composed ops (not the CPU's blockwise op, which keeps nothing
+    /// for them).
     pub fn keeps_probabilities(&self) -> bool {
         self.kernel || self.additive.is_some()
     }
+
+    /// Whether attention of head width `d` runs as the flash kernels on this mask (and
+    /// keeps one log-sum-exp per query instead of the probabilities).
+    pub fn flash(&self, d: usize) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.flash && super::cuda::FLASH_HEAD_DIMS.contains(&d);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = d;
+            false
+        }
+    }
+}
+
+/// Attention's output and the gradients of `q`, `k` and `v` for the output's gradient
+/// `d_out` (of `q`'s dtype), by the passes training runs without a graph (the flash
+/// kernels where they apply): what the GPU check and profile compare and time.
+pub fn attend_with_gradients(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &Prepared,
+    d_out: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (out, kept) = attend_keeping(q, k, v, scale, mask)?;
+    let (dq, dk, dv) = attend_backward(q, k, v, &kept, d_out, scale, mask)?;
+    Ok((out, dq, dk, dv))
+}
+
+/// What [`attend_keeping`] keeps for [`attend_backward`].
+pub(crate) enum Kept {
+    /// The probabilities `[b, kv_heads, rows, s]`.
+    Probabilities(Tensor),
+    /// The flash kernels' output and per-query log-sum-exp.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Flash { out: Tensor, lse: Tensor },
 }
 
 /// [`attend`] that also returns the attention probabilities `[b, kv_heads, rows, s]`,
@@ -227,8 +334,15 @@ pub(crate) fn attend_keeping(
     v: &Tensor,
     scale: f64,
     mask: &Prepared,
-) -> Result<(Tensor, Tensor)> {
-    let (b, kv_heads, rows, _) = q.dims4()?;
+) -> Result<(Tensor, Kept)> {
+    let (b, kv_heads, rows, d) = q.dims4()?;
+    #[cfg(feature = "cuda")]
+    if mask.flash(d) && q.dtype() == DType::BF16 {
+        let (out, lse) =
+            super::cuda::flash_forward(q, k, v, scale, mask.t, mask.flash_segments.as_ref())?;
+        return Ok((out.clone(), Kept::Flash { out, lse }));
+    }
+    let _ = d;
     let (t, s) = (mask.t, mask.past + mask.t);
     let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
     let probs = if mask.kernel {
@@ -246,7 +360,7 @@ pub(crate) fn attend_keeping(
         softmax_last(&scores)?.reshape((b, kv_heads, rows, s))?
     };
     let out = probs.to_dtype(v.dtype())?.matmul(v)?;
-    Ok((out, probs))
+    Ok((out, Kept::Probabilities(probs)))
 }
 
 /// The gradients of `q`, `k` and `v` for the gradient `d_out` of [`attend_keeping`]'s
@@ -255,11 +369,30 @@ pub(crate) fn attend_backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    probs: &Tensor,
+    kept: &Kept,
     d_out: &Tensor,
     scale: f64,
     mask: &Prepared,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let probs = match kept {
+        Kept::Probabilities(probs) => probs,
+        #[cfg(feature = "cuda")]
+        Kept::Flash { out, lse } => {
+            return super::cuda::flash_backward(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                d_out,
+                scale,
+                mask.t,
+                mask.flash_segments.as_ref(),
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        Kept::Flash { .. } => candle_core::bail!("flash attention needs the `cuda` feature"),
+    };
     let dtype = q.dtype();
     let d_probs = d_out.matmul(&v.t()?)?;
     let d_v = probs.to_dtype(dtype)?.t()?.matmul(d_out)?;

@@ -45,7 +45,8 @@ fn grid_stride(n: usize) -> LaunchConfig {
 }
 
 /// Inverted dropout of a contiguous f32 or f64 tensor with the mask of
-/// `rng::dropout_in_place` for the stream `base` (bit for bit the CPU's mask).
+/// `rng::dropout_in_place` for the stream `base` (bit for bit the CPU's mask); a bf16
+/// tensor gives its dropout in f32.
 pub fn keyed_dropout(
     storage: &CudaStorage,
     layout: &Layout,
@@ -83,6 +84,8 @@ pub fn keyed_dropout(
     Ok(match &storage.slice {
         CudaStorageSlice::F32(values) => launch!(values, f32, "keyed_dropout_f32", F32),
         CudaStorageSlice::F64(values) => launch!(values, f64, "keyed_dropout_f64", F64),
+        // bf16 in, f32 out (lora::keyed_dropout_f32).
+        CudaStorageSlice::BF16(values) => launch!(values, f32, "keyed_dropout_bf16_f32", F32),
         _ => candle_core::bail!("keyed dropout: unsupported dtype {:?}", storage.dtype()),
     })
 }
@@ -556,4 +559,437 @@ pub fn cross_entropy(
         false,
     );
     Ok((nll, grad))
+}
+
+/// 0: not yet read from the environment, 1: on, 2: off.
+static FLASH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether attention in training runs as corpusdb's flash kernels (default; with
+/// `CORPUSDB_CUDA_FLASH=0` or without the fused kernels, it keeps the probabilities).
+pub fn flash_enabled() -> bool {
+    use std::sync::atomic::Ordering;
+    let on = match FLASH.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("CORPUSDB_CUDA_FLASH").map_or(true, |v| v != "0");
+            FLASH.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+        state => state == 1,
+    };
+    on && kernels_enabled()
+}
+
+/// Turns the flash kernels on or off for this process (the GPU check compares both).
+pub fn set_flash_enabled(on: bool) {
+    FLASH.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Head widths the flash kernels are built for.
+pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Rows of a flash kernel's tile (FLASH_ROWS in corpusdb.cu).
+const FLASH_ROWS: usize = 64;
+
+/// The packed rows' masking data for the flash kernels, on the device: segment ids and,
+/// per position, the first and last position of its segment (`[b × t]` u32 each).
+pub struct FlashSegments {
+    pub ids: candle_core::Tensor,
+    pub first: candle_core::Tensor,
+    pub last: candle_core::Tensor,
+}
+
+/// Checks a flash kernel's input: on the device, contiguous and 16-byte aligned (the
+/// kernels read rows in 16-byte chunks).
+fn check_input(storage: &candle_core::Storage, layout: &Layout, what: &str) -> Result<()> {
+    if !matches!(storage, candle_core::Storage::Cuda(_)) {
+        candle_core::bail!("flash attention: {what} must be on the device")
+    }
+    if !layout.is_contiguous() || layout.start_offset() % 8 != 0 {
+        candle_core::bail!("flash attention: {what} must be contiguous and aligned")
+    }
+    Ok(())
+}
+
+/// A checked flash input's storage guard and layout.
+macro_rules! flash_input {
+    ($tensor:expr, $what:expr) => {{
+        let (guard, layout) = $tensor.storage_and_layout();
+        check_input(&guard, layout, $what)?;
+        (guard, layout.clone())
+    }};
+    ($tensor:expr, $what:expr, u32) => {{
+        if $tensor.dtype() != candle_core::DType::U32 {
+            candle_core::bail!("flash attention: {} must be u32", $what)
+        }
+        flash_input!($tensor, $what)
+    }};
+}
+
+macro_rules! cuda_view {
+    ($guard:expr, $layout:expr, $ty:ty) => {{
+        let storage: &candle_core::Storage = &$guard;
+        let candle_core::Storage::Cuda(storage) = storage else {
+            unreachable!("checked by check_input")
+        };
+        view!(storage, $layout, $ty)
+    }};
+}
+
+/// Lets a kernel use `shared` bytes of dynamic shared memory (past the default 48 KiB).
+fn allow_shared(
+    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    shared: usize,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared as i32,
+    )
+    .w()
+}
+
+fn flash_config(blocks: (usize, usize, usize), shared: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.0 as u32, blocks.1 as u32, blocks.2 as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: shared as u32,
+    }
+}
+
+/// Shared bytes of `tiles` padded `[64, d + 8]` bf16 tiles and `rows` f32/u32 row vectors.
+fn flash_shared(d: usize, tiles: usize, rows: usize) -> usize {
+    tiles * FLASH_ROWS * (d + 8) * 2 + rows * FLASH_ROWS * 4
+}
+
+fn wrap_bf16(
+    slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<half::bf16>,
+    device: &candle_core::CudaDevice,
+    shape: &[usize],
+) -> candle_core::Tensor {
+    use candle_core::op::BackpropOp;
+    let storage = candle_core::Storage::Cuda(CudaStorage {
+        slice: CudaStorageSlice::BF16(slice),
+        device: device.clone(),
+    });
+    candle_core::Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// The shapes of a flash call: `q: [b, kv_heads, group × t, d]`, `k`, `v: [b, kv_heads, t, d]`.
+fn flash_shapes(
+    q: &candle_core::Tensor,
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    t: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let (b, kv_heads, rows, d) = q.dims4()?;
+    if t == 0
+        || rows % t != 0
+        || k.dims4()? != (b, kv_heads, t, d)
+        || v.dims4()? != (b, kv_heads, t, d)
+        || !FLASH_HEAD_DIMS.contains(&d)
+        || [q, k, v]
+            .iter()
+            .any(|x| x.dtype() != candle_core::DType::BF16)
+    {
+        candle_core::bail!(
+            "flash attention: q {:?}, k {:?}, v {:?} ({:?}) do not fit {t} tokens of width 64 or 128 in bf16",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            q.dtype()
+        )
+    }
+    Ok((b, kv_heads, rows / t, d))
+}
+
+/// Attention's output and per-query log-sum-exp (f32, log2 units of the scaled scores) by
+/// the flash forward kernel, for `t` tokens per row with no cached positions: causal, and
+/// within packed segments when `segments` is given.
+pub fn flash_forward(
+    q: &candle_core::Tensor,
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    scale: f64,
+    t: usize,
+    segments: Option<&FlashSegments>,
+) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+    let (b, kv_heads, group, d) = flash_shapes(q, k, v, t)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (qs, ql) = flash_input!(q, "q");
+    let (ks, kl) = flash_input!(k, "k");
+    let (vs, vl) = flash_input!(v, "v");
+    let candle_core::Storage::Cuda(cuda) = &*qs else {
+        unreachable!("checked by check_input")
+    };
+    let device = cuda.device.clone();
+    let rows = b * kv_heads * group * t;
+    let shared = flash_shared(d, 3, 1);
+    let func = device.get_or_load_custom_func(&format!("flash_forward_d{d}"), MODULE, PTX)?;
+    allow_shared(&func, shared)?;
+    // SAFETY: the kernel writes every row of the output and the log-sum-exp.
+    let out = unsafe { device.alloc::<half::bf16>(rows * d)? };
+    let lse = unsafe { device.alloc::<f32>(rows)? };
+    let segment_guards = match segments {
+        Some(s) => Some((
+            flash_input!(s.ids, "segment ids", u32),
+            flash_input!(s.first, "segment starts", u32),
+        )),
+        None => None,
+    };
+    let null: u64 = 0;
+    let (t_arg, group_arg, kv_arg) = (t as i32, group as i32, kv_heads as i32);
+    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    let (qv, kv, vv) = (
+        cuda_view!(qs, &ql, half::bf16),
+        cuda_view!(ks, &kl, half::bf16),
+        cuda_view!(vs, &vl, half::bf16),
+    );
+    let segment_views = match &segment_guards {
+        Some(((ids, ids_layout), (first, first_layout))) => Some((
+            cuda_view!(ids, ids_layout, u32),
+            cuda_view!(first, first_layout, u32),
+        )),
+        None => None,
+    };
+    let mut builder = func.builder();
+    builder.arg(&qv);
+    builder.arg(&kv);
+    builder.arg(&vv);
+    builder.arg(&out);
+    builder.arg(&lse);
+    match &segment_views {
+        Some((ids, first)) => {
+            builder.arg(ids);
+            builder.arg(first);
+        }
+        None => {
+            builder.arg(&null);
+            builder.arg(&null);
+        }
+    }
+    builder.arg(&t_arg);
+    builder.arg(&group_arg);
+    builder.arg(&kv_arg);
+    builder.arg(&scale_log2);
+    let blocks = (t.div_ceil(FLASH_ROWS), group, b * kv_heads);
+    // SAFETY: the argument list matches the kernel's signature.
+    unsafe { builder.launch(flash_config(blocks, shared)) }.w()?;
+    let out = wrap_bf16(out, &device, &[b, kv_heads, group * t, d]);
+    let lse = candle_core::Tensor::from_storage(
+        candle_core::Storage::Cuda(CudaStorage {
+            slice: CudaStorageSlice::F32(lse),
+            device: device.clone(),
+        }),
+        rows,
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    Ok((out, lse))
+}
+
+/// The gradients of `q`, `k` and `v` for the gradient `d_out` of [`flash_forward`]'s output
+/// `out` (with its log-sum-exp `lse`): the rows' `Σ dO·O`, then one kernel for `dq` over the
+/// query tiles and one for `dk`, `dv` over the key tiles (summed over the group's heads).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward(
+    q: &candle_core::Tensor,
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    out: &candle_core::Tensor,
+    lse: &candle_core::Tensor,
+    d_out: &candle_core::Tensor,
+    scale: f64,
+    t: usize,
+    segments: Option<&FlashSegments>,
+) -> Result<(
+    candle_core::Tensor,
+    candle_core::Tensor,
+    candle_core::Tensor,
+)> {
+    let (b, kv_heads, group, d) = flash_shapes(q, k, v, t)?;
+    let d_out = d_out.to_dtype(candle_core::DType::BF16)?.contiguous()?;
+    if d_out.dims() != q.dims() || out.dims() != q.dims() {
+        candle_core::bail!("flash attention: the output's gradient has another shape")
+    }
+    let (q, k, v, out) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        v.contiguous()?,
+        out.contiguous()?,
+    );
+    let lse = lse.contiguous()?;
+    let (qs, ql) = flash_input!(q, "q");
+    let (ks, kl) = flash_input!(k, "k");
+    let (vs, vl) = flash_input!(v, "v");
+    let (os, ol) = flash_input!(out, "the output");
+    let (ds, dl) = flash_input!(d_out, "the output's gradient");
+    let (ls, ll) = flash_input!(lse, "the log-sum-exp");
+    let candle_core::Storage::Cuda(cuda) = &*qs else {
+        unreachable!("checked by check_input")
+    };
+    let device = cuda.device.clone();
+    let rows = b * kv_heads * group * t;
+    let (qv, kv, vv, ov, dv_out, lv) = (
+        cuda_view!(qs, &ql, half::bf16),
+        cuda_view!(ks, &kl, half::bf16),
+        cuda_view!(vs, &vl, half::bf16),
+        cuda_view!(os, &ol, half::bf16),
+        cuda_view!(ds, &dl, half::bf16),
+        cuda_view!(ls, &ll, f32),
+    );
+
+    // Σ_d dO·O per query row: one warp a row.
+    // SAFETY: the kernel writes every row's value.
+    let delta = unsafe { device.alloc::<f32>(rows)? };
+    {
+        let func = device.get_or_load_custom_func("flash_delta_bf16", MODULE, PTX)?;
+        let (rows_arg, dim_arg) = (rows as i64, d as i32);
+        let mut builder = func.builder();
+        builder.arg(&ov);
+        builder.arg(&dv_out);
+        builder.arg(&delta);
+        builder.arg(&rows_arg);
+        builder.arg(&dim_arg);
+        let config = LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { builder.launch(config) }.w()?;
+    }
+
+    let segment_guards = match segments {
+        Some(s) => Some((
+            flash_input!(s.ids, "segment ids", u32),
+            flash_input!(s.first, "segment starts", u32),
+            flash_input!(s.last, "segment ends", u32),
+        )),
+        None => None,
+    };
+    let segment_views = match &segment_guards {
+        Some(((ids, il), (first, fl), (last, ll))) => Some((
+            cuda_view!(ids, il, u32),
+            cuda_view!(first, fl, u32),
+            cuda_view!(last, ll, u32),
+        )),
+        None => None,
+    };
+    let null: u64 = 0;
+    let (t_arg, group_arg, kv_arg) = (t as i32, group as i32, kv_heads as i32);
+    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    let scale_arg = scale as f32;
+
+    // SAFETY: each kernel writes every row of its outputs.
+    let dq = unsafe { device.alloc::<half::bf16>(rows * d)? };
+    let shared = flash_shared(d, 4, 1);
+    let func = device.get_or_load_custom_func(&format!("flash_dq_d{d}"), MODULE, PTX)?;
+    allow_shared(&func, shared)?;
+    let mut builder = func.builder();
+    builder.arg(&qv);
+    builder.arg(&kv);
+    builder.arg(&vv);
+    builder.arg(&dv_out);
+    builder.arg(&lv);
+    builder.arg(&delta);
+    builder.arg(&dq);
+    match &segment_views {
+        Some((ids, first, _)) => {
+            builder.arg(ids);
+            builder.arg(first);
+        }
+        None => {
+            builder.arg(&null);
+            builder.arg(&null);
+        }
+    }
+    builder.arg(&t_arg);
+    builder.arg(&group_arg);
+    builder.arg(&kv_arg);
+    builder.arg(&scale_log2);
+    builder.arg(&scale_arg);
+    let blocks = (t.div_ceil(FLASH_ROWS), group, b * kv_heads);
+    // SAFETY: the argument list matches the kernel's signature.
+    unsafe { builder.launch(flash_config(blocks, shared)) }.w()?;
+
+    let key_values = b * kv_heads * t * d;
+    // SAFETY: as above.
+    let dk = unsafe { device.alloc::<half::bf16>(key_values)? };
+    let dv = unsafe { device.alloc::<half::bf16>(key_values)? };
+    let shared = flash_shared(d, 4, 3);
+    let func = device.get_or_load_custom_func(&format!("flash_dkdv_d{d}"), MODULE, PTX)?;
+    allow_shared(&func, shared)?;
+    let mut builder = func.builder();
+    builder.arg(&qv);
+    builder.arg(&kv);
+    builder.arg(&vv);
+    builder.arg(&dv_out);
+    builder.arg(&lv);
+    builder.arg(&delta);
+    builder.arg(&dk);
+    builder.arg(&dv);
+    match &segment_views {
+        Some((ids, _, last)) => {
+            builder.arg(ids);
+            builder.arg(last);
+        }
+        None => {
+            builder.arg(&null);
+            builder.arg(&null);
+        }
+    }
+    builder.arg(&t_arg);
+    builder.arg(&group_arg);
+    builder.arg(&kv_arg);
+    builder.arg(&scale_log2);
+    builder.arg(&scale_arg);
+    let blocks = (t.div_ceil(FLASH_ROWS), 1, b * kv_heads);
+    // SAFETY: the argument list matches the kernel's signature.
+    unsafe { builder.launch(flash_config(blocks, shared)) }.w()?;
+
+    let dq = wrap_bf16(dq, &device, &[b, kv_heads, group * t, d]);
+    let dk = wrap_bf16(dk, &device, &[b, kv_heads, t, d]);
+    let dv = wrap_bf16(dv, &device, &[b, kv_heads, t, d]);
+    Ok((dq, dk, dv))
+}
+
+/// `bf16(base + delta)` for a bf16 `base` and an f32 `delta` of one shape, rounded once (the
+/// adapter's term added to a frozen projection, as PyTorch adds an f32 LoRA delta).
+pub fn add_f32_to_bf16(
+    base: &candle_core::Tensor,
+    delta: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    if base.dims() != delta.dims()
+        || base.dtype() != candle_core::DType::BF16
+        || delta.dtype() != candle_core::DType::F32
+    {
+        candle_core::bail!(
+            "add f32 to bf16: {:?} {:?} and {:?} {:?}",
+            base.dims(),
+            base.dtype(),
+            delta.dims(),
+            delta.dtype()
+        )
+    }
+    let (base, delta) = (base.contiguous()?, delta.contiguous()?);
+    let (bs, bl) = base.storage_and_layout();
+    let (ds, dl) = delta.storage_and_layout();
+    let (candle_core::Storage::Cuda(bs), candle_core::Storage::Cuda(ds)) = (&*bs, &*ds) else {
+        candle_core::bail!("add f32 to bf16: both tensors must be on the device")
+    };
+    let device = bs.device.clone();
+    let n = bl.shape().elem_count();
+    let count = n as u64;
+    let (bv, dv) = (view!(bs, bl, half::bf16), view!(ds, dl, f32));
+    let func = device.get_or_load_custom_func("add_f32_to_bf16", MODULE, PTX)?;
+    // SAFETY: the kernel writes every element.
+    let out = unsafe { device.alloc::<half::bf16>(n)? };
+    let mut builder = func.builder();
+    builder.arg(&bv);
+    builder.arg(&dv);
+    builder.arg(&out);
+    builder.arg(&count);
+    // SAFETY: the argument list matches the kernel's signature.
+    unsafe { builder.launch(grid_stride(n)) }.w()?;
+    Ok(wrap_bf16(out, &device, base.dims()))
 }

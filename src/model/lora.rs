@@ -257,6 +257,17 @@ pub fn keyed_dropout(x: &Tensor, seed: u64, key: [u64; 4], p: f32) -> Result<Ten
     }
 }
 
+/// [`keyed_dropout`] of `x` in f32 (`x` of any float dtype): on CUDA with its kernels a bf16
+/// `x` is read once, without an f32 copy first; the values are those of the f32 copy's.
+pub fn keyed_dropout_f32(x: &Tensor, seed: u64, key: [u64; 4], p: f32) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == DType::BF16 && super::cuda::kernels_enabled() {
+        let dropout = KeyedDropout { seed, key, p };
+        return x.contiguous()?.apply_op1_no_bwd(&dropout);
+    }
+    keyed_dropout(&x.to_dtype(DType::F32)?, seed, key, p)
+}
+
 /// Whether [`KeyedDropout`] runs as one op on `x` (the CPU, and CUDA with its kernels),
 /// rather than as a product with an uploaded mask.
 fn fused_dropout(x: &Tensor) -> bool {

@@ -28,20 +28,21 @@ pub fn supported(model: &Llama, lora: &Lora, context: &Context) -> bool {
 
 /// What [`forward`] keeps of one layer for [`backward`].
 pub struct Activations {
-    /// The attention block's normed input, f32 (the q, k and v adapters' input).
+    /// The attention block's normed input (the q, k and v adapters' input).
     normed_attention: Tensor,
     /// Rotated queries `[b, kv_heads, group × t, d]`, rotated keys and values
     /// `[b, kv_heads, t, d]`.
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// Attention probabilities `[b, kv_heads, group × t, t]`.
-    probs: Tensor,
+    /// What attention's backward pass needs: the probabilities
+    /// `[b, kv_heads, group × t, t]`, or the flash kernels' output and log-sum-exp.
+    attention: attention::Kept,
     /// The attention output `[m, hidden]` (the o projection's input).
     attended: Tensor,
     /// The residual stream after attention `[m, hidden]`.
     mid: Tensor,
-    /// The MLP's normed input, f32.
+    /// The MLP's normed input.
     normed_mlp: Tensor,
     gate: Tensor,
     up: Tensor,
@@ -154,6 +155,15 @@ impl Pass<'_> {
             .map(|pair| (pair.a.as_tensor().detach(), pair.b.as_tensor().detach()))
     }
 
+    fn dropout_key(&self, target: Target) -> [u64; 4] {
+        [
+            self.key.step,
+            self.key.micro_batch,
+            self.layer as u64,
+            target as u64,
+        ]
+    }
+
     /// Inverted dropout of `x` (f32) with `target`'s mask; the same call on a gradient is
     /// the gradient through it.
     fn dropout(&self, target: Target, x: &Tensor) -> Result<Tensor> {
@@ -161,31 +171,30 @@ impl Pass<'_> {
         if p <= 0.0 {
             return Ok(x.clone());
         }
-        let key = [
-            self.key.step,
-            self.key.micro_batch,
-            self.layer as u64,
-            target as u64,
-        ];
-        super::lora::keyed_dropout(x, self.key.seed, key, p)
+        super::lora::keyed_dropout(x, self.key.seed, self.dropout_key(target), p)
     }
 
-    /// `x·Wᵀ` plus the adapter's update for `x: [m, in]` (`x32` is `x` in f32); returns
-    /// the output and the adapter's rank-r intermediate `dropout(x)·Aᵀ`.
-    fn project(
-        &self,
-        target: Target,
-        x: &Tensor,
-        x32: &Tensor,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    /// The adapter's input for `target`: `x` (any float dtype) in f32 with `target`'s
+    /// dropout mask, without an f32 copy of `x` first where the device can.
+    fn dropped(&self, target: Target, x: &Tensor) -> Result<Tensor> {
+        let p = self.lora.config.dropout as f32;
+        if p <= 0.0 {
+            return x.to_dtype(DType::F32);
+        }
+        super::lora::keyed_dropout_f32(x, self.key.seed, self.dropout_key(target), p)
+    }
+
+    /// `x·Wᵀ` plus the adapter's update for `x: [m, in]`; returns the output and the
+    /// adapter's rank-r intermediate `dropout(x)·Aᵀ` (f32).
+    fn project(&self, target: Target, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let base = x.matmul(&self.weight(target).t()?)?;
         let Some((a, b)) = self.pair(target) else {
             return Ok((base, None));
         };
-        let down = self.dropout(target, x32)?.matmul(&a.t()?)?;
+        let down = self.dropped(target, x)?.matmul(&a.t()?)?;
         // The graph's order of operations, so that both paths compute the same values.
         let delta = (&down * self.lora.scale())?.matmul(&b.t()?)?;
-        let y = (base + delta.to_dtype(x.dtype())?)?;
+        let y = plus_adapter(base, Some(delta))?;
         Ok((y, Some(down)))
     }
 
@@ -195,7 +204,7 @@ impl Pass<'_> {
     fn project_backward(
         &self,
         target: Target,
-        x32: &Tensor,
+        x: &Tensor,
         down: Option<&Tensor>,
         dy: &Tensor,
         input: bool,
@@ -209,7 +218,7 @@ impl Pass<'_> {
         // delta = (s·down)·Bᵀ, down = dropout(x)·Aᵀ.
         let d_b = dy.t()?.matmul(&(down * scale)?)?;
         let d_down = (dy.matmul(&b)? * scale)?;
-        let dropped = self.dropout(target, x32)?;
+        let dropped = self.dropped(target, x)?;
         let d_a = d_down.t()?.matmul(&dropped)?;
         drop(dropped);
         super::cpu_layer::add_gradient(grads, peft_key(self.layer, target, 'A'), d_a)?;
@@ -235,12 +244,10 @@ impl Pass<'_> {
         } = self.shape(x)?;
         let x = x.reshape((m, h))?;
 
-        let normed = super::rms_norm(&x, &weights.input_norm, eps)?;
-        let normed32 = normed.to_dtype(DType::F32)?;
-        let (q, q_down) = self.project(Target::Q, &normed, &normed32)?;
-        let (k, k_down) = self.project(Target::K, &normed, &normed32)?;
-        let (v, v_down) = self.project(Target::V, &normed, &normed32)?;
-        drop(normed);
+        let normed_attention = super::rms_norm(&x, &weights.input_norm, eps)?;
+        let (q, q_down) = self.project(Target::Q, &normed_attention)?;
+        let (k, k_down) = self.project(Target::K, &normed_attention)?;
+        let (v, v_down) = self.project(Target::V, &normed_attention)?;
         let heads_first = |y: Tensor, n: usize| y.reshape((b, t, n, dim))?.transpose(1, 2);
         let (cos, sin) = (&self.context.cos, &self.context.sin);
         let q = rotate(&heads_first(q, heads)?, cos, sin)?
@@ -249,32 +256,28 @@ impl Pass<'_> {
         let k = rotate(&heads_first(k, kv_heads)?, cos, sin)?.contiguous()?;
         let v = heads_first(v, kv_heads)?.contiguous()?;
         let scale = 1.0 / (dim as f64).sqrt();
-        let (out, probs) = attention::attend_keeping(&q, &k, &v, scale, &self.context.mask)?;
+        let (out, kept_attention) =
+            attention::attend_keeping(&q, &k, &v, scale, &self.context.mask)?;
         let attended = out
             .reshape((b, heads, t, dim))?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((m, heads * dim))?;
-        let attended32 = attended.to_dtype(DType::F32)?;
-        let (o, o_down) = self.project(Target::O, &attended, &attended32)?;
-        drop(attended32);
+        let (o, o_down) = self.project(Target::O, &attended)?;
         let mid = (&x + o)?;
 
-        let normed = super::rms_norm(&mid, &weights.post_attention_norm, eps)?;
-        let normed_mlp = normed.to_dtype(DType::F32)?;
-        let (gate, gate_down) = self.project(Target::Gate, &normed, &normed_mlp)?;
-        let (up, up_down) = self.project(Target::Up, &normed, &normed_mlp)?;
-        drop(normed);
+        let normed_mlp = super::rms_norm(&mid, &weights.post_attention_norm, eps)?;
+        let (gate, gate_down) = self.project(Target::Gate, &normed_mlp)?;
+        let (up, up_down) = self.project(Target::Up, &normed_mlp)?;
         let product = (gate.silu()? * &up)?;
-        let product32 = product.to_dtype(DType::F32)?;
-        let (down, down_down) = self.project(Target::Down, &product, &product32)?;
+        let (down, down_down) = self.project(Target::Down, &product)?;
         let y = (&mid + down)?.reshape((b, t, h))?;
         let kept = Activations {
-            normed_attention: normed32,
+            normed_attention,
             q,
             k,
             v,
-            probs,
+            attention: kept_attention,
             attended,
             mid,
             normed_mlp,
@@ -314,7 +317,7 @@ impl Pass<'_> {
             q,
             k,
             v,
-            probs,
+            attention: kept_attention,
             attended,
             mid,
             normed_mlp,
@@ -328,11 +331,9 @@ impl Pass<'_> {
         // MLP block: y = mid + down(silu(gate) · up).
         let d_product = {
             let base = dy.matmul(self.weight(Target::Down))?;
-            let product32 = product.to_dtype(DType::F32)?;
-            drop(product);
             let adapter = self.project_backward(
                 Target::Down,
-                &product32,
+                &product,
                 down[Target::Down as usize].as_ref(),
                 &dy,
                 true,
@@ -340,6 +341,7 @@ impl Pass<'_> {
             )?;
             plus_adapter(base, adapter)?
         };
+        drop(product);
         let (d_gate, d_up) = swiglu_backward(&gate, &up, &d_product)?;
         drop((gate, up, d_product));
         let mut d_normed = d_gate.matmul(self.weight(Target::Gate))?;
@@ -365,11 +367,9 @@ impl Pass<'_> {
         // Attention block: mid = x + o(attention(rope(q(n)), rope(k(n)), v(n))).
         let d_attended = {
             let base = d_mid.matmul(self.weight(Target::O))?;
-            let attended32 = attended.to_dtype(DType::F32)?;
-            drop(attended);
             let adapter = self.project_backward(
                 Target::O,
-                &attended32,
+                &attended,
                 down[Target::O as usize].as_ref(),
                 &d_mid,
                 true,
@@ -377,6 +377,7 @@ impl Pass<'_> {
             )?;
             plus_adapter(base, adapter)?
         };
+        drop(attended);
         let d_out = d_attended
             .reshape((b, t, heads, dim))?
             .transpose(1, 2)?
@@ -384,9 +385,16 @@ impl Pass<'_> {
             .reshape((b, kv_heads, group * t, dim))?;
         drop(d_attended);
         let scale = 1.0 / (dim as f64).sqrt();
-        let (dq, dk, dv) =
-            attention::attend_backward(&q, &k, &v, &probs, &d_out, scale, &self.context.mask)?;
-        drop((q, k, v, probs, d_out));
+        let (dq, dk, dv) = attention::attend_backward(
+            &q,
+            &k,
+            &v,
+            &kept_attention,
+            &d_out,
+            scale,
+            &self.context.mask,
+        )?;
+        drop((q, k, v, kept_attention, d_out));
         let (cos, sin) = (&self.context.cos, &self.context.neg_sin()?);
         // The inverse rotation carries a rotated tensor's gradient back.
         let tokens_first = |d: Tensor, n: usize| -> Result<Tensor> {
@@ -422,9 +430,18 @@ impl Pass<'_> {
     }
 }
 
-/// `base` plus the adapter's f32 part of the same gradient, in `base`'s dtype.
+/// `base` plus the adapter's f32 part of the same value or gradient, in `base`'s dtype (on
+/// CUDA with its kernels, bf16 rounded once, as PyTorch adds an f32 LoRA term).
 fn plus_adapter(base: Tensor, adapter: Option<Tensor>) -> Result<Tensor> {
     match adapter {
+        #[cfg(feature = "cuda")]
+        Some(adapter)
+            if base.dtype() == DType::BF16
+                && adapter.dtype() == DType::F32
+                && super::cuda_kernels(base.device()) =>
+        {
+            super::cuda::add_f32_to_bf16(&base, &adapter)
+        }
         Some(adapter) => {
             let adapter = adapter.to_dtype(base.dtype())?;
             base + adapter

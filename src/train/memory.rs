@@ -186,6 +186,9 @@ pub enum LayerPass {
     /// Written with tensor ops (`model::tensor_layer`: CUDA, bf16 or f32): keeps the
     /// values of [`tensor_layer_terms`], attention probabilities included.
     Tensors,
+    /// Tensor ops with attention through the flash kernels (CUDA, bf16, head width 64 or
+    /// 128): one log-sum-exp per query and head instead of the probabilities.
+    Flash,
 }
 
 impl LayerPass {
@@ -194,7 +197,22 @@ impl LayerPass {
         match self {
             LayerPass::ByHand => HAND_RUNTIME_FIXED_BYTES,
             LayerPass::Graph => RUNTIME_FIXED_BYTES,
-            LayerPass::Tensors => TENSOR_RUNTIME_FIXED_BYTES,
+            LayerPass::Tensors | LayerPass::Flash => TENSOR_RUNTIME_FIXED_BYTES,
+        }
+    }
+
+    /// The pass training runs for a model of head width `head_dim`: [`LayerPass::of`], with
+    /// the flash kernels where a CUDA build has them for this shape and dtype.
+    pub fn for_training(on_cpu: bool, dtype: DType, head_dim: usize) -> LayerPass {
+        let flash = cfg!(feature = "cuda")
+            && !on_cpu
+            && dtype == DType::BF16
+            && matches!(head_dim, 64 | 128)
+            && std::env::var("CORPUSDB_CUDA_FLASH").map_or(true, |v| v != "0");
+        if flash {
+            LayerPass::Flash
+        } else {
+            LayerPass::of(on_cpu, dtype)
         }
     }
 
@@ -509,6 +527,19 @@ pub fn tensor_layer_terms(
     terms
 }
 
+/// [`tensor_layer_terms`] with the flash kernels: attention keeps its output (heads
+/// first) and one f32 log-sum-exp per query and head, not the probabilities.
+pub fn flash_layer_terms(model: &LlamaConfig, lora: &LoraConfig, dtype: DType) -> Vec<Term> {
+    let s = dtype.size_in_bytes() as u64;
+    let q = (model.num_attention_heads * model.head_dim()) as u64;
+    let mut terms = tensor_layer_terms(model, lora, dtype, 0);
+    terms.push(Term {
+        name: "attention output (heads first) and log-sum-exp",
+        values: (q * s + model.num_attention_heads as u64 * 4).div_ceil(ACTIVATION_BYTES),
+    });
+    terms
+}
+
 /// The fused attention's backward working memory beyond its inputs: each task's partial
 /// `dk` and `dv` over its row's keys, and two score tiles per thread.
 fn attention_block_bytes(model: &LlamaConfig, tokens: u64, rows: u64) -> u64 {
@@ -568,6 +599,7 @@ pub fn plan(
         LayerPass::ByHand => hand_layer_terms(model, lora),
         LayerPass::Graph => layer_terms(model, lora),
         LayerPass::Tensors => tensor_layer_terms(model, lora, dtype, width),
+        LayerPass::Flash => flash_layer_terms(model, lora, dtype),
     };
     let per_token: u64 = layer_terms.iter().map(|t| t.values).sum();
     let working_set = per_token * tokens * a;
@@ -581,7 +613,7 @@ pub fn plan(
             // as the working set. The graph: the embeddings (the first layer's input;
             // the others are inside the working sets) and every working set but the last.
             match pass {
-                LayerPass::ByHand | LayerPass::Tensors => layers * hidden_states,
+                LayerPass::ByHand | LayerPass::Tensors | LayerPass::Flash => layers * hidden_states,
                 LayerPass::Graph => hidden_states,
             } + layers.saturating_sub(1) * working_set,
             if layers > 0 { working_set } else { 0 },
@@ -601,9 +633,10 @@ pub fn plan(
             (TENSOR_ATTENTION_BACKWARD_COPIES * model.num_attention_heads as u64 * width * s)
                 .max(2 * i * s + 2 * i * 4)
         }
+        LayerPass::Flash => 2 * i * s + 2 * i * 4,
     } * tokens;
     let attention_block = match pass {
-        LayerPass::Tensors => 0,
+        LayerPass::Tensors | LayerPass::Flash => 0,
         _ => attention_block_bytes(model, tokens, rows),
     };
     let chunk = (loss_chunk.max(1) as u64).min(tokens);
@@ -611,7 +644,7 @@ pub fn plan(
     let vocab_units = match pass {
         LayerPass::ByHand => HAND_LOSS_VOCAB_COPIES * chunk * vocab,
         LayerPass::Graph => LOSS_VOCAB_COPIES * chunk * vocab,
-        LayerPass::Tensors => (2 * chunk * vocab * s).div_ceil(a),
+        LayerPass::Tensors | LayerPass::Flash => (2 * chunk * vocab * s).div_ceil(a),
     };
     let loss_chunks =
         vocab_units + LOSS_HIDDEN_COPIES * tokens * h + LOSS_PICKED_COPIES * chunk * h;
@@ -636,7 +669,7 @@ pub fn plan(
     let total = base_weights + lora_and_optimizer + activations + runtime;
     let scores = rows * model.num_attention_heads as u64 * width * width;
     let cuda_attention = match pass {
-        LayerPass::Tensors => 0,
+        LayerPass::Tensors | LayerPass::Flash => 0,
         _ => scores * CUDA_ATTENTION_DTYPE_COPIES * s,
     };
 
@@ -846,6 +879,7 @@ impl fmt::Display for MemoryPlan {
                         LayerPass::ByHand => "by hand",
                         LayerPass::Graph => "with its graph",
                         LayerPass::Tensors => "with tensor ops",
+                        LayerPass::Flash => "with tensor ops and flash attention",
                     }
                 ),
                 in_phase(PeakPhase::LayerBackward),
@@ -882,7 +916,7 @@ impl fmt::Display for MemoryPlan {
                     },
                     crate::report::thousands(inputs.loss_chunk as u64),
                     crate::report::thousands(m.vocab_size as u64),
-                    if inputs.layer_pass == LayerPass::Tensors {
+                    if matches!(inputs.layer_pass, LayerPass::Tensors | LayerPass::Flash) {
                         inputs.dtype
                     } else {
                         "f32"
