@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import site
+import statistics
 import subprocess
 import sys
 import threading
@@ -320,8 +321,11 @@ def main() -> None:
         theirs = budgeted(f"pytorch {config} {mode}", theirs_cmd, 300)
         run = {"model": config, "rows": rows, "seq_len": seq, "checkpointing": mode,
                "corpusdb": ours, "pytorch_peft": theirs}
-        if ours.get("tokens_per_s") and theirs.get("tokens_per_s"):
-            run["speed_ratio"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
+        if ours.get("step_seconds") and theirs.get("step_seconds"):
+            # Median step times: one slow step (a collection, a clock change) does not
+            # decide the ratio.
+            run["speed_ratio"] = round(statistics.median(theirs["step_seconds"])
+                                       / statistics.median(ours["step_seconds"]), 3)
         if ours.get("peak_gpu_used_mib") and theirs.get("peak_gpu_used_mib"):
             run["memory_ratio"] = round(ours["peak_gpu_used_mib"] / theirs["peak_gpu_used_mib"], 3)
         doc["runs"].append(run)

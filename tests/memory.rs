@@ -604,3 +604,49 @@ fn the_tensor_layer_plan_matches_the_h200_peaks() {
         );
     }
 }
+
+/// The plan of CUDA's layer with the flash kernels against the peaks nvidia-smi measured on
+/// an H200 (benches/results/gpu-check-h200-2026-12-01-flash.json): never more than 5% under
+/// (a plan that says a run fits must be right), at most 15% over (the kept layer inputs are
+/// counted in f32; the 8B run keeps them in bf16, 4 GiB less).
+#[test]
+fn the_flash_layer_plan_matches_the_h200_peaks() {
+    let read = |name: &str| -> LlamaConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("configs/models/{name}/config.json"));
+        weights::read_hf_config_file(&path).unwrap()
+    };
+    let mut errors = Vec::new();
+    for (name, rows, checkpointing, measured_mib) in [
+        ("llama-3.2-1b", 4, Checkpointing::Layers, 5_873u64),
+        ("llama-3.2-1b", 4, Checkpointing::None, 15_313),
+        ("llama-3-8b", 8, Checkpointing::Layers, 28_049),
+    ] {
+        let model = read(name);
+        let plan = memory::plan(
+            &model,
+            &all_seven(32),
+            rows * 2048,
+            rows,
+            DType::BF16,
+            LayerPass::Flash,
+            checkpointing,
+            1024,
+        );
+        assert!(
+            plan.layer_terms
+                .iter()
+                .all(|t| t.name != "attention probabilities"),
+            "the flash kernels keep no probabilities"
+        );
+        let measured = measured_mib * MIB;
+        let error = (plan.total as f64 - measured as f64) / measured as f64;
+        errors.push(format!(
+            "{name} {checkpointing:?}: plan {} vs measured {} ({:+.1}%)",
+            memory::format_bytes(plan.total),
+            memory::format_bytes(measured),
+            error * 100.0
+        ));
+        assert!(-0.05 < error && error < 0.15, "{}", errors.join("; "));
+    }
+}

@@ -89,6 +89,7 @@ pub struct Prepared<'a> {
     segments: Option<Tensor>,
     /// CUDA with the flash kernels on: bf16 training attention (no cached positions) runs
     /// as the flash kernels and keeps no probabilities.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     flash: bool,
     /// Packed rows' masking data for the flash kernels.
     #[cfg(feature = "cuda")]
@@ -180,6 +181,7 @@ fn prepare_kernel<'a>(
                 ids: on_device.clone(),
                 first: Tensor::from_vec(first, b * t, device)?,
                 last: Tensor::from_vec(last, b * t, device)?,
+                tiles: Tensor::new(super::cuda::segment_tiles(ids, b, t).as_slice(), device)?,
             })
         }
         _ => None,

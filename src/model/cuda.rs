@@ -588,14 +588,36 @@ pub fn set_flash_enabled(on: bool) {
 pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// Rows of a flash kernel's tile (FLASH_ROWS in corpusdb.cu).
-const FLASH_ROWS: usize = 64;
+pub const FLASH_TILE: usize = 64;
+const FLASH_ROWS: usize = FLASH_TILE;
 
 /// The packed rows' masking data for the flash kernels, on the device: segment ids and,
-/// per position, the first and last position of its segment (`[b × t]` u32 each).
+/// per position, the first and last position of its segment (`[b × t]` u32 each), and per
+/// 64-position tile of a row its one segment id or `u32::MAX` when it holds several (tile
+/// pairs inside one segment need no mask).
 pub struct FlashSegments {
     pub ids: candle_core::Tensor,
     pub first: candle_core::Tensor,
     pub last: candle_core::Tensor,
+    pub tiles: candle_core::Tensor,
+}
+
+/// Per row of `t` ids, per tile of [`FLASH_TILE`] positions (the last one short), the tile's
+/// one segment id, or `u32::MAX` when it holds several.
+pub fn segment_tiles(ids: &[u32], b: usize, t: usize) -> Vec<u32> {
+    let per_row = t.div_ceil(FLASH_TILE);
+    let mut tiles = Vec::with_capacity(b * per_row);
+    for row in 0..b {
+        for chunk in ids[row * t..(row + 1) * t].chunks(FLASH_TILE) {
+            let first = chunk[0];
+            tiles.push(if chunk.iter().all(|&id| id == first) {
+                first
+            } else {
+                u32::MAX
+            });
+        }
+    }
+    tiles
 }
 
 /// Checks a flash kernel's input: on the device, contiguous and 16-byte aligned (the
@@ -604,7 +626,7 @@ fn check_input(storage: &candle_core::Storage, layout: &Layout, what: &str) -> R
     if !matches!(storage, candle_core::Storage::Cuda(_)) {
         candle_core::bail!("flash attention: {what} must be on the device")
     }
-    if !layout.is_contiguous() || layout.start_offset() % 8 != 0 {
+    if !layout.is_contiguous() || !layout.start_offset().is_multiple_of(8) {
         candle_core::bail!("flash attention: {what} must be contiguous and aligned")
     }
     Ok(())
@@ -733,6 +755,7 @@ pub fn flash_forward(
         Some(s) => Some((
             flash_input!(s.ids, "segment ids", u32),
             flash_input!(s.first, "segment starts", u32),
+            flash_input!(s.tiles, "segment tiles", u32),
         )),
         None => None,
     };
@@ -745,9 +768,10 @@ pub fn flash_forward(
         cuda_view!(vs, &vl, half::bf16),
     );
     let segment_views = match &segment_guards {
-        Some(((ids, ids_layout), (first, first_layout))) => Some((
+        Some(((ids, ids_layout), (first, first_layout), (tiles, tiles_layout))) => Some((
             cuda_view!(ids, ids_layout, u32),
             cuda_view!(first, first_layout, u32),
+            cuda_view!(tiles, tiles_layout, u32),
         )),
         None => None,
     };
@@ -758,11 +782,13 @@ pub fn flash_forward(
     builder.arg(&out);
     builder.arg(&lse);
     match &segment_views {
-        Some((ids, first)) => {
+        Some((ids, first, tiles)) => {
             builder.arg(ids);
             builder.arg(first);
+            builder.arg(tiles);
         }
         None => {
+            builder.arg(&null);
             builder.arg(&null);
             builder.arg(&null);
         }
@@ -864,14 +890,16 @@ pub fn flash_backward(
             flash_input!(s.ids, "segment ids", u32),
             flash_input!(s.first, "segment starts", u32),
             flash_input!(s.last, "segment ends", u32),
+            flash_input!(s.tiles, "segment tiles", u32),
         )),
         None => None,
     };
     let segment_views = match &segment_guards {
-        Some(((ids, il), (first, fl), (last, ll))) => Some((
+        Some(((ids, il), (first, fl), (last, ll), (tiles, tl))) => Some((
             cuda_view!(ids, il, u32),
             cuda_view!(first, fl, u32),
             cuda_view!(last, ll, u32),
+            cuda_view!(tiles, tl, u32),
         )),
         None => None,
     };
@@ -894,11 +922,13 @@ pub fn flash_backward(
     builder.arg(&delta);
     builder.arg(&dq);
     match &segment_views {
-        Some((ids, first, _)) => {
+        Some((ids, first, _, tiles)) => {
             builder.arg(ids);
             builder.arg(first);
+            builder.arg(tiles);
         }
         None => {
+            builder.arg(&null);
             builder.arg(&null);
             builder.arg(&null);
         }
@@ -929,11 +959,13 @@ pub fn flash_backward(
     builder.arg(&dk);
     builder.arg(&dv);
     match &segment_views {
-        Some((ids, _, last)) => {
+        Some((ids, _, last, tiles)) => {
             builder.arg(ids);
             builder.arg(last);
+            builder.arg(tiles);
         }
         None => {
+            builder.arg(&null);
             builder.arg(&null);
             builder.arg(&null);
         }

@@ -202,10 +202,10 @@ impl LayerPass {
     }
 
     /// The pass training runs for a model of head width `head_dim`: [`LayerPass::of`], with
-    /// the flash kernels where a CUDA build has them for this shape and dtype.
+    /// the flash kernels where a CUDA build has them for this shape and dtype (planned the
+    /// same from a build without CUDA).
     pub fn for_training(on_cpu: bool, dtype: DType, head_dim: usize) -> LayerPass {
-        let flash = cfg!(feature = "cuda")
-            && !on_cpu
+        let flash = !on_cpu
             && dtype == DType::BF16
             && matches!(head_dim, 64 | 128)
             && std::env::var("CORPUSDB_CUDA_FLASH").map_or(true, |v| v != "0");
@@ -527,16 +527,44 @@ pub fn tensor_layer_terms(
     terms
 }
 
-/// [`tensor_layer_terms`] with the flash kernels: attention keeps its output (heads
-/// first) and one f32 log-sum-exp per query and head, not the probabilities.
+/// What CUDA's layer keeps with the flash kernels ([`LayerPass::Flash`]): the adapters'
+/// inputs in the base dtype (their dropout is redrawn in f32 when needed), and for
+/// attention its output twice (heads first for its backward, tokens first for the o
+/// projection) and one f32 log-sum-exp per query and head, not the probabilities.
 pub fn flash_layer_terms(model: &LlamaConfig, lora: &LoraConfig, dtype: DType) -> Vec<Term> {
     let s = dtype.size_in_bytes() as u64;
+    let in_units = |bytes: u64| bytes.div_ceil(ACTIVATION_BYTES);
+    let h = model.hidden_size as u64;
+    let i = model.intermediate_size as u64;
     let q = (model.num_attention_heads * model.head_dim()) as u64;
-    let mut terms = tensor_layer_terms(model, lora, dtype, 0);
-    terms.push(Term {
-        name: "attention output (heads first) and log-sum-exp",
-        values: (q * s + model.num_attention_heads as u64 * 4).div_ceil(ACTIVATION_BYTES),
-    });
+    let kv = (model.kv_heads() * model.head_dim()) as u64;
+    let mut terms = vec![
+        Term {
+            name: "normed inputs (the adapters' input)",
+            values: in_units(2 * h * s),
+        },
+        Term {
+            name: "lora rank-r intermediates",
+            values: targets(lora).len() as u64 * lora.r as u64,
+        },
+        Term {
+            name: "rotated q, k and v",
+            values: in_units((q + 2 * kv) * s),
+        },
+        Term {
+            name: "attention output (twice) and log-sum-exp",
+            values: in_units(2 * q * s + model.num_attention_heads as u64 * 4),
+        },
+        Term {
+            name: "residual after attention",
+            values: in_units(h * s),
+        },
+        Term {
+            name: "gate, up and their product",
+            values: in_units(3 * i * s),
+        },
+    ];
+    terms.retain(|t| t.values > 0);
     terms
 }
 
@@ -633,7 +661,8 @@ pub fn plan(
             (TENSOR_ATTENTION_BACKWARD_COPIES * model.num_attention_heads as u64 * width * s)
                 .max(2 * i * s + 2 * i * 4)
         }
-        LayerPass::Flash => 2 * i * s + 2 * i * 4,
+        // The MLP's gradients of gate and up beside its product's dropout in f32.
+        LayerPass::Flash => 2 * i * s + i * 4,
     } * tokens;
     let attention_block = match pass {
         LayerPass::Tensors | LayerPass::Flash => 0,

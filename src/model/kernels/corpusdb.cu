@@ -312,30 +312,64 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], const
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// The A fragment of rows [row, row + 16) and columns [col, col + 16) of a row-major tile.
+__device__ __forceinline__ void load_matrices(uint32_t r[4], const bf16 *p) {
+    uint32_t address = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+__device__ __forceinline__ void load_matrices_transposed(uint32_t r[4], const bf16 *p) {
+    uint32_t address = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+// Fragments by ldmatrix: lanes 8·i to 8·i + 7 name the rows of 8 × 8 matrix i, which lands
+// in register i of every lane in the mma layout.
+//
+// The A fragment of rows [row, row + 16) and columns [col, col + 16) of a row-major tile:
+// matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
 __device__ __forceinline__ void a_fragment(uint32_t a[4], const bf16 *tile, int stride, int row,
-                                           int col, int gid, int tig) {
-    const bf16 *p = tile + (row + gid) * stride + col + tig * 2;
-    a[0] = *reinterpret_cast<const uint32_t *>(p);
-    a[1] = *reinterpret_cast<const uint32_t *>(p + 8 * stride);
-    a[2] = *reinterpret_cast<const uint32_t *>(p + 8);
-    a[3] = *reinterpret_cast<const uint32_t *>(p + 8 * stride + 8);
+                                           int col, int lane) {
+    load_matrices(a, tile + (row + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + col + (lane >> 4) * 8);
 }
 
-// The B fragment (k16 × n8) of a tile stored n-major (`tile[n][k]`: keys for q·kᵀ).
-__device__ __forceinline__ void b_fragment_nk(uint32_t b[2], const bf16 *tile, int stride, int n,
-                                              int k, int gid, int tig) {
-    const bf16 *p = tile + (n + gid) * stride + k + tig * 2;
-    b[0] = *reinterpret_cast<const uint32_t *>(p);
-    b[1] = *reinterpret_cast<const uint32_t *>(p + 8);
+// The B fragments (k16 × n8) of n-tiles n and n + 8 of a tile stored n-major (`tile[n][k]`:
+// keys for q·kᵀ): matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+__device__ __forceinline__ void b_fragments_nk(uint32_t b0[2], uint32_t b1[2], const bf16 *tile,
+                                               int stride, int n, int k, int lane) {
+    uint32_t r[4];
+    load_matrices(r, tile + (n + (lane & 7) + (lane >> 4) * 8) * stride + k + ((lane >> 3) & 1) * 8);
+    b0[0] = r[0];
+    b0[1] = r[1];
+    b1[0] = r[2];
+    b1[1] = r[3];
 }
 
-// The B fragment (k16 × n8) of a tile stored k-major (`tile[k][n]`: values for p·v).
-__device__ __forceinline__ void b_fragment_kn(uint32_t b[2], const bf16 *tile, int stride, int k,
-                                              int n, int gid, int tig) {
-    const bf16 *p = tile + (k + tig * 2) * stride + n + gid;
-    b[0] = pack_pair(p[0], p[stride]);
-    b[1] = pack_pair(p[8 * stride], p[9 * stride]);
+// The B fragments (k16 × n8) of n-tiles n and n + 8 of a tile stored k-major (`tile[k][n]`:
+// values for p·v), transposed on the way: matrices (k 0-7, n 0-7), (k 8-15, n 0-7),
+// (k 0-7, n 8-15), (k 8-15, n 8-15).
+__device__ __forceinline__ void b_fragments_kn(uint32_t b0[2], uint32_t b1[2], const bf16 *tile,
+                                               int stride, int k, int n, int lane) {
+    uint32_t r[4];
+    load_matrices_transposed(r, tile + (k + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + n + (lane >> 4) * 8);
+    b0[0] = r[0];
+    b0[1] = r[1];
+    b1[0] = r[2];
+    b1[1] = r[3];
+}
+
+// Whether a tile pair needs no mask: every key before every query, no row past t, and (for
+// packed rows) both tiles inside one segment (`tiles`: a tile's segment id, or all ones when
+// it holds several).
+__device__ __forceinline__ bool unmasked(int i0, int j0, int t, const uint32_t *tiles, int batch) {
+    if (j0 + FLASH_ROWS > i0 || i0 + FLASH_ROWS > t) return false;
+    if (!tiles) return true;
+    int per_row = (t + FLASH_ROWS - 1) / FLASH_ROWS;
+    uint32_t a = tiles[batch * per_row + i0 / FLASH_ROWS], b = tiles[batch * per_row + j0 / FLASH_ROWS];
+    return a == b && a != 0xFFFFFFFFu;
 }
 
 // Accumulator tiles 2·kk and 2·kk + 1 (16 × 16) as the A operand of the next product.
@@ -372,8 +406,9 @@ __device__ __forceinline__ void load_rows(bf16 *tile, const bf16 *src, int row0,
 
 template <int D>
 __device__ void flash_forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse,
-                              const uint32_t *segments, const uint32_t *first, int t, int group,
-                              int kv_heads, float scale_log2) {
+                              const uint32_t *segments, const uint32_t *first,
+                              const uint32_t *tiles, int t, int group, int kv_heads,
+                              float scale_log2) {
     constexpr int P = D + 8, TILE = FLASH_ROWS * P;
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     bf16 *sq = reinterpret_cast<bf16 *>(shared_bytes), *sk = sq + TILE, *sv = sk + TILE;
@@ -415,25 +450,35 @@ __device__ void flash_forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 
 #pragma unroll
         for (int kk = 0; kk < D; kk += 16) {
             uint32_t a[4];
-            a_fragment(a, sq, P, warp * 16, kk, gid, tig);
+            a_fragment(a, sq, P, warp * 16, kk, lane);
+#pragma unroll
+            for (int n = 0; n < FLASH_ROWS / 8; n += 2) {
+                uint32_t b0[2], b1[2];
+                b_fragments_nk(b0, b1, sk, P, n * 8, kk, lane);
+                mma_16816(s[n], a, b0);
+                mma_16816(s[n + 1], a, b1);
+            }
+        }
+        if (unmasked(i0, j0, t, tiles, batch)) {
+#pragma unroll
+            for (int n = 0; n < FLASH_ROWS / 8; ++n)
+                for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
+        } else {
 #pragma unroll
             for (int n = 0; n < FLASH_ROWS / 8; ++n) {
-                uint32_t b[2];
-                b_fragment_nk(b, sk, P, n * 8, kk, gid, tig);
-                mma_16816(s[n], a, b);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int j = j0 + n * 8 + tig * 2 + (e & 1);
+                    int row = e < 2 ? r0 : r1;
+                    uint32_t own = e < 2 ? seg0 : seg1;
+                    bool seen = j <= row && j < t && (!seg || key_segments[j - j0] == own);
+                    s[n][e] = seen ? s[n][e] * scale_log2 : -INFINITY;
+                }
             }
         }
         float max0 = m0, max1 = m1;
 #pragma unroll
         for (int n = 0; n < FLASH_ROWS / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int j = j0 + n * 8 + tig * 2 + (e & 1);
-                int row = e < 2 ? r0 : r1;
-                uint32_t own = e < 2 ? seg0 : seg1;
-                bool seen = j <= row && j < t && (!seg || key_segments[j - j0] == own);
-                s[n][e] = seen ? s[n][e] * scale_log2 : -INFINITY;
-            }
             max0 = fmaxf(max0, fmaxf(s[n][0], s[n][1]));
             max1 = fmaxf(max1, fmaxf(s[n][2], s[n][3]));
         }
@@ -467,10 +512,11 @@ __device__ void flash_forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 
             uint32_t a[4];
             a_from_accumulators(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                uint32_t b[2];
-                b_fragment_kn(b, sv, P, kk * 16, n * 8, gid, tig);
-                mma_16816(acc[n], a, b);
+            for (int n = 0; n < D / 8; n += 2) {
+                uint32_t b0[2], b1[2];
+                b_fragments_kn(b0, b1, sv, P, kk * 16, n * 8, lane);
+                mma_16816(acc[n], a, b0);
+                mma_16816(acc[n + 1], a, b1);
             }
         }
     }
@@ -509,8 +555,8 @@ extern "C" __global__ void flash_delta_bf16(const bf16 *o, const bf16 *d_o, floa
 template <int D>
 __device__ void flash_dq(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o,
                          const float *lse, const float *delta, bf16 *dq, const uint32_t *segments,
-                         const uint32_t *first, int t, int group, int kv_heads, float scale_log2,
-                         float scale) {
+                         const uint32_t *first, const uint32_t *tiles, int t, int group,
+                         int kv_heads, float scale_log2, float scale) {
     constexpr int P = D + 8, TILE = FLASH_ROWS * P, HALF = FLASH_ROWS / 2;
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     bf16 *sq = reinterpret_cast<bf16 *>(shared_bytes), *sdo = sq + TILE, *sk = sdo + TILE,
@@ -550,6 +596,7 @@ __device__ void flash_dq(const bf16 *q, const bf16 *k, const bf16 *v, const bf16
         if (threadIdx.x < FLASH_ROWS)
             key_segments[threadIdx.x] = (seg && j0 + (int)threadIdx.x < t) ? seg[j0 + threadIdx.x] : 0;
         __syncthreads();
+        const bool plain = unmasked(i0, j0, t, tiles, batch);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int k0 = half * HALF;
@@ -560,27 +607,40 @@ __device__ void flash_dq(const bf16 *q, const bf16 *k, const bf16 *v, const bf16
 #pragma unroll
             for (int kk = 0; kk < D; kk += 16) {
                 uint32_t a[4], a_do[4];
-                a_fragment(a, sq, P, warp * 16, kk, gid, tig);
-                a_fragment(a_do, sdo, P, warp * 16, kk, gid, tig);
+                a_fragment(a, sq, P, warp * 16, kk, lane);
+                a_fragment(a_do, sdo, P, warp * 16, kk, lane);
 #pragma unroll
-                for (int n = 0; n < HALF / 8; ++n) {
-                    uint32_t b[2];
-                    b_fragment_nk(b, sk, P, k0 + n * 8, kk, gid, tig);
-                    mma_16816(s[n], a, b);
-                    b_fragment_nk(b, sv, P, k0 + n * 8, kk, gid, tig);
-                    mma_16816(dp[n], a_do, b);
+                for (int n = 0; n < HALF / 8; n += 2) {
+                    uint32_t b0[2], b1[2];
+                    b_fragments_nk(b0, b1, sk, P, k0 + n * 8, kk, lane);
+                    mma_16816(s[n], a, b0);
+                    mma_16816(s[n + 1], a, b1);
+                    b_fragments_nk(b0, b1, sv, P, k0 + n * 8, kk, lane);
+                    mma_16816(dp[n], a_do, b0);
+                    mma_16816(dp[n + 1], a_do, b1);
                 }
             }
+            if (plain) {
 #pragma unroll
-            for (int n = 0; n < HALF / 8; ++n) {
+                for (int n = 0; n < HALF / 8; ++n) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    int jj = k0 + n * 8 + tig * 2 + (e & 1), j = j0 + jj;
-                    int row = e < 2 ? r0 : r1;
-                    bool seen = j <= row && j < t && row < t &&
-                                (!seg || key_segments[jj] == (e < 2 ? seg0 : seg1));
-                    float p = seen ? exp2f(s[n][e] * scale_log2 - (e < 2 ? lse0 : lse1)) : 0.0f;
-                    s[n][e] = p * (dp[n][e] - (e < 2 ? delta0 : delta1));
+                    for (int e = 0; e < 4; ++e) {
+                        float p = exp2f(s[n][e] * scale_log2 - (e < 2 ? lse0 : lse1));
+                        s[n][e] = p * (dp[n][e] - (e < 2 ? delta0 : delta1));
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int n = 0; n < HALF / 8; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        int jj = k0 + n * 8 + tig * 2 + (e & 1), j = j0 + jj;
+                        int row = e < 2 ? r0 : r1;
+                        bool seen = j <= row && j < t && row < t &&
+                                    (!seg || key_segments[jj] == (e < 2 ? seg0 : seg1));
+                        float p = seen ? exp2f(s[n][e] * scale_log2 - (e < 2 ? lse0 : lse1)) : 0.0f;
+                        s[n][e] = p * (dp[n][e] - (e < 2 ? delta0 : delta1));
+                    }
                 }
             }
 #pragma unroll
@@ -588,10 +648,11 @@ __device__ void flash_dq(const bf16 *q, const bf16 *k, const bf16 *v, const bf16
                 uint32_t a[4];
                 a_from_accumulators(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-                for (int n = 0; n < D / 8; ++n) {
-                    uint32_t b[2];
-                    b_fragment_kn(b, sk, P, k0 + kk * 16, n * 8, gid, tig);
-                    mma_16816(acc[n], a, b);
+                for (int n = 0; n < D / 8; n += 2) {
+                    uint32_t b0[2], b1[2];
+                    b_fragments_kn(b0, b1, sk, P, k0 + kk * 16, n * 8, lane);
+                    mma_16816(acc[n], a, b0);
+                    mma_16816(acc[n + 1], a, b1);
                 }
             }
         }
@@ -612,8 +673,8 @@ __device__ void flash_dq(const bf16 *q, const bf16 *k, const bf16 *v, const bf16
 template <int D>
 __device__ void flash_dkdv(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o,
                            const float *lse, const float *delta, bf16 *dk, bf16 *dv,
-                           const uint32_t *segments, const uint32_t *last, int t, int group,
-                           int kv_heads, float scale_log2, float scale) {
+                           const uint32_t *segments, const uint32_t *last, const uint32_t *tiles,
+                           int t, int group, int kv_heads, float scale_log2, float scale) {
     constexpr int P = D + 8, TILE = FLASH_ROWS * P, HALF = FLASH_ROWS / 2;
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     bf16 *sk = reinterpret_cast<bf16 *>(shared_bytes), *sv = sk + TILE, *sq = sv + TILE,
@@ -656,6 +717,8 @@ __device__ void flash_dkdv(const bf16 *q, const bf16 *k, const bf16 *v, const bf
                 row_segments[threadIdx.x] = (seg && i < t) ? seg[i] : 0;
             }
             __syncthreads();
+            // Keys j0.. before queries i0.. when i0 > j0: the pair as (queries, keys).
+            const bool plain = unmasked(i0, j0, t, tiles, batch) && j0 + FLASH_ROWS <= t;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int q0 = half * HALF;
@@ -666,29 +729,44 @@ __device__ void flash_dkdv(const bf16 *q, const bf16 *k, const bf16 *v, const bf
 #pragma unroll
                 for (int kk = 0; kk < D; kk += 16) {
                     uint32_t a_k[4], a_v[4];
-                    a_fragment(a_k, sk, P, warp * 16, kk, gid, tig);
-                    a_fragment(a_v, sv, P, warp * 16, kk, gid, tig);
+                    a_fragment(a_k, sk, P, warp * 16, kk, lane);
+                    a_fragment(a_v, sv, P, warp * 16, kk, lane);
 #pragma unroll
-                    for (int n = 0; n < HALF / 8; ++n) {
-                        uint32_t b[2];
-                        b_fragment_nk(b, sq, P, q0 + n * 8, kk, gid, tig);
-                        mma_16816(s[n], a_k, b);
-                        b_fragment_nk(b, sdo, P, q0 + n * 8, kk, gid, tig);
-                        mma_16816(dp[n], a_v, b);
+                    for (int n = 0; n < HALF / 8; n += 2) {
+                        uint32_t b0[2], b1[2];
+                        b_fragments_nk(b0, b1, sq, P, q0 + n * 8, kk, lane);
+                        mma_16816(s[n], a_k, b0);
+                        mma_16816(s[n + 1], a_k, b1);
+                        b_fragments_nk(b0, b1, sdo, P, q0 + n * 8, kk, lane);
+                        mma_16816(dp[n], a_v, b0);
+                        mma_16816(dp[n + 1], a_v, b1);
                     }
                 }
                 // s and dp are transposed: rows are keys, columns queries.
+                if (plain) {
 #pragma unroll
-                for (int n = 0; n < HALF / 8; ++n) {
+                    for (int n = 0; n < HALF / 8; ++n) {
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        int ii = q0 + n * 8 + tig * 2 + (e & 1), i = i0 + ii;
-                        int key = e < 2 ? key0 : key1;
-                        bool seen = key <= i && i < t && key < t &&
-                                    (!seg || row_segments[ii] == (e < 2 ? kseg0 : kseg1));
-                        float p = seen ? exp2f(s[n][e] * scale_log2 - row_lse[ii]) : 0.0f;
-                        s[n][e] = p;
-                        dp[n][e] = p * (dp[n][e] - row_delta[ii]);
+                        for (int e = 0; e < 4; ++e) {
+                            int ii = q0 + n * 8 + tig * 2 + (e & 1);
+                            float p = exp2f(s[n][e] * scale_log2 - row_lse[ii]);
+                            s[n][e] = p;
+                            dp[n][e] = p * (dp[n][e] - row_delta[ii]);
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int n = 0; n < HALF / 8; ++n) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            int ii = q0 + n * 8 + tig * 2 + (e & 1), i = i0 + ii;
+                            int key = e < 2 ? key0 : key1;
+                            bool seen = key <= i && i < t && key < t &&
+                                        (!seg || row_segments[ii] == (e < 2 ? kseg0 : kseg1));
+                            float p = seen ? exp2f(s[n][e] * scale_log2 - row_lse[ii]) : 0.0f;
+                            s[n][e] = p;
+                            dp[n][e] = p * (dp[n][e] - row_delta[ii]);
+                        }
                     }
                 }
 #pragma unroll
@@ -697,12 +775,14 @@ __device__ void flash_dkdv(const bf16 *q, const bf16 *k, const bf16 *v, const bf
                     a_from_accumulators(a_p, s[2 * kk], s[2 * kk + 1]);
                     a_from_accumulators(a_ds, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
-                    for (int n = 0; n < D / 8; ++n) {
-                        uint32_t b[2];
-                        b_fragment_kn(b, sdo, P, q0 + kk * 16, n * 8, gid, tig);
-                        mma_16816(acc_v[n], a_p, b);
-                        b_fragment_kn(b, sq, P, q0 + kk * 16, n * 8, gid, tig);
-                        mma_16816(acc_k[n], a_ds, b);
+                    for (int n = 0; n < D / 8; n += 2) {
+                        uint32_t b0[2], b1[2];
+                        b_fragments_kn(b0, b1, sdo, P, q0 + kk * 16, n * 8, lane);
+                        mma_16816(acc_v[n], a_p, b0);
+                        mma_16816(acc_v[n + 1], a_p, b1);
+                        b_fragments_kn(b0, b1, sq, P, q0 + kk * 16, n * 8, lane);
+                        mma_16816(acc_k[n], a_ds, b0);
+                        mma_16816(acc_k[n + 1], a_ds, b1);
                     }
                 }
             }
@@ -726,21 +806,22 @@ __device__ void flash_dkdv(const bf16 *q, const bf16 *k, const bf16 *v, const bf
 #define FLASH_KERNELS(D)                                                                           \
     extern "C" __global__ void __launch_bounds__(128) flash_forward_d##D(                         \
         const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const uint32_t *segments, \
-        const uint32_t *first, int t, int group, int kv_heads, float scale_log2) {                 \
-        flash_forward<D>(q, k, v, o, lse, segments, first, t, group, kv_heads, scale_log2);        \
+        const uint32_t *first, const uint32_t *tiles, int t, int group, int kv_heads,              \
+        float scale_log2) {                                                                        \
+        flash_forward<D>(q, k, v, o, lse, segments, first, tiles, t, group, kv_heads, scale_log2); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) flash_dq_d##D(                              \
         const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o, const float *lse,            \
-        const float *delta, bf16 *dq, const uint32_t *segments, const uint32_t *first, int t,      \
-        int group, int kv_heads, float scale_log2, float scale) {                                  \
-        flash_dq<D>(q, k, v, d_o, lse, delta, dq, segments, first, t, group, kv_heads, scale_log2, \
-                    scale);                                                                        \
+        const float *delta, bf16 *dq, const uint32_t *segments, const uint32_t *first,             \
+        const uint32_t *tiles, int t, int group, int kv_heads, float scale_log2, float scale) {    \
+        flash_dq<D>(q, k, v, d_o, lse, delta, dq, segments, first, tiles, t, group, kv_heads,      \
+                    scale_log2, scale);                                                            \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) flash_dkdv_d##D(                            \
         const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o, const float *lse,            \
         const float *delta, bf16 *dk, bf16 *dv, const uint32_t *segments, const uint32_t *last,   \
-        int t, int group, int kv_heads, float scale_log2, float scale) {                           \
-        flash_dkdv<D>(q, k, v, d_o, lse, delta, dk, dv, segments, last, t, group, kv_heads,        \
+        const uint32_t *tiles, int t, int group, int kv_heads, float scale_log2, float scale) {    \
+        flash_dkdv<D>(q, k, v, d_o, lse, delta, dk, dv, segments, last, tiles, t, group, kv_heads, \
                       scale_log2, scale);                                                          \
     }
 
