@@ -35,6 +35,7 @@ pub mod eval;
 pub mod export;
 pub mod filters;
 pub mod formats;
+pub mod hub;
 pub mod index;
 pub mod ingest;
 pub mod invalid;

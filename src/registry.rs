@@ -124,7 +124,12 @@ fn files_under(data_dir: &Path, patterns: &[String], owner: &str) -> Result<Vec<
         if !root.is_dir() {
             continue;
         }
-        walk(&root, &mut Vec::new(), &pattern[literal..], &mut found)?;
+        // A pattern that names a directory means everything under it.
+        let rest = match &pattern[literal..] {
+            [] => &["**"][..],
+            rest => rest,
+        };
+        walk(&root, &mut Vec::new(), rest, &mut found)?;
     }
     found.retain(|f| {
         let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -227,6 +232,20 @@ fn walk(
 }
 
 /// Glob match of path components: `**` any number of components, `*` and `?` within one.
+/// Whether the file at `path` in a Hub dataset (`data/train-00000.parquet`) is one that
+/// `hf:ORG/NAME/PATTERN` reads: a readable extension, and the path matched by `pattern`
+/// or under a directory it names (what [`hub_cache_files`] finds once it is downloaded).
+pub fn hub_file_wanted(pattern: &str, path: &str) -> bool {
+    if !READABLE.iter().any(|ext| path.ends_with(ext)) {
+        return false;
+    }
+    let path: Vec<String> = path.split('/').map(str::to_string).collect();
+    let pattern: Vec<&str> = pattern.split('/').filter(|p| !p.is_empty()).collect();
+    let mut under = pattern.clone();
+    under.push("**");
+    matches(&pattern, &path) || matches(&under, &path)
+}
+
 fn matches(pattern: &[&str], path: &[String]) -> bool {
     match (pattern.first(), path.first()) {
         (None, None) => true,

@@ -12,6 +12,7 @@ mod crash;
 mod curriculum;
 mod filters;
 mod formats;
+mod hub;
 mod index;
 mod ingest;
 mod memory;

@@ -78,6 +78,12 @@ pub struct Args {
     /// Stop at the first bad record instead of recording it and going on.
     #[arg(long)]
     strict: bool,
+    /// Download `hf:ORG/NAME[/PATTERN]` datasets (or, with --registry, each listed source
+    /// with a `hub:` id that is neither under --data-dir nor cached) from the Hugging Face
+    /// Hub into its cache first: the files it does not hold yet; an interrupted transfer
+    /// resumes. Honours HF_ENDPOINT, HF_TOKEN (or HF_HOME/token), HF_HUB_CACHE and HF_HOME.
+    #[arg(long, conflicts_with = "manifest")]
+    download: bool,
     /// Records larger than this many bytes are rejected without being read whole.
     #[arg(long, default_value_t = corpusdb::reader::DEFAULT_MAX_RECORD_BYTES)]
     max_record_bytes: usize,
@@ -150,6 +156,11 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
             if files.is_empty() {
                 // Not under --data-dir: the Hugging Face cache may hold it.
                 if let (Some(hub), Some(cache)) = (&source.hub, &hub_cache) {
+                    if args.download && corpusdb::registry::hub_cache_files(cache, hub)?.is_empty()
+                    {
+                        download_dataset(cache, hub)
+                            .with_context(|| format!("source {}", source.name))?;
+                    }
                     files = corpusdb::registry::hub_cache_files(cache, hub)?;
                     if !files.is_empty() {
                         eprintln!(
@@ -214,7 +225,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
             }
             options.format = Some(formats.quick_mapping(&args.map)?);
         }
-        jobs.push((options, hub_files(&args.files)?));
+        jobs.push((options, hub_files(&args.files, args.download)?));
     }
     let filters = match &args.filters {
         Some(path) => Some(std::sync::Arc::new(corpusdb::filters::Filters::load(path)?)),
@@ -389,8 +400,9 @@ impl Observer for Bar {
 }
 
 /// The files to import: each `hf:ORG/NAME[/PATTERN]` argument stands for that dataset's
-/// files in the Hugging Face cache ([`corpusdb::registry::hub_cache_files`]).
-fn hub_files(files: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+/// files in the Hugging Face cache ([`corpusdb::registry::hub_cache_files`]), downloaded
+/// there first with `download`.
+fn hub_files(files: &[PathBuf], download: bool) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for file in files {
         let Some(repo) = file.to_str().and_then(|f| f.strip_prefix("hf:")) else {
@@ -399,10 +411,13 @@ fn hub_files(files: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         };
         let cache = corpusdb::registry::hub_cache_dir()
             .context("hf: names a dataset in the Hugging Face cache, but HOME is not set")?;
+        if download {
+            download_dataset(&cache, repo)?;
+        }
         let found = corpusdb::registry::hub_cache_files(&cache, repo)?;
         if found.is_empty() {
             bail!(
-                "{}: not in the Hugging Face cache at {} (fetch it first, e.g. `huggingface-cli download --repo-type dataset {}`; HF_HUB_CACHE or HF_HOME point elsewhere)",
+                "{}: not in the Hugging Face cache at {} (add --download, or fetch it with `huggingface-cli download --repo-type dataset {}`; HF_HUB_CACHE or HF_HOME point elsewhere)",
                 file.display(),
                 cache.display(),
                 repo.splitn(3, '/').take(2).collect::<Vec<_>>().join("/")
@@ -411,4 +426,31 @@ fn hub_files(files: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         out.extend(found);
     }
     Ok(out)
+}
+
+/// Downloads the readable files of `repo` (`ORG/NAME[/PATTERN]`, revision `main`) that the
+/// cache does not hold yet, resuming interrupted ones, and says what it fetched.
+fn download_dataset(cache: &std::path::Path, repo: &str) -> anyhow::Result<()> {
+    let mut parts = repo.trim_matches('/').splitn(3, '/');
+    let (Some(org), Some(name)) = (parts.next(), parts.next()) else {
+        bail!("hf:{repo}: a Hugging Face dataset is named ORG/NAME")
+    };
+    let pattern = parts.next().unwrap_or("**");
+    let id = format!("{org}/{name}");
+    let hub = corpusdb::hub::Hub::from_env();
+    let (commit, files) = hub.dataset_files(&id, "main")?;
+    let wanted: Vec<_> = files
+        .into_iter()
+        .filter(|f| corpusdb::registry::hub_file_wanted(pattern, &f.path))
+        .collect();
+    if wanted.is_empty() {
+        bail!("hf:{repo}: the dataset at {commit} has no JSON, JSONL or Parquet file under `{pattern}`")
+    }
+    hub.download(cache, &id, "main", &commit, &wanted, |path, size| {
+        let size = size.map_or(String::new(), |s| {
+            format!(" ({})", corpusdb::train::memory::format_bytes(s))
+        });
+        eprintln!("downloading {id}/{path}{size}");
+    })?;
+    Ok(())
 }
