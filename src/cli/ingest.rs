@@ -265,8 +265,6 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
             let outcome = ingest::ingest_file(&store, &file, &options, &observer);
             bar.finish();
             let outcome = outcome?;
-            // In step with the store, which is flushed at the end of every file.
-            feed.commit()?;
             let name = file.display();
             if outcome.already_done {
                 println!(
