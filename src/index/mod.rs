@@ -781,9 +781,10 @@ impl Feed<'_> {
         if let Some(last) = batch.added.last() {
             state.bound = state.bound.max(last.ordinal + 1);
         }
-        if !state.imports.contains_key(&batch.import.id) {
-            state.imports.insert(batch.import.id, batch.import.clone());
-        }
+        state
+            .imports
+            .entry(batch.import.id)
+            .or_insert_with(|| batch.import.clone());
         let source = batch.import.source.as_str();
         let mut from_store = batch.gained_source.clone();
         for example in &batch.added {
