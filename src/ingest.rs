@@ -4,7 +4,9 @@
 //! reader thread      parse thread (rayon)          calling thread
 //! RecordReader  -->  parse, normalise, hash  -->   dedup against the store, then one
 //!   (batches)          (order kept)                 WriteBatch: examples, ordinals,
-//!                                                   provenance, rejects, checkpoint, counters
+//!                                                   provenance, rejects, checkpoint, counters;
+//!                                                   then `Observer::batch_stored` (an index
+//!                                                   fed from it)
 //! ```
 //!
 //! An import is identified by source name + file fingerprint. Its checkpoint (the reader

@@ -1,5 +1,6 @@
-//! The category index: query semantics, facets against the store, recovery of a lagging
-//! index, rebuild, and the export round trip.
+//! The category index: query semantics, facets against the store, the index fed by
+//! imports against one rebuilt from the store, recovery of a lagging index, rebuild, and
+//! the export round trip.
 
 use std::path::{Path, PathBuf};
 
