@@ -4,7 +4,9 @@
 //! reader thread      parse thread (rayon)          calling thread
 //! RecordReader  -->  parse, normalise, hash  -->   dedup against the store, then one
 //!   (batches)          (order kept)                 WriteBatch: examples, ordinals,
-//!                                                   provenance, rejects, checkpoint, counters
+//!                                                   provenance, rejects, checkpoint, counters;
+//!                                                   then `Observer::batch_stored` (an index
+//!                                                   fed from it)
 //! ```
 //!
 //! An import is identified by source name + file fingerprint. Its checkpoint (the reader
@@ -76,6 +78,9 @@ pub struct IngestOptions {
     pub records: Option<String>,
     /// Pause after each committed batch (a test hook to make kills land mid-import).
     pub batch_delay: Option<Duration>,
+    /// Hand each new example's message texts to [`Observer::batch_stored`] (a full-text
+    /// index fed by the import); off, the texts are not copied.
+    pub keep_text: bool,
 }
 
 impl IngestOptions {
@@ -92,6 +97,7 @@ impl IngestOptions {
             max_record_bytes: reader::DEFAULT_MAX_RECORD_BYTES,
             records: None,
             batch_delay: None,
+            keep_text: false,
         }
     }
 }
@@ -99,8 +105,37 @@ impl IngestOptions {
 /// Receives progress; the CLI draws a progress bar with it. Every method has a no-op default.
 pub trait Observer: Sync {
     fn file_started(&self, _path: &Path, _file_bytes: u64, _resume: Option<Position>) {}
+    /// After each committed batch, what it wrote: an index fed by the import builds its
+    /// documents from this instead of reading the store again.
+    fn batch_stored(&self, _batch: &StoredBatch) {}
     /// After each committed batch: file bytes read so far, counts of this run so far.
     fn batch_committed(&self, _file_bytes_read: u64, _run: &ImportCounts) {}
+}
+
+/// What one committed batch wrote, from what the import held in memory.
+pub struct StoredBatch<'a> {
+    /// The import the batch belongs to, as just written (its checkpoint and counts).
+    pub import: &'a ImportRecord,
+    /// The store's change-log entries the batch took: one per added example and per
+    /// example in `gained_source`.
+    pub changes: std::ops::Range<u64>,
+    /// The examples the batch added, in ordinal order.
+    pub added: Vec<AddedExample<'a>>,
+    /// Examples stored by earlier imports that this batch gave a provenance entry (and
+    /// so perhaps a new source), sorted, each once.
+    pub gained_source: Vec<ContentHash>,
+}
+
+/// An example a batch added to the store.
+pub struct AddedExample<'a> {
+    pub hash: ContentHash,
+    pub ordinal: u64,
+    pub category: &'a str,
+    pub messages: u32,
+    pub turns: u32,
+    pub chars: u64,
+    /// Each message's content, with [`IngestOptions::keep_text`].
+    pub texts: Option<Vec<String>>,
 }
 
 /// An observer that reports nothing.
@@ -186,6 +221,9 @@ struct Encoded {
     category: Option<&'static str>,
     chars: u64,
     turns: u32,
+    messages: u32,
+    /// The messages' contents, with `IngestOptions::keep_text`.
+    texts: Option<Vec<String>>,
     /// bincode of the conversation and its extras.
     bytes: Vec<u8>,
 }
@@ -324,6 +362,7 @@ pub fn ingest_file(
     let reading = &reading;
     let rules = &options.rules;
     let filters = options.filters.as_deref();
+    let keep_text = options.keep_text;
     std::thread::scope(|scope| -> Result<()> {
         let (raw_tx, raw_rx) = bounded::<std::io::Result<RawBatch>>(2);
         let (parsed_tx, parsed_rx) = bounded::<std::io::Result<ParsedBatch>>(2);
@@ -378,7 +417,7 @@ pub fn ingest_file(
                     items: batch
                         .items
                         .into_par_iter()
-                        .map(|item| parse_unit(reading, rules, filters, item))
+                        .map(|item| parse_unit(reading, rules, filters, keep_text, item))
                         .collect(),
                     notes: batch.notes,
                     end: batch.end,
@@ -394,7 +433,7 @@ pub fn ingest_file(
             let batch = batch.map_err(io_error)?;
             let last = batch.last;
             let file_bytes_read = batch.file_bytes_read;
-            writer.commit(batch)?;
+            writer.commit(batch, observer)?;
             observer.batch_committed(file_bytes_read, &writer.run);
             if last {
                 break;
@@ -635,6 +674,7 @@ fn parse_unit(
     reading: &Reading,
     rules: &[Rule],
     filters: Option<&crate::filters::Filters>,
+    keep_text: bool,
     unit: Unit,
 ) -> Parsed {
     let (outcome, raw) = match unit.body {
@@ -659,6 +699,15 @@ fn parse_unit(
                             category: category::assign(rules, &example.conversation),
                             chars: example.conversation.char_count(),
                             turns: example.conversation.turn_count(),
+                            messages: example.conversation.messages.len() as u32,
+                            texts: keep_text.then(|| {
+                                example
+                                    .conversation
+                                    .messages
+                                    .iter()
+                                    .map(|m| m.content.clone())
+                                    .collect()
+                            }),
                             bytes: store::encode_conversation(
                                 &example.conversation,
                                 &example.extras,
@@ -699,7 +748,7 @@ struct BatchWriter<'a> {
 }
 
 impl BatchWriter<'_> {
-    fn commit(&mut self, batch: ParsedBatch) -> Result<()> {
+    fn commit(&mut self, batch: ParsedBatch, observer: &dyn Observer) -> Result<()> {
         if self.options.strict {
             for item in &batch.items {
                 // A bad row inside a group comes first in the file.
@@ -735,6 +784,11 @@ impl BatchWriter<'_> {
         let mut new_in_batch: HashSet<ContentHash> = HashSet::with_capacity(hashes.len());
         let mut counts = ImportCounts::default();
         let import_id = self.import.id;
+        let first_change = self.counters.changes;
+        // Borrowed by `added` while the import record is updated.
+        let import_category = self.import.category.clone();
+        let mut added = Vec::new();
+        let mut gained_source = Vec::new();
         let mut write = self.store.import_batch(self.counters, import_id);
         for item in batch.items {
             counts.read += item.rows;
@@ -776,17 +830,27 @@ impl BatchWriter<'_> {
                             // repeat within the import that stored it changes nothing.
                             if stored_by_import.is_some_and(|first| first != import_id) {
                                 write.add_change(hash);
+                                gained_source.push(hash);
                             }
                         } else {
                             counts.stored += 1;
                             let category = encoded.category.unwrap_or(&self.import.category);
-                            write.add_example(
+                            let ordinal = write.add_example(
                                 hash,
                                 category,
                                 encoded.chars,
                                 encoded.turns,
                                 encoded.bytes,
                             );
+                            added.push(AddedExample {
+                                hash,
+                                ordinal,
+                                category: encoded.category.unwrap_or(&import_category),
+                                messages: encoded.messages,
+                                turns: encoded.turns,
+                                chars: encoded.chars,
+                                texts: encoded.texts,
+                            });
                         }
                         write.add_provenance(hash, item.at.records, item.at.line());
                     }
@@ -848,6 +912,14 @@ impl BatchWriter<'_> {
         }
         write.commit(self.import, &counts)?;
         self.run.add(&counts);
+        gained_source.sort_unstable();
+        gained_source.dedup();
+        observer.batch_stored(&StoredBatch {
+            import: self.import,
+            changes: first_change..self.counters.changes,
+            added,
+            gained_source,
+        });
         Ok(())
     }
 }

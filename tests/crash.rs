@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use corpusdb::store::{ImportState, Store};
 
-use crate::util::{bin, corpusdb, dump, run_ok};
+use crate::util::{bin, corpusdb, dump, index_documents, run_ok};
 
 /// The import of `file`: `args` add a format, a batch size, durability options.
 fn ingest_cmd(store: &Path, file: &Path, args: &[&str]) -> std::process::Command {
@@ -181,6 +181,12 @@ fn kill_resume_compare(durability: &[&str]) {
     );
     assert_eq!(dump(&crashed), expected);
     run_ok(corpusdb(&crashed).arg("check"));
+    // What the killed and resumed imports fed the index, with the change log filling the
+    // gaps the kills left, is what a rebuild from the store gives.
+    let fed = index_documents(&crashed);
+    assert_eq!(fed.len() as u64, expected.counters.examples);
+    run_ok(corpusdb(&crashed).arg("reindex"));
+    assert_eq!(fed, index_documents(&crashed));
 
     // And once complete, another run is a no-op.
     let again = run_ok(&mut ingest_cmd(&crashed, &corpus, durability));

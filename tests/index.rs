@@ -1,10 +1,12 @@
-//! The category index: query semantics, facets against the store, recovery of a lagging
-//! index, rebuild, and the export round trip.
+//! The category index: query semantics, facets against the store, the index fed by
+//! imports against one rebuilt from the store, recovery of a lagging index, rebuild, and
+//! the export round trip.
 
 use std::path::{Path, PathBuf};
 
 use corpusdb::index::query::{parse, TermField};
 use corpusdb::index::{self, Index};
+use corpusdb::ingest::IngestOptions;
 use corpusdb::store::Store;
 
 use crate::util::{bin, corpusdb, ingest, run_ok, stored_hashes, write};
@@ -541,4 +543,246 @@ fn an_index_of_another_schema_version_is_rebuilt_from_the_store() {
     let index = Index::open_or_create(&store_path, false).unwrap();
     assert_eq!(index.catch_up(&store, &|_, _| {}).unwrap(), changes);
     assert_eq!(count(&index, "*"), 9);
+}
+
+/// Three files that overlap: the second repeats part of the first under another source
+/// (those examples gain a source) and has a bad record; the third gives several examples
+/// per record. Small batches make many index feeds.
+fn overlapping_files(dir: &Path) -> Vec<(PathBuf, IngestOptions)> {
+    let first = dir.join("first.jsonl");
+    corpusdb::synth::generate_file(
+        &first,
+        &corpusdb::synth::SynthSpec {
+            records: 1500,
+            seed: 11,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let second = dir.join("second.jsonl");
+    corpusdb::synth::generate_file(
+        &second,
+        &corpusdb::synth::SynthSpec {
+            records: 800,
+            seed: 12,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut text = std::fs::read_to_string(&first).unwrap();
+    let repeated: String = text.lines().step_by(3).map(|l| format!("{l}\n")).collect();
+    text = std::fs::read_to_string(&second).unwrap();
+    text.push_str("{\"instruction\": \n");
+    text.push_str(&repeated);
+    std::fs::write(&second, text).unwrap();
+    // Two message trees that give three conversations.
+    let trees = dir.join("trees.jsonl");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/formats/oasst.jsonl"),
+        &trees,
+    )
+    .unwrap();
+    let mut options = vec![
+        IngestOptions::new("first", "instruction"),
+        IngestOptions::new("second", "general"),
+        IngestOptions::new("third", "colours"),
+    ];
+    options[1].rules = vec![
+        corpusdb::category::Rule::Code,
+        corpusdb::category::Rule::Math,
+    ];
+    for o in &mut options {
+        o.batch_records = 97;
+    }
+    vec![first, second, trees]
+        .into_iter()
+        .zip(options)
+        .collect()
+}
+
+/// Queries whose answers (ordinals) an index fed by imports must share with a rebuilt one.
+const QUERIES: [&str; 9] = [
+    "*",
+    "category:instruction",
+    "category:code OR category:math",
+    "source:first",
+    "source:second",
+    "source:first AND source:second",
+    "turns:>=2 AND chars:<800",
+    "messages:2",
+    "NOT source:second",
+];
+
+fn answers(index: &Index) -> Vec<Vec<u64>> {
+    QUERIES
+        .iter()
+        .map(|q| index.matching_ordinals(&parse(q).unwrap()).unwrap())
+        .collect()
+}
+
+/// Imports `files` with the index fed by each committed batch, then commits it without
+/// replaying the change log.
+fn ingest_fed(store: &Store, index: &Index, files: &[(PathBuf, IngestOptions)]) {
+    let feed = index.feed(store).unwrap();
+    for (path, options) in files {
+        let outcome = corpusdb::ingest::ingest_file(store, path, options, &feed).unwrap();
+        let run = outcome.run;
+        assert!(run.adds_up(), "{run:?}");
+        assert!(run.stored > 0, "{run:?}");
+    }
+    feed.commit().unwrap();
+}
+
+#[test]
+fn an_index_fed_by_the_import_equals_one_rebuilt_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store");
+    let files = overlapping_files(dir.path());
+    let store = Store::open(&store_path).unwrap();
+    let index = Index::open_or_create(&store_path, false).unwrap();
+    ingest_fed(&store, &index, &files);
+    let counters = store.counters().unwrap();
+    assert_eq!(
+        counters.read + counters.extra,
+        counters.examples + counters.duplicates + counters.rejected + counters.joined
+    );
+    assert_eq!(counters.rejected, 1);
+    assert_eq!(
+        counters.extra, 1,
+        "a tree with two replies gives two examples"
+    );
+    // The feed alone brought the index to the end of the change log.
+    assert_eq!(index.indexed_through().unwrap(), counters.changes);
+    assert_eq!(index.num_docs().unwrap(), counters.examples);
+    let both = count(&index, "source:first AND source:second");
+    assert!(both > 400, "repeats gained the second source: {both}");
+    assert_eq!(count(&index, "source:third"), 3);
+    assert_eq!(
+        index.facet(TermField::Category).unwrap(),
+        counters.categories
+    );
+    let fed = crate::util::index_documents(&store_path);
+    let fed_answers = answers(&index);
+
+    index.rebuild(&store, &|_, _| {}).unwrap();
+    let rebuilt = crate::util::index_documents(&store_path);
+    assert_eq!(fed.len() as u64, counters.examples);
+    assert_eq!(fed, rebuilt);
+    assert_eq!(fed_answers, answers(&index));
+    assert!(index::check(&store, &index, 10_000)
+        .unwrap()
+        .problems
+        .is_empty());
+}
+
+#[test]
+fn a_full_text_index_fed_by_the_import_finds_the_same_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store");
+    let mut files = overlapping_files(dir.path());
+    // The second import does not hand its texts over: the feed reads them from the store.
+    files[1].1.keep_text = false;
+    files[0].1.keep_text = true;
+    files[2].1.keep_text = true;
+    let store = Store::open(&store_path).unwrap();
+    let index = Index::open_or_create(&store_path, true).unwrap();
+    ingest_fed(&store, &index, &files);
+    let words = [
+        "basil",
+        "\"basil alive\"",
+        "the",
+        "water",
+        "function",
+        "nothing",
+    ];
+    let fed: Vec<u64> = words.iter().map(|w| count(&index, w)).collect();
+    assert!(fed.iter().filter(|&&n| n > 0).count() >= 4, "{fed:?}");
+    let fed_docs = crate::util::index_documents(&store_path);
+    index.rebuild(&store, &|_, _| {}).unwrap();
+    let rebuilt: Vec<u64> = words.iter().map(|w| count(&index, w)).collect();
+    assert_eq!(fed, rebuilt);
+    assert_eq!(fed_docs, crate::util::index_documents(&store_path));
+}
+
+#[test]
+fn a_crash_between_the_store_commit_and_the_index_commit_is_repaired_by_the_next_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store");
+    let files = overlapping_files(dir.path());
+    {
+        let store = Store::open(&store_path).unwrap();
+        let index = Index::open_or_create(&store_path, false).unwrap();
+        ingest_fed(&store, &index, &files[..1]);
+        // The second import's batches are fed but never committed to the index: what a
+        // kill after the store's last commit leaves.
+        let feed = index.feed(&store).unwrap();
+        corpusdb::ingest::ingest_file(&store, &files[1].0, &files[1].1, &feed).unwrap();
+        assert!(feed.indexed_through() == store.counters().unwrap().changes);
+        drop(feed);
+        assert!(index.indexed_through().unwrap() < store.counters().unwrap().changes);
+        assert_eq!(count(&index, "source:second"), 0, "nothing of it committed");
+    }
+    // The next command (a reader) replays the change log.
+    let out = run_ok(corpusdb(&store_path).args(["query", "source:second", "--count"]));
+    let second: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let store = Store::open(&store_path).unwrap();
+    let index = Index::open_or_create(&store_path, false).unwrap();
+    assert_eq!(
+        index.indexed_through().unwrap(),
+        store.counters().unwrap().changes
+    );
+    let caught_up = crate::util::index_documents(&store_path);
+    let caught_up_answers = answers(&index);
+    index.rebuild(&store, &|_, _| {}).unwrap();
+    assert_eq!(second, count(&index, "source:second"));
+    assert!(second > 700, "{second}");
+    assert_eq!(caught_up, crate::util::index_documents(&store_path));
+    assert_eq!(caught_up_answers, answers(&index));
+}
+
+#[test]
+fn a_resumed_import_feeds_the_index_from_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store");
+    let mut files = overlapping_files(dir.path());
+    let store = Store::open(&store_path).unwrap();
+    let index = Index::open_or_create(&store_path, false).unwrap();
+    ingest_fed(&store, &index, &files[..1]);
+    // --strict stops at the bad record of the second file: the batches before it are in
+    // the store, the index's feed is dropped uncommitted.
+    files[1].1.strict = true;
+    {
+        let feed = index.feed(&store).unwrap();
+        let stopped = corpusdb::ingest::ingest_file(&store, &files[1].0, &files[1].1, &feed);
+        assert!(matches!(
+            stopped,
+            Err(corpusdb::ingest::Error::Strict { .. })
+        ));
+    }
+    let partial = store.imports().unwrap()[1].counts;
+    assert!(partial.read > 0 && partial.read < 800, "{partial:?}");
+    assert!(index.indexed_through().unwrap() < store.counters().unwrap().changes);
+    // The next import catches the index up from the change log, then feeds it.
+    files[1].1.strict = false;
+    let feed = index.feed(&store).unwrap();
+    assert!(feed.catch_up(&|_, _| {}).unwrap() > 0);
+    let outcome = corpusdb::ingest::ingest_file(&store, &files[1].0, &files[1].1, &feed).unwrap();
+    assert!(outcome.resumed_from.is_some());
+    assert!(outcome.import.counts.adds_up());
+    assert_eq!(outcome.import.counts.read, 800 + 1 + 500);
+    let outcome = corpusdb::ingest::ingest_file(&store, &files[2].0, &files[2].1, &feed).unwrap();
+    assert!(outcome.run.adds_up());
+    feed.commit().unwrap();
+    drop(feed);
+    let counters = store.counters().unwrap();
+    assert_eq!(index.indexed_through().unwrap(), counters.changes);
+    assert_eq!(
+        counters.read + counters.extra,
+        counters.examples + counters.duplicates + counters.rejected + counters.joined
+    );
+    let fed = crate::util::index_documents(&store_path);
+    let fed_answers = answers(&index);
+    index.rebuild(&store, &|_, _| {}).unwrap();
+    assert_eq!(fed, crate::util::index_documents(&store_path));
+    assert_eq!(fed_answers, answers(&index));
 }

@@ -93,3 +93,59 @@ pub fn dump(path: &Path) -> Dump {
         rejects: store.rejects(None).unwrap(),
     }
 }
+
+/// Every document of the store's index, by hash: its stored fields and its numeric fast
+/// fields, read with tantivy directly (so two indexes can be compared field by field).
+pub fn index_documents(store: &Path) -> BTreeMap<String, String> {
+    use tantivy::schema::OwnedValue;
+    let index = tantivy::Index::open_in_dir(corpusdb::index::index_dir(store)).unwrap();
+    let schema = index.schema();
+    let searcher = index
+        .reader_builder()
+        .reload_policy(tantivy::ReloadPolicy::Manual)
+        .try_into()
+        .unwrap()
+        .searcher();
+    let mut out = BTreeMap::new();
+    for (segment_ord, segment) in searcher.segment_readers().iter().enumerate() {
+        let numbers: Vec<_> = ["ordinal", "messages", "turns", "chars", "imported", "split"]
+            .iter()
+            .map(|name| (*name, segment.fast_fields().u64(name).unwrap()))
+            .collect();
+        for doc in 0..segment.max_doc() {
+            if segment.is_deleted(doc) {
+                continue;
+            }
+            let stored: tantivy::TantivyDocument = searcher
+                .doc(tantivy::DocAddress::new(segment_ord as u32, doc))
+                .unwrap();
+            let text = |name: &str| -> Vec<String> {
+                stored
+                    .get_all(schema.get_field(name).unwrap())
+                    .filter_map(|v| match OwnedValue::from(v) {
+                        OwnedValue::Str(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let mut fields = format!(
+                "category {:?} sources {:?} excluded {:?}",
+                text("category"),
+                text("source"),
+                text("excluded")
+            );
+            for (name, column) in &numbers {
+                fields.push_str(&format!(
+                    " {name} {:?}",
+                    column.values_for_doc(doc).collect::<Vec<_>>()
+                ));
+            }
+            let hash = text("hash").concat();
+            assert!(
+                out.insert(hash.clone(), fields).is_none(),
+                "{hash} is indexed twice"
+            );
+        }
+    }
+    out
+}

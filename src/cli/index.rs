@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use corpusdb::index::query::{self, TermField};
-use corpusdb::index::{Index, IndexedExample};
+use corpusdb::index::{Feed, Index, IndexedExample};
 use corpusdb::store::{Store, StoreOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -135,6 +135,41 @@ pub fn catch_up(store: &Store, index: &Index, must: bool) -> anyhow::Result<()> 
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Takes the index's writer for an import, waiting while a reader that is catching up
+/// holds it, and replays what the index lacks (a crash between the store's commit and the
+/// index's), so that the import's batches follow on where the index stands.
+pub fn feed_waiting<'a>(store: &'a Store, index: &'a Index) -> anyhow::Result<Feed<'a>> {
+    let mut attempts = 0;
+    let feed = loop {
+        match index.feed(store) {
+            Err(corpusdb::index::Error::Busy { .. }) if attempts < 600 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => break other?,
+        }
+    };
+    finish_feed(store, &feed)?;
+    Ok(feed)
+}
+
+/// Commits what `feed` was given and replays whatever it was not, with a progress bar.
+pub fn finish_feed(store: &Store, feed: &Feed) -> anyhow::Result<()> {
+    let behind = store
+        .counters()?
+        .changes
+        .saturating_sub(feed.indexed_through());
+    if behind == 0 {
+        feed.catch_up(&|_, _| {})?;
+        return Ok(());
+    }
+    let bar = bar("indexing", behind);
+    let result = feed.catch_up(&|done, _| bar.set_position(done));
+    bar.finish_and_clear();
+    result?;
+    Ok(())
 }
 
 /// Catches up, waiting while a reader that is doing the same holds the index (a reader

@@ -257,15 +257,23 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
         .map(Duration::from_millis);
     let mut total = ImportCounts::default();
     let started = Instant::now();
+    // The index is fed by the import's batches; its change log repairs it after a crash.
+    let index = corpusdb::index::Index::open_or_create(store.path(), false)?;
+    let feed = super::index::feed_waiting(&store, &index)?;
     for (mut options, files) in jobs {
         options.strict = args.strict;
         options.max_record_bytes = args.max_record_bytes;
         options.records = args.records.clone();
         options.batch_records = args.batch_size;
         options.batch_delay = delay;
+        options.keep_text = index.full_text();
         for file in files {
             let bar = Bar::new();
-            let outcome = ingest::ingest_file(&store, &file, &options, &bar);
+            let observer = Feeding {
+                bar: &bar,
+                feed: &feed,
+            };
+            let outcome = ingest::ingest_file(&store, &file, &options, &observer);
             bar.finish();
             let outcome = outcome?;
             let name = file.display();
@@ -310,9 +318,8 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
             total.add(&run);
         }
     }
-    // The index follows the store's change log; bring it up to date while we hold the store.
-    let index = corpusdb::index::Index::open_or_create(store.path(), false)?;
-    super::index::catch_up_waiting(&store, &index)?;
+    // Whatever the feed missed comes from the change log.
+    super::index::finish_feed(&store, &feed)?;
     if total.read > 0 {
         println!(
             "total: read {}{} = stored {} + duplicates {} + rejected {} in {:.2}s",
@@ -335,6 +342,26 @@ pub fn shape_note(counts: &ImportCounts) -> String {
         (joined, 0) => format!(" (-{joined} joined rows)"),
         (0, extra) => format!(" (+{extra} extra examples)"),
         (joined, extra) => format!(" (-{joined} joined rows, +{extra} extra examples)"),
+    }
+}
+
+/// The progress bar and the index, both fed by the import.
+struct Feeding<'a> {
+    bar: &'a Bar,
+    feed: &'a corpusdb::index::Feed<'a>,
+}
+
+impl Observer for Feeding<'_> {
+    fn file_started(&self, path: &Path, file_bytes: u64, resume: Option<Position>) {
+        self.bar.file_started(path, file_bytes, resume);
+    }
+
+    fn batch_stored(&self, batch: &ingest::StoredBatch) {
+        self.feed.batch_stored(batch);
+    }
+
+    fn batch_committed(&self, file_bytes_read: u64, run: &ImportCounts) {
+        self.bar.batch_committed(file_bytes_read, run);
     }
 }
 

@@ -7,12 +7,20 @@
 //! index's commit payload records how far it has read that log. Opening the index replays
 //! the gap, so a crash between a store commit and an index commit never leaves them
 //! disagreeing; `rebuild` recreates it from the store alone.
+//!
+//! An import feeds the index as it goes ([`Feed`], an [`ingest::Observer`]): each committed
+//! batch's documents are built from what the import holds in memory, and the index
+//! commits (after a flush makes the store's side durable) every so many changes and when
+//! the import ends. The change log stays the recovery path: an index commit records the
+//! log position it covers, so whatever a crash loses between the two commits is replayed
+//! by the next command.
 
 pub mod query;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use tantivy::collector::{Count, TopDocs};
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
@@ -23,6 +31,7 @@ use tantivy::schema::{
 use tantivy::{DocAddress, Order, TantivyDocument, Term};
 
 use crate::conversation::ContentHash;
+use crate::ingest::{self, StoredBatch};
 use crate::store::{self, ImportRecord, ProvenanceEntry, Store, StoredExample};
 
 use query::{Expr, NumField, Op, TermField};
@@ -49,6 +58,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 const WRITER_BYTES: usize = 64 << 20;
 /// Changes replayed between two index commits (bounds memory during a long catch-up).
 const CHANGES_PER_COMMIT: usize = 200_000;
+/// Changes fed by an import between two index commits. Each commit first flushes the
+/// store, so it bounds the replay after a crash, not memory (tantivy's writer spills
+/// segments within `WRITER_BYTES`).
+const FED_CHANGES_PER_COMMIT: u64 = 500_000;
 
 /// The layout of the index's documents, written with every commit (the third number of
 /// the commit payload; indexes from before it count as 1). An index of another version is
@@ -221,35 +234,35 @@ impl Index {
     /// Indexes every change the store has that the index has not seen; returns how many
     /// changes were replayed. Needs the index's writer lock (`Error::Busy` if taken).
     pub fn catch_up(&self, store: &Store, progress: &dyn Fn(u64, u64)) -> Result<u64> {
-        let (from, mut bound) = self.payload()?;
-        let to = store.counters()?.changes;
-        if from >= to {
+        // A reader of an index that is up to date takes no lock.
+        if self.payload()?.0 >= store.counters()?.changes {
             return Ok(0);
         }
-        let imports = imports_by_id(store)?;
-        let mut writer = self
+        self.feed(store)?.catch_up(progress)
+    }
+
+    /// Takes the index's writer (`Error::Busy` if another process holds it) to feed it
+    /// from an import and the store's change log until the [`Feed`] is dropped.
+    pub fn feed<'a>(&'a self, store: &'a Store) -> Result<Feed<'a>> {
+        let writer = self
             .index
             .writer::<TantivyDocument>(WRITER_BYTES)
             .map_err(|e| self.error(e))?;
-        let mut chunk = Vec::new();
-        let mut replayed = 0u64;
-        for change in store.changes_from(from) {
-            let (sequence, hash) = change?;
-            if sequence >= to {
-                break;
-            }
-            chunk.push(hash);
-            replayed += 1;
-            if chunk.len() >= CHANGES_PER_COMMIT {
-                bound = self.index_chunk(&writer, store, &imports, &mut chunk, bound)?;
-                commit(&mut writer, sequence + 1, bound).map_err(|e| self.error(e))?;
-                progress(sequence + 1 - from, to - from);
-            }
-        }
-        bound = self.index_chunk(&writer, store, &imports, &mut chunk, bound)?;
-        commit(&mut writer, to, bound).map_err(|e| self.error(e))?;
-        progress(to - from, to - from);
-        Ok(replayed)
+        // Read under the lock: no other process commits from here on.
+        let (through, bound) = self.payload()?;
+        Ok(Feed {
+            index: self,
+            store,
+            state: Mutex::new(FeedState {
+                writer,
+                through,
+                bound,
+                committed: through,
+                imports: imports_by_id(store)?,
+                excluded: None,
+                behind: false,
+            }),
+        })
     }
 
     /// (Re)indexes the examples of `chunk` in hash order, so the store reads each table
@@ -259,10 +272,10 @@ impl Index {
         writer: &tantivy::IndexWriter<TantivyDocument>,
         store: &Store,
         imports: &HashMap<u32, ImportRecord>,
+        excluded: &HashMap<ContentHash, Vec<String>>,
         chunk: &mut Vec<ContentHash>,
         bound: u64,
     ) -> Result<u64> {
-        let excluded = exclusions_by_hash(store)?;
         chunk.sort_unstable();
         chunk.dedup();
         let mut new_bound = bound;
@@ -274,7 +287,7 @@ impl Index {
             }
             new_bound = new_bound.max(example.ordinal + 1);
             let sources = source_names(&provenance.get(hash)?, imports);
-            let doc = self.document(hash, &example, &sources, imports, excluded.get(hash));
+            let doc = self.stored_document(hash, &example, &sources, imports, excluded.get(hash));
             if let Err(e) = writer.add_document(doc) {
                 failure.get_or_insert(e);
             }
@@ -287,7 +300,8 @@ impl Index {
         }
     }
 
-    fn document(
+    /// The document of a stored example (its sources from the whole provenance).
+    fn stored_document(
         &self,
         hash: &ContentHash,
         example: &StoredExample,
@@ -295,33 +309,58 @@ impl Index {
         imports: &HashMap<u32, ImportRecord>,
         excluded: Option<&Vec<String>>,
     ) -> TantivyDocument {
+        let facts = Facts {
+            hash,
+            ordinal: example.ordinal,
+            category: &example.category,
+            messages: example.conversation.messages.len() as u64,
+            turns: u64::from(example.turns),
+            chars: example.chars,
+            imported: imports
+                .get(&example.first_import)
+                .map_or(0, |i| i.started_unix),
+            excluded,
+        };
+        self.document(
+            &facts,
+            sources.iter().map(String::as_str),
+            example
+                .conversation
+                .messages
+                .iter()
+                .map(|m| m.content.as_str()),
+        )
+    }
+
+    /// One example's document, whether its facts come from the store or from an import.
+    fn document<'s, 't>(
+        &self,
+        facts: &Facts,
+        sources: impl IntoIterator<Item = &'s str>,
+        texts: impl IntoIterator<Item = &'t str>,
+    ) -> TantivyDocument {
         let f = &self.fields;
         let mut doc = TantivyDocument::default();
-        doc.add_text(f.hash, hash.to_hex());
-        doc.add_u64(f.ordinal, example.ordinal);
-        doc.add_u64(f.split, split_key(hash));
-        doc.add_text(f.category, &example.category);
+        doc.add_text(f.hash, facts.hash.to_hex());
+        doc.add_u64(f.ordinal, facts.ordinal);
+        doc.add_u64(f.split, split_key(facts.hash));
+        doc.add_text(f.category, facts.category);
         for source in sources {
             doc.add_text(f.source, source);
         }
-        doc.add_u64(f.messages, example.conversation.messages.len() as u64);
-        doc.add_u64(f.turns, u64::from(example.turns));
-        doc.add_u64(f.chars, example.chars);
-        doc.add_u64(
-            f.imported,
-            imports
-                .get(&example.first_import)
-                .map_or(0, |i| i.started_unix),
-        );
-        if let Some(filters) = excluded.filter(|f| !f.is_empty()) {
+        doc.add_u64(f.messages, facts.messages);
+        doc.add_u64(f.turns, facts.turns);
+        doc.add_u64(f.chars, facts.chars);
+        doc.add_u64(f.imported, facts.imported);
+        if let Some(filters) = facts.excluded.filter(|f| !f.is_empty()) {
             doc.add_text(f.excluded, EXCLUDED_MARK);
             for filter in filters {
                 doc.add_text(f.excluded, filter);
             }
         }
         if let Some(text) = f.text {
-            for message in &example.conversation.messages {
-                doc.add_text(text, &message.content);
+            for content in texts {
+                doc.add_text(text, content);
             }
         }
         doc
@@ -342,7 +381,7 @@ impl Index {
         let mut provenance = store.provenance_cursor();
         store.for_each_example(|hash, example| {
             let sources = source_names(&provenance.get(hash)?, &imports);
-            let doc = self.document(hash, &example, &sources, &imports, excluded.get(hash));
+            let doc = self.stored_document(hash, &example, &sources, &imports, excluded.get(hash));
             if let Err(e) = writer.add_document(doc) {
                 failure.get_or_insert(e);
             }
@@ -612,6 +651,202 @@ impl Index {
                     .collect::<Result<_>>()?,
             )),
         })
+    }
+}
+
+/// What one document says about an example.
+struct Facts<'a> {
+    hash: &'a ContentHash,
+    ordinal: u64,
+    category: &'a str,
+    messages: u64,
+    turns: u64,
+    chars: u64,
+    /// When its first import started (unix seconds).
+    imported: u64,
+    /// The filters that exclude it.
+    excluded: Option<&'a Vec<String>>,
+}
+
+/// The index's writer, held while an import runs ([`Index::feed`]). As an
+/// [`ingest::Observer`] it indexes each committed batch from what the import holds in
+/// memory; [`Feed::catch_up`] replays the store's change log for whatever it was not
+/// given. Nothing is visible to readers before [`Feed::commit`] or `catch_up`; dropping a
+/// feed drops what it did not commit (the change log still has it).
+pub struct Feed<'a> {
+    index: &'a Index,
+    store: &'a Store,
+    state: Mutex<FeedState>,
+}
+
+struct FeedState {
+    writer: tantivy::IndexWriter<TantivyDocument>,
+    /// Changes of the store's log indexed so far, committed or not.
+    through: u64,
+    /// No example with an ordinal at or above it is indexed, committed or not.
+    bound: u64,
+    /// `through` at the last commit.
+    committed: u64,
+    imports: HashMap<u32, ImportRecord>,
+    /// The store's exclusions, read when first needed: they cannot change while an
+    /// import holds the store.
+    excluded: Option<HashMap<ContentHash, Vec<String>>>,
+    /// A batch was not indexed (it did not start where the index stands, or tantivy
+    /// failed): later batches are left to `catch_up`, which reads them from the store.
+    behind: bool,
+}
+
+impl Feed<'_> {
+    /// Replays the store's change log from where the index stands (what was fed
+    /// included) and commits; returns how many changes were replayed.
+    pub fn catch_up(&self, progress: &dyn Fn(u64, u64)) -> Result<u64> {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *guard;
+        let from = state.through;
+        let to = self.store.counters()?.changes;
+        if from >= to {
+            if state.committed != state.through {
+                self.commit_state(state)?;
+            }
+            return Ok(0);
+        }
+        let index = self.index;
+        let excluded = exclusions_by_hash(self.store)?;
+        state.imports = imports_by_id(self.store)?;
+        let mut chunk = Vec::new();
+        let mut replayed = 0u64;
+        for change in self.store.changes_from(from) {
+            let (sequence, hash) = change?;
+            if sequence >= to {
+                break;
+            }
+            chunk.push(hash);
+            replayed += 1;
+            if chunk.len() >= CHANGES_PER_COMMIT {
+                state.bound = index.index_chunk(
+                    &state.writer,
+                    self.store,
+                    &state.imports,
+                    &excluded,
+                    &mut chunk,
+                    state.bound,
+                )?;
+                state.through = sequence + 1;
+                self.commit_state(state)?;
+                progress(sequence + 1 - from, to - from);
+            }
+        }
+        state.bound = index.index_chunk(
+            &state.writer,
+            self.store,
+            &state.imports,
+            &excluded,
+            &mut chunk,
+            state.bound,
+        )?;
+        // Kept for batches fed afterwards.
+        state.excluded = Some(excluded);
+        state.through = to;
+        state.behind = false;
+        self.commit_state(state)?;
+        progress(to - from, to - from);
+        Ok(replayed)
+    }
+
+    /// Makes what was fed visible and durable, after flushing the store so that the
+    /// index never covers changes the store could still lose.
+    pub fn commit(&self) -> Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.commit_state(&mut state)
+    }
+
+    /// How far the index has read the store's change log, committed or not.
+    pub fn indexed_through(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).through
+    }
+
+    fn commit_state(&self, state: &mut FeedState) -> Result<()> {
+        self.store.flush()?;
+        commit(&mut state.writer, state.through, state.bound).map_err(|e| self.index.error(e))?;
+        state.committed = state.through;
+        Ok(())
+    }
+
+    /// Indexes one committed batch: new examples from the import's facts, examples that
+    /// gained a source from the store (their documents list every source).
+    fn add(&self, state: &mut FeedState, batch: &StoredBatch) -> Result<()> {
+        let index = self.index;
+        // Raised first: if this batch is replayed after a failure, its documents are
+        // replaced, not added twice.
+        if let Some(last) = batch.added.last() {
+            state.bound = state.bound.max(last.ordinal + 1);
+        }
+        state
+            .imports
+            .entry(batch.import.id)
+            .or_insert_with(|| batch.import.clone());
+        let source = batch.import.source.as_str();
+        let mut from_store = batch.gained_source.clone();
+        for example in &batch.added {
+            if index.full_text() && example.texts.is_none() {
+                from_store.push(example.hash);
+                continue;
+            }
+            // A new example has no exclusions: filters only exclude stored examples.
+            let facts = Facts {
+                hash: &example.hash,
+                ordinal: example.ordinal,
+                category: example.category,
+                messages: u64::from(example.messages),
+                turns: u64::from(example.turns),
+                chars: example.chars,
+                imported: batch.import.started_unix,
+                excluded: None,
+            };
+            let texts = example.texts.iter().flatten().map(String::as_str);
+            let doc = index.document(&facts, [source], texts);
+            state.writer.add_document(doc).map_err(|e| index.error(e))?;
+        }
+        if !from_store.is_empty() {
+            let excluded = match &mut state.excluded {
+                Some(excluded) => excluded,
+                none => none.insert(exclusions_by_hash(self.store)?),
+            };
+            state.bound = index.index_chunk(
+                &state.writer,
+                self.store,
+                &state.imports,
+                excluded,
+                &mut from_store,
+                state.bound,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl ingest::Observer for Feed<'_> {
+    fn batch_stored(&self, batch: &StoredBatch) {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *guard;
+        let expected = (batch.added.len() + batch.gained_source.len()) as u64;
+        if state.behind
+            || batch.changes.start != state.through
+            || batch.changes.end - batch.changes.start != expected
+        {
+            state.behind = true;
+            return;
+        }
+        if self.add(state, batch).is_err() {
+            state.behind = true;
+            return;
+        }
+        state.through = batch.changes.end;
+        if state.through - state.committed >= FED_CHANGES_PER_COMMIT
+            && self.commit_state(state).is_err()
+        {
+            state.behind = true;
+        }
     }
 }
 

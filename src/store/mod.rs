@@ -581,8 +581,12 @@ impl Store {
     }
 
     /// Flushes memtables so the data is in SST files (used before measuring size).
-    /// Makes every written batch durable: one atomic flush of all families.
+    /// Makes every written batch durable: one atomic flush of all families. A read-only
+    /// store has nothing to flush.
     pub fn flush(&self) -> Result<()> {
+        if self.write_options.is_none() {
+            return Ok(());
+        }
         let families: Vec<_> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
         self.db
             .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())
