@@ -54,7 +54,7 @@ const CHANGES_PER_COMMIT: usize = 200_000;
 /// the commit payload; indexes from before it count as 1). An index of another version is
 /// rebuilt from the store's change log, as is one whose fields differ: raise it whenever
 /// what a document holds changes, not only its fields.
-pub const INDEX_SCHEMA_VERSION: u64 = 1;
+pub const INDEX_SCHEMA_VERSION: u64 = 2;
 
 #[derive(Clone, Copy)]
 struct Fields {
@@ -68,6 +68,8 @@ struct Fields {
     imported: Field,
     /// Names of the filters that exclude the example, plus [`EXCLUDED_MARK`].
     excluded: Field,
+    /// The near-duplicate cluster id (`ClusterMembership::cluster_id`), for members of one.
+    cluster: Field,
     /// The first 8 bytes of the hash, big-endian: a stable pseudo-random key per content
     /// (held-out splits are chosen by it).
     split: Field,
@@ -90,6 +92,7 @@ fn schema(full_text: bool) -> Schema {
     builder.add_u64_field("imported", FAST);
     builder.add_text_field("excluded", STRING | FAST | STORED);
     builder.add_u64_field("split", FAST);
+    builder.add_text_field("cluster", STRING | FAST | STORED);
     if full_text {
         builder.add_text_field("text", TEXT);
     }
@@ -113,6 +116,7 @@ fn fields(schema: &Schema) -> Fields {
         imported: get("imported"),
         excluded: get("excluded"),
         split: get("split"),
+        cluster: get("cluster"),
         text: schema.get_field("text").ok(),
     }
 }
@@ -263,6 +267,7 @@ impl Index {
         bound: u64,
     ) -> Result<u64> {
         let excluded = exclusions_by_hash(store)?;
+        let clusters = clusters_by_hash(store)?;
         chunk.sort_unstable();
         chunk.dedup();
         let mut new_bound = bound;
@@ -274,7 +279,14 @@ impl Index {
             }
             new_bound = new_bound.max(example.ordinal + 1);
             let sources = source_names(&provenance.get(hash)?, imports);
-            let doc = self.document(hash, &example, &sources, imports, excluded.get(hash));
+            let doc = self.document(
+                hash,
+                &example,
+                &sources,
+                imports,
+                excluded.get(hash),
+                clusters.get(hash),
+            );
             if let Err(e) = writer.add_document(doc) {
                 failure.get_or_insert(e);
             }
@@ -294,6 +306,7 @@ impl Index {
         sources: &BTreeSet<String>,
         imports: &HashMap<u32, ImportRecord>,
         excluded: Option<&Vec<String>>,
+        cluster: Option<&String>,
     ) -> TantivyDocument {
         let f = &self.fields;
         let mut doc = TantivyDocument::default();
@@ -319,6 +332,9 @@ impl Index {
                 doc.add_text(f.excluded, filter);
             }
         }
+        if let Some(cluster) = cluster {
+            doc.add_text(f.cluster, cluster);
+        }
         if let Some(text) = f.text {
             for message in &example.conversation.messages {
                 doc.add_text(text, &message.content);
@@ -337,12 +353,20 @@ impl Index {
             .map_err(|e| self.error(e))?;
         writer.delete_all_documents().map_err(|e| self.error(e))?;
         let excluded = exclusions_by_hash(store)?;
+        let clusters = clusters_by_hash(store)?;
         let mut done = 0u64;
         let mut failure = None;
         let mut provenance = store.provenance_cursor();
         store.for_each_example(|hash, example| {
             let sources = source_names(&provenance.get(hash)?, &imports);
-            let doc = self.document(hash, &example, &sources, &imports, excluded.get(hash));
+            let doc = self.document(
+                hash,
+                &example,
+                &sources,
+                &imports,
+                excluded.get(hash),
+                clusters.get(hash),
+            );
             if let Err(e) = writer.add_document(doc) {
                 failure.get_or_insert(e);
             }
@@ -536,14 +560,18 @@ impl Index {
             TermField::Source => self.fields.source,
             TermField::Hash => self.fields.hash,
             TermField::Excluded => self.fields.excluded,
+            TermField::Cluster => self.fields.cluster,
         }
     }
 
     /// `expr` as a query that leaves out excluded examples, unless it asks about
-    /// exclusions or names a hash.
+    /// exclusions or names a hash or a cluster (whose members are mostly excluded).
     fn compile_visible(&self, expr: &Expr) -> Result<Box<dyn Query>> {
         let query = self.compile(expr)?;
-        if expr.mentions(TermField::Excluded) || expr.mentions(TermField::Hash) {
+        if expr.mentions(TermField::Excluded)
+            || expr.mentions(TermField::Hash)
+            || expr.mentions(TermField::Cluster)
+        {
             return Ok(query);
         }
         Ok(Box::new(BooleanQuery::new(vec![
@@ -822,6 +850,16 @@ fn exclusions_by_hash(store: &Store) -> Result<HashMap<ContentHash, Vec<String>>
     for item in store.exclusions() {
         let (hash, exclusion) = item?;
         map.entry(hash).or_default().push(exclusion.filter);
+    }
+    Ok(map)
+}
+
+/// The cluster id of every example in a near-duplicate cluster.
+fn clusters_by_hash(store: &Store) -> Result<HashMap<ContentHash, String>> {
+    let mut map = HashMap::new();
+    for item in store.cluster_memberships() {
+        let (hash, membership) = item?;
+        map.insert(hash, membership.cluster_id());
     }
     Ok(map)
 }

@@ -34,9 +34,9 @@ use crate::conversation::ContentHash;
 pub use neardup::SignatureCursor;
 pub use transaction::{ExclusionBatch, ImportBatch, NearDupBatch};
 pub use types::{
-    ClusterMembership, Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts, ImportRecord, ImportState,
-    LegacyImportRecord, LegacyReject, NearDupParams, ProvenanceEntry, ProvenanceValue, Reject, RejectKind,
-    RejectReason, StoredExample,
+    ClusterMembership, Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts,
+    ImportRecord, ImportState, LegacyImportRecord, LegacyReject, NearDupParams, ProvenanceEntry,
+    ProvenanceValue, Reject, RejectKind, RejectReason, StoredExample,
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).

@@ -29,6 +29,9 @@ const CLUSTER: u8 = b'c';
 /// Bytes of a bucket key's prefix (kind byte + bucket): the family's prefix extractor.
 pub(super) const BUCKET_PREFIX_LEN: usize = 9;
 
+/// A raw (key, value) of the family.
+type Entry = (Box<[u8]>, Box<[u8]>);
+
 fn key(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
     key.push(kind);
@@ -57,10 +60,7 @@ impl Store {
     }
 
     /// A full-range iterator over one key kind, in key order.
-    fn neardup_scan(
-        &self,
-        kind: u8,
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_ {
+    fn neardup_scan(&self, kind: u8) -> impl Iterator<Item = Result<Entry>> + '_ {
         let mut options = ReadOptions::default();
         // The family has a prefix extractor (for bucket lookups): scans must not use it.
         options.set_total_order_seek(true);
@@ -68,8 +68,11 @@ impl Store {
         options.set_iterate_upper_bound(vec![kind + 1]);
         self.neardup_cf()
             .map(move |cf| {
-                self.db
-                    .iterator_cf_opt(cf, options, IteratorMode::From(&[kind], Direction::Forward))
+                self.db.iterator_cf_opt(
+                    cf,
+                    options,
+                    IteratorMode::From(&[kind], Direction::Forward),
+                )
             })
             .into_iter()
             .flatten()

@@ -305,6 +305,18 @@ pub struct ClusterMembership {
     pub members: u32,
 }
 
+impl ClusterMembership {
+    /// The id queries name the cluster by (`cluster:<id>`): the first 16 hex digits of its
+    /// smallest member's hash.
+    pub fn cluster_id(&self) -> String {
+        self.cluster.to_hex()[..16].to_string()
+    }
+
+    pub fn is_representative(&self, hash: &ContentHash) -> bool {
+        self.representative == *hash
+    }
+}
+
 /// The explicit codes of the enums the store writes, in one place: bincode gets the code as
 /// a u32 (what a derived variant index wrote, so the bytes are those of schema version 2),
 /// JSON the variant's name (what a derive wrote). Reordering or inserting a variant changes
