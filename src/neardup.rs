@@ -10,12 +10,15 @@
 //! decimal part) becomes `0`, everything that is not a letter or digit separates words.
 //! Each word is hashed once (FNV-1a 64, then a SplitMix64 finaliser); an n-gram's hash
 //! mixes its words' hashes in order, and distinct n-gram hashes are the shingles (a text
-//! shorter than n words is one shingle). For each of `bands × rows` permutations
-//! `h_i(x) = (a_i·x + b_i) mod (2^61 − 1)`, with `a_i`, `b_i` drawn from SplitMix64 of the
-//! seed, the signature keeps the low 32 bits of the minimum over the shingles. Low bits,
-//! because the minimum of a few hundred values is small: its high bits are mostly zero.
-//! Two signatures agree in a slot with probability equal to the Jaccard similarity of the
-//! shingle sets (plus 2^-32), so the share of equal slots estimates it.
+//! shorter than n words is one shingle). For each of `bands × rows` hash functions
+//! `h_i(x) = (a_i·x + b_i mod 2^64) >> 32` (multiply-add-shift, `a_i` odd and `b_i` drawn
+//! from SplitMix64 of the seed) the signature keeps the minimum over the shingles, 32
+//! bits. datatrove computes `(a_i·x + b_i) mod (2^61 − 1)` instead; over shingle hashes
+//! that are already uniformly mixed both behave as random permutations, and the 64-bit
+//! product vectorises (AVX2 / AVX-512 when the CPU has them, chosen at run time, the same
+//! bits either way). Two signatures agree in a slot with probability equal to the Jaccard
+//! similarity of the shingle sets (plus about 2^-32), so the share of equal slots
+//! estimates it.
 //!
 //! # Candidates, pairs, clusters
 //!
@@ -67,8 +70,6 @@ pub const BUCKET_COMPARE: usize = 32;
 
 /// Examples signed, and keys written, per store batch.
 const CHUNK: usize = 8192;
-
-const MERSENNE: u64 = (1 << 61) - 1;
 
 /// MinHash and clustering parameters.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -149,8 +150,9 @@ impl MinHasher {
         let mut rng = crate::synth::SplitMix64::new(config.seed);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for _ in 0..permutations {
-            a.push(1 + rng.next_u64() % (MERSENNE - 1));
-            b.push(rng.next_u64() % MERSENNE);
+            // Odd multipliers: x -> a·x is then a bijection of u64.
+            a.push(rng.next_u64() | 1);
+            b.push(rng.next_u64());
         }
         MinHasher {
             ngram: config.ngram,
@@ -165,7 +167,7 @@ impl MinHasher {
         self.a.len()
     }
 
-    /// The distinct shingle hashes of `text` (each below 2^61 − 1), sorted.
+    /// The distinct shingle hashes of `text`, sorted.
     pub fn shingles(&self, text: &str) -> Vec<u64> {
         shingles(text, self.ngram)
     }
@@ -176,16 +178,24 @@ impl MinHasher {
     }
 
     pub fn signature_of_shingles(&self, shingles: &[u64]) -> Vec<u32> {
-        let mut minimum = vec![u64::MAX; self.permutations()];
-        for &x in shingles {
-            for ((low, &a), &b) in minimum.iter_mut().zip(&self.a).zip(&self.b) {
-                let v = permute(a, b, x);
-                if v < *low {
-                    *low = v;
-                }
+        let mut minimum = vec![u32::MAX; self.permutations()];
+        #[cfg(target_arch = "x86_64")]
+        {
+            // The same integer operations, vectorised for the wider units when the CPU
+            // has them (the result is bit for bit the same).
+            if std::arch::is_x86_feature_detected!("avx512dq") {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                unsafe { min_hash_avx512(&self.a, &self.b, shingles, &mut minimum) };
+                return minimum;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: as above.
+                unsafe { min_hash_avx2(&self.a, &self.b, shingles, &mut minimum) };
+                return minimum;
             }
         }
-        minimum.into_iter().map(|v| v as u32).collect()
+        min_hash(&self.a, &self.b, shingles, &mut minimum);
+        minimum
     }
 
     /// One bucket key per band; none for a text without words (it matches nothing).
@@ -208,17 +218,29 @@ impl MinHasher {
     }
 }
 
-/// `(a·x + b) mod (2^61 − 1)` for `x`, `a`, `b` below the prime.
+/// Folds every shingle into the running minimum of each permutation
+/// `h_i(x) = (a_i·x + b_i mod 2^64) >> 32` (multiply-add-shift: the high half of the
+/// product depends on every bit of the already well-mixed shingle hash).
 #[inline(always)]
-fn permute(a: u64, b: u64, x: u64) -> u64 {
-    let product = u128::from(a) * u128::from(x) + u128::from(b);
-    let folded = (product as u64 & MERSENNE) + (product >> 61) as u64;
-    let folded = (folded & MERSENNE) + (folded >> 61);
-    if folded >= MERSENNE {
-        folded - MERSENNE
-    } else {
-        folded
+fn min_hash(a: &[u64], b: &[u64], shingles: &[u64], minimum: &mut [u32]) {
+    for &x in shingles {
+        for ((low, &a), &b) in minimum.iter_mut().zip(a).zip(b) {
+            let v = (a.wrapping_mul(x).wrapping_add(b) >> 32) as u32;
+            *low = (*low).min(v);
+        }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+unsafe fn min_hash_avx512(a: &[u64], b: &[u64], shingles: &[u64], minimum: &mut [u32]) {
+    min_hash(a, b, shingles, minimum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn min_hash_avx2(a: &[u64], b: &[u64], shingles: &[u64], minimum: &mut [u32]) {
+    min_hash(a, b, shingles, minimum)
 }
 
 /// SplitMix64's finaliser: a bijection on u64 that spreads every input bit.
@@ -286,7 +308,7 @@ fn word_hashes(text: &str) -> Vec<u64> {
     words
 }
 
-/// Distinct n-gram hashes of `text`, sorted, each reduced below the Mersenne prime.
+/// Distinct n-gram hashes of `text`, sorted.
 pub fn shingles(text: &str, ngram: usize) -> Vec<u64> {
     let words = word_hashes(text);
     if words.is_empty() {
@@ -300,7 +322,7 @@ pub fn shingles(text: &str, ngram: usize) -> Vec<u64> {
             for &w in window {
                 h = mix(h.rotate_left(17) ^ w);
             }
-            h % MERSENNE
+            h
         })
         .collect();
     out.sort_unstable();
@@ -561,9 +583,16 @@ pub fn run(
         batch.commit()?;
         for (chunk_index, chunk) in new_hashes.chunks(CHUNK).enumerate() {
             let mut batch = store.near_dup_batch(&mut counters);
+            let mut chunk_buckets = Vec::with_capacity(chunk.len() * config.bands);
             for (offset, hash) in chunk.iter().enumerate() {
                 let i = chunk_index * CHUNK + offset;
-                batch.put_signature(hash, signature_of(i), &buckets[i]);
+                batch.put_signature(hash, signature_of(i));
+                chunk_buckets.extend(buckets[i].iter().map(|&bucket| (bucket, *hash)));
+            }
+            // Keys in sorted order: consecutive memtable inserts share their search path.
+            chunk_buckets.sort_unstable();
+            for (bucket, hash) in &chunk_buckets {
+                batch.put_bucket(*bucket, hash);
             }
             batch.commit()?;
             progress(
@@ -844,16 +873,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn permutation_reduces_modulo_the_prime() {
-        for (a, b, x) in [
-            (MERSENNE - 1, MERSENNE - 1, MERSENNE - 1),
-            (1, 0, 0),
-            (12345, 678, MERSENNE - 2),
-        ] {
-            let expected =
-                ((u128::from(a) * u128::from(x) + u128::from(b)) % u128::from(MERSENNE)) as u64;
-            assert_eq!(permute(a, b, x), expected);
-        }
+    fn vectorised_and_portable_signatures_agree() {
+        let hasher = MinHasher::new(&Config::default());
+        let shingles = shingles("one two three four five six seven eight nine ten eleven", 3);
+        let mut portable = vec![u32::MAX; hasher.permutations()];
+        min_hash(&hasher.a, &hasher.b, &shingles, &mut portable);
+        assert_eq!(hasher.signature_of_shingles(&shingles), portable);
+        assert!(portable.iter().all(|&v| v != u32::MAX));
     }
 
     #[test]

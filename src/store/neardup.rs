@@ -230,20 +230,22 @@ impl<'a> Batch<'a> {
         self.put(CF_NEARDUP, &[PARAMS], params);
     }
 
-    pub(super) fn put_signature(&mut self, hash: &ContentHash, signature: &[u32], buckets: &[u64]) {
+    pub(super) fn put_signature(&mut self, hash: &ContentHash, signature: &[u32]) {
         let cf = self.neardup();
         self.inner.put_cf(
             cf,
             key(SIGNATURE, &[hash.as_bytes()]),
             encode_signature(signature),
         );
-        for bucket in buckets {
-            self.inner.put_cf(
-                cf,
-                key(BUCKET, &[&bucket.to_be_bytes(), hash.as_bytes()]),
-                [],
-            );
-        }
+    }
+
+    pub(super) fn put_bucket(&mut self, bucket: u64, hash: &ContentHash) {
+        let cf = self.neardup();
+        self.inner.put_cf(
+            cf,
+            key(BUCKET, &[&bucket.to_be_bytes(), hash.as_bytes()]),
+            [],
+        );
     }
 
     pub(super) fn put_pair(&mut self, a: &ContentHash, b: &ContentHash, jaccard: f32) {

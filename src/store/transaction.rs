@@ -265,10 +265,16 @@ impl NearDupBatch<'_> {
         self.writes += 1;
     }
 
-    /// Stores the signature of `hash` and its LSH bucket keys.
-    pub fn put_signature(&mut self, hash: &ContentHash, signature: &[u32], buckets: &[u64]) {
-        self.inner.batch.put_signature(hash, signature, buckets);
-        self.writes += 1 + buckets.len();
+    /// Stores the signature of `hash`.
+    pub fn put_signature(&mut self, hash: &ContentHash, signature: &[u32]) {
+        self.inner.batch.put_signature(hash, signature);
+        self.writes += 1;
+    }
+
+    /// Records that `hash` falls in LSH bucket `bucket`.
+    pub fn put_bucket(&mut self, bucket: u64, hash: &ContentHash) {
+        self.inner.batch.put_bucket(bucket, hash);
+        self.writes += 1;
     }
 
     /// Stores a verified candidate pair with its estimated Jaccard similarity.

@@ -1,0 +1,226 @@
+//! Near-duplicate detection end to end, against datatrove's MinHash pipeline on the same
+//! corpus with the same settings (5-grams, 14 bands × 8 rows).
+//!
+//! ```text
+//! cargo bench --bench neardup                                    # 500k records
+//! CORPUSDB_BENCH_RECORDS=200000 cargo bench --bench neardup
+//! CORPUSDB_BENCH_DATATROVE=1 cargo bench --bench neardup         # also run datatrove
+//! ```
+//!
+//! The corpus is `synth::near_duplicates` (seed 42, 30% edited copies), written twice: as
+//! `messages` JSONL for corpusdb and as `{"id", "text"}` JSONL for datatrove, where the
+//! text is exactly what corpusdb signs (`neardup::training_text`). Timed for corpusdb: the
+//! import into a fresh store, then `neardup::run` (read the store, sign, link, write
+//! signatures / buckets / pairs, cluster, choose representatives, write exclusions), each
+//! with its peak RSS (`VmHWM`, reset before it). With `CORPUSDB_BENCH_DATATROVE=1` the
+//! bench makes a venv under the target directory (`pip install datatrove`) on first use and
+//! runs `benches/baseline_minhash.py` on the text file (2 workers). Under `cargo test
+//! --all-targets` it runs once on 2,000 records as a smoke test. Files are kept in
+//! `target/bench-neardup/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use corpusdb::ingest::{self, IngestOptions};
+use corpusdb::neardup::{self, Options};
+use corpusdb::store::Store;
+use corpusdb::synth::{self, NearDupSpec};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn reset_peak_rss() {
+    // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The corpus as `messages` JSONL and as datatrove's `{"id", "text"}` JSONL.
+fn corpus(work: &Path, records: u64) -> (PathBuf, PathBuf) {
+    let messages = work.join(format!("corpus-{records}.jsonl"));
+    let texts = work.join(format!("text-{records}.jsonl"));
+    if messages.exists() && texts.exists() {
+        return (messages, texts);
+    }
+    let spec = NearDupSpec {
+        records,
+        copy_fraction: 0.3,
+        seed: 42,
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&messages).unwrap());
+    let mut text_out = std::io::BufWriter::new(std::fs::File::create(&texts).unwrap());
+    use std::io::Write;
+    for (i, record) in synth::near_duplicates(&spec).enumerate() {
+        serde_json::to_writer(&mut out, &record.record).unwrap();
+        out.write_all(b"\n").unwrap();
+        let text: Vec<&str> = record.record["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap())
+            .collect();
+        serde_json::to_writer(
+            &mut text_out,
+            &serde_json::json!({"id": i.to_string(), "text": text.join("\n")}),
+        )
+        .unwrap();
+        text_out.write_all(b"\n").unwrap();
+    }
+    out.flush().unwrap();
+    text_out.flush().unwrap();
+    (messages, texts)
+}
+
+fn datatrove(work: &Path, texts: &Path) {
+    let venv = work.join("venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        eprintln!("setting up {} (pip install datatrove)", venv.display());
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap()
+            .success()
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "datatrove"])
+                .status()
+                .unwrap()
+                .success();
+        assert!(ok, "could not install datatrove into {}", venv.display());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/baseline_minhash.py");
+    let output = Command::new(&python)
+        .arg(script)
+        .arg(texts)
+        .arg(work.join("datatrove"))
+        .args(["--workers", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "datatrove failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("datatrove: {}", stdout.lines().last().unwrap_or(""));
+}
+
+fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let records: u64 = std::env::var("CORPUSDB_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if measuring { 500_000 } else { 2_000 });
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let work = PathBuf::from(target).join("bench-neardup");
+    std::fs::create_dir_all(&work).unwrap();
+    let (messages, texts) = corpus(&work, records);
+    let bytes = std::fs::metadata(&messages).unwrap().len();
+    println!(
+        "{records} records, {:.0} MB (messages JSONL), {:.0} MB text JSONL",
+        bytes as f64 / 1e6,
+        std::fs::metadata(&texts).unwrap().len() as f64 / 1e6
+    );
+
+    let store_dir = work.join(format!("store-{records}"));
+    let _ = std::fs::remove_dir_all(&store_dir);
+    reset_peak_rss();
+    let started = Instant::now();
+    let store = Store::open(&store_dir).unwrap();
+    let imported = ingest::ingest_file(
+        &store,
+        &messages,
+        &IngestOptions::new("bench", "general"),
+        &ingest::Quiet,
+    )
+    .unwrap();
+    store.flush().unwrap();
+    let ingest_secs = started.elapsed().as_secs_f64();
+    let ingest_rss = peak_rss_mib();
+    println!(
+        "corpusdb ingest: {ingest_secs:.2}s, {} examples stored, peak RSS {ingest_rss:.0} MiB",
+        imported.import.counts.stored
+    );
+
+    reset_peak_rss();
+    let started = Instant::now();
+    let outcome = neardup::run(&store, &Options::default(), &|_, _, _| {}).unwrap();
+    let dedup_secs = started.elapsed().as_secs_f64();
+    let dedup_rss = peak_rss_mib();
+    println!(
+        "corpusdb dedup --near: {dedup_secs:.2}s ({:.0} examples/s), peak RSS {dedup_rss:.0} MiB; \
+         {} clusters, {} near-duplicates excluded, {} candidate pairs, {} pairs kept",
+        outcome.examples as f64 / dedup_secs,
+        outcome.clusters,
+        outcome.excluded,
+        outcome.candidates,
+        outcome.new_pairs
+    );
+    println!("corpusdb ingest + dedup: {:.2}s", ingest_secs + dedup_secs);
+
+    // An incremental run with nothing new: only the store walk and the clustering.
+    reset_peak_rss();
+    let started = Instant::now();
+    let again = neardup::run(&store, &Options::default(), &|_, _, _| {}).unwrap();
+    println!(
+        "corpusdb dedup --near again (nothing new): {:.2}s, peak RSS {:.0} MiB, {} signed",
+        started.elapsed().as_secs_f64(),
+        peak_rss_mib(),
+        again.signed
+    );
+
+    // Another import of 2% more records (copies of earlier originals among them): the
+    // incremental run signs only those and looks them up in the stored buckets.
+    let extra = (records / 50).max(1);
+    let more = work.join(format!("more-{records}.jsonl"));
+    {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&more).unwrap());
+        let spec = NearDupSpec {
+            records: records + extra,
+            copy_fraction: 0.3,
+            seed: 42,
+        };
+        for record in synth::near_duplicates(&spec).skip(records as usize) {
+            serde_json::to_writer(&mut out, &record.record).unwrap();
+            out.write_all(b"\n").unwrap();
+        }
+        out.flush().unwrap();
+    }
+    ingest::ingest_file(
+        &store,
+        &more,
+        &IngestOptions::new("bench-more", "general"),
+        &ingest::Quiet,
+    )
+    .unwrap();
+    reset_peak_rss();
+    let started = Instant::now();
+    let incremental = neardup::run(&store, &Options::default(), &|_, _, _| {}).unwrap();
+    println!(
+        "corpusdb dedup --near after importing {extra} more records: {:.2}s, peak RSS {:.0} MiB, \
+         {} signed, {} new pairs, {} clusters",
+        started.elapsed().as_secs_f64(),
+        peak_rss_mib(),
+        incremental.signed,
+        incremental.new_pairs,
+        incremental.clusters
+    );
+    drop(store);
+
+    if std::env::var("CORPUSDB_BENCH_DATATROVE").is_ok_and(|v| v == "1") {
+        datatrove(&work, &texts);
+    }
+}
