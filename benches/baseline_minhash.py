@@ -43,11 +43,15 @@ def main():
     # One input file per worker, so the signature stage runs in parallel.
     inputs = work / "input"
     inputs.mkdir()
-    lines = source.read_text().splitlines(keepends=True)
-    per = (len(lines) + args.workers - 1) // args.workers
-    for i in range(args.workers):
-        (inputs / f"part-{i}.jsonl").write_text("".join(lines[i * per : (i + 1) * per]))
-    del lines
+    # Streamed, so this process's peak memory is datatrove's, not the file's.
+    with open(source) as f:
+        documents = sum(1 for _ in f)
+    per = (documents + args.workers - 1) // args.workers
+    with open(source) as f:
+        for i in range(args.workers):
+            with open(inputs / f"part-{i}.jsonl", "w") as out:
+                for _, line in zip(range(per), f):
+                    out.write(line)
 
     config = MinhashConfig()  # datatrove's defaults: 5-grams, 14 x 8, seed 1
     tasks = args.workers
@@ -104,7 +108,6 @@ def main():
     kept = sum(
         sum(1 for _ in open(p)) for p in (work / "deduped").glob("*.jsonl")
     )
-    documents = sum(1 for _ in open(source))
     rss = lambda who: resource.getrusage(who).ru_maxrss // 1024  # noqa: E731 (KiB -> MiB)
     print(
         json.dumps(

@@ -11,8 +11,9 @@
 //! `messages` JSONL for corpusdb and as `{"id", "text"}` JSONL for datatrove, where the
 //! text is exactly what corpusdb signs (`neardup::training_text`). Timed for corpusdb: the
 //! import into a fresh store, then `neardup::run` (read the store, sign, link, write
-//! signatures / buckets / pairs, cluster, choose representatives, write exclusions), each
-//! with its peak RSS (`VmHWM`, reset before it). With `CORPUSDB_BENCH_DATATROVE=1` the
+//! signatures / buckets / pairs, cluster, choose representatives, write exclusions) in a
+//! child process of its own, as `corpusdb dedup --near` runs, with its peak RSS (`VmHWM`);
+//! then a run with nothing new, and a run after importing 2% more records. With `CORPUSDB_BENCH_DATATROVE=1` the
 //! bench makes a venv under the target directory (`pip install datatrove`) on first use and
 //! runs `benches/baseline_minhash.py` on the text file (2 workers). Under `cargo test
 //! --all-targets` it runs once on 2,000 records as a smoke test. Files are kept in
@@ -24,7 +25,7 @@ use std::time::Instant;
 
 use corpusdb::ingest::{self, IngestOptions};
 use corpusdb::neardup::{self, Options};
-use corpusdb::store::Store;
+use corpusdb::store::{Store, StoreOptions};
 use corpusdb::synth::{self, NearDupSpec};
 
 #[global_allocator]
@@ -117,7 +118,56 @@ fn datatrove(work: &Path, texts: &Path) {
     println!("datatrove: {}", stdout.lines().last().unwrap_or(""));
 }
 
+/// One `neardup::run` on the store at `store_dir`, in this process (a child of the bench, so
+/// that its peak RSS is the run's alone, as a `corpusdb dedup --near` process's would be).
+fn dedup_phase(store_dir: &Path) {
+    let store = Store::open_with(
+        store_dir,
+        &StoreOptions {
+            write_buffer_bytes: neardup::WRITE_BUFFER_BYTES,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let started = Instant::now();
+    let outcome = neardup::run(&store, &Options::default(), &|_, _, _| {}).unwrap();
+    drop(store);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{secs:.2}s ({:.0} examples/s), peak RSS {:.0} MiB; {} signed, {} candidate pairs, \
+         {} new pairs, {} clusters, {} near-duplicates, {} newly excluded",
+        outcome.examples as f64 / secs,
+        peak_rss_mib(),
+        outcome.signed,
+        outcome.candidates,
+        outcome.new_pairs,
+        outcome.clusters,
+        outcome.near_duplicates,
+        outcome.excluded
+    );
+}
+
+/// Runs [`dedup_phase`] in a child process; returns its report and wall seconds.
+fn dedup_child(store_dir: &Path) -> (String, f64) {
+    let started = Instant::now();
+    let output = Command::new(std::env::current_exe().unwrap())
+        .env("CORPUSDB_BENCH_DEDUP_STORE", store_dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    (report, started.elapsed().as_secs_f64())
+}
+
 fn main() {
+    if let Some(store_dir) = std::env::var_os("CORPUSDB_BENCH_DEDUP_STORE") {
+        dedup_phase(Path::new(&store_dir));
+        return;
+    }
     let measuring = std::env::args().any(|a| a == "--bench");
     let records: u64 = std::env::var("CORPUSDB_BENCH_RECORDS")
         .ok()
@@ -138,48 +188,31 @@ fn main() {
     let _ = std::fs::remove_dir_all(&store_dir);
     reset_peak_rss();
     let started = Instant::now();
-    let store = Store::open(&store_dir).unwrap();
-    let imported = ingest::ingest_file(
-        &store,
-        &messages,
-        &IngestOptions::new("bench", "general"),
-        &ingest::Quiet,
-    )
-    .unwrap();
-    store.flush().unwrap();
+    {
+        let store = Store::open(&store_dir).unwrap();
+        let imported = ingest::ingest_file(
+            &store,
+            &messages,
+            &IngestOptions::new("bench", "general"),
+            &ingest::Quiet,
+        )
+        .unwrap();
+        store.flush().unwrap();
+        println!(
+            "corpusdb ingest: {:.2}s, {} examples stored, peak RSS {:.0} MiB",
+            started.elapsed().as_secs_f64(),
+            imported.import.counts.stored,
+            peak_rss_mib()
+        );
+    }
     let ingest_secs = started.elapsed().as_secs_f64();
-    let ingest_rss = peak_rss_mib();
-    println!(
-        "corpusdb ingest: {ingest_secs:.2}s, {} examples stored, peak RSS {ingest_rss:.0} MiB",
-        imported.import.counts.stored
-    );
 
-    reset_peak_rss();
-    let started = Instant::now();
-    let outcome = neardup::run(&store, &Options::default(), &|_, _, _| {}).unwrap();
-    let dedup_secs = started.elapsed().as_secs_f64();
-    let dedup_rss = peak_rss_mib();
-    println!(
-        "corpusdb dedup --near: {dedup_secs:.2}s ({:.0} examples/s), peak RSS {dedup_rss:.0} MiB; \
-         {} clusters, {} near-duplicates excluded, {} candidate pairs, {} pairs kept",
-        outcome.examples as f64 / dedup_secs,
-        outcome.clusters,
-        outcome.excluded,
-        outcome.candidates,
-        outcome.new_pairs
-    );
+    let (report, dedup_secs) = dedup_child(&store_dir);
+    println!("corpusdb dedup --near: {report}");
     println!("corpusdb ingest + dedup: {:.2}s", ingest_secs + dedup_secs);
-
-    // An incremental run with nothing new: only the store walk and the clustering.
-    reset_peak_rss();
-    let started = Instant::now();
-    let again = neardup::run(&store, &Options::default(), &|_, _, _| {}).unwrap();
-    println!(
-        "corpusdb dedup --near again (nothing new): {:.2}s, peak RSS {:.0} MiB, {} signed",
-        started.elapsed().as_secs_f64(),
-        peak_rss_mib(),
-        again.signed
-    );
+    // Nothing new: the store walk and the clustering only.
+    let (report, _) = dedup_child(&store_dir);
+    println!("corpusdb dedup --near again (nothing new): {report}");
 
     // Another import of 2% more records (copies of earlier originals among them): the
     // incremental run signs only those and looks them up in the stored buckets.
@@ -198,27 +231,17 @@ fn main() {
             out.write_all(b"\n").unwrap();
         }
         out.flush().unwrap();
+        let store = Store::open(&store_dir).unwrap();
+        ingest::ingest_file(
+            &store,
+            &more,
+            &IngestOptions::new("bench-more", "general"),
+            &ingest::Quiet,
+        )
+        .unwrap();
     }
-    ingest::ingest_file(
-        &store,
-        &more,
-        &IngestOptions::new("bench-more", "general"),
-        &ingest::Quiet,
-    )
-    .unwrap();
-    reset_peak_rss();
-    let started = Instant::now();
-    let incremental = neardup::run(&store, &Options::default(), &|_, _, _| {}).unwrap();
-    println!(
-        "corpusdb dedup --near after importing {extra} more records: {:.2}s, peak RSS {:.0} MiB, \
-         {} signed, {} new pairs, {} clusters",
-        started.elapsed().as_secs_f64(),
-        peak_rss_mib(),
-        incremental.signed,
-        incremental.new_pairs,
-        incremental.clusters
-    );
-    drop(store);
+    let (report, _) = dedup_child(&store_dir);
+    println!("corpusdb dedup --near after importing {extra} more records: {report}");
 
     if std::env::var("CORPUSDB_BENCH_DATATROVE").is_ok_and(|v| v == "1") {
         datatrove(&work, &texts);

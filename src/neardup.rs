@@ -68,6 +68,12 @@ pub const PAIR_FLOOR: f64 = 0.5;
 /// Earlier members of one bucket each member is compared with.
 pub const BUCKET_COMPARE: usize = 32;
 
+/// The memtable size a run's store should be opened with (`StoreOptions::
+/// write_buffer_bytes`): a run writes signatures and bucket keys in bulk while it holds the
+/// new signatures in memory, and smaller memtables keep its peak near 0.6 GB at 500k
+/// examples (BENCHMARKS.md).
+pub const WRITE_BUFFER_BYTES: usize = 32 << 20;
+
 /// Examples signed, and keys written, per store batch.
 const CHUNK: usize = 8192;
 
@@ -453,6 +459,19 @@ pub fn run(
         batch.commit()?;
     }
     let had_signatures = reuse && store.has_signatures()?;
+    // Examples below this ordinal are signed: only those after it are read (in hash
+    // order); a killed run may have signed some of those, which are skipped.
+    let signed_through = if reuse { store.signed_through()? } else { 0 };
+    let mut unsigned_hashes = Vec::new();
+    if signed_through > 0 {
+        for item in store.ordinals() {
+            let (ordinal, hash) = item?;
+            if ordinal >= signed_through {
+                unsigned_hashes.push(hash);
+            }
+        }
+        unsigned_hashes.sort_unstable();
+    }
 
     // 1. Sign every example without a signature, in hash order, chunks on rayon.
     let mut new_hashes: Vec<ContentHash> = Vec::new();
@@ -472,7 +491,7 @@ pub fn run(
                 new_signatures.extend_from_slice(&signature);
             }
         };
-        store.for_each_example(|hash, example| {
+        let mut visit = |hash: &ContentHash, example: store::StoredExample| {
             done += 1;
             if reuse && cursor.get(hash)?.is_some() {
                 return Ok(());
@@ -483,7 +502,12 @@ pub fn run(
                 progress(Stage::Signing, done, examples);
             }
             Ok(())
-        })?;
+        };
+        if signed_through == 0 {
+            store.for_each_example(&mut visit)?;
+        } else {
+            store.for_each_sorted(&unsigned_hashes, &mut visit)?;
+        }
         sign(&mut pending);
         progress(Stage::Signing, done, examples);
     }
@@ -491,14 +515,15 @@ pub fn run(
     let signature_of = |i: usize| &new_signatures[i * width..(i + 1) * width];
 
     // 2. Candidates among the new examples: sort (bucket, index) and walk equal runs.
-    let buckets: Vec<Vec<u64>> = (0..new_hashes.len())
+    // (Bucket keys are cheap to recompute from a signature: they are not kept per example.)
+    let mut keyed: Vec<(u64, u32)> = (0..new_hashes.len())
         .into_par_iter()
-        .map(|i| hasher.buckets(signature_of(i)))
-        .collect();
-    let mut keyed: Vec<(u64, u32)> = buckets
-        .iter()
-        .enumerate()
-        .flat_map(|(i, keys)| keys.iter().map(move |&k| (k, i as u32)))
+        .flat_map_iter(|i| {
+            hasher
+                .buckets(signature_of(i))
+                .into_iter()
+                .map(move |bucket| (bucket, i as u32))
+        })
         .collect();
     keyed.par_sort_unstable();
     let mut checked: HashSet<(u32, u32)> = HashSet::new();
@@ -544,7 +569,7 @@ pub fn run(
                 previous = Some(bucket);
             }
             for other in &members {
-                if !seen.insert((i, *other)) {
+                if *other == new_hashes[i as usize] || !seen.insert((i, *other)) {
                     continue;
                 }
                 if !stored_signatures.contains_key(other) {
@@ -587,7 +612,12 @@ pub fn run(
             for (offset, hash) in chunk.iter().enumerate() {
                 let i = chunk_index * CHUNK + offset;
                 batch.put_signature(hash, signature_of(i));
-                chunk_buckets.extend(buckets[i].iter().map(|&bucket| (bucket, *hash)));
+                chunk_buckets.extend(
+                    hasher
+                        .buckets(signature_of(i))
+                        .into_iter()
+                        .map(|bucket| (bucket, *hash)),
+                );
             }
             // Keys in sorted order: consecutive memtable inserts share their search path.
             chunk_buckets.sort_unstable();
@@ -602,7 +632,13 @@ pub fn run(
             );
         }
     }
-    drop(buckets);
+
+    if !options.dry_run && signed_through != examples {
+        let mut counters = store.counters()?;
+        let mut batch = store.near_dup_batch(&mut counters);
+        batch.set_signed_through(examples);
+        batch.commit()?;
+    }
 
     // 5. Clusters over every pair at the threshold.
     let mut pairs: Vec<(ContentHash, ContentHash, f32)> = Vec::new();
@@ -626,7 +662,6 @@ pub fn run(
     }
     drop(new_pairs);
     let clusters = clusters(&pairs);
-    drop(pairs);
     progress(Stage::Clustering, 0, clusters.len() as u64);
 
     // The facts the representative rule needs, for every member (hash order).
@@ -663,13 +698,9 @@ pub fn run(
         facts.insert(*hash, (best_source, assistant_chars));
         Ok(())
     })?;
-    let new_index: HashMap<ContentHash, usize> = new_hashes
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (*h, i))
-        .collect();
+    // `new_hashes` is in hash order (the store walk's): found by binary search.
     let signature = |hash: &ContentHash| -> store::Result<Option<Vec<u32>>> {
-        if let Some(&i) = new_index.get(hash) {
+        if let Ok(i) = new_hashes.binary_search(hash) {
             return Ok(Some(signature_of(i).to_vec()));
         }
         if let Some(signature) = stored_signatures.get(hash) {
@@ -687,7 +718,13 @@ pub fn run(
                 (source, std::cmp::Reverse(chars), **hash)
             })
             .expect("a cluster has members");
-        let kept = signature(&representative)?.unwrap_or_default();
+        let mut kept_signature = None;
+        let mut kept = || -> store::Result<Vec<u32>> {
+            if kept_signature.is_none() {
+                kept_signature = Some(signature(&representative)?.unwrap_or_default());
+            }
+            Ok(kept_signature.clone().unwrap_or_default())
+        };
         outcome.clusters += 1;
         outcome.members += members.len() as u64;
         outcome.largest_cluster = outcome.largest_cluster.max(members.len() as u64);
@@ -696,7 +733,19 @@ pub fn run(
                 1.0
             } else {
                 outcome.near_duplicates += 1;
-                estimated_jaccard(&signature(hash)?.unwrap_or_default(), &kept) as f32
+                // Most members are paired with the representative directly (pairs are
+                // sorted by their two hashes); the others are compared by signature.
+                let key = if *hash < representative {
+                    (*hash, representative)
+                } else {
+                    (representative, *hash)
+                };
+                match pairs.binary_search_by_key(&key, |p| (p.0, p.1)) {
+                    Ok(at) => pairs[at].2,
+                    Err(_) => {
+                        estimated_jaccard(&signature(hash)?.unwrap_or_default(), &kept()?) as f32
+                    }
+                }
             };
             memberships.insert(
                 *hash,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use corpusdb::index::Index;
 use corpusdb::neardup::{self, Config, Options, Stage};
-use corpusdb::store::Store;
+use corpusdb::store::{Store, StoreOptions};
 
 /// Find near-duplicate clusters (MinHash-LSH) and exclude all but one member of each.
 ///
@@ -73,7 +73,13 @@ pub struct Args {
 
 pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     debug_assert!(args.near);
-    let store = Store::open(store_path)?;
+    let store = Store::open_with(
+        store_path,
+        &StoreOptions {
+            write_buffer_bytes: neardup::WRITE_BUFFER_BYTES,
+            ..StoreOptions::default()
+        },
+    )?;
     if args.undo {
         let freed = neardup::undo(&store)?;
         let index = Index::open_or_create(store.path(), false)?;

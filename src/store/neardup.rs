@@ -5,6 +5,7 @@
 //! | key                                        | value                                   |
 //! |--------------------------------------------|-----------------------------------------|
 //! | `p`                                        | bincode [`NearDupParams`]               |
+//! | `o`                                        | u64 LE: every example with a smaller ordinal has a signature |
 //! | `s` + SHA-1 (20)                           | signature: `bands × rows` u32 LE         |
 //! | `b` + bucket key (u64 BE) + SHA-1 (20)     | empty: the example falls in that bucket |
 //! | `e` + SHA-1 (20) + SHA-1 (20), first < second | estimated Jaccard, f32 LE            |
@@ -21,6 +22,7 @@ use crate::conversation::ContentHash;
 pub use crate::store::types::{ClusterMembership, NearDupParams};
 
 const PARAMS: u8 = b'p';
+const SIGNED_THROUGH: u8 = b'o';
 const SIGNATURE: u8 = b's';
 const BUCKET: u8 = b'b';
 const EDGE: u8 = b'e';
@@ -87,6 +89,25 @@ impl Store {
         match self.db.get_cf(cf, [PARAMS]).map_err(|e| self.rocks(e))? {
             Some(bytes) => Ok(Some(self.decode(&bytes, "near-duplicate parameters")?)),
             None => Ok(None),
+        }
+    }
+
+    /// The ordinal below which every example has a signature (0 when none is recorded).
+    pub fn signed_through(&self) -> Result<u64> {
+        let Some(cf) = self.neardup_cf() else {
+            return Ok(0);
+        };
+        match self
+            .db
+            .get_cf(cf, [SIGNED_THROUGH])
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(bytes) => {
+                Ok(u64::from_le_bytes(bytes.as_slice().try_into().map_err(
+                    |_| self.corrupt("signed-through ordinal is not 8 bytes"),
+                )?))
+            }
+            None => Ok(0),
         }
     }
 
@@ -228,6 +249,12 @@ impl<'a> Batch<'a> {
 
     pub(super) fn put_neardup_params(&mut self, params: &NearDupParams) {
         self.put(CF_NEARDUP, &[PARAMS], params);
+    }
+
+    pub(super) fn put_signed_through(&mut self, ordinal: u64) {
+        let cf = self.neardup();
+        self.inner
+            .put_cf(cf, [SIGNED_THROUGH], ordinal.to_le_bytes());
     }
 
     pub(super) fn put_signature(&mut self, hash: &ContentHash, signature: &[u32]) {

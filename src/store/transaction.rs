@@ -258,6 +258,13 @@ impl NearDupBatch<'_> {
     pub fn reset_signatures(&mut self, params: &NearDupParams) {
         self.inner.batch.clear_signatures();
         self.set_params(params);
+        self.set_signed_through(0);
+    }
+
+    /// Records that every example with an ordinal below `ordinal` has a signature.
+    pub fn set_signed_through(&mut self, ordinal: u64) {
+        self.inner.batch.put_signed_through(ordinal);
+        self.writes += 1;
     }
 
     pub fn set_params(&mut self, params: &NearDupParams) {
