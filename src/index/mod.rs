@@ -54,7 +54,7 @@ const CHANGES_PER_COMMIT: usize = 200_000;
 /// the commit payload; indexes from before it count as 1). An index of another version is
 /// rebuilt from the store's change log, as is one whose fields differ: raise it whenever
 /// what a document holds changes, not only its fields.
-pub const INDEX_SCHEMA_VERSION: u64 = 2;
+pub const INDEX_SCHEMA_VERSION: u64 = 1;
 
 #[derive(Clone, Copy)]
 struct Fields {
