@@ -14,7 +14,8 @@
 //! signatures / buckets / pairs, cluster, choose representatives, write exclusions) in a
 //! child process of its own, as `corpusdb dedup --near` runs, with its peak RSS (`VmHWM`);
 //! then a run with nothing new, and a run after importing 2% more records. With `CORPUSDB_BENCH_DATATROVE=1` the
-//! bench makes a venv under the target directory (`pip install datatrove`) on first use and
+//! bench makes a venv under the target directory (`pip install 'datatrove[processing]'
+//! orjson spacy`) on first use and
 //! runs `benches/baseline_minhash.py` on the text file (2 workers). Under `cargo test
 //! --all-targets` it runs once on 2,000 records as a smoke test. Files are kept in
 //! `target/bench-neardup/`.
@@ -95,7 +96,8 @@ fn datatrove(work: &Path, texts: &Path) {
             .unwrap()
             .success()
             && Command::new(venv.join("bin/pip"))
-                .args(["install", "-q", "datatrove"])
+                // The JSONL reader needs orjson; the English word tokenizer, spaCy.
+                .args(["install", "-q", "datatrove[processing]", "orjson", "spacy"])
                 .status()
                 .unwrap()
                 .success();

@@ -42,9 +42,10 @@
 //!
 //! # Incremental
 //!
-//! Signatures and bucket keys are stored per example (`neardup` family of the store), so
-//! a later run signs only examples without one and compares them with each other and with
-//! the stored buckets; pairs between stored examples are already in the store. Clustering
+//! Signatures and bucket keys are stored per example (`neardup` family of the store), with
+//! the ordinal below which every example is signed, so a later run reads and signs only
+//! the examples imported since and compares them with each other and with the stored
+//! buckets; pairs between stored examples are already in the store. Clustering
 //! reads every stored pair, which costs memory in proportion to the pairs, not the corpus.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
