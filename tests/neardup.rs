@@ -415,3 +415,32 @@ fn an_incremental_run_signs_only_new_examples_and_finds_the_same_clusters() {
     assert!(again.resigned_all);
     assert_eq!(again.signed, parts.counters().unwrap().examples);
 }
+
+#[test]
+fn a_store_written_before_the_neardup_family_reads_without_it() {
+    // The frozen schema-2 store has no `neardup` family: read-only commands see no
+    // clusters, and the first writable open adds the family.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat/store-v2");
+    std::fs::create_dir_all(&path).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        assert!(entry.file_type().unwrap().is_file());
+        std::fs::copy(entry.path(), path.join(entry.file_name())).unwrap();
+    }
+    {
+        let store = Store::open_read_only(&path).unwrap();
+        assert_eq!(store.cluster_memberships().count(), 0);
+        assert_eq!(store.neardup_params().unwrap(), None);
+        let hash = store.hash_at(0).unwrap().unwrap();
+        assert_eq!(store.signature(&hash).unwrap(), None);
+        assert_eq!(store.cluster_membership(&hash).unwrap(), None);
+    }
+    let stats = run_ok(corpusdb(&path).args(["stats"]));
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("examples   92"));
+    run_ok(corpusdb(&path).args(["dedup", "--near"]));
+    let store = Store::open_read_only(&path).unwrap();
+    assert!(store.neardup_params().unwrap().is_some());
+    assert_eq!(store.signed_through().unwrap(), 92);
+}

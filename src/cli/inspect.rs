@@ -120,7 +120,7 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|i| i.state == ImportState::Partial)
         .count();
-    // Examples excluded by at least one quality filter.
+    // Examples excluded by at least one quality filter (or as near-duplicates).
     let mut excluded = 0u64;
     let mut last = None;
     for item in store.exclusions() {
@@ -150,7 +150,7 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
     writeln!(out, "store      {}", store.path().display())?;
     writeln!(
         out,
-        "examples   {} ({} excluded by quality filters)",
+        "examples   {} ({} excluded by quality filters or as near-duplicates)",
         counters.examples, excluded
     )?;
     let shape = super::ingest::shape_note(&corpusdb::store::ImportCounts {
