@@ -35,6 +35,7 @@ use corpusdb::store::{Store, StoreOptions};
 ///   corpusdb dedup --near --threshold 0.85 --prefer oasst1,dolly
 ///   corpusdb dedup --near --undo
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     /// Near-duplicates (MinHash-LSH); the only kind this command handles, since exact
     /// copies are merged at import.
