@@ -3,7 +3,8 @@
 //!
 //! One sequential pass over the store (hash order) gathers, per example in use (not
 //! excluded by a quality filter): category, first source, characters, turns, tokens and
-//! how many duplicate records it absorbed. Tokens are exact with a Hugging Face
+//! how many duplicate records it absorbed, and whether it is in a near-duplicate cluster
+//! (and not its representative). Tokens are exact with a Hugging Face
 //! `tokenizer.json` (the sum over message contents, no chat template or special tokens),
 //! counted in parallel and cached per tokenizer in `<store>/analysis/`, so a second
 //! analysis tokenizes only new examples; without a tokenizer they are estimated as
@@ -107,8 +108,14 @@ pub struct Group {
     pub duplicates: u64,
     /// Records rejected at import (by the import's category, or source).
     pub rejected: u64,
-    /// Examples excluded by quality filters.
+    /// Examples excluded by quality filters or as near-duplicates.
     pub excluded: u64,
+    /// Stored examples in a near-duplicate cluster (`corpusdb dedup --near`), kept or not.
+    pub cluster_members: u64,
+    /// Stored examples that are near-duplicates of their cluster's representative.
+    pub near_duplicates: u64,
+    /// `near_duplicates` over the group's stored examples (in use + excluded).
+    pub near_duplicate_share: f64,
     /// Examples per length bin (see [`LENGTH_BINS`]; one more bin than bounds).
     pub histogram: Vec<u64>,
 }
@@ -146,6 +153,11 @@ pub struct Analysis {
     pub tokens_exact: bool,
     pub categories: Vec<Group>,
     pub sources: Vec<Group>,
+    /// Near-duplicate clusters as the last `dedup --near` left them (0 if never run).
+    pub clusters: u64,
+    /// Stored examples in those clusters, and those that are not the kept representative.
+    pub cluster_members: u64,
+    pub near_duplicates: u64,
     /// Examples per source within each category.
     pub sources_per_category: BTreeMap<String, BTreeMap<String, u64>>,
     pub targets: Vec<TargetRow>,
@@ -258,6 +270,9 @@ struct Row {
     turns: u32,
     duplicates: u32,
     excluded: bool,
+    /// In a near-duplicate cluster, and whether it is not the kept representative.
+    in_cluster: bool,
+    near_duplicate: bool,
 }
 
 /// Collects per-group values.
@@ -270,6 +285,8 @@ struct Acc {
     duplicates: u64,
     excluded: u64,
     rejected: u64,
+    cluster_members: u64,
+    near_duplicates: u64,
     lengths: Vec<u32>,
 }
 
@@ -317,6 +334,13 @@ impl Acc {
             duplicates: self.duplicates,
             rejected: self.rejected,
             excluded: self.excluded,
+            cluster_members: self.cluster_members,
+            near_duplicates: self.near_duplicates,
+            near_duplicate_share: if self.examples + self.excluded == 0 {
+                0.0
+            } else {
+                self.near_duplicates as f64 / (self.examples + self.excluded) as f64
+            },
             histogram,
         }
     }
@@ -397,6 +421,14 @@ pub fn analyze(
     for item in store.exclusions() {
         excluded_hashes.insert(item?.0);
     }
+    // Near-duplicate clusters: (is the representative) per member; few next to the store.
+    let mut clustered: HashMap<ContentHash, bool> = HashMap::new();
+    let mut cluster_ids: HashSet<ContentHash> = HashSet::new();
+    for item in store.cluster_memberships() {
+        let (hash, membership) = item?;
+        cluster_ids.insert(membership.cluster);
+        clustered.insert(hash, membership.is_representative(&hash));
+    }
     let mut names = Names::default();
     let mut notes = Vec::new();
     let token_counts = match tokens {
@@ -424,6 +456,8 @@ pub fn analyze(
             turns: example.turns,
             duplicates: sources.len().saturating_sub(1) as u32,
             excluded: excluded_hashes.contains(hash),
+            in_cluster: clustered.contains_key(hash),
+            near_duplicate: clustered.get(hash) == Some(&false),
         });
         done += 1;
         if done.is_multiple_of(16_384) {
@@ -447,6 +481,8 @@ pub fn analyze(
             categories.entry(row.category).or_default(),
             sources.entry(row.source).or_default(),
         ] {
+            acc.cluster_members += u64::from(row.in_cluster);
+            acc.near_duplicates += u64::from(row.near_duplicate);
             if row.excluded {
                 acc.excluded += 1;
                 continue;
@@ -504,6 +540,9 @@ pub fn analyze(
         tokens_exact: tokens.is_some(),
         categories,
         sources,
+        clusters: cluster_ids.len() as u64,
+        cluster_members: clustered.len() as u64,
+        near_duplicates: clustered.values().filter(|&&kept| !kept).count() as u64,
         sources_per_category,
         targets: targets_rows,
         checks,

@@ -9,6 +9,7 @@
 //! - [`ingest`]: the pipeline from files into the store, resumable per record.
 //! - [`index`]: the tantivy index of categories, sources and counts, and its query language.
 //! - [`export`]: examples out of the store as JSONL.
+//! - [`neardup`]: near-duplicate clusters (MinHash-LSH), excluded reversibly.
 //! - [`manifest`]: YAML lists of files to ingest (`configs/`).
 //! - [`synth`]: a deterministic generator of realistic data for benchmarks and tests.
 //!
@@ -41,6 +42,7 @@ pub mod ingest;
 pub mod invalid;
 pub mod manifest;
 pub mod model;
+pub mod neardup;
 pub mod reader;
 pub mod registry;
 pub mod reject;

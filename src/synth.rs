@@ -341,3 +341,187 @@ pub fn generate(out: &mut impl Write, spec: &SynthSpec) -> io::Result<SynthStats
 fn content_seed(seed: u64, unique_index: u64) -> u64 {
     SplitMix64::new(seed ^ unique_index.wrapping_mul(0x2545_F491_4F6C_DD1D)).next_u64()
 }
+
+/// What [`near_duplicates`] generates: originals and edited copies of them.
+#[derive(Clone, Debug)]
+pub struct NearDupSpec {
+    pub records: u64,
+    /// Fraction of records that are edited copies of an earlier original.
+    pub copy_fraction: f64,
+    pub seed: u64,
+}
+
+/// The edits a near-duplicate copy can carry.
+pub const EDITS: [&str; 6] = [
+    "insert-sentence",
+    "remove-sentence",
+    "system-prompt",
+    "whitespace",
+    "numbering",
+    "rewrite-sentences",
+];
+
+/// One generated record: the original it derives from (its own index for an original),
+/// the edits applied, and the record (`messages` shape).
+#[derive(Clone, Debug)]
+pub struct NearDupRecord {
+    pub family: u64,
+    pub edits: Vec<&'static str>,
+    pub record: serde_json::Value,
+}
+
+/// A conversation as sentences, so that edits can work on them.
+struct Draft {
+    system: Option<String>,
+    turns: Vec<(String, Vec<String>)>,
+}
+
+const SYSTEM_PROMPTS: &[&str] = &[
+    "You are a helpful assistant.",
+    "You are a friendly and knowledgeable AI assistant. Answer carefully.",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "You are an expert tutor who explains things step by step.",
+];
+
+fn draft(seed: u64) -> Draft {
+    let mut rng = SplitMix64::new(seed);
+    let system = (rng.below(2) == 0)
+        .then(|| SYSTEM_PROMPTS[rng.below(SYSTEM_PROMPTS.len() as u64) as usize].to_string());
+    let turns = (0..1 + rng.below(3))
+        .map(|_| {
+            let opener = OPENERS[rng.below(OPENERS.len() as u64) as usize];
+            let prompt_chars = 40 + rng.below(160) as usize;
+            let prompt = format!("{opener} {}", paragraph(&mut rng, prompt_chars));
+            let sentences = (0..4 + rng.below(12))
+                .map(|_| {
+                    let words = 6 + rng.below(14);
+                    sentence(&mut rng, words)
+                })
+                .collect();
+            (prompt, sentences)
+        })
+        .collect();
+    Draft { system, turns }
+}
+
+impl Draft {
+    fn edit(&mut self, edit: &str, rng: &mut SplitMix64) {
+        let turn = rng.below(self.turns.len() as u64) as usize;
+        let sentences = &mut self.turns[turn].1;
+        match edit {
+            "insert-sentence" => {
+                let at = rng.below(sentences.len() as u64 + 1) as usize;
+                let words = 6 + rng.below(14);
+                sentences.insert(at, sentence(rng, words));
+            }
+            "remove-sentence" if sentences.len() > 2 => {
+                sentences.remove(rng.below(sentences.len() as u64) as usize);
+            }
+            "remove-sentence" => sentences.push(sentence(rng, 8)),
+            "system-prompt" => {
+                self.system = match &self.system {
+                    Some(_) if rng.below(3) == 0 => None,
+                    current => loop {
+                        let next = SYSTEM_PROMPTS[rng.below(SYSTEM_PROMPTS.len() as u64) as usize];
+                        if current.as_deref() != Some(next) {
+                            break Some(next.to_string());
+                        }
+                    },
+                }
+            }
+            "whitespace" => {
+                for s in sentences.iter_mut() {
+                    if rng.below(2) == 0 {
+                        *s = s.replace(' ', "  ");
+                    }
+                    if rng.below(3) == 0 {
+                        s.push('\n');
+                    }
+                }
+            }
+            "numbering" => {
+                for (i, s) in sentences.iter_mut().enumerate() {
+                    *s = match rng.below(3) {
+                        0 => format!("{}. {s}", i + 1),
+                        1 => format!("{}) {s}", i + 1),
+                        _ => format!("- {s}"),
+                    };
+                }
+            }
+            // A heavier edit: a third of the sentences replaced.
+            _ => {
+                let n = sentences.len();
+                for _ in 0..n.div_ceil(3) {
+                    let at = rng.below(n as u64) as usize;
+                    let words = 6 + rng.below(14);
+                    sentences[at] = sentence(rng, words);
+                }
+            }
+        }
+    }
+
+    fn record(&self) -> serde_json::Value {
+        let mut messages = Vec::new();
+        if let Some(system) = &self.system {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        for (prompt, sentences) in &self.turns {
+            messages.push(json!({"role": "user", "content": prompt}));
+            messages.push(json!({"role": "assistant", "content": sentences.join(" ")}));
+        }
+        json!({ "messages": messages })
+    }
+}
+
+/// Originals and near-duplicate copies of them, with the edits each copy carries: the
+/// sample near-duplicate detection is measured on. A copy takes one edit, or two or three
+/// (a third of copies), from [`EDITS`].
+pub fn near_duplicates(spec: &NearDupSpec) -> impl Iterator<Item = NearDupRecord> + '_ {
+    let mut rng = SplitMix64::new(spec.seed ^ 0x6e65_6172);
+    let mut originals = 0u64;
+    (0..spec.records).map(move |_| {
+        if originals > 0 && rng.unit() < spec.copy_fraction {
+            let family = rng.below(originals);
+            let mut copy = draft(content_seed(spec.seed, family));
+            let count = if rng.below(3) == 0 {
+                2 + rng.below(2)
+            } else {
+                1
+            };
+            let mut edits = Vec::new();
+            for _ in 0..count {
+                let edit = EDITS[rng.below(EDITS.len() as u64) as usize];
+                copy.edit(edit, &mut rng);
+                edits.push(edit);
+            }
+            NearDupRecord {
+                family,
+                edits,
+                record: copy.record(),
+            }
+        } else {
+            originals += 1;
+            NearDupRecord {
+                family: originals - 1,
+                edits: Vec::new(),
+                record: draft(content_seed(spec.seed, originals - 1)).record(),
+            }
+        }
+    })
+}
+
+/// Writes [`near_duplicates`] as JSONL (`messages` shape).
+pub fn write_near_duplicates(out: &mut impl Write, spec: &NearDupSpec) -> io::Result<SynthStats> {
+    let mut stats = SynthStats::default();
+    let mut line = Vec::with_capacity(4096);
+    for record in near_duplicates(spec) {
+        line.clear();
+        serde_json::to_writer(&mut line, &record.record)?;
+        line.push(b'\n');
+        out.write_all(&line)?;
+        stats.records += 1;
+        stats.unique += record.edits.is_empty() as u64;
+        stats.bytes += line.len() as u64;
+    }
+    Ok(stats)
+}

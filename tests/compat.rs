@@ -232,3 +232,22 @@ fn stored_enum_codes_are_fixed() {
         Compression::Zstd
     );
 }
+
+#[test]
+fn a_store_with_a_family_this_build_does_not_know_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    drop(Store::open(&path).unwrap());
+    // What a newer corpusdb leaves behind: one more column family.
+    let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
+    let mut db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, &families).unwrap();
+    db.create_cf("from_the_future", &rocksdb::Options::default())
+        .unwrap();
+    drop(db);
+    let error = Store::open(&path).err().expect("the open must fail");
+    let message = error.to_string();
+    assert!(message.contains("newer corpusdb"), "{message}");
+    assert!(message.contains("from_the_future"), "{message}");
+    // Readers still open it: they need no more than the families they know.
+    Store::open_read_only(&path).unwrap();
+}

@@ -17,6 +17,7 @@ mod index;
 mod ingest;
 mod memory;
 mod model;
+mod neardup;
 mod reader;
 mod reference;
 mod registry;

@@ -14,6 +14,11 @@ pub fn store_and_tokenizer(records: u64, vocab: usize) -> (PathBuf, PathBuf) {
     let work = PathBuf::from(target).join("bench-analyze");
     std::fs::create_dir_all(&work).unwrap();
     let store_dir = work.join(format!("store-{records}"));
+    // A store cached by another build may not open with this one (a newer or older
+    // layout): build it again.
+    if store_dir.exists() && Store::open(&store_dir).is_err() {
+        std::fs::remove_dir_all(&store_dir).unwrap();
+    }
     if !store_dir.exists() {
         let corpus = work.join(format!("corpus-{records}.jsonl"));
         synth::generate_file(

@@ -11,7 +11,9 @@ use corpusdb::store::Store;
 ///
 /// Per category and per source: examples in use, share, characters, tokens, mean / median
 /// / p95 length in tokens, turns, duplicates removed, records rejected and examples
-/// excluded by quality filters. Tokens are exact with --tokenizer (counted in parallel and
+/// excluded (by quality filters or as near-duplicates). When `dedup --near` has run, the
+/// near-duplicate clusters and the share of near-duplicates per category and per source
+/// (of all stored examples, excluded ones included) follow. Tokens are exact with --tokenizer (counted in parallel and
 /// cached per tokenizer in the store, so a second run is fast), otherwise estimated as
 /// characters / 4 and labelled so. The targets (default: the corpus plan's expected
 /// distribution, as in configs/targets.yaml) are shown beside the actual shares, and the
@@ -128,6 +130,32 @@ fn print_tables(a: &Analysis) {
         stats(Some(g));
     }
     println!();
+    if a.clusters > 0 {
+        println!(
+            "near-duplicates: {} clusters, {} examples in them, {} near-duplicates ({} of stored examples)",
+            a.clusters,
+            a.cluster_members,
+            a.near_duplicates,
+            pct(a.near_duplicates as f64 / (a.examples + a.excluded).max(1) as f64)
+        );
+        for (title, groups) in [("category", &a.categories), ("source", &a.sources)] {
+            println!(
+                "{title:<22} {:>9} {:>9} {:>9} {:>7}",
+                "stored", "clustered", "near-dup", "share"
+            );
+            for g in groups.iter().filter(|g| g.examples + g.excluded > 0) {
+                println!(
+                    "{:<22} {:>9} {:>9} {:>9} {:>7}",
+                    g.name,
+                    g.examples + g.excluded,
+                    g.cluster_members,
+                    g.near_duplicates,
+                    pct(g.near_duplicate_share)
+                );
+            }
+        }
+        println!();
+    }
     for check in &a.checks {
         println!(
             "{}  {}: {}",

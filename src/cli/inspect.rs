@@ -26,7 +26,8 @@ pub struct StatsArgs {
     json: bool,
 }
 
-/// Show one example: its conversation, category, counts and every source that produced it.
+/// Show one example: its conversation, category, counts, every source that produced it,
+/// its exclusions, and its near-duplicate cluster with each member's sources.
 #[derive(clap::Args)]
 pub struct ShowArgs {
     /// The example's SHA-1 in hex, or a unique prefix of at least 4 digits.
@@ -119,7 +120,7 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|i| i.state == ImportState::Partial)
         .count();
-    // Examples excluded by at least one quality filter.
+    // Examples excluded by at least one quality filter (or as near-duplicates).
     let mut excluded = 0u64;
     let mut last = None;
     for item in store.exclusions() {
@@ -149,7 +150,7 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
     writeln!(out, "store      {}", store.path().display())?;
     writeln!(
         out,
-        "examples   {} ({} excluded by quality filters)",
+        "examples   {} ({} excluded by quality filters or as near-duplicates)",
         counters.examples, excluded
     )?;
     let shape = super::ingest::shape_note(&corpusdb::store::ImportCounts {
@@ -216,6 +217,16 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
         .get(&hash)?
         .ok_or_else(|| anyhow::anyhow!("no example with hash {hash}"))?;
     let sources = store.sources_of(&hash)?;
+    let exclusions = store.exclusions_of(&hash)?;
+    let membership = store.cluster_membership(&hash)?;
+    let members = match &membership {
+        Some(m) => corpusdb::neardup::cluster_members(&store, &m.cluster.to_hex())?,
+        None => Vec::new(),
+    };
+    let mut member_sources = Vec::with_capacity(members.len());
+    for member in &members {
+        member_sources.push(store.sources_of(&member.hash)?);
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         let record = corpusdb::export::messages_record(&example);
@@ -235,6 +246,18 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
                     .collect::<Vec<_>>()
             }),
             "sources": sources,
+            "exclusions": exclusions.iter().map(|e| json!({"filter": e.filter, "measured": e.measured})).collect::<Vec<_>>(),
+            "cluster": membership.as_ref().map(|m| json!({
+                "id": m.cluster_id(),
+                "representative": m.representative.to_hex(),
+                "jaccard": m.jaccard,
+                "members": members.iter().zip(&member_sources).map(|(member, sources)| json!({
+                    "hash": member.hash.to_hex(),
+                    "representative": member.membership.is_representative(&member.hash),
+                    "jaccard": member.membership.jaccard,
+                    "sources": sources,
+                })).collect::<Vec<_>>(),
+            })),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(ExitCode::SUCCESS);
@@ -256,6 +279,42 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
             "  - {} {}:{} (record {})",
             s.source, s.file, s.line, s.record
         )?;
+    }
+    for exclusion in &exclusions {
+        writeln!(
+            out,
+            "excluded   by `{}`: {}",
+            exclusion.filter, exclusion.measured
+        )?;
+    }
+    if let Some(m) = &membership {
+        let role = if m.is_representative(&hash) {
+            "kept as the representative".to_string()
+        } else {
+            format!(
+                "near-duplicate of {} (J={:.2})",
+                m.representative, m.jaccard
+            )
+        };
+        writeln!(
+            out,
+            "cluster    {} ({} members; this one {role}; `query cluster:{}` lists them)",
+            m.cluster_id(),
+            members.len(),
+            m.cluster_id()
+        )?;
+        for (member, sources) in members.iter().zip(&member_sources) {
+            let mark = if member.membership.is_representative(&member.hash) {
+                "kept".to_string()
+            } else {
+                format!("J={:.2}", member.membership.jaccard)
+            };
+            let names: Vec<String> = sources
+                .iter()
+                .map(|s| format!("{} {}:{}", s.source, s.file, s.line))
+                .collect();
+            writeln!(out, "  {} {mark:<6} {}", member.hash, names.join(", "))?;
+        }
     }
     for message in &example.conversation.messages {
         writeln!(out, "\n[{}]", message.role)?;

@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand; the library does the work.
 
 mod analyze;
+mod dedup;
 mod export;
 mod filter;
 mod formats;
@@ -22,7 +23,8 @@ corpusdb turns heterogeneous instruction-tuning datasets into one deduplicated c
 Every example is a conversation stored under the SHA-1 of its canonical content, so the
 same conversation from two datasets is stored once and both sources are kept as provenance.
 Imports resume where they stopped and are no-ops when repeated; bad records are kept in a
-rejects ledger with file, line and reason. Quality filters set examples aside reversibly,
+rejects ledger with file, line and reason. Quality filters and near-duplicate
+detection (`dedup --near`) set examples aside reversibly,
 `analyze` checks the distribution against the corpus plan, and `plan` / `batches` stream
 curriculum-ordered, tokenized training batches straight from the store, and `train`
 LoRA-trains a Llama-family model on them (candle; CPU, or CUDA with the `cuda` feature).
@@ -33,6 +35,7 @@ Typical use:
   corpusdb ingest --registry configs/sources.yaml --data-dir ~/datasets
   corpusdb formats
   corpusdb filter --dry-run
+  corpusdb dedup --near --dry-run
   corpusdb analyze --html report.html
   corpusdb plan --curriculum configs/curriculum/emergent_personality.yaml
   corpusdb batches --curriculum configs/curriculum/emergent_personality.yaml --tokenizer DIR
@@ -65,6 +68,7 @@ enum Command {
     Ingest(Box<ingest::Args>),
     Formats(formats::Args),
     Filter(filter::Args),
+    Dedup(dedup::Args),
     Analyze(analyze::Args),
     Plan(plan::PlanArgs),
     Batches(plan::BatchesArgs),
@@ -92,6 +96,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Ingest(args) => ingest::run(&cli.store, *args),
         Command::Formats(args) => formats::run(args),
         Command::Filter(args) => filter::run(&cli.store, args),
+        Command::Dedup(args) => dedup::run(&cli.store, args),
         Command::Analyze(args) => analyze::run(&cli.store, args),
         Command::Plan(args) => plan::plan(&cli.store, args),
         Command::Batches(args) => plan::batches(&cli.store, args),

@@ -81,6 +81,8 @@ struct Fields {
     imported: Field,
     /// Names of the filters that exclude the example, plus [`EXCLUDED_MARK`].
     excluded: Field,
+    /// The near-duplicate cluster id (`ClusterMembership::cluster_id`), for members of one.
+    cluster: Field,
     /// The first 8 bytes of the hash, big-endian: a stable pseudo-random key per content
     /// (held-out splits are chosen by it).
     split: Field,
@@ -103,6 +105,7 @@ fn schema(full_text: bool) -> Schema {
     builder.add_u64_field("imported", FAST);
     builder.add_text_field("excluded", STRING | FAST | STORED);
     builder.add_u64_field("split", FAST);
+    builder.add_text_field("cluster", STRING | FAST | STORED);
     if full_text {
         builder.add_text_field("text", TEXT);
     }
@@ -126,6 +129,7 @@ fn fields(schema: &Schema) -> Fields {
         imported: get("imported"),
         excluded: get("excluded"),
         split: get("split"),
+        cluster: get("cluster"),
         text: schema.get_field("text").ok(),
     }
 }
@@ -259,7 +263,7 @@ impl Index {
                 bound,
                 committed: through,
                 imports: imports_by_id(store)?,
-                excluded: None,
+                marks: None,
                 behind: false,
             }),
         })
@@ -272,7 +276,7 @@ impl Index {
         writer: &tantivy::IndexWriter<TantivyDocument>,
         store: &Store,
         imports: &HashMap<u32, ImportRecord>,
-        excluded: &HashMap<ContentHash, Vec<String>>,
+        marks: &Marks,
         chunk: &mut Vec<ContentHash>,
         bound: u64,
     ) -> Result<u64> {
@@ -287,7 +291,7 @@ impl Index {
             }
             new_bound = new_bound.max(example.ordinal + 1);
             let sources = source_names(&provenance.get(hash)?, imports);
-            let doc = self.stored_document(hash, &example, &sources, imports, excluded.get(hash));
+            let doc = self.stored_document(hash, &example, &sources, imports, marks);
             if let Err(e) = writer.add_document(doc) {
                 failure.get_or_insert(e);
             }
@@ -307,7 +311,7 @@ impl Index {
         example: &StoredExample,
         sources: &BTreeSet<String>,
         imports: &HashMap<u32, ImportRecord>,
-        excluded: Option<&Vec<String>>,
+        marks: &Marks,
     ) -> TantivyDocument {
         let facts = Facts {
             hash,
@@ -319,7 +323,8 @@ impl Index {
             imported: imports
                 .get(&example.first_import)
                 .map_or(0, |i| i.started_unix),
-            excluded,
+            excluded: marks.excluded.get(hash),
+            cluster: marks.clusters.get(hash).map(String::as_str),
         };
         self.document(
             &facts,
@@ -358,6 +363,9 @@ impl Index {
                 doc.add_text(f.excluded, filter);
             }
         }
+        if let Some(cluster) = facts.cluster {
+            doc.add_text(f.cluster, cluster);
+        }
         if let Some(text) = f.text {
             for content in texts {
                 doc.add_text(text, content);
@@ -375,13 +383,13 @@ impl Index {
             .writer::<TantivyDocument>(WRITER_BYTES)
             .map_err(|e| self.error(e))?;
         writer.delete_all_documents().map_err(|e| self.error(e))?;
-        let excluded = exclusions_by_hash(store)?;
+        let marks = Marks::read(store)?;
         let mut done = 0u64;
         let mut failure = None;
         let mut provenance = store.provenance_cursor();
         store.for_each_example(|hash, example| {
             let sources = source_names(&provenance.get(hash)?, &imports);
-            let doc = self.stored_document(hash, &example, &sources, &imports, excluded.get(hash));
+            let doc = self.stored_document(hash, &example, &sources, &imports, &marks);
             if let Err(e) = writer.add_document(doc) {
                 failure.get_or_insert(e);
             }
@@ -575,14 +583,18 @@ impl Index {
             TermField::Source => self.fields.source,
             TermField::Hash => self.fields.hash,
             TermField::Excluded => self.fields.excluded,
+            TermField::Cluster => self.fields.cluster,
         }
     }
 
     /// `expr` as a query that leaves out excluded examples, unless it asks about
-    /// exclusions or names a hash.
+    /// exclusions or names a hash or a cluster (whose members are mostly excluded).
     fn compile_visible(&self, expr: &Expr) -> Result<Box<dyn Query>> {
         let query = self.compile(expr)?;
-        if expr.mentions(TermField::Excluded) || expr.mentions(TermField::Hash) {
+        if expr.mentions(TermField::Excluded)
+            || expr.mentions(TermField::Hash)
+            || expr.mentions(TermField::Cluster)
+        {
             return Ok(query);
         }
         Ok(Box::new(BooleanQuery::new(vec![
@@ -666,6 +678,8 @@ struct Facts<'a> {
     imported: u64,
     /// The filters that exclude it.
     excluded: Option<&'a Vec<String>>,
+    /// Its near-duplicate cluster.
+    cluster: Option<&'a str>,
 }
 
 /// The index's writer, held while an import runs ([`Index::feed`]). As an
@@ -688,9 +702,9 @@ struct FeedState {
     /// `through` at the last commit.
     committed: u64,
     imports: HashMap<u32, ImportRecord>,
-    /// The store's exclusions, read when first needed: they cannot change while an
-    /// import holds the store.
-    excluded: Option<HashMap<ContentHash, Vec<String>>>,
+    /// The store's exclusions and clusters, read when first needed: they cannot change
+    /// while an import holds the store.
+    marks: Option<Marks>,
     /// A batch was not indexed (it did not start where the index stands, or tantivy
     /// failed): later batches are left to `catch_up`, which reads them from the store.
     behind: bool,
@@ -711,7 +725,7 @@ impl Feed<'_> {
             return Ok(0);
         }
         let index = self.index;
-        let excluded = exclusions_by_hash(self.store)?;
+        let marks = Marks::read(self.store)?;
         state.imports = imports_by_id(self.store)?;
         let mut chunk = Vec::new();
         let mut replayed = 0u64;
@@ -727,7 +741,7 @@ impl Feed<'_> {
                     &state.writer,
                     self.store,
                     &state.imports,
-                    &excluded,
+                    &marks,
                     &mut chunk,
                     state.bound,
                 )?;
@@ -740,12 +754,12 @@ impl Feed<'_> {
             &state.writer,
             self.store,
             &state.imports,
-            &excluded,
+            &marks,
             &mut chunk,
             state.bound,
         )?;
         // Kept for batches fed afterwards.
-        state.excluded = Some(excluded);
+        state.marks = Some(marks);
         state.through = to;
         state.behind = false;
         self.commit_state(state)?;
@@ -792,7 +806,8 @@ impl Feed<'_> {
                 from_store.push(example.hash);
                 continue;
             }
-            // A new example has no exclusions: filters only exclude stored examples.
+            // A new example has no exclusions and no cluster: filters and near-duplicate
+            // detection only mark stored examples.
             let facts = Facts {
                 hash: &example.hash,
                 ordinal: example.ordinal,
@@ -802,21 +817,22 @@ impl Feed<'_> {
                 chars: example.chars,
                 imported: batch.import.started_unix,
                 excluded: None,
+                cluster: None,
             };
             let texts = example.texts.iter().flatten().map(String::as_str);
             let doc = index.document(&facts, [source], texts);
             state.writer.add_document(doc).map_err(|e| index.error(e))?;
         }
         if !from_store.is_empty() {
-            let excluded = match &mut state.excluded {
-                Some(excluded) => excluded,
-                none => none.insert(exclusions_by_hash(self.store)?),
+            let marks = match &mut state.marks {
+                Some(marks) => marks,
+                none => none.insert(Marks::read(self.store)?),
             };
             state.bound = index.index_chunk(
                 &state.writer,
                 self.store,
                 &state.imports,
-                excluded,
+                marks,
                 &mut from_store,
                 state.bound,
             )?;
@@ -1051,14 +1067,32 @@ fn commit(
     Ok(())
 }
 
-/// The filters excluding each excluded example (a small set next to the store).
-fn exclusions_by_hash(store: &Store) -> Result<HashMap<ContentHash, Vec<String>>> {
-    let mut map: HashMap<ContentHash, Vec<String>> = HashMap::new();
-    for item in store.exclusions() {
-        let (hash, exclusion) = item?;
-        map.entry(hash).or_default().push(exclusion.filter);
+/// What the store marks on examples after their import: the filters excluding each
+/// excluded example and the near-duplicate cluster of each clustered one (small sets
+/// next to the store, read whole).
+#[derive(Default)]
+struct Marks {
+    excluded: HashMap<ContentHash, Vec<String>>,
+    clusters: HashMap<ContentHash, String>,
+}
+
+impl Marks {
+    fn read(store: &Store) -> Result<Marks> {
+        let mut marks = Marks::default();
+        for item in store.exclusions() {
+            let (hash, exclusion) = item?;
+            marks
+                .excluded
+                .entry(hash)
+                .or_default()
+                .push(exclusion.filter);
+        }
+        for item in store.cluster_memberships() {
+            let (hash, membership) = item?;
+            marks.clusters.insert(hash, membership.cluster_id());
+        }
+        Ok(marks)
     }
-    Ok(map)
 }
 
 fn imports_by_id(store: &Store) -> Result<HashMap<u32, ImportRecord>> {

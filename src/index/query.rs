@@ -9,10 +9,11 @@
 //! op       := "<" | "<=" | ">" | ">=" | "="
 //! ```
 //!
-//! Fields: `category`, `source`, `hash`, `excluded` (terms), and `chars`, `turns`,
-//! `messages`, `ordinal` (numbers, with ranges). Examples excluded by a quality filter
-//! match only queries that name `excluded` (e.g. `excluded:*`, `excluded:max-turns`) or
-//! a `hash`. A bare word or quoted phrase searches the
+//! Fields: `category`, `source`, `hash`, `excluded`, `cluster` (terms), and `chars`,
+//! `turns`, `messages`, `ordinal` (numbers, with ranges). Examples excluded by a quality
+//! filter or as near-duplicates match only queries that name `excluded` (e.g.
+//! `excluded:*`, `excluded:max-turns`, `excluded:near-dup`), a `hash` or a `cluster`
+//! (`cluster:<id>` lists every member of a near-duplicate cluster). A bare word or quoted phrase searches the
 //! conversation text when the store indexes full text. Keywords are upper case; `*` alone
 //! matches everything. Errors name the byte position and what was expected there.
 
@@ -37,6 +38,8 @@ pub enum TermField {
     Hash,
     /// The filters that exclude an example (`excluded:*` for any).
     Excluded,
+    /// The near-duplicate cluster of an example (16 hex digits, `corpusdb dedup --near`).
+    Cluster,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +77,7 @@ impl TermField {
             TermField::Source => "source",
             TermField::Hash => "hash",
             TermField::Excluded => "excluded",
+            TermField::Cluster => "cluster",
         }
     }
 }
@@ -361,6 +365,7 @@ impl Parser {
             "source" => Some(TermField::Source),
             "hash" => Some(TermField::Hash),
             "excluded" => Some(TermField::Excluded),
+            "cluster" => Some(TermField::Cluster),
             _ => None,
         };
         if let Some(field) = term_field {
@@ -382,7 +387,7 @@ impl Parser {
             _ => {
                 return Err(ParseError {
                     position,
-                    expected: "a field: category, source, hash, chars, turns, messages, ordinal"
+                    expected: "a field: category, source, hash, excluded, cluster, chars, turns, messages, ordinal"
                         .into(),
                     found: format!("`{field}`"),
                 })

@@ -12,11 +12,13 @@
 //! | `changes`    | sequence u64 BE                       | SHA-1 (20 bytes)           |
 //! | `excluded`   | SHA-1, filter name                    | bincode [`Exclusion`]      |
 //! | `meta`       | `schema_version`, `counters`          | u32 LE, bincode [`Counters`]|
+//! | `neardup`    | kind byte + key (see [`neardup`])     | signatures, buckets, pairs, clusters |
 //!
 //! Every change an import makes for one batch of records, including its checkpoint and the
 //! running counters, goes through one [`Batch`] written atomically, so a crash at any point
 //! leaves the store at a batch boundary that the checkpoint describes exactly.
 
+mod neardup;
 mod transaction;
 mod types;
 
@@ -29,11 +31,12 @@ use rocksdb::{
 
 use crate::conversation::ContentHash;
 
-pub use transaction::{ExclusionBatch, ImportBatch};
+pub use neardup::SignatureCursor;
+pub use transaction::{ExclusionBatch, ImportBatch, NearDupBatch};
 pub use types::{
-    Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts, ImportRecord, ImportState,
-    LegacyImportRecord, LegacyReject, ProvenanceEntry, ProvenanceValue, Reject, RejectKind,
-    RejectReason, StoredExample,
+    ClusterMembership, Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts,
+    ImportRecord, ImportState, LegacyImportRecord, LegacyReject, NearDupParams, ProvenanceEntry,
+    ProvenanceValue, Reject, RejectKind, RejectReason, StoredExample,
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
@@ -47,7 +50,10 @@ const CF_REJECTS: &str = "rejects";
 const CF_META: &str = "meta";
 const CF_CHANGES: &str = "changes";
 const CF_EXCLUDED: &str = "excluded";
-const ALL_CFS: [&str; 8] = [
+/// Added without a schema change: a store gains it, empty, the first time it is opened
+/// for writing; read-only opens of a store that lacks it see no near-duplicate data.
+const CF_NEARDUP: &str = "neardup";
+const ALL_CFS: [&str; 9] = [
     CF_EXAMPLES,
     CF_PROVENANCE,
     CF_ORDINALS,
@@ -56,6 +62,7 @@ const ALL_CFS: [&str; 8] = [
     CF_META,
     CF_CHANGES,
     CF_EXCLUDED,
+    CF_NEARDUP,
 ];
 
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
@@ -77,6 +84,8 @@ pub enum Error {
         found: u32,
         expected: u32,
     },
+    #[error("store at {path} was written by a newer corpusdb (it has the {family:?} column family, unknown to this one); use that corpusdb or a newer one")]
+    Newer { path: PathBuf, family: String },
     #[error("store at {path} is damaged: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("store at {path}: {source}")]
@@ -157,6 +166,15 @@ impl Store {
         // One memory budget for all memtables, so RSS stays bounded whatever the corpus.
         db_options.set_db_write_buffer_size(options.write_buffer_bytes * 3);
         let descriptors = column_families(options);
+        // RocksDB refuses to open a store without every family it has; say why.
+        for family in DB::list_cf(&db_options, path).unwrap_or_default() {
+            if family != "default" && !descriptors.iter().any(|d| d.name() == family) {
+                return Err(Error::Newer {
+                    path: path.to_owned(),
+                    family,
+                });
+            }
+        }
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)
             .map_err(|e| rocks_error(path, e))?;
         let mut write_options = WriteOptions::default();
@@ -185,7 +203,12 @@ impl Store {
         options.set_max_open_files(-1);
         let mut attempt = 0;
         let db = loop {
-            let descriptors = column_families(&StoreOptions::default());
+            // Only the families the store has (one written before `neardup` lacks it).
+            let present = DB::list_cf(&options, path).unwrap_or_default();
+            let descriptors = column_families(&StoreOptions::default())
+                .into_iter()
+                .filter(|d| present.is_empty() || present.iter().any(|p| p == d.name()))
+                .collect::<Vec<_>>();
             match DB::open_cf_descriptors_read_only(&options, path, descriptors, false) {
                 Ok(db) => break db,
                 // A compaction deleted a file between our reading the manifest and
@@ -822,6 +845,15 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                             cf.set_bottommost_compression_type(DBCompressionType::Zstd);
                         }
                     }
+                }
+                CF_NEARDUP => {
+                    // Bucket lookups seek by (kind, bucket): a prefix bloom filter answers
+                    // "empty bucket" without reading blocks.
+                    cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(
+                        neardup::BUCKET_PREFIX_LEN,
+                    ));
+                    table.set_bloom_filter(10.0, false);
+                    cf.set_compression_type(DBCompressionType::Lz4);
                 }
                 CF_PROVENANCE => {
                     cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(20));

@@ -1,4 +1,5 @@
-//! The only ways to change the store: an import batch and an exclusion batch.
+//! The only ways to change the store: an import batch, an exclusion batch and a
+//! near-duplicate batch.
 //!
 //! Each keeps the store's rules itself, so that no caller can break them:
 //! - ordinals are dense: a new example takes the next one, in the order examples are
@@ -15,7 +16,7 @@ use std::collections::HashSet;
 
 use super::{Batch, Counters, ExampleHeader, ImportRecord, ProvenanceValue, Reject, Result, Store};
 use crate::conversation::ContentHash;
-use crate::store::types::{Exclusion, ImportCounts};
+use crate::store::types::{ClusterMembership, Exclusion, ImportCounts, NearDupParams};
 
 /// A new example as an import batch holds it until it commits.
 struct NewExample {
@@ -223,6 +224,120 @@ impl ExclusionBatch<'_> {
         if changed.is_empty() {
             return Ok(());
         }
+        for hash in &changed {
+            batch.put_change(counters.changes, hash);
+            counters.changes += 1;
+        }
+        batch.put_counters(counters);
+        batch.store.write(batch)
+    }
+}
+
+/// Near-duplicate state written together ([`Store::near_dup_batch`]): signatures, buckets,
+/// verified pairs, cluster memberships, and the `near-dup` exclusions that follow from
+/// them. Memberships and exclusions are changes (the index shows both); signatures,
+/// buckets and pairs are not (no document holds them).
+pub struct NearDupBatch<'a> {
+    inner: ExclusionBatch<'a>,
+    writes: usize,
+}
+
+impl Store {
+    /// Starts a batch of near-duplicate state (`crate::neardup` is its one user).
+    pub fn near_dup_batch<'a>(&'a self, counters: &'a mut Counters) -> NearDupBatch<'a> {
+        NearDupBatch {
+            inner: self.exclusion_batch(counters),
+            writes: 0,
+        }
+    }
+}
+
+impl NearDupBatch<'_> {
+    /// Drops every signature, bucket and pair and records the parameters new signatures
+    /// are made with.
+    pub fn reset_signatures(&mut self, params: &NearDupParams) {
+        self.inner.batch.clear_signatures();
+        self.set_params(params);
+        self.set_signed_through(0);
+    }
+
+    /// Records that every example with an ordinal below `ordinal` has a signature.
+    pub fn set_signed_through(&mut self, ordinal: u64) {
+        self.inner.batch.put_signed_through(ordinal);
+        self.writes += 1;
+    }
+
+    pub fn set_params(&mut self, params: &NearDupParams) {
+        self.inner.batch.put_neardup_params(params);
+        self.writes += 1;
+    }
+
+    /// Stores the signature of `hash`.
+    pub fn put_signature(&mut self, hash: &ContentHash, signature: &[u32]) {
+        self.inner.batch.put_signature(hash, signature);
+        self.writes += 1;
+    }
+
+    /// Records that `hash` falls in LSH bucket `bucket`.
+    pub fn put_bucket(&mut self, bucket: u64, hash: &ContentHash) {
+        self.inner.batch.put_bucket(bucket, hash);
+        self.writes += 1;
+    }
+
+    /// Stores a verified candidate pair with its estimated Jaccard similarity.
+    pub fn put_pair(&mut self, a: &ContentHash, b: &ContentHash, jaccard: f32) {
+        self.inner.batch.put_pair(a, b, jaccard);
+        self.writes += 1;
+    }
+
+    /// Sets (or replaces) the cluster membership of `hash`.
+    pub fn set_membership(&mut self, hash: &ContentHash, membership: &ClusterMembership) {
+        self.inner.batch.put_membership(hash, membership);
+        self.inner.changed(hash);
+        self.writes += 1;
+    }
+
+    /// `hash` is no longer in a cluster.
+    pub fn remove_membership(&mut self, hash: &ContentHash) {
+        self.inner.batch.delete_membership(hash);
+        self.inner.changed(hash);
+        self.writes += 1;
+    }
+
+    /// Excludes `hash` (see [`ExclusionBatch::exclude`]).
+    pub fn exclude(&mut self, hash: &ContentHash, exclusion: &Exclusion) {
+        self.inner.exclude(hash, exclusion);
+        self.writes += 1;
+    }
+
+    /// Lifts the exclusion of `hash` by `filter`.
+    pub fn lift(&mut self, hash: &ContentHash, filter: &str) {
+        self.inner.lift(hash, filter);
+        self.writes += 1;
+    }
+
+    /// Keys written so far (callers commit every few thousand to bound memory).
+    pub fn len(&self) -> usize {
+        self.writes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes == 0
+    }
+
+    /// Writes the batch atomically, with a change-log entry per example whose membership
+    /// or exclusion changed and the counters.
+    pub fn commit(self) -> Result<()> {
+        let NearDupBatch { inner, writes } = self;
+        if writes == 0 {
+            return Ok(());
+        }
+        let ExclusionBatch {
+            mut batch,
+            counters,
+            changed,
+            ..
+        } = inner;
         for hash in &changed {
             batch.put_change(counters.changes, hash);
             counters.changes += 1;

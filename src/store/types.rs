@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::conversation::{Conversation, Extras, Role};
+use crate::conversation::{ContentHash, Conversation, Extras, Role};
 use crate::reader::{Compression, Container, Position};
 pub use crate::reject::{RejectKind, RejectReason};
 
@@ -277,6 +277,44 @@ pub struct Exclusion {
     /// What the filter measured, e.g. "41 turns > 32".
     pub measured: String,
     pub unix: u64,
+}
+
+/// The MinHash parameters stored signatures were computed with (`neardup` family, key
+/// `p`). A run with other parameters recomputes every signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NearDupParams {
+    /// Version of the shingling and hashing code (text normalisation, word and n-gram
+    /// hashes, permutations); raised when any of them changes what a signature holds.
+    pub version: u32,
+    pub ngram: u32,
+    pub bands: u32,
+    pub rows: u32,
+    pub seed: u64,
+}
+
+/// An example's place in a near-duplicate cluster (`neardup` family, key `c` + hash).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterMembership {
+    /// The cluster's id: the smallest hash among its members.
+    pub cluster: ContentHash,
+    /// The member kept; equal to the example's own hash for the representative.
+    pub representative: ContentHash,
+    /// Estimated Jaccard similarity to the representative (1 for the representative).
+    pub jaccard: f32,
+    /// Members of the cluster.
+    pub members: u32,
+}
+
+impl ClusterMembership {
+    /// The id queries name the cluster by (`cluster:<id>`): the first 16 hex digits of its
+    /// smallest member's hash.
+    pub fn cluster_id(&self) -> String {
+        self.cluster.to_hex()[..16].to_string()
+    }
+
+    pub fn is_representative(&self, hash: &ContentHash) -> bool {
+        self.representative == *hash
+    }
 }
 
 /// The explicit codes of the enums the store writes, in one place: bincode gets the code as
