@@ -2,6 +2,10 @@
 //! with chat template + tokenization + packing, resume latency; and the in-memory part
 //! of a plan (schedule and permutations) at 10M positions.
 //!
+//! Then the token cache: `tokenize` of the whole store, and streams from the cache with
+//! the page cache warm and with the store's and the cache's files dropped from it
+//! (`posix_fadvise`), beside the on-the-fly stream on a cold page cache.
+//!
 //! ```text
 //! cargo bench --bench batches                                   # 1M-record store
 //! CORPUSDB_BENCH_EXAMPLES=100000 cargo bench --bench batches    # examples streamed
@@ -12,7 +16,7 @@
 
 use std::time::Instant;
 
-use corpusdb::batches::{self, BatchOptions, ChatTokenizer};
+use corpusdb::batches::{self, cache, BatchOptions, ChatTokenizer, StreamStats, TokenCache};
 use corpusdb::curriculum::order::{Permutation, Schedule};
 use corpusdb::curriculum::{Curriculum, Plan};
 use corpusdb::index::Index;
@@ -76,22 +80,70 @@ fn main() {
         ranks: 1,
     };
     let limit = stream_examples.div_ceil(options.batch_size as u64);
-    let stats = batches::with_stream(&store, &plan, &tokenizer, 0, &options, 4, |stream| {
-        for batch in stream.take(limit as usize) {
-            batch.unwrap();
-        }
-        stream.stats()
-    });
+    let stream = |cache: Option<&TokenCache>, batches: u64| -> StreamStats {
+        batches::with_stream_from(&store, cache, &plan, &tokenizer, 0, &options, 4, |s| {
+            for batch in s.take(batches as usize) {
+                batch.unwrap();
+            }
+            s.stats()
+        })
+    };
+    let report = |what: &str, stats: &StreamStats| {
+        println!(
+            "{what}: {} batches of {} examples, {} tokens in {:.2}s: {:.0} tokens/s, {:.0} examples/s; packing efficiency {:.1}%; first batch after {:.3}s",
+            stats.batches,
+            options.batch_size,
+            stats.tokens,
+            stats.seconds,
+            stats.tokens as f64 / stats.seconds,
+            stats.examples as f64 / stats.seconds,
+            100.0 * stats.tokens as f64 / stats.capacity as f64,
+            stats.seconds_to_first_batch
+        );
+    };
+    report("stream (encoded on the fly, warm)", &stream(None, limit));
+    common::evict(&store_dir);
+    report(
+        "stream (encoded on the fly, store evicted from the page cache)",
+        &stream(None, limit),
+    );
+
+    // The token cache: written whole, then streamed warm and cold.
+    let cache_dir = cache::cache_dir(&store_dir, &tokenizer);
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let started = Instant::now();
+    let written = cache::tokenize(&store, &tokenizer, &|_, _| {}).unwrap();
+    let secs = started.elapsed().as_secs_f64();
     println!(
-        "stream: {} batches of {} examples, {} tokens in {:.2}s: {:.0} tokens/s, {:.0} examples/s; packing efficiency {:.1}%; first batch after {:.3}s",
-        stats.batches,
-        options.batch_size,
-        stats.tokens,
-        stats.seconds,
-        stats.tokens as f64 / stats.seconds,
-        stats.examples as f64 / stats.seconds,
-        100.0 * stats.tokens as f64 / stats.capacity as f64,
-        stats.seconds_to_first_batch
+        "tokenize: {} examples, {} tokens in {:.1}s ({:.0} examples/s, {:.0} tokens/s); cache {} MB",
+        written.examples,
+        written.tokens,
+        secs,
+        written.examples as f64 / secs,
+        written.tokens as f64 / secs,
+        (written.tokens * 4 + (written.examples + 1) * 8) / 1_000_000
+    );
+    // Every position of the plan (or the same number of batches in the smoke run).
+    let all = if measuring {
+        plan.total.div_ceil(options.batch_size as u64)
+    } else {
+        limit
+    };
+    let cache = TokenCache::open(&store, &tokenizer).unwrap().unwrap();
+    report(
+        "stream from the token cache (warm)",
+        &stream(Some(&cache), all),
+    );
+    drop(cache);
+    common::evict(&store_dir);
+    let (resident, pages) = common::resident_pages(&store_dir);
+    println!(
+        "after eviction: {resident} of {pages} pages of the store and cache in the page cache"
+    );
+    let cache = TokenCache::open(&store, &tokenizer).unwrap().unwrap();
+    report(
+        "stream from the token cache (store and cache evicted)",
+        &stream(Some(&cache), all),
     );
 
     // Resume: from a state to the example it names, and to the next batch.

@@ -178,6 +178,9 @@ pub struct TokenCounter {
     /// SHA-1 of the tokenizer.json bytes: names its cache.
     fingerprint: String,
     description: String,
+    /// The same tokenizer with its chat template, when it loads as one: a token cache
+    /// written for it (`corpusdb tokenize`) gives the counts without tokenizing.
+    chat: Option<crate::batches::ChatTokenizer>,
 }
 
 impl TokenCounter {
@@ -195,6 +198,7 @@ impl TokenCounter {
             tokenizer,
             fingerprint: hex::encode(Sha1::digest(&bytes)),
             description: format!("exact ({})", file.display()),
+            chat: crate::batches::ChatTokenizer::load(path).ok(),
         })
     }
 
@@ -406,6 +410,21 @@ pub fn token_counts(
     Ok((cache.counts, note))
 }
 
+/// Every example's tokens as trained (the chat template's rendering included) from the
+/// counter's token cache, when one covers the whole store; with its directory.
+fn cached_token_counts(
+    store: &Store,
+    counter: &TokenCounter,
+    examples: u64,
+) -> Option<(Vec<u32>, PathBuf)> {
+    let cache = crate::batches::TokenCache::open(store, counter.chat.as_ref()?).ok()??;
+    if cache.examples() != examples {
+        return None;
+    }
+    let counts = (0..examples).map(|o| cache.len(o) as u32).collect();
+    Some((counts, cache.dir().to_owned()))
+}
+
 /// Analyses the store. `progress(done, total)` is called as examples are read.
 pub fn analyze(
     store: &Store,
@@ -431,12 +450,25 @@ pub fn analyze(
     }
     let mut names = Names::default();
     let mut notes = Vec::new();
+    let mut token_count = match tokens {
+        Some(t) => t.description.clone(),
+        None => "estimate (characters / 4)".to_string(),
+    };
     let token_counts = match tokens {
-        Some(counter) => {
-            let (counts, note) = token_counts(store, counter, progress)?;
-            notes.extend(note);
-            Some(counts)
-        }
+        Some(counter) => match cached_token_counts(store, counter, counters.examples) {
+            Some((counts, dir)) => {
+                token_count = format!(
+                    "exact, as trained: chat template included (token cache {})",
+                    dir.display()
+                );
+                Some(counts)
+            }
+            None => {
+                let (counts, note) = token_counts(store, counter, progress)?;
+                notes.extend(note);
+                Some(counts)
+            }
+        },
         None => None,
     };
     let mut rows: Vec<Row> = Vec::with_capacity(counters.examples as usize);
@@ -533,10 +565,7 @@ pub fn analyze(
         rejected: counters.rejected,
         chars: total_chars,
         tokens: total_tokens,
-        token_count: match tokens {
-            Some(t) => t.description.clone(),
-            None => "estimate (characters / 4)".to_string(),
-        },
+        token_count,
         tokens_exact: tokens.is_some(),
         categories,
         sources,

@@ -111,10 +111,16 @@ fn kill_resume_compare(durability: &[&str]) {
         "the generator repeats ~15%"
     );
 
+    // The waits below count from when a command is up and has its store open: on a
+    // loaded machine that alone can take longer than the shortest wait.
+    let started = Instant::now();
+    run_ok(corpusdb(&reference).arg("stats"));
+    let startup = started.elapsed();
     let crashed = dir.path().join("crashed");
     let mut kills = 0;
     let mut partial_seen = Vec::new();
     for wait_ms in [150u64, 400, 250, 700, 100] {
+        let wait = startup + Duration::from_millis(wait_ms);
         let mut child = ingest_cmd(&crashed, &corpus, durability)
             .env("CORPUSDB_TEST_BATCH_DELAY_MS", "60")
             .stdout(Stdio::null())
@@ -122,7 +128,7 @@ fn kill_resume_compare(durability: &[&str]) {
             .spawn()
             .unwrap();
         let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(wait_ms) {
+        while start.elapsed() < wait {
             if child.try_wait().unwrap().is_some() {
                 break;
             }

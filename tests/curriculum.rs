@@ -245,7 +245,7 @@ fn loss_masks_cover_exactly_the_assistant_tokens() {
     assert!(model.encode(&tool).unwrap_err().0.contains("unknown role"));
 }
 
-fn options(batch_size: usize, rank: usize, ranks: usize, packing: bool) -> BatchOptions {
+pub fn options(batch_size: usize, rank: usize, ranks: usize, packing: bool) -> BatchOptions {
     BatchOptions {
         batch_size,
         max_seq_len: 4096,
@@ -255,7 +255,7 @@ fn options(batch_size: usize, rank: usize, ranks: usize, packing: bool) -> Batch
     }
 }
 
-fn fixture(dir: &Path) -> (Store, Plan, ChatTokenizer) {
+pub fn fixture(dir: &Path) -> (Store, Plan, ChatTokenizer) {
     let (store, index) = store_with_categories(dir);
     let mut text = String::new();
     store

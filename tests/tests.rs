@@ -23,4 +23,5 @@ mod reference;
 mod registry;
 mod step;
 mod templates;
+mod tokens;
 mod train;

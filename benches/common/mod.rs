@@ -59,3 +59,64 @@ fn train_tokenizer(store_dir: &Path, out: &Path, vocab: usize) {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Drops every file under `dir` from the page cache (`posix_fadvise` DONTNEED: clean
+/// pages only, no privileges needed), so the next reads come from the disk.
+#[allow(dead_code)]
+pub fn evict(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            evict(&path);
+        } else if let Ok(file) = std::fs::File::open(&path) {
+            // Safety: a valid descriptor; the call only advises the kernel.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+}
+
+/// Pages of the files under `dir` that are in the page cache, and all their pages.
+#[allow(dead_code)]
+pub fn resident_pages(dir: &Path) -> (u64, u64) {
+    use std::os::fd::AsRawFd;
+    let (mut resident, mut total) = (0, 0);
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            let (r, t) = resident_pages(&path);
+            resident += r;
+            total += t;
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let len = file.metadata().unwrap().len() as usize;
+        if len == 0 {
+            continue;
+        }
+        // Safety: a shared read-only map of an open file, unmapped before it closes.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            if map == libc::MAP_FAILED {
+                continue;
+            }
+            let pages = len.div_ceil(4096);
+            let mut vec = vec![0u8; pages];
+            if libc::mincore(map, len, vec.as_mut_ptr()) == 0 {
+                resident += vec.iter().filter(|&&b| b & 1 != 0).count() as u64;
+            }
+            total += pages as u64;
+            libc::munmap(map, len);
+        }
+    }
+    (resident, total)
+}

@@ -14,6 +14,7 @@
 //! longest in the batch. An example longer than `max_seq_len` keeps its first
 //! `max_seq_len` tokens (counted as truncated).
 
+pub mod cache;
 pub mod template;
 
 use std::time::Instant;
@@ -23,6 +24,7 @@ use rayon::prelude::*;
 
 use crate::curriculum::{Plan, SamplerState};
 use crate::store::Store;
+pub use cache::TokenCache;
 pub use template::{ChatTokenizer, Tokenized};
 
 /// Label of a token that is not trained (the usual ignore index of cross-entropy).
@@ -78,6 +80,9 @@ pub struct Batch {
     pub truncated: usize,
     /// Examples that could not be tokenized (see `skipped_reasons`), left out.
     pub skipped: Vec<(u64, String)>,
+    /// Examples whose tokens came from the token cache (the rest were read from the
+    /// store and encoded).
+    pub cached: usize,
     /// Where the run stands after this step (for every rank alike).
     pub next: SamplerState,
 }
@@ -90,6 +95,8 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
     #[error("ordinal {0} is in the plan but not in the store")]
     Missing(u64),
+    #[error(transparent)]
+    Cache(#[from] cache::Error),
 }
 
 /// The window of global positions a step starting at `position` covers.
@@ -102,9 +109,23 @@ pub fn step_window(plan: &Plan, position: u64, options: &BatchOptions) -> Option
 }
 
 /// Builds the batch of `options.rank` for the step starting at `position`; `None` when
-/// the plan is finished.
+/// the plan is finished. Tokens come from the tokenizer's token cache where one covers
+/// the examples (`corpusdb tokenize`), else from the store.
 pub fn batch_at(
     store: &Store,
+    plan: &Plan,
+    tokenizer: &ChatTokenizer,
+    position: u64,
+    options: &BatchOptions,
+) -> Result<Option<Batch>, Error> {
+    let cache = TokenCache::open(store, tokenizer)?;
+    batch_from(store, cache.as_ref(), plan, tokenizer, position, options)
+}
+
+/// [`batch_at`] with the token cache given: `None` encodes every example from the store.
+pub fn batch_from(
+    store: &Store,
+    cache: Option<&TokenCache>,
     plan: &Plan,
     tokenizer: &ChatTokenizer,
     position: u64,
@@ -113,22 +134,35 @@ pub fn batch_at(
     let Some((start, end)) = step_window(plan, position, options) else {
         return Ok(None);
     };
-    let mine: Vec<u64> = (start + options.rank as u64..end)
+    let mine: Vec<(u64, u64)> = (start + options.rank as u64..end)
         .step_by(options.ranks.max(1))
+        .map(|p| (p, plan.at(p).expect("inside the plan").ordinal))
         .collect();
-    let mut items = Vec::with_capacity(mine.len());
-    for &p in &mine {
-        let planned = plan.at(p).expect("inside the plan");
-        let hash = store
-            .hash_at(planned.ordinal)?
-            .ok_or(Error::Missing(planned.ordinal))?;
-        let example = store.get(&hash)?.ok_or(Error::Missing(planned.ordinal))?;
-        items.push((p, planned.ordinal, example.conversation));
+    if let Some(cache) = cache {
+        cache.prefetch(&mine.iter().map(|&(_, o)| o).collect::<Vec<_>>());
     }
-    let encoded: Vec<(u64, u64, Result<Tokenized, crate::invalid::Invalid>)> = items
-        .into_par_iter()
-        .map(|(p, ordinal, conversation)| (p, ordinal, tokenizer.encode(&conversation)))
-        .collect();
+    let mut encoded = Vec::with_capacity(mine.len());
+    let mut from_store = Vec::new();
+    for &(p, ordinal) in &mine {
+        match cache.and_then(|c| c.get(ordinal)) {
+            Some(result) => encoded.push((p, ordinal, result)),
+            None => {
+                let hash = store.hash_at(ordinal)?.ok_or(Error::Missing(ordinal))?;
+                let example = store.get(&hash)?.ok_or(Error::Missing(ordinal))?;
+                from_store.push((p, ordinal, example.conversation));
+            }
+        }
+    }
+    let cached = encoded.len();
+    encoded.par_extend(
+        from_store
+            .into_par_iter()
+            .map(|(p, ordinal, conversation)| {
+                (p, ordinal, tokenizer.encode(&conversation).map_err(|e| e.0))
+            }),
+    );
+    // Plan order, whichever way the tokens came.
+    encoded.sort_unstable_by_key(|e| e.0);
     let phase = plan.at(start).expect("inside the plan").phase;
     let mut examples = Vec::with_capacity(encoded.len());
     let mut skipped = Vec::new();
@@ -143,10 +177,11 @@ pub fn batch_at(
                 }
                 examples.push((p, ordinal, tokens));
             }
-            Err(reason) => skipped.push((ordinal, reason.0)),
+            Err(reason) => skipped.push((ordinal, reason)),
         }
     }
     let mut batch = assemble(examples, tokenizer.pad_id, options)?;
+    batch.cached = cached;
     batch.phase = phase;
     batch.learning_rate = plan.phases[phase].learning_rate;
     batch.truncated = truncated;
@@ -256,11 +291,44 @@ pub fn assemble(
         capacity: n_rows * width,
         truncated: 0,
         skipped: Vec::new(),
+        cached: 0,
         next: SamplerState {
             fingerprint: String::new(),
             position: 0,
         },
     })
+}
+
+/// Steps whose tokens the stream asks the kernel for before it builds them.
+const READ_AHEAD_STEPS: u64 = 8;
+
+/// Asks the kernel for the cached tokens of this rank's examples in the steps up to
+/// [`READ_AHEAD_STEPS`] after `at`, from `ahead` on (what earlier calls did not ask
+/// for); returns the new `ahead`. On a cold page cache the reads then overlap.
+fn read_ahead(
+    cache: &TokenCache,
+    plan: &Plan,
+    options: &BatchOptions,
+    at: u64,
+    mut ahead: u64,
+) -> u64 {
+    let step = (options.ranks.max(1) * options.batch_size.max(1)) as u64;
+    let until = at + READ_AHEAD_STEPS * step;
+    ahead = ahead.max(at);
+    let mut ordinals = Vec::new();
+    while ahead < until {
+        let Some((start, end)) = step_window(plan, ahead, options) else {
+            break;
+        };
+        ordinals.extend(
+            (start + options.rank as u64..end)
+                .step_by(options.ranks.max(1))
+                .map(|p| plan.at(p).expect("inside the plan").ordinal),
+        );
+        ahead = end;
+    }
+    cache.prefetch(&ordinals);
+    ahead
 }
 
 /// Totals of a stream of batches.
@@ -273,6 +341,8 @@ pub struct StreamStats {
     pub capacity: u64,
     pub truncated: u64,
     pub skipped: u64,
+    /// Examples whose tokens came from the token cache.
+    pub cached: u64,
     pub seconds_to_first_batch: f64,
     pub seconds: f64,
 }
@@ -312,6 +382,7 @@ impl Iterator for BatchStream {
         stats.capacity += batch.capacity as u64;
         stats.truncated += batch.truncated as u64;
         stats.skipped += batch.skipped.len() as u64;
+        stats.cached += batch.cached as u64;
         Some(Ok(batch))
     }
 }
@@ -328,9 +399,47 @@ impl BatchStream {
 
 /// Runs `consume` on this rank's batches from `position` on: a background thread builds
 /// them `prefetch` ahead and stops when `consume` returns (whether or not it read them
-/// all). Returns what `consume` returns.
+/// all). Returns what `consume` returns. Tokens come from the tokenizer's token cache
+/// where one covers the examples; a cache that cannot be read is the stream's first error.
 pub fn with_stream<R>(
     store: &Store,
+    plan: &Plan,
+    tokenizer: &ChatTokenizer,
+    position: u64,
+    options: &BatchOptions,
+    prefetch: usize,
+    consume: impl FnOnce(&mut BatchStream) -> R,
+) -> R {
+    match TokenCache::open(store, tokenizer) {
+        Ok(cache) => with_stream_from(
+            store,
+            cache.as_ref(),
+            plan,
+            tokenizer,
+            position,
+            options,
+            prefetch,
+            consume,
+        ),
+        Err(e) => {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let _ = tx.send(Err(Error::Cache(e)));
+            drop(tx);
+            consume(&mut BatchStream {
+                batches: rx,
+                stats: StreamStats::default(),
+                started: Instant::now(),
+                failed: false,
+            })
+        }
+    }
+}
+
+/// [`with_stream`] with the token cache given (`None`: every example from the store).
+#[allow(clippy::too_many_arguments)]
+pub fn with_stream_from<R>(
+    store: &Store,
+    cache: Option<&TokenCache>,
     plan: &Plan,
     tokenizer: &ChatTokenizer,
     position: u64,
@@ -343,8 +452,13 @@ pub fn with_stream<R>(
         let (tx, rx) = crossbeam_channel::bounded::<Result<Batch, Error>>(prefetch.max(1));
         scope.spawn(move || {
             let mut at = position;
+            // The first position whose tokens were not yet asked for (see `read_ahead`).
+            let mut ahead = position;
             loop {
-                match batch_at(store, plan, tokenizer, at, options) {
+                if let Some(cache) = cache {
+                    ahead = read_ahead(cache, plan, options, at, ahead);
+                }
+                match batch_from(store, cache, plan, tokenizer, at, options) {
                     Ok(Some(batch)) => {
                         at = batch.next.position;
                         if tx.send(Ok(batch)).is_err() {

@@ -29,7 +29,14 @@ pub struct ChatTokenizer {
     generation_eos: Vec<u32>,
     /// See [`ChatTokenizer::refuse_ignored_tool_calls`].
     refuse_inlining: bool,
+    /// SHA-1 of the tokenizer's serialisation and the template's source and specials:
+    /// with the settings that can change afterwards, it names the token cache.
+    base_fingerprint: [u8; 20],
 }
+
+/// Raised whenever rendering or encoding changes what a conversation becomes, so that
+/// token caches written before are not used.
+const ENCODING_VERSION: u32 = 1;
 
 enum Template {
     Jinja(Box<minijinja::Environment<'static>>, Specials),
@@ -121,6 +128,23 @@ impl ChatTokenizer {
                 .and_then(|t| t.get("template")?.as_str().map(String::from)),
             _ => None,
         });
+        let base_fingerprint = {
+            use sha1::{Digest, Sha1};
+            let mut hasher = Sha1::new();
+            let serialised = tokenizer
+                .to_string(false)
+                .map_err(|e| format!("{}: tokenizer: {e}", origin.display()))?;
+            hasher.update(serialised.as_bytes());
+            let mut field = |value: &str| {
+                hasher.update((value.len() as u64).to_le_bytes());
+                hasher.update(value.as_bytes());
+            };
+            field(template_source.as_deref().unwrap_or("<chatml>"));
+            for name in ["bos_token", "eos_token"] {
+                field(&token_text(config.as_ref().and_then(|c| c.get(name))).unwrap_or_default());
+            }
+            hasher.finalize().into()
+        };
         let specials = Specials {
             bos: token_text(config.as_ref().and_then(|c| c.get("bos_token"))).unwrap_or_default(),
             eos: token_text(config.as_ref().and_then(|c| c.get("eos_token"))).unwrap_or_default(),
@@ -187,6 +211,7 @@ impl ChatTokenizer {
             origin: origin.display().to_string(),
             generation_eos: Vec::new(),
             refuse_inlining: false,
+            base_fingerprint,
         };
         chat.probe_tool_use();
         if chat.end_of_turn.is_empty() {
@@ -314,6 +339,26 @@ impl ChatTokenizer {
             ).into());
         }
         Ok(())
+    }
+
+    /// Names what [`ChatTokenizer::encode`] makes of a conversation: the tokenizer, the
+    /// template and the settings (end-of-turn marker, tool-call inlining), 16 hex digits.
+    /// Token caches are kept under it.
+    pub fn fingerprint(&self) -> String {
+        use sha1::{Digest, Sha1};
+        let mut hasher = Sha1::new();
+        hasher.update(self.base_fingerprint);
+        hasher.update(ENCODING_VERSION.to_le_bytes());
+        hasher.update((self.end_of_turn.len() as u64).to_le_bytes());
+        hasher.update(self.end_of_turn.as_bytes());
+        hasher.update([u8::from(self.refuse_inlining)]);
+        hex::encode(&hasher.finalize()[..8])
+    }
+
+    /// Where the template came from (the tokenizer_config.json, or the file it was
+    /// loaded from).
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// Whether a chat template from tokenizer_config.json is used (else ChatML).

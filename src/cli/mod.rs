@@ -10,6 +10,7 @@ mod index;
 mod ingest;
 mod inspect;
 mod plan;
+mod tokenize;
 mod train;
 
 use std::path::PathBuf;
@@ -38,6 +39,7 @@ Typical use:
   corpusdb dedup --near --dry-run
   corpusdb analyze --html report.html
   corpusdb plan --curriculum configs/curriculum/emergent_personality.yaml
+  corpusdb tokenize --tokenizer DIR
   corpusdb batches --curriculum configs/curriculum/emergent_personality.yaml --tokenizer DIR
   corpusdb train --config configs/training/emergent_personality.yaml --model DIR|FILE.gguf
   corpusdb eval --model DIR --adapter runs/emergent_personality/adapter
@@ -73,6 +75,7 @@ enum Command {
     Plan(plan::PlanArgs),
     Batches(plan::BatchesArgs),
     TrainTokenizer(plan::TrainTokenizerArgs),
+    Tokenize(tokenize::Args),
     Imports(inspect::ImportsArgs),
     Stats(inspect::StatsArgs),
     Show(inspect::ShowArgs),
@@ -101,6 +104,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Plan(args) => plan::plan(&cli.store, args),
         Command::Batches(args) => plan::batches(&cli.store, args),
         Command::TrainTokenizer(args) => plan::train_tokenizer(&cli.store, args),
+        Command::Tokenize(args) => tokenize::run(&cli.store, args),
         Command::Imports(args) => inspect::imports(&cli.store, args),
         Command::Stats(args) => inspect::stats(&cli.store, args),
         Command::Show(args) => inspect::show(&cli.store, args),

@@ -285,6 +285,14 @@ pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode>
         stats.truncated,
         stats.skipped
     );
+    if stats.cached > 0 {
+        println!(
+            "{} of {} examples from the token cache ({} encoded from the store)",
+            stats.cached,
+            stats.examples + stats.skipped,
+            stats.examples + stats.skipped - stats.cached
+        );
+    }
     println!(
         "state: position {} of {} (plan {})",
         last_state.position, plan.total, plan.fingerprint

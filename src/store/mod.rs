@@ -203,11 +203,12 @@ impl Store {
         options.set_max_open_files(-1);
         let mut attempt = 0;
         let db = loop {
-            // Only the families the store has (one written before `neardup` lacks it).
+            // A store written before `neardup` lacks it; every other family must be
+            // there (one missing is a store whose creation has not finished).
             let present = DB::list_cf(&options, path).unwrap_or_default();
             let descriptors = column_families(&StoreOptions::default())
                 .into_iter()
-                .filter(|d| present.is_empty() || present.iter().any(|p| p == d.name()))
+                .filter(|d| d.name() != CF_NEARDUP || present.iter().any(|p| p == d.name()))
                 .collect::<Vec<_>>();
             match DB::open_cf_descriptors_read_only(&options, path, descriptors, false) {
                 Ok(db) => break db,
@@ -502,10 +503,23 @@ impl Store {
 
     /// All stored hashes in insertion order, with their ordinals.
     pub fn ordinals(&self) -> impl Iterator<Item = Result<(u64, ContentHash)>> + '_ {
+        self.ordinals_from(0)
+    }
+
+    /// The stored hashes from ordinal `first` on, in insertion order, with their ordinals.
+    pub fn ordinals_from(
+        &self,
+        first: u64,
+    ) -> impl Iterator<Item = Result<(u64, ContentHash)>> + '_ {
         let mut options = ReadOptions::default();
         options.fill_cache(false);
+        let start = first.to_be_bytes();
         self.db
-            .iterator_cf_opt(self.cf(CF_ORDINALS), options, IteratorMode::Start)
+            .iterator_cf_opt(
+                self.cf(CF_ORDINALS),
+                options,
+                IteratorMode::From(&start, rocksdb::Direction::Forward),
+            )
             .map(move |item| {
                 let (key, value) = item.map_err(|e| self.rocks(e))?;
                 let ordinal = u64::from_be_bytes(
