@@ -6,7 +6,7 @@ serialisation, keeps the first of each hash in an in-memory set and writes the u
 records to a merged JSONL file. No normalisation, no provenance, no resume: the point is
 the cost of the simplest approach on the same input.
 
-    python3 benches/baseline_merge.py INPUT.jsonl OUTPUT.jsonl
+    python3 benches/baseline_merge.py INPUT.jsonl [INPUT.jsonl ...] OUTPUT.jsonl
 """
 
 import hashlib
@@ -17,13 +17,13 @@ import time
 
 
 def main() -> None:
-    source, target = sys.argv[1], sys.argv[2]
+    *sources, target = sys.argv[1:]
     seen = set()
     read = stored = duplicates = rejected = 0
     size = 0
     start = time.perf_counter()
-    with open(source, "rb") as fin, open(target, "w", encoding="utf-8") as fout:
-        for line in fin:
+    with open(target, "w", encoding="utf-8") as fout:
+        for line in (line for source in sources for line in open(source, "rb")):
             size += len(line)
             if not line.strip():
                 continue
