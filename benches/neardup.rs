@@ -29,6 +29,8 @@ use corpusdb::neardup::{self, Options};
 use corpusdb::store::{Store, StoreOptions};
 use corpusdb::synth::{self, NearDupSpec};
 
+mod common;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -85,24 +87,8 @@ fn corpus(work: &Path, records: u64) -> (PathBuf, PathBuf) {
 }
 
 fn datatrove(work: &Path, texts: &Path) {
-    let venv = work.join("venv");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        eprintln!("setting up {} (pip install datatrove)", venv.display());
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap()
-            .success()
-            && Command::new(venv.join("bin/pip"))
-                // The JSONL reader needs orjson; the English word tokenizer, spaCy.
-                .args(["install", "-q", "datatrove[processing]", "orjson", "spacy"])
-                .status()
-                .unwrap()
-                .success();
-        assert!(ok, "could not install datatrove into {}", venv.display());
-    }
+    // The JSONL reader needs orjson; the English word tokenizer, spaCy.
+    let python = common::venv(work, &["datatrove[processing]", "orjson", "spacy"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/baseline_minhash.py");
     let output = Command::new(&python)
         .arg(script)

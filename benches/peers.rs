@@ -24,6 +24,8 @@ use std::time::Instant;
 
 use corpusdb::synth::{self, SynthSpec};
 
+mod common;
+
 /// Wall seconds, peak RSS (MiB), stdout of a child run to its end.
 // The child is reaped by `wait4`, which also gives its own peak RSS.
 #[allow(clippy::zombie_processes)]
@@ -71,27 +73,6 @@ fn corpus(work: &Path, records: u64) -> Vec<PathBuf> {
             path
         })
         .collect()
-}
-
-fn venv_python(work: &Path) -> PathBuf {
-    let venv = work.join("venv");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        eprintln!("setting up {} (pip install datasets)", venv.display());
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap()
-            .success()
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "-q", "datasets"])
-                .status()
-                .unwrap()
-                .success();
-        assert!(ok, "could not install datasets into {}", venv.display());
-    }
-    python
 }
 
 fn main() {
@@ -152,7 +133,7 @@ fn main() {
         corpusdb_rate / merge_rate
     );
     if measuring {
-        let mut datasets = Command::new(venv_python(&work));
+        let mut datasets = Command::new(common::venv(&work, &["datasets"]));
         datasets
             .arg(script("baseline_datasets.py"))
             .arg(work.join("datasets"))

@@ -1,5 +1,6 @@
-//! Shared by the analysis and batch benchmarks: a synthetic store of `records` records
-//! and a byte-level BPE tokenizer trained on it, kept in `target/bench-analyze/`.
+//! Shared by the benchmarks: a synthetic store of `records` records and a byte-level BPE
+//! tokenizer trained on it, kept in `target/bench-analyze/`; page-cache control; the
+//! Python venvs of the baselines.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,6 +10,7 @@ use corpusdb::store::Store;
 use corpusdb::synth::{self, SynthSpec};
 
 /// The store directory and tokenizer.json, built on first use.
+#[allow(dead_code)]
 pub fn store_and_tokenizer(records: u64, vocab: usize) -> (PathBuf, PathBuf) {
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let work = PathBuf::from(target).join("bench-analyze");
@@ -119,4 +121,33 @@ pub fn resident_pages(dir: &Path) -> (u64, u64) {
         }
     }
     (resident, total)
+}
+
+/// The python of a venv at `<work>/venv` holding `packages`, made with pip on first use.
+#[allow(dead_code)]
+pub fn venv(work: &Path, packages: &[&str]) -> PathBuf {
+    use std::process::Command;
+    let venv = work.join("venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        eprintln!(
+            "setting up {} (pip install {})",
+            venv.display(),
+            packages.join(" ")
+        );
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap()
+            .success()
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "-q"])
+                .args(packages)
+                .status()
+                .unwrap()
+                .success();
+        assert!(ok, "could not install {packages:?} into {}", venv.display());
+    }
+    python
 }

@@ -325,9 +325,7 @@ pub fn tokenize(
                 break;
             }
         }
-        if chunk.is_empty() {
-            break;
-        }
+        let finished = chunk.is_empty();
         let encoded = encode_chunk(store, tokenizer, &chunk)?;
         for ((ordinal, hash), result) in chunk.iter().zip(encoded) {
             if *ordinal != meta.examples {
@@ -371,7 +369,7 @@ pub fn tokenize(
         done += chunk.len() as u64;
         since_sync += chunk.len() as u64;
         progress(done, todo);
-        if since_sync >= SYNC_EVERY {
+        if finished || since_sync >= SYNC_EVERY {
             since_sync = 0;
             sync(
                 &dir,
@@ -386,19 +384,10 @@ pub fn tokenize(
                 &skipped_path,
             )?;
         }
+        if finished {
+            break;
+        }
     }
-    sync(
-        &dir,
-        &mut meta,
-        last_hash,
-        skipped.len(),
-        [
-            (&mut tokens_out, &tokens_path),
-            (&mut offsets_out, &offsets_path),
-        ],
-        &mut skipped_file,
-        &skipped_path,
-    )?;
     Ok(TokenizeReport {
         dir,
         examples_before,

@@ -108,6 +108,18 @@ pub fn step_window(plan: &Plan, position: u64, options: &BatchOptions) -> Option
     Some((position, end))
 }
 
+/// This rank's (position, ordinal) pairs of the step window `start..end`.
+fn rank_positions<'a>(
+    plan: &'a Plan,
+    start: u64,
+    end: u64,
+    options: &BatchOptions,
+) -> impl Iterator<Item = (u64, u64)> + 'a {
+    (start + options.rank as u64..end)
+        .step_by(options.ranks.max(1))
+        .map(|p| (p, plan.at(p).expect("inside the plan").ordinal))
+}
+
 /// Builds the batch of `options.rank` for the step starting at `position`; `None` when
 /// the plan is finished. Tokens come from the tokenizer's token cache where one covers
 /// the examples (`corpusdb tokenize`), else from the store.
@@ -134,10 +146,7 @@ pub fn batch_from(
     let Some((start, end)) = step_window(plan, position, options) else {
         return Ok(None);
     };
-    let mine: Vec<(u64, u64)> = (start + options.rank as u64..end)
-        .step_by(options.ranks.max(1))
-        .map(|p| (p, plan.at(p).expect("inside the plan").ordinal))
-        .collect();
+    let mine: Vec<(u64, u64)> = rank_positions(plan, start, end, options).collect();
     if let Some(cache) = cache {
         cache.prefetch(&mine.iter().map(|&(_, o)| o).collect::<Vec<_>>());
     }
@@ -320,11 +329,7 @@ fn read_ahead(
         let Some((start, end)) = step_window(plan, ahead, options) else {
             break;
         };
-        ordinals.extend(
-            (start + options.rank as u64..end)
-                .step_by(options.ranks.max(1))
-                .map(|p| plan.at(p).expect("inside the plan").ordinal),
-        );
+        ordinals.extend(rank_positions(plan, start, end, options).map(|(_, o)| o));
         ahead = end;
     }
     cache.prefetch(&ordinals);
