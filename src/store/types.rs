@@ -388,6 +388,8 @@ stored_codes!(Container {
     JsonArray = 1,
     Parquet = 2,
     Document = 3,
+    DocumentList = 4,
+    DocumentById = 5,
 });
 stored_codes!(Compression {
     None = 0,
