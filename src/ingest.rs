@@ -164,6 +164,8 @@ pub struct FileOutcome {
 /// What the parser works on: one record, or the rows of a group joined into a JSON list.
 struct Unit {
     at: Position,
+    /// The record's id in an `id -> record` document (a group's: its first row's).
+    id: Option<String>,
     /// Records of the file it covers (including `rejects`).
     rows: u64,
     body: RawBody,
@@ -182,6 +184,7 @@ struct RowReject {
 struct Pending {
     key: String,
     at: Position,
+    id: Option<String>,
     rows: Vec<Vec<u8>>,
     size: usize,
     rejects: Vec<RowReject>,
@@ -206,6 +209,7 @@ struct ParsedBatch {
 
 struct Parsed {
     at: Position,
+    id: Option<String>,
     rows: u64,
     row_rejects: Vec<RowReject>,
     /// Each example of the unit, or why the unit gave none.
@@ -549,6 +553,7 @@ impl Units {
         let Some(group_by) = &self.group_by else {
             return Ok(self.reader.next_item()?.map(|item| Unit {
                 at: item.at,
+                id: item.id,
                 rows: 1,
                 body: item.body,
                 rejects: Vec::new(),
@@ -570,7 +575,7 @@ impl Units {
                     };
                     let reject = RowReject {
                         at: item.at,
-                        reason,
+                        reason: with_id(reason, item.id.as_deref()),
                         raw,
                     };
                     // Inside a group the row is rejected with the group; the group goes
@@ -583,6 +588,7 @@ impl Units {
                         None => {
                             return Ok(Some(Unit {
                                 at: reject.at,
+                                id: item.id,
                                 rows: 1,
                                 body: RawBody::Unreadable {
                                     reason: reject.reason,
@@ -609,6 +615,7 @@ impl Units {
                     let done = self.pending.replace(Pending {
                         key,
                         at: item.at,
+                        id: item.id,
                         rows: vec![bytes],
                         size,
                         rejects: Vec::new(),
@@ -664,6 +671,7 @@ fn joined(group: Pending) -> Unit {
     body.push(b']');
     Unit {
         at: group.at,
+        id: group.id,
         rows: (group.rows.len() + group.rejects.len()) as u64,
         body: RawBody::Bytes(body),
         rejects: group.rejects,
@@ -726,6 +734,7 @@ fn parse_unit(
     };
     Parsed {
         at: unit.at,
+        id: unit.id,
         rows: unit.rows,
         row_rejects: unit.rejects,
         outcome,
@@ -752,17 +761,18 @@ impl BatchWriter<'_> {
         if self.options.strict {
             for item in &batch.items {
                 // A bad row inside a group comes first in the file.
-                let bad =
-                    item.row_rejects
-                        .first()
-                        .map(|r| (r.at, &r.reason))
-                        .or(match &item.outcome {
-                            Err(reason) => Some((item.at, reason)),
-                            Ok(list) => list
-                                .iter()
-                                .find_map(|e| e.as_ref().err())
-                                .map(|reason| (item.at, reason)),
-                        });
+                let bad = item
+                    .row_rejects
+                    .first()
+                    .map(|r| (r.at, r.reason.clone()))
+                    .or(match &item.outcome {
+                        Err(reason) => Some((item.at, reason.clone())),
+                        Ok(list) => list
+                            .iter()
+                            .find_map(|e| e.as_ref().err())
+                            .map(|reason| (item.at, reason.clone())),
+                    }
+                    .map(|(at, reason)| (at, with_id(reason, item.id.as_deref()))));
                 if let Some((at, reason)) = bad {
                     return Err(Error::Strict {
                         path: self.path.to_owned(),
@@ -852,7 +862,12 @@ impl BatchWriter<'_> {
                                 texts: encoded.texts,
                             });
                         }
-                        write.add_provenance(hash, item.at.records, item.at.line());
+                        write.add_provenance(
+                            hash,
+                            item.at.records,
+                            item.at.line(),
+                            item.id.clone(),
+                        );
                     }
                     Err(reason) => {
                         counts.rejected += 1;
@@ -861,6 +876,7 @@ impl BatchWriter<'_> {
                         } else {
                             reason
                         };
+                        let reason = with_id(reason, item.id.as_deref());
                         if self.first_rejects.len() < FIRST_REJECTS_KEPT {
                             self.first_rejects
                                 .push((item.at.line(), reason.message.clone()));
@@ -921,6 +937,14 @@ impl BatchWriter<'_> {
             gained_source,
         });
         Ok(())
+    }
+}
+
+/// `reason`, naming the record's id when it has one (`id `a17`: ...`).
+fn with_id(reason: RejectReason, id: Option<&str>) -> RejectReason {
+    match id {
+        Some(id) => reason.prefixed(&format!("id `{id}`: ")),
+        None => reason,
     }
 }
 

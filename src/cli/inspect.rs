@@ -274,11 +274,23 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(out, "sources    {}", sources.len())?;
     for s in &sources {
-        writeln!(
-            out,
-            "  - {} {}:{} (record {})",
-            s.source, s.file, s.line, s.record
-        )?;
+        match &s.id {
+            Some(_) => writeln!(
+                out,
+                "  - {} {} (line {}, record {})",
+                s.source,
+                s.place(),
+                s.line,
+                s.record
+            )?,
+            None => writeln!(
+                out,
+                "  - {} {} (record {})",
+                s.source,
+                s.place(),
+                s.record
+            )?,
+        }
     }
     for exclusion in &exclusions {
         writeln!(
@@ -311,7 +323,7 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
             };
             let names: Vec<String> = sources
                 .iter()
-                .map(|s| format!("{} {}:{}", s.source, s.file, s.line))
+                .map(|s| format!("{} {}", s.source, s.place()))
                 .collect();
             writeln!(out, "  {} {mark:<6} {}", member.hash, names.join(", "))?;
         }

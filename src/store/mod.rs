@@ -36,7 +36,7 @@ pub use transaction::{ExclusionBatch, ImportBatch, NearDupBatch};
 pub use types::{
     ClusterMembership, Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts,
     ImportRecord, ImportState, LegacyImportRecord, LegacyReject, NearDupParams, ProvenanceEntry,
-    ProvenanceValue, Reject, RejectKind, RejectReason, StoredExample,
+    ProvenanceValue, ProvenanceValueWithId, Reject, RejectKind, RejectReason, StoredExample,
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
@@ -412,6 +412,7 @@ impl Store {
                     file: import.map_or("?".into(), |i| i.path.clone()),
                     record: p.record,
                     line: p.line,
+                    id: p.id,
                 }
             })
             .collect())
@@ -429,11 +430,12 @@ impl Store {
             }
             let (import_id, record) = split_import_record_key(&key[20..])
                 .ok_or_else(|| self.corrupt("provenance key has the wrong length"))?;
-            let value: ProvenanceValue = self.decode(&value, "provenance")?;
+            let (line, id) = self.decode_provenance(&value)?;
             out.push(ProvenanceEntry {
                 import_id,
                 record,
-                line: value.line,
+                line,
+                id,
             });
         }
         Ok(out)
@@ -642,6 +644,17 @@ impl Store {
             .map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
     }
 
+    /// A provenance value: the line, and the id when the record had one (see
+    /// [`ProvenanceValueWithId`]).
+    fn decode_provenance(&self, bytes: &[u8]) -> Result<(u64, Option<String>)> {
+        if bytes.len() == 8 {
+            let value: ProvenanceValue = self.decode(bytes, "provenance")?;
+            return Ok((value.line, None));
+        }
+        let value: ProvenanceValueWithId = self.decode(bytes, "provenance")?;
+        Ok((value.line, Some(value.id)))
+    }
+
     fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {
         bincode::deserialize(bytes).map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
     }
@@ -684,11 +697,12 @@ impl ProvenanceCursor<'_> {
             }
             let (import_id, record) = split_import_record_key(&key[20..])
                 .ok_or_else(|| self.store.corrupt("provenance key has the wrong length"))?;
-            let value: ProvenanceValue = self.store.decode(value, "provenance")?;
+            let (line, id) = self.store.decode_provenance(value)?;
             out.push(ProvenanceEntry {
                 import_id,
                 record,
-                line: value.line,
+                line,
+                id,
             });
             self.iter.next();
         }
@@ -725,12 +739,23 @@ impl Batch<'_> {
         hash: &ContentHash,
         import_id: u32,
         record: u64,
-        value: &ProvenanceValue,
+        line: u64,
+        id: Option<&str>,
     ) {
         let mut key = [0u8; 32];
         key[..20].copy_from_slice(hash.as_bytes());
         key[20..].copy_from_slice(&import_record_key(import_id, record));
-        self.put(CF_PROVENANCE, &key, value);
+        match id {
+            None => self.put(CF_PROVENANCE, &key, &ProvenanceValue { line }),
+            Some(id) => self.put(
+                CF_PROVENANCE,
+                &key,
+                &ProvenanceValueWithId {
+                    line,
+                    id: id.to_string(),
+                },
+            ),
+        }
     }
 
     fn put_reject(&mut self, reject: &Reject) {

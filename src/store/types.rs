@@ -44,6 +44,16 @@ pub struct ProvenanceValue {
     pub line: u64,
 }
 
+/// Value of a provenance entry for a record of an `id -> record` document: the line, then
+/// the id. Records without an id keep the 8-byte [`ProvenanceValue`], so the two are told
+/// apart by length, and a reader that knows only `ProvenanceValue` reads the line of
+/// either (bincode ignores trailing bytes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvenanceValueWithId {
+    pub line: u64,
+    pub id: String,
+}
+
 /// One source record that produced a hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvenanceEntry {
@@ -52,6 +62,8 @@ pub struct ProvenanceEntry {
     pub record: u64,
     /// 1-based line where the record starts.
     pub line: u64,
+    /// The record's key in an `id -> record` document.
+    pub id: Option<String>,
 }
 
 /// One place an example came from, as `show` reports it (not stored).
@@ -63,6 +75,19 @@ pub struct ExampleSource {
     pub record: u64,
     /// 1-based line where the record starts.
     pub line: u64,
+    /// The record's key in an `id -> record` document.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl ExampleSource {
+    /// `file:line`, or `file#id` for a record of an `id -> record` document.
+    pub fn place(&self) -> String {
+        match &self.id {
+            Some(id) => format!("{}#{id}", self.file),
+            None => format!("{}:{}", self.file, self.line),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
