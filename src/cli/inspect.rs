@@ -77,6 +77,7 @@ fn import_json(import: &ImportRecord) -> serde_json::Value {
         "joined": import.counts.joined,
         "extra": import.counts.extra,
         "checkpoint": {"records": import.checkpoint.records, "line": import.checkpoint.line(), "byte": import.checkpoint.bytes},
+        "checked_prefix": import.prefix.map(|p| json!({"bytes": p.bytes, "sha1": p.sha1_hex()})),
     })
 }
 

@@ -35,7 +35,7 @@ pub use neardup::SignatureCursor;
 pub use transaction::{ExclusionBatch, ImportBatch, NearDupBatch};
 pub use types::{
     ClusterMembership, Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts,
-    ImportRecord, ImportState, LegacyImportRecord, LegacyReject, NearDupParams, ProvenanceEntry,
+    ImportRecord, ImportRecordBeforePrefix, ImportState, LegacyImportRecord, LegacyReject, NearDupParams, ProvenanceEntry,
     ProvenanceValue, ProvenanceValueWithId, Reject, RejectKind, RejectReason, StoredExample,
 };
 
@@ -458,8 +458,15 @@ impl Store {
             .iterator_cf(self.cf(CF_IMPORTS), IteratorMode::Start)
         {
             let (_, value) = item.map_err(|e| self.rocks(e))?;
-            // Import records written before `file_sha1` lack it.
-            out.push(self.decode_or_legacy::<ImportRecord, LegacyImportRecord>(&value, "import")?);
+            // Import records written before `prefix` lack it, those before `file_sha1`
+            // both.
+            let import = match self.decode_or_legacy::<ImportRecord, ImportRecordBeforePrefix>(
+                &value, "import",
+            ) {
+                Ok(import) => import,
+                Err(_) => self.decode_or_legacy::<ImportRecord, LegacyImportRecord>(&value, "import")?,
+            };
+            out.push(import);
         }
         Ok(out)
     }
@@ -942,5 +949,60 @@ mod tests {
             "header ++ conversation encodes the whole example"
         );
         assert_eq!(first_import_of(&bytes[..10]), None);
+    }
+
+    /// Import records of the three layouts (before `file_sha1`, before `prefix`, now) and
+    /// provenance values with and without an id all read back.
+    #[test]
+    fn import_records_and_provenance_of_every_layout_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let legacy = LegacyImportRecord {
+            id: 0,
+            source: "s".into(),
+            category: "c".into(),
+            path: "a.jsonl".into(),
+            fingerprint: "f".into(),
+            format: "alpaca".into(),
+            state: ImportState::Partial,
+            checkpoint: crate::reader::Position {
+                records: 3,
+                lines: 3,
+                bytes: 99,
+            },
+            container: Some(crate::reader::Container::Jsonl),
+            counts: ImportCounts::default(),
+            started_unix: 1,
+            updated_unix: 2,
+        };
+        let mut before_prefix = ImportRecordBeforePrefix::from(legacy.clone());
+        before_prefix.id = 1;
+        before_prefix.file_sha1 = Some("abc".into());
+        let mut now = ImportRecord::from(before_prefix.clone());
+        now.id = 2;
+        now.prefix = Some(crate::reader::FilePrefix {
+            bytes: 99,
+            sha1: [7; 20],
+        });
+        let mut batch = store.batch();
+        batch.put(CF_IMPORTS, &0u32.to_be_bytes(), &legacy);
+        batch.put(CF_IMPORTS, &1u32.to_be_bytes(), &before_prefix);
+        batch.put(CF_IMPORTS, &2u32.to_be_bytes(), &now);
+        let hash = ContentHash([9; 20]);
+        batch.put_provenance(&hash, 0, 0, 1, None);
+        batch.put_provenance(&hash, 0, 1, 4, Some("q-17"));
+        store.write(batch).unwrap();
+        let imports = store.imports().unwrap();
+        assert_eq!(imports[0], ImportRecord::from(legacy));
+        assert_eq!(imports[1], ImportRecord::from(before_prefix));
+        assert_eq!(imports[2], now);
+        let provenance = store.provenance(&hash).unwrap();
+        assert_eq!(
+            provenance
+                .iter()
+                .map(|p| (p.record, p.line, p.id.as_deref()))
+                .collect::<Vec<_>>(),
+            [(0, 1, None), (1, 4, Some("q-17"))]
+        );
     }
 }
