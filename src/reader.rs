@@ -1147,7 +1147,8 @@ impl RecordReader {
     /// One pass over a JSON object document's structure, keeping no values: the key of
     /// its one member that holds records (a non-empty list of objects, or a non-empty
     /// object of objects) beside other metadata, or, when every member is an object, the
-    /// document itself as an `id -> record` object.
+    /// document itself as an `id -> record` object. A document cut short is judged by
+    /// what it holds before the cut (its reading then ends with a note).
     fn survey(&mut self) -> io::Result<Survey> {
         if !self.eat(b'{')? {
             return Ok(Survey::NotAValue);
@@ -1156,27 +1157,46 @@ impl RecordReader {
         let mut count = 0usize;
         let mut holders = Vec::new();
         let mut all_objects = true;
+        let mut cut = false;
         if self.skip_whitespace()? == Some(b'}') {
             self.bump(b'}');
         } else {
             loop {
+                if self.skip_whitespace()?.is_none() {
+                    cut = true;
+                    break;
+                }
                 let Ok(key) = self.read_key()? else {
                     return Ok(Survey::NotAValue);
                 };
                 if !self.eat(b':')? {
+                    if self.skip_whitespace()?.is_none() {
+                        cut = true;
+                        break;
+                    }
                     return Ok(Survey::NotAValue);
                 }
                 let first = self.skip_whitespace()?;
-                let holds = match first {
+                let members = match first {
                     Some(b'[') => self.survey_members(b'[', b']')?,
                     Some(b'{') => self.survey_members(b'{', b'}')?,
+                    None => Members::Cut(false),
                     _ => {
                         let scanned = self.scan_raw(0)?;
-                        (scanned.complete && !scanned.control_in_string).then_some(false)
+                        match (scanned.complete, scanned.control_in_string) {
+                            (_, true) => Members::Malformed,
+                            (true, false) => Members::Done(false),
+                            (false, false) => Members::Cut(false),
+                        }
                     }
                 };
-                let Some(holds) = holds else {
-                    return Ok(Survey::NotAValue);
+                let holds = match members {
+                    Members::Done(holds) => holds,
+                    Members::Cut(holds) => {
+                        cut = true;
+                        holds
+                    }
+                    Members::Malformed => return Ok(Survey::NotAValue),
                 };
                 all_objects &= first == Some(b'{');
                 if holds {
@@ -1186,17 +1206,24 @@ impl RecordReader {
                     keys.push(key);
                 }
                 count += 1;
+                if cut {
+                    break;
+                }
                 match self.skip_whitespace()? {
                     Some(b',') => self.bump(b','),
                     Some(b'}') => {
                         self.bump(b'}');
                         break;
                     }
+                    None => {
+                        cut = true;
+                        break;
+                    }
                     _ => return Ok(Survey::NotAValue),
                 }
             }
         }
-        if self.skip_whitespace()?.is_some() {
+        if !cut && self.skip_whitespace()?.is_some() {
             return Ok(Survey::NotAValue);
         }
         if let [key] = holders.as_slice() {
@@ -1206,15 +1233,16 @@ impl RecordReader {
             return Ok(Survey::At(None));
         }
         Ok(Survey::NotFound(format!(
-            "a JSON object document whose records were not found: {} of its keys ({}) hold a list of objects; write the records as JSONL or a JSON array, or name them with --records",
+            "a JSON object document whose records were not found: {} of its keys ({}) hold a list of objects{}; write the records as JSONL or a JSON array, or name them with --records",
             holders.len(),
-            keys.join(", ")
+            keys.join(", "),
+            if cut { " before the document ends (cut short?)" } else { "" }
         )))
     }
 
     /// Consumes a list (`open` = `[`) or object (`{`): whether it is non-empty and every
-    /// element (or member value) is an object; `None` when it is not well formed.
-    fn survey_members(&mut self, open: u8, close: u8) -> io::Result<Option<bool>> {
+    /// element (or member value) is an object, as far as the input goes.
+    fn survey_members(&mut self, open: u8, close: u8) -> io::Result<Members> {
         self.bump(open);
         let mut count = 0u64;
         let mut objects = true;
@@ -1222,27 +1250,43 @@ impl RecordReader {
             match self.skip_whitespace()? {
                 Some(b) if b == close && count == 0 => {
                     self.bump(b);
-                    return Ok(Some(false));
+                    return Ok(Members::Done(false));
                 }
-                None => return Ok(None),
+                None => return Ok(Members::Cut(count > 0 && objects)),
                 Some(_) => {}
             }
-            if open == b'{' && (self.read_key()?.is_err() || !self.eat(b':')?) {
-                return Ok(None);
+            if open == b'{' {
+                if self.read_key()?.is_err() {
+                    return Ok(match self.skip_whitespace()? {
+                        None => Members::Cut(count > 0 && objects),
+                        Some(_) => Members::Malformed,
+                    });
+                }
+                if !self.eat(b':')? {
+                    return Ok(match self.skip_whitespace()? {
+                        None => Members::Cut(count > 0 && objects),
+                        Some(_) => Members::Malformed,
+                    });
+                }
             }
-            objects &= self.skip_whitespace()? == Some(b'{');
+            let first = self.skip_whitespace()?;
+            objects &= first.is_none() || first == Some(b'{');
             let scanned = self.scan_raw(0)?;
-            if !scanned.complete || scanned.control_in_string {
-                return Ok(None);
+            if scanned.control_in_string {
+                return Ok(Members::Malformed);
             }
             count += 1;
+            if !scanned.complete {
+                return Ok(Members::Cut(objects));
+            }
             match self.skip_whitespace()? {
                 Some(b',') => self.bump(b','),
                 Some(b) if b == close => {
                     self.bump(b);
-                    return Ok(Some(objects));
+                    return Ok(Members::Done(objects));
                 }
-                _ => return Ok(None),
+                None => return Ok(Members::Cut(objects)),
+                _ => return Ok(Members::Malformed),
             }
         }
     }
@@ -1407,6 +1451,15 @@ struct Scanned {
     first: Option<u8>,
     /// A raw control character inside a string (not JSON).
     control_in_string: bool,
+}
+
+/// What a survey saw of a list or object.
+enum Members {
+    /// Whole: whether it holds records.
+    Done(bool),
+    /// The input ends inside it: whether it holds records so far.
+    Cut(bool),
+    Malformed,
 }
 
 /// Where a survey of a JSON object document found its records.
