@@ -24,7 +24,12 @@ fn records_of_an_id_to_record_document_keep_their_ids() {
     let outcome = ingest(&store, &path, "doc", "instruction");
     let counts = outcome.run;
     assert_eq!(
-        (counts.read, counts.stored, counts.duplicates, counts.rejected),
+        (
+            counts.read,
+            counts.stored,
+            counts.duplicates,
+            counts.rejected
+        ),
         (3, 2, 0, 1)
     );
     // The reject names the record's id, index and line.
@@ -41,7 +46,12 @@ fn records_of_an_id_to_record_document_keep_their_ids() {
         "same.jsonl",
         b"{\"instruction\": \"Name a planet.\", \"output\": \"Mars.\"}\n",
     );
-    assert_eq!(ingest(&store, &jsonl, "jsonl", "instruction").run.duplicates, 1);
+    assert_eq!(
+        ingest(&store, &jsonl, "jsonl", "instruction")
+            .run
+            .duplicates,
+        1
+    );
     let mut mars = None;
     store
         .for_each_example(|hash, example| {
@@ -64,7 +74,8 @@ fn records_of_an_id_to_record_document_keep_their_ids() {
     let shown = run_ok(corpusdb(&store_dir).args(["show", &mars.to_hex()]));
     let shown = String::from_utf8(shown.stdout).unwrap();
     assert!(
-        shown.contains("by-id.json#q-17 (line 2, record 0)") && shown.contains("same.jsonl:1 (record 0)"),
+        shown.contains("by-id.json#q-17 (line 2, record 0)")
+            && shown.contains("same.jsonl:1 (record 0)"),
         "{shown}"
     );
     let listed = run_ok(corpusdb(&store_dir).args(["rejects"]));
@@ -88,9 +99,8 @@ fn document(n: usize, big: usize, by_id: bool) -> String {
         } else {
             format!("Answer {i}: {}", "y".repeat(1000))
         };
-        let record = format!(
-            "{{\"instruction\": \"Question {i}?\",\n      \"output\": \"{reply}\"}}"
-        );
+        let record =
+            format!("{{\"instruction\": \"Question {i}?\",\n      \"output\": \"{reply}\"}}");
         let sep = if i + 1 < n { ",\n" } else { "\n" };
         if by_id {
             out.push_str(&format!("    \"p{i}\": {record}{sep}"));
@@ -123,7 +133,12 @@ fn a_document_is_streamed_record_by_record_and_an_oversized_record_is_only_rejec
         let once = ingest::ingest_file(&store, &path, &options, &ingest::Quiet).unwrap();
         let counts = once.import.counts;
         assert_eq!(
-            (counts.read, counts.stored, counts.duplicates, counts.rejected),
+            (
+                counts.read,
+                counts.stored,
+                counts.duplicates,
+                counts.rejected
+            ),
             (n as u64, n as u64 - 1, 0, 1),
             "{name}"
         );
@@ -142,7 +157,9 @@ fn a_document_is_streamed_record_by_record_and_an_oversized_record_is_only_rejec
             rejects[0].reason
         );
         // Lines are the file's: record i starts on line 5 + 2i.
-        let sources = store.sources_of(&first_hash(&store, "Question 10?")).unwrap();
+        let sources = store
+            .sources_of(&first_hash(&store, "Question 10?"))
+            .unwrap();
         assert_eq!((sources[0].record, sources[0].line), (10, 5 + 2 * 10));
         assert_eq!(sources[0].id.as_deref(), by_id.then_some("p10"));
         let once_hashes = hashes(&store);
@@ -164,7 +181,9 @@ fn a_document_is_streamed_record_by_record_and_an_oversized_record_is_only_rejec
         assert_eq!(resumed.run.read, n as u64 - 1536);
         assert_eq!(resumed.import.counts, counts);
         assert_eq!(hashes(&store), once_hashes);
-        let sources = store.sources_of(&first_hash(&store, "Question 2999?")).unwrap();
+        let sources = store
+            .sources_of(&first_hash(&store, "Question 2999?"))
+            .unwrap();
         assert_eq!(sources[0].id.as_deref(), by_id.then_some("p2999"));
     }
 }
@@ -181,7 +200,9 @@ fn a_document_cut_short_keeps_its_complete_records() {
     assert_eq!((counts.read, counts.stored, counts.rejected), (31, 30, 1));
     let rejects = store.rejects(None).unwrap();
     assert!(
-        rejects[0].reason.starts_with("id `p30`: JSON document ends inside this record"),
+        rejects[0]
+            .reason
+            .starts_with("id `p30`: JSON document ends inside this record"),
         "{}",
         rejects[0].reason
     );

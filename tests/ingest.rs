@@ -659,7 +659,11 @@ fn an_interrupted_import_resumes_only_if_the_part_it_read_is_unchanged() {
             && err.contains("--restart-changed"),
         "{err}"
     );
-    assert_eq!(store.imports().unwrap(), [before.clone()], "nothing was written");
+    assert_eq!(
+        store.imports().unwrap(),
+        [before.clone()],
+        "nothing was written"
+    );
     // With --restart-changed the file is a new import; what it shares with the old
     // one's records is duplicates.
     options.restart_changed = true;

@@ -284,13 +284,7 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
                 s.line,
                 s.record
             )?,
-            None => writeln!(
-                out,
-                "  - {} {} (record {})",
-                s.source,
-                s.place(),
-                s.record
-            )?,
+            None => writeln!(out, "  - {} {} (record {})", s.source, s.place(), s.record)?,
         }
     }
     for exclusion in &exclusions {

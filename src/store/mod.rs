@@ -35,8 +35,9 @@ pub use neardup::SignatureCursor;
 pub use transaction::{ExclusionBatch, ImportBatch, NearDupBatch};
 pub use types::{
     ClusterMembership, Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts,
-    ImportRecord, ImportRecordBeforePrefix, ImportState, LegacyImportRecord, LegacyReject, NearDupParams, ProvenanceEntry,
-    ProvenanceValue, ProvenanceValueWithId, Reject, RejectKind, RejectReason, StoredExample,
+    ImportRecord, ImportRecordBeforePrefix, ImportState, LegacyImportRecord, LegacyReject,
+    NearDupParams, ProvenanceEntry, ProvenanceValue, ProvenanceValueWithId, Reject, RejectKind,
+    RejectReason, StoredExample,
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
@@ -460,11 +461,13 @@ impl Store {
             let (_, value) = item.map_err(|e| self.rocks(e))?;
             // Import records written before `prefix` lack it, those before `file_sha1`
             // both.
-            let import = match self.decode_or_legacy::<ImportRecord, ImportRecordBeforePrefix>(
-                &value, "import",
-            ) {
+            let import = match self
+                .decode_or_legacy::<ImportRecord, ImportRecordBeforePrefix>(&value, "import")
+            {
                 Ok(import) => import,
-                Err(_) => self.decode_or_legacy::<ImportRecord, LegacyImportRecord>(&value, "import")?,
+                Err(_) => {
+                    self.decode_or_legacy::<ImportRecord, LegacyImportRecord>(&value, "import")?
+                }
             };
             out.push(import);
         }

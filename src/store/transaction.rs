@@ -107,7 +107,13 @@ impl ImportBatch<'_> {
 
     /// Records that `record` (at `line`, with `id` in an `id -> record` document) of this
     /// import gave `hash`.
-    pub fn add_provenance(&mut self, hash: ContentHash, record: u64, line: u64, id: Option<String>) {
+    pub fn add_provenance(
+        &mut self,
+        hash: ContentHash,
+        record: u64,
+        line: u64,
+        id: Option<String>,
+    ) {
         self.provenance.push((hash, record, line, id));
     }
 
