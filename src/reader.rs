@@ -981,7 +981,19 @@ impl RecordReader {
             }
             let mut used = 0;
             let mut lines = 0;
-            for &b in buf {
+            while used < buf.len() {
+                if in_string && !escaped {
+                    // Most of a record is string content: jump to the next byte that
+                    // matters inside a string.
+                    match memchr::memchr3(b'"', b'\\', b'\n', &buf[used..]) {
+                        Some(skip) => used += skip,
+                        None => {
+                            used = buf.len();
+                            break;
+                        }
+                    }
+                }
+                let b = buf[used];
                 if first.is_some() && depth == 0 && !in_string {
                     if matches!(b, b',' | b']' | b'}' | b':' | b' ' | b'\t' | b'\r' | b'\n') {
                         complete = true;
@@ -1004,7 +1016,7 @@ impl RecordReader {
                             complete = true;
                             break;
                         }
-                    } else if b < 0x20 {
+                    } else if b == b'\n' {
                         control_in_string = true;
                     }
                 } else {
@@ -1449,7 +1461,8 @@ struct Scanned {
     len: u64,
     complete: bool,
     first: Option<u8>,
-    /// A raw control character inside a string (not JSON).
+    /// A raw line break inside a string (not JSON: a JSONL line cut short, not a
+    /// document).
     control_in_string: bool,
 }
 
