@@ -266,9 +266,12 @@ pub fn ingest_file(
         source,
     };
     let fingerprint = reader::fingerprint(path).map_err(io_error)?;
+    // Detection finds where a document's records start, so the import's reader does not
+    // look for them again.
+    let mut records_start = None;
     let reading = match &options.format {
         Some(format) => Reading::One(format.clone()),
-        None => detect(path, options).map_err(|message| match message {
+        None => detect(path, options, &mut records_start).map_err(|message| match message {
             DetectError::Io(e) => io_error(e),
             DetectError::Shape(message) => Error::Detect {
                 path: path.to_owned(),
@@ -389,7 +392,12 @@ pub fn ingest_file(
         at: import.checkpoint,
         container,
     });
-    let reader = open_reader(path, resume, options).map_err(io_error)?;
+    let reader = match (resume, records_start) {
+        (None, Some(start)) => {
+            RecordReader::open_records_at(path, start, options.max_record_bytes).map_err(io_error)?
+        }
+        _ => open_reader(path, resume, options).map_err(io_error)?,
+    };
     import.container = Some(reader.container());
     let mut hasher = match hasher {
         Some(hasher) => hasher,
@@ -570,8 +578,13 @@ enum DetectError {
 /// resumed import decides the same way.
 const DETECT_SAMPLE: usize = 64;
 
-fn detect(path: &Path, options: &IngestOptions) -> std::result::Result<Reading, DetectError> {
+fn detect(
+    path: &Path,
+    options: &IngestOptions,
+    records_start: &mut Option<Resume>,
+) -> std::result::Result<Reading, DetectError> {
     let mut reader = open_reader(path, None, options).map_err(DetectError::Io)?;
+    *records_start = reader.records_start();
     let mut sample = Vec::new();
     while sample.len() < DETECT_SAMPLE {
         match reader.next_item().map_err(DetectError::Io)? {

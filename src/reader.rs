@@ -299,6 +299,8 @@ pub struct RecordReader {
     document: Option<std::vec::IntoIter<Vec<u8>>>,
     /// Where a document's records are (`--records`); found by their shape without it.
     records: Option<String>,
+    /// Where a streamed document's records start.
+    records_start: Option<Position>,
 }
 
 struct ParquetRows {
@@ -342,6 +344,28 @@ impl RecordReader {
         records: &str,
     ) -> io::Result<RecordReader> {
         RecordReader::open_as(path, resume, max_record_bytes, true, Some(records))
+    }
+
+    /// A reader at the start of a document's records, as [`RecordReader::records_start`]
+    /// of an earlier reader of the same file found it: no second pass over the
+    /// document's structure.
+    pub fn open_records_at(
+        path: &Path,
+        start: Resume,
+        max_record_bytes: usize,
+    ) -> io::Result<RecordReader> {
+        let mut reader = RecordReader::open_as(path, Some(start), max_record_bytes, true, None)?;
+        reader.array = ArrayState::Start;
+        Ok(reader)
+    }
+
+    /// Where the records of a streamed document start (the `[` or `{` that opens them),
+    /// before any is read.
+    pub fn records_start(&self) -> Option<Resume> {
+        self.records_start.map(|at| Resume {
+            at,
+            container: self.container,
+        })
     }
 
     /// [`RecordReader::open`]; `documents`: whether a first object that continues past
@@ -403,6 +427,7 @@ impl RecordReader {
             rows: None,
             document: None,
             records: records.map(String::from),
+            records_start: None,
         };
         if resume.is_none() {
             if !reader.detect_container(documents)? {
@@ -493,6 +518,7 @@ impl RecordReader {
             }),
             document: None,
             records: None,
+            records_start: None,
         };
         reader.update_parquet_progress();
         Ok(reader)
@@ -1114,7 +1140,10 @@ impl RecordReader {
         };
         let shown = at.as_deref().unwrap_or("");
         match self.navigate(shown, &segments) {
-            Ok(Ok(container)) => self.container = container,
+            Ok(Ok(container)) => {
+                self.container = container;
+                self.records_start = Some(self.pos);
+            }
             Ok(Err(message)) => self.file_note(message),
             Err(e) => self.stream_failed(e)?,
         }
@@ -1149,6 +1178,7 @@ impl RecordReader {
             rows: None,
             document: None,
             records: None,
+            records_start: None,
         };
         if scan.input.fill_buf()?.starts_with(b"\xef\xbb\xbf") {
             scan.input.consume(3);

@@ -336,6 +336,18 @@ fn json_object_documents_give_their_records_and_resume_by_record() {
             items.iter().map(|i| i.at.records).collect::<Vec<_>>(),
             (0..expected.len() as u64).collect::<Vec<_>>()
         );
+        // A reader opened where an earlier one found the records reads the same.
+        let start = RecordReader::open(&path, None, DEFAULT_MAX_RECORD_BYTES)
+            .unwrap()
+            .records_start()
+            .unwrap();
+        let mut again =
+            RecordReader::open_records_at(&path, start, DEFAULT_MAX_RECORD_BYTES).unwrap();
+        for item in &items {
+            let other = again.next_item().unwrap().unwrap();
+            assert_eq!((bytes(&other), other.at, &other.id), (bytes(item), item.at, &item.id));
+        }
+        assert!(again.next_item().unwrap().is_none());
         // Resuming after the first record gives the rest.
         let mut first = RecordReader::open(&path, None, DEFAULT_MAX_RECORD_BYTES).unwrap();
         first.next_item().unwrap().unwrap();
