@@ -1121,11 +1121,9 @@ impl RecordReader {
                 let mut scan = self.rescan()?;
                 let survey = match scan.survey() {
                     Ok(survey) => survey,
-                    Err(e) if scan.compression != Compression::None => {
-                        // A corrupt compressed stream: read as far as it goes, as JSONL.
-                        let _ = e;
-                        return Ok(false);
-                    }
+                    // A corrupt compressed stream: read as JSONL, which keeps what comes
+                    // before the damage and notes it.
+                    Err(_) if scan.compression != Compression::None => return Ok(false),
                     Err(e) => return Err(e),
                 };
                 match survey {

@@ -119,11 +119,25 @@ fn a_document_is_streamed_record_by_record_and_an_oversized_record_is_only_rejec
     use corpusdb::store::{ImportState, RejectKind};
     let dir = tempfile::tempdir().unwrap();
     let n = 3000;
-    for by_id in [false, true] {
-        let name = if by_id { "by-id.json" } else { "list.json" };
+    // Plain, and gzip-compressed (resumed by decompressing and discarding).
+    for (by_id, gzip) in [(false, false), (true, false), (true, true)] {
+        let name = match (by_id, gzip) {
+            (false, _) => "list.json",
+            (true, false) => "by-id.json",
+            (true, true) => "by-id.json.gz",
+        };
         let text = document(n, 1700, by_id);
         assert!(text.len() > 3 << 20);
-        let path = write(dir.path(), name, text.as_bytes());
+        let bytes = if gzip {
+            use std::io::Write;
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder.write_all(text.as_bytes()).unwrap();
+            encoder.finish().unwrap()
+        } else {
+            text.clone().into_bytes()
+        };
+        let path = write(dir.path(), name, &bytes);
         let mut options = IngestOptions::new("doc", "instruction");
         options.max_record_bytes = 4 << 10;
         options.batch_records = 256;
@@ -149,7 +163,7 @@ fn a_document_is_streamed_record_by_record_and_an_oversized_record_is_only_rejec
             (rejects[0].record, rejects[0].kind),
             (Some(1700), RejectKind::TooLarge)
         );
-        assert!(rejects[0].path.ends_with(name));
+        assert!(rejects[0].path.ends_with(name), "{}", rejects[0].path);
         assert!(
             rejects[0].reason.contains("over the 4.0 KiB limit")
                 && (!by_id || rejects[0].reason.starts_with("id `p1700`: ")),
