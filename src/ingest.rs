@@ -393,9 +393,8 @@ pub fn ingest_file(
         container,
     });
     let reader = match (resume, records_start) {
-        (None, Some(start)) => {
-            RecordReader::open_records_at(path, start, options.max_record_bytes).map_err(io_error)?
-        }
+        (None, Some(start)) => RecordReader::open_records_at(path, start, options.max_record_bytes)
+            .map_err(io_error)?,
         _ => open_reader(path, resume, options).map_err(io_error)?,
     };
     import.container = Some(reader.container());

@@ -1020,11 +1020,13 @@ impl RecordReader {
                     }
                 }
                 let b = buf[used];
-                if first.is_some() && depth == 0 && !in_string {
-                    if matches!(b, b',' | b']' | b'}' | b':' | b' ' | b'\t' | b'\r' | b'\n') {
-                        complete = true;
-                        break;
-                    }
+                if first.is_some()
+                    && depth == 0
+                    && !in_string
+                    && matches!(b, b',' | b']' | b'}' | b':' | b' ' | b'\t' | b'\r' | b'\n')
+                {
+                    complete = true;
+                    break;
                 }
                 used += 1;
                 if b == b'\n' {
@@ -1452,7 +1454,7 @@ impl RecordReader {
                         )),
                         (Ok(_), true) => None,
                     };
-                    item.id = key.ok().map(|key| cut_id(key));
+                    item.id = key.ok().map(cut_id);
                     if let (Some(message), RawBody::Bytes(bytes)) = (problem, &mut item.body) {
                         item.body = RawBody::Unreadable {
                             reason: RejectReason::new(RejectKind::MalformedJson, message),

@@ -345,7 +345,10 @@ fn json_object_documents_give_their_records_and_resume_by_record() {
             RecordReader::open_records_at(&path, start, DEFAULT_MAX_RECORD_BYTES).unwrap();
         for item in &items {
             let other = again.next_item().unwrap().unwrap();
-            assert_eq!((bytes(&other), other.at, &other.id), (bytes(item), item.at, &item.id));
+            assert_eq!(
+                (bytes(&other), other.at, &other.id),
+                (bytes(item), item.at, &item.id)
+            );
         }
         assert!(again.next_item().unwrap().is_none());
         // Resuming after the first record gives the rest.
