@@ -204,11 +204,17 @@ impl Store {
         options.set_max_open_files(-1);
         let mut attempt = 0;
         let db = loop {
-            // Only the families the store has (one written before `neardup` lacks it).
+            // A store written before `neardup` lacks it; every other family must be
+            // there (one missing is a store still being created, or whose creation was
+            // killed: RocksDB then reports the family not found).
             let present = DB::list_cf(&options, path).unwrap_or_default();
             let descriptors = column_families(&StoreOptions::default())
                 .into_iter()
-                .filter(|d| present.is_empty() || present.iter().any(|p| p == d.name()))
+                .filter(|d| {
+                    d.name() != CF_NEARDUP
+                        || present.is_empty()
+                        || present.iter().any(|p| p == d.name())
+                })
                 .collect::<Vec<_>>();
             match DB::open_cf_descriptors_read_only(&options, path, descriptors, false) {
                 Ok(db) => break db,
