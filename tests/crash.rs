@@ -114,7 +114,9 @@ fn kill_resume_compare(durability: &[&str]) {
     let crashed = dir.path().join("crashed");
     let mut kills = 0;
     let mut partial_seen = Vec::new();
-    for wait_ms in [150u64, 400, 250, 700, 100] {
+    // Fixed delays land anywhere, also before the first checkpoint on a loaded machine;
+    // `None` waits until a checkpoint is on disk (seen by a reader) before the kill.
+    for wait_ms in [Some(150u64), Some(400), None, Some(700), Some(100)] {
         let mut child = ingest_cmd(&crashed, &corpus, durability)
             .env("CORPUSDB_TEST_BATCH_DELAY_MS", "60")
             .stdout(Stdio::null())
@@ -122,9 +124,24 @@ fn kill_resume_compare(durability: &[&str]) {
             .spawn()
             .unwrap();
         let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(wait_ms) {
+        let checkpointed = || {
+            crashed.join("CURRENT").exists()
+                && Store::open_read_only(&crashed).is_ok_and(|store| {
+                    store.imports().is_ok_and(|imports| {
+                        imports
+                            .iter()
+                            .any(|i| i.state == ImportState::Partial && i.counts.read > 0)
+                    })
+                })
+        };
+        loop {
             if child.try_wait().unwrap().is_some() {
                 break;
+            }
+            match wait_ms {
+                Some(ms) if start.elapsed() >= Duration::from_millis(ms) => break,
+                None if start.elapsed() >= Duration::from_secs(60) || checkpointed() => break,
+                _ => {}
             }
             std::thread::sleep(Duration::from_millis(5));
         }
