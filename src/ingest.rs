@@ -25,7 +25,9 @@ use rayon::prelude::*;
 use crate::category::{self, Rule};
 use crate::conversation::ContentHash;
 use crate::formats::{Detected, Format, Formats, Outcome};
-use crate::reader::{self, FileNote, Position, RawBody, RawItem, RecordReader, Resume};
+use crate::reader::{
+    self, FileNote, FilePrefix, Position, PrefixHasher, RawBody, RawItem, RecordReader, Resume,
+};
 use crate::store::{
     self, Counters, ImportCounts, ImportRecord, ImportState, Reject, RejectKind, RejectReason,
     Store,
@@ -42,6 +44,14 @@ pub enum Error {
     },
     #[error("{}: {message}", path.display())]
     Detect { path: PathBuf, message: String },
+    #[error("{}: changed since its import #{import} (source `{source_name}`) was interrupted: its first {} are no longer those the import read (the sampled fingerprint and the length are the same, so the file was edited in place). The {imported} records imported from it stay in the store. Restore the file to resume that import, or run again with --restart-changed to import the file as it is now as a new import from its start (records that did not change count as duplicates)", path.display(), reader::human_bytes(*checked))]
+    Changed {
+        path: PathBuf,
+        import: u32,
+        source_name: String,
+        checked: u64,
+        imported: u64,
+    },
     #[error("{}:{line}: record {record}: {reason} (--strict stops at the first bad record; nothing of its batch was written)", path.display())]
     Strict {
         path: PathBuf,
@@ -76,6 +86,9 @@ pub struct IngestOptions {
     /// Where a JSON object document's records are (`--records`: a dotted path or JSON
     /// pointer); without it, found by their shape.
     pub records: Option<String>,
+    /// A partial import whose file changed in the part already read is started again as
+    /// a new import (else the run stops with [`Error::Changed`]).
+    pub restart_changed: bool,
     /// Pause after each committed batch (a test hook to make kills land mid-import).
     pub batch_delay: Option<Duration>,
     /// Hand each new example's message texts to [`Observer::batch_stored`] (a full-text
@@ -96,6 +109,7 @@ impl IngestOptions {
             batch_records: 4096,
             max_record_bytes: reader::DEFAULT_MAX_RECORD_BYTES,
             records: None,
+            restart_changed: false,
             batch_delay: None,
             keep_text: false,
         }
@@ -164,6 +178,8 @@ pub struct FileOutcome {
 /// What the parser works on: one record, or the rows of a group joined into a JSON list.
 struct Unit {
     at: Position,
+    /// The record's id in an `id -> record` document (a group's: its first row's).
+    id: Option<String>,
     /// Records of the file it covers (including `rejects`).
     rows: u64,
     body: RawBody,
@@ -182,6 +198,7 @@ struct RowReject {
 struct Pending {
     key: String,
     at: Position,
+    id: Option<String>,
     rows: Vec<Vec<u8>>,
     size: usize,
     rejects: Vec<RowReject>,
@@ -192,6 +209,9 @@ struct RawBatch {
     items: Vec<Unit>,
     notes: Vec<FileNote>,
     end: Position,
+    /// The file's bytes the batch's records (and all before them) were read from; the
+    /// whole file in the last batch.
+    prefix: FilePrefix,
     file_bytes_read: u64,
     last: bool,
 }
@@ -200,12 +220,14 @@ struct ParsedBatch {
     items: Vec<Parsed>,
     notes: Vec<FileNote>,
     end: Position,
+    prefix: FilePrefix,
     file_bytes_read: u64,
     last: bool,
 }
 
 struct Parsed {
     at: Position,
+    id: Option<String>,
     rows: u64,
     row_rejects: Vec<RowReject>,
     /// Each example of the unit, or why the unit gave none.
@@ -244,9 +266,12 @@ pub fn ingest_file(
         source,
     };
     let fingerprint = reader::fingerprint(path).map_err(io_error)?;
+    // Detection finds where a document's records start, so the import's reader does not
+    // look for them again.
+    let mut records_start = None;
     let reading = match &options.format {
         Some(format) => Reading::One(format.clone()),
-        None => detect(path, options).map_err(|message| match message {
+        None => detect(path, options, &mut records_start).map_err(|message| match message {
             DetectError::Io(e) => io_error(e),
             DetectError::Shape(message) => Error::Detect {
                 path: path.to_owned(),
@@ -257,7 +282,9 @@ pub fn ingest_file(
     let mut counters = store.counters()?;
     // The imports of this source whose sampled fingerprint matches. A finished one whose
     // whole-file hash differs is of other content (an edit the samples missed): this file
-    // is then new. An unfinished one is resumed.
+    // is then new. An unfinished one is resumed if the bytes it read are still the same
+    // (its checkpoint's prefix hash); if they changed, the run stops with
+    // `Error::Changed` unless `restart_changed` makes the file a new import.
     let candidates: Vec<ImportRecord> = store
         .imports()?
         .into_iter()
@@ -265,9 +292,11 @@ pub fn ingest_file(
         .collect();
     let mut file_sha1 = None;
     let mut existing = None;
+    let mut hasher = None;
+    let mut changed = None;
     for import in candidates {
-        match (&import.state, &import.file_sha1) {
-            (ImportState::Done, Some(recorded)) => {
+        match (&import.state, &import.file_sha1, &import.prefix) {
+            (ImportState::Done, Some(recorded), _) => {
                 if file_sha1.is_none() {
                     file_sha1 = Some(reader::file_sha1(path).map_err(io_error)?);
                 }
@@ -276,15 +305,35 @@ pub fn ingest_file(
                     break;
                 }
             }
-            _ => {
+            (ImportState::Done, None, _) => {
                 existing = Some(import);
-                if existing
-                    .as_ref()
-                    .is_some_and(|i| i.state == ImportState::Done)
-                {
-                    break;
+                break;
+            }
+            (ImportState::Partial, _, Some(prefix)) => {
+                match PrefixHasher::resume(path, prefix).map_err(io_error)? {
+                    Some(resumed) => {
+                        hasher = Some(resumed);
+                        existing = Some(import);
+                    }
+                    None => changed = Some(import),
                 }
             }
+            // Begun before checkpoints recorded their prefix: resumed unchecked.
+            (ImportState::Partial, _, None) => {
+                hasher = None;
+                existing = Some(import);
+            }
+        }
+    }
+    if let (None, Some(import)) = (&existing, &changed) {
+        if !options.restart_changed {
+            return Err(Error::Changed {
+                path: path.to_owned(),
+                import: import.id,
+                source_name: import.source.clone(),
+                checked: import.prefix.map_or(0, |p| p.bytes),
+                imported: import.counts.read,
+            });
         }
     }
     let now = unix_now();
@@ -334,6 +383,7 @@ pub fn ingest_file(
                 started_unix: now,
                 updated_unix: now,
                 file_sha1: None,
+                prefix: None,
             };
             (import, None)
         }
@@ -342,8 +392,16 @@ pub fn ingest_file(
         at: import.checkpoint,
         container,
     });
-    let reader = open_reader(path, resume, options).map_err(io_error)?;
+    let reader = match (resume, records_start) {
+        (None, Some(start)) => RecordReader::open_records_at(path, start, options.max_record_bytes)
+            .map_err(io_error)?,
+        _ => open_reader(path, resume, options).map_err(io_error)?,
+    };
     import.container = Some(reader.container());
+    let mut hasher = match hasher {
+        Some(hasher) => hasher,
+        None => PrefixHasher::new(path).map_err(io_error)?,
+    };
     let (_, file_len) = reader.file_progress();
     observer.file_started(path, file_len, resumed_from);
     let start_bytes = import.checkpoint.bytes;
@@ -358,6 +416,7 @@ pub fn ingest_file(
         notes: Vec::new(),
         path,
         known_sha1: file_sha1,
+        file_len,
     };
     let reading = &reading;
     let rules = &options.rules;
@@ -399,10 +458,22 @@ pub fn ingest_file(
                         }
                     }
                 }
+                // The bytes read so far, hashed once more (the page cache holds them);
+                // to the end of the file with the last batch.
+                let covered = if last {
+                    units.reader.file_progress().1
+                } else {
+                    units.reader.covered_bytes()
+                };
+                if let Err(e) = hasher.extend_to(covered) {
+                    let _ = raw_tx.send(Err(e));
+                    return;
+                }
                 let batch = RawBatch {
                     items,
                     notes: units.reader.take_notes(),
                     end: units.resume_position(),
+                    prefix: hasher.digest(),
                     file_bytes_read: progress.load(Ordering::Relaxed),
                     last,
                 };
@@ -421,6 +492,7 @@ pub fn ingest_file(
                         .collect(),
                     notes: batch.notes,
                     end: batch.end,
+                    prefix: batch.prefix,
                     file_bytes_read: batch.file_bytes_read,
                     last: batch.last,
                 });
@@ -505,8 +577,13 @@ enum DetectError {
 /// resumed import decides the same way.
 const DETECT_SAMPLE: usize = 64;
 
-fn detect(path: &Path, options: &IngestOptions) -> std::result::Result<Reading, DetectError> {
+fn detect(
+    path: &Path,
+    options: &IngestOptions,
+    records_start: &mut Option<Resume>,
+) -> std::result::Result<Reading, DetectError> {
     let mut reader = open_reader(path, None, options).map_err(DetectError::Io)?;
+    *records_start = reader.records_start();
     let mut sample = Vec::new();
     while sample.len() < DETECT_SAMPLE {
         match reader.next_item().map_err(DetectError::Io)? {
@@ -549,6 +626,7 @@ impl Units {
         let Some(group_by) = &self.group_by else {
             return Ok(self.reader.next_item()?.map(|item| Unit {
                 at: item.at,
+                id: item.id,
                 rows: 1,
                 body: item.body,
                 rejects: Vec::new(),
@@ -570,7 +648,7 @@ impl Units {
                     };
                     let reject = RowReject {
                         at: item.at,
-                        reason,
+                        reason: with_id(reason, item.id.as_deref()),
                         raw,
                     };
                     // Inside a group the row is rejected with the group; the group goes
@@ -583,6 +661,7 @@ impl Units {
                         None => {
                             return Ok(Some(Unit {
                                 at: reject.at,
+                                id: item.id,
                                 rows: 1,
                                 body: RawBody::Unreadable {
                                     reason: reject.reason,
@@ -609,6 +688,7 @@ impl Units {
                     let done = self.pending.replace(Pending {
                         key,
                         at: item.at,
+                        id: item.id,
                         rows: vec![bytes],
                         size,
                         rejects: Vec::new(),
@@ -664,6 +744,7 @@ fn joined(group: Pending) -> Unit {
     body.push(b']');
     Unit {
         at: group.at,
+        id: group.id,
         rows: (group.rows.len() + group.rejects.len()) as u64,
         body: RawBody::Bytes(body),
         rejects: group.rejects,
@@ -726,6 +807,7 @@ fn parse_unit(
     };
     Parsed {
         at: unit.at,
+        id: unit.id,
         rows: unit.rows,
         row_rejects: unit.rejects,
         outcome,
@@ -745,6 +827,8 @@ struct BatchWriter<'a> {
     path: &'a Path,
     /// The file's SHA-1 when a re-run already computed it.
     known_sha1: Option<String>,
+    /// The file's length when its reading began.
+    file_len: u64,
 }
 
 impl BatchWriter<'_> {
@@ -752,17 +836,18 @@ impl BatchWriter<'_> {
         if self.options.strict {
             for item in &batch.items {
                 // A bad row inside a group comes first in the file.
-                let bad =
-                    item.row_rejects
-                        .first()
-                        .map(|r| (r.at, &r.reason))
-                        .or(match &item.outcome {
-                            Err(reason) => Some((item.at, reason)),
-                            Ok(list) => list
-                                .iter()
-                                .find_map(|e| e.as_ref().err())
-                                .map(|reason| (item.at, reason)),
-                        });
+                let bad = item
+                    .row_rejects
+                    .first()
+                    .map(|r| (r.at, r.reason.clone()))
+                    .or(match &item.outcome {
+                        Err(reason) => Some((item.at, reason.clone())),
+                        Ok(list) => list
+                            .iter()
+                            .find_map(|e| e.as_ref().err())
+                            .map(|reason| (item.at, reason.clone())),
+                    }
+                    .map(|(at, reason)| (at, with_id(reason, item.id.as_deref()))));
                 if let Some((at, reason)) = bad {
                     return Err(Error::Strict {
                         path: self.path.to_owned(),
@@ -852,7 +937,12 @@ impl BatchWriter<'_> {
                                 texts: encoded.texts,
                             });
                         }
-                        write.add_provenance(hash, item.at.records, item.at.line());
+                        write.add_provenance(
+                            hash,
+                            item.at.records,
+                            item.at.line(),
+                            item.id.clone(),
+                        );
                     }
                     Err(reason) => {
                         counts.rejected += 1;
@@ -861,6 +951,7 @@ impl BatchWriter<'_> {
                         } else {
                             reason
                         };
+                        let reason = with_id(reason, item.id.as_deref());
                         if self.first_rejects.len() < FIRST_REJECTS_KEPT {
                             self.first_rejects
                                 .push((item.at.line(), reason.message.clone()));
@@ -896,13 +987,15 @@ impl BatchWriter<'_> {
             ));
         }
         self.import.checkpoint = batch.end;
+        self.import.prefix = Some(batch.prefix);
         self.import.updated_unix = unix_now();
         if batch.last {
             self.import.state = ImportState::Done;
-            // The whole file's hash, for re-runs to compare, in the same write as `Done`
-            // (its bytes were just read: the page cache usually holds them).
+            // The whole file's hash, for re-runs to compare, in the same write as `Done`:
+            // the last batch's prefix is the whole file.
             let hash = match self.known_sha1.take() {
                 Some(hash) => hash,
+                None if batch.prefix.bytes == self.file_len => batch.prefix.sha1_hex(),
                 None => reader::file_sha1(self.path).map_err(|source| Error::Io {
                     path: self.path.to_owned(),
                     source,
@@ -921,6 +1014,14 @@ impl BatchWriter<'_> {
             gained_source,
         });
         Ok(())
+    }
+}
+
+/// `reason`, naming the record's id when it has one (`id `a17`: ...`).
+fn with_id(reason: RejectReason, id: Option<&str>) -> RejectReason {
+    match id {
+        Some(id) => reason.prefixed(&format!("id `{id}`: ")),
+        None => reason,
     }
 }
 

@@ -3,9 +3,13 @@
 //! The reader yields the raw bytes of each record with its position (record index, line,
 //! byte offset in the decompressed stream); it never parses records, so it can resume at
 //! any committed [`Position`] and skip oversized or truncated records without holding them
-//! in memory. Containers: JSONL and a JSON array of records (streamed), each optionally
-//! gzip- or zstd-compressed, and Parquet (rows streamed by row group and handed on as
-//! JSON records); all detected by magic bytes, not by extension.
+//! in memory. Containers: JSONL, a JSON array of records and a JSON object document that
+//! holds them (a list under a key, or an `id -> record` object), all streamed, each
+//! optionally gzip- or zstd-compressed, and Parquet (rows streamed by row group and handed
+//! on as JSON records); all detected by magic bytes and first bytes, not by extension.
+//!
+//! [`PrefixHasher`] hashes the file's bytes as far as the reader has consumed them, so an
+//! import's checkpoint can record what the records before it were read from.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
@@ -51,7 +55,12 @@ pub struct RawItem {
     /// Where the record starts; `at.records` is its 0-based index.
     pub at: Position,
     pub body: RawBody,
+    /// The record's key in an `id -> record` document (metadata: never hashed).
+    pub id: Option<String>,
 }
+
+/// The longest record id kept (bytes); longer ids are cut at a character boundary.
+pub const MAX_ID_BYTES: usize = 1024;
 
 #[derive(Debug)]
 pub enum RawBody {
@@ -78,13 +87,28 @@ pub enum Container {
     JsonArray,
     /// Apache Parquet: each row becomes a JSON record (nested lists and structs included).
     Parquet,
-    /// One JSON object spread over many lines that holds the records: a list under a key
-    /// (`{"data": [...]}`) or the values of an `id -> record` object. Read whole (up to
-    /// [`MAX_DOCUMENT_BYTES`]); positions count records, and resuming skips records.
+    /// A JSON object document as imports begun before documents were streamed read it:
+    /// whole (up to [`MAX_DOCUMENT_BYTES`]), positions counting records. Only such an
+    /// import's resume reads a file this way.
     Document,
+    /// A JSON object document whose records are a list (`{"data": [...]}`, or under the
+    /// `--records` path), streamed element by element like a JSON array; positions are
+    /// bytes and lines of the stream, so resuming seeks.
+    DocumentList,
+    /// A JSON object document whose records are the values of an `id -> record` object
+    /// (the document itself, or the object under a key), streamed member by member; each
+    /// record keeps its id.
+    DocumentById,
 }
 
-/// The largest JSON object document read whole.
+impl Container {
+    /// Records inside a JSON object document (streamed).
+    fn in_document(self) -> bool {
+        matches!(self, Container::DocumentList | Container::DocumentById)
+    }
+}
+
+/// The largest JSON object document read whole ([`Container::Document`] resumes only).
 pub const MAX_DOCUMENT_BYTES: u64 = 2 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +161,72 @@ pub fn file_sha1(path: &Path) -> io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// The SHA-1 of a file's first `bytes` bytes as they are on disk: what an import's
+/// records up to its checkpoint were read from (compressed files as compressed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePrefix {
+    pub bytes: u64,
+    pub sha1: [u8; 20],
+}
+
+impl FilePrefix {
+    pub fn sha1_hex(&self) -> String {
+        hex::encode(self.sha1)
+    }
+}
+
+/// Hashes a file from its start as far as asked, reading each byte once: an import
+/// extends it to what its reader has consumed at each checkpoint and records the
+/// [`FilePrefix`]; extended to the end it is the whole file's SHA-1 ([`file_sha1`]).
+pub struct PrefixHasher {
+    file: File,
+    hasher: Sha1,
+    hashed: u64,
+}
+
+impl PrefixHasher {
+    pub fn new(path: &Path) -> io::Result<PrefixHasher> {
+        Ok(PrefixHasher {
+            file: File::open(path)?,
+            hasher: Sha1::new(),
+            hashed: 0,
+        })
+    }
+
+    /// Hashes the file's first `recorded.bytes` bytes and compares them with `recorded`:
+    /// the hasher, positioned after them, when they are the same; `None` when they
+    /// differ (or the file is shorter now).
+    pub fn resume(path: &Path, recorded: &FilePrefix) -> io::Result<Option<PrefixHasher>> {
+        let mut hasher = PrefixHasher::new(path)?;
+        hasher.extend_to(recorded.bytes)?;
+        Ok((hasher.digest() == *recorded).then_some(hasher))
+    }
+
+    /// Hashes on to byte `end` (or the end of the file, if sooner); nothing when `end` is
+    /// behind what is hashed.
+    pub fn extend_to(&mut self, end: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; (1 << 20).min(end.saturating_sub(self.hashed)) as usize];
+        while self.hashed < end {
+            let want = ((end - self.hashed) as usize).min(buf.len());
+            let n = self.file.read(&mut buf[..want])?;
+            if n == 0 {
+                break;
+            }
+            self.hasher.update(&buf[..n]);
+            self.hashed += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The hash of the bytes hashed so far.
+    pub fn digest(&self) -> FilePrefix {
+        FilePrefix {
+            bytes: self.hashed,
+            sha1: self.hasher.clone().finalize().into(),
+        }
+    }
+}
+
 fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
@@ -162,6 +252,34 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
+/// The decompressed stream of `file` from raw byte `seek_to`, and a counter of the raw
+/// bytes read (starting at `seek_to`).
+fn decoded_input(
+    mut file: File,
+    compression: Compression,
+    seek_to: u64,
+) -> io::Result<(Box<dyn BufRead + Send>, Arc<AtomicU64>)> {
+    file.seek(SeekFrom::Start(seek_to))?;
+    let counter = Arc::new(AtomicU64::new(seek_to));
+    let counted = CountingReader {
+        inner: file,
+        count: counter.clone(),
+    };
+    const BUF: usize = 256 << 10;
+    let input: Box<dyn BufRead + Send> = match compression {
+        Compression::None => Box::new(BufReader::with_capacity(BUF, counted)),
+        Compression::Gzip => Box::new(BufReader::with_capacity(
+            BUF,
+            flate2::read::MultiGzDecoder::new(BufReader::with_capacity(BUF, counted)),
+        )),
+        Compression::Zstd => Box::new(BufReader::with_capacity(
+            BUF,
+            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(BUF, counted))?,
+        )),
+    };
+    Ok((input, counter))
+}
+
 /// Streams the records of one file.
 pub struct RecordReader {
     path: PathBuf,
@@ -181,11 +299,16 @@ pub struct RecordReader {
     document: Option<std::vec::IntoIter<Vec<u8>>>,
     /// Where a document's records are (`--records`); found by their shape without it.
     records: Option<String>,
+    /// Where a streamed document's records start.
+    records_start: Option<Position>,
 }
 
 struct ParquetRows {
     rows: parquet::record::reader::RowIter<'static>,
     total: u64,
+    /// Per row group: rows up to its end, and the file's bytes up to the end of its data
+    /// (and of every group before it).
+    group_ends: Vec<(u64, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,6 +346,28 @@ impl RecordReader {
         RecordReader::open_as(path, resume, max_record_bytes, true, Some(records))
     }
 
+    /// A reader at the start of a document's records, as [`RecordReader::records_start`]
+    /// of an earlier reader of the same file found it: no second pass over the
+    /// document's structure.
+    pub fn open_records_at(
+        path: &Path,
+        start: Resume,
+        max_record_bytes: usize,
+    ) -> io::Result<RecordReader> {
+        let mut reader = RecordReader::open_as(path, Some(start), max_record_bytes, true, None)?;
+        reader.array = ArrayState::Start;
+        Ok(reader)
+    }
+
+    /// Where the records of a streamed document start (the `[` or `{` that opens them),
+    /// before any is read.
+    pub fn records_start(&self) -> Option<Resume> {
+        self.records_start.map(|at| Resume {
+            at,
+            container: self.container,
+        })
+    }
+
     /// [`RecordReader::open`]; `documents`: whether a first object that continues past
     /// its first line may be a JSON object document (else the file is JSONL).
     fn open_as(
@@ -247,30 +392,13 @@ impl RecordReader {
         }
         let document = resume.is_some_and(|r| r.container == Container::Document);
         // Plain files seek to the checkpoint; compressed ones decompress and discard; a
-        // document is read again from its start.
+        // document read whole is read again from its start.
         let seek_to = if compression == Compression::None && !document {
             start.bytes
         } else {
             0
         };
-        file.seek(SeekFrom::Start(seek_to))?;
-        let counter = Arc::new(AtomicU64::new(seek_to));
-        let counted = CountingReader {
-            inner: file,
-            count: counter.clone(),
-        };
-        const BUF: usize = 256 << 10;
-        let mut input: Box<dyn BufRead + Send> = match compression {
-            Compression::None => Box::new(BufReader::with_capacity(BUF, counted)),
-            Compression::Gzip => Box::new(BufReader::with_capacity(
-                BUF,
-                flate2::read::MultiGzDecoder::new(BufReader::with_capacity(BUF, counted)),
-            )),
-            Compression::Zstd => Box::new(BufReader::with_capacity(
-                BUF,
-                zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(BUF, counted))?,
-            )),
-        };
+        let (mut input, counter) = decoded_input(file, compression, seek_to)?;
         if seek_to < start.bytes && !document {
             let skipped = io::copy(&mut (&mut input).take(start.bytes), &mut io::sink())?;
             if skipped < start.bytes {
@@ -299,6 +427,7 @@ impl RecordReader {
             rows: None,
             document: None,
             records: records.map(String::from),
+            records_start: None,
         };
         if resume.is_none() {
             if !reader.detect_container(documents)? {
@@ -331,19 +460,29 @@ impl RecordReader {
             )
         };
         // Resuming skips whole row groups by their metadata, then rows within one group.
-        let (skipped_groups, skipped_rows) = {
+        let (skipped_groups, skipped_rows, group_ends) = {
             let reader = SerializedFileReader::new(File::open(path)?).map_err(invalid)?;
             let mut groups = 0;
             let mut rows = 0u64;
+            let mut ends = Vec::new();
+            let (mut rows_end, mut bytes_end) = (0u64, 0u64);
+            let mut counting = true;
             for group in reader.metadata().row_groups() {
                 let group_rows = group.num_rows().max(0) as u64;
-                if rows + group_rows > start.records {
-                    break;
+                rows_end += group_rows;
+                for column in group.columns() {
+                    let (offset, len) = column.byte_range();
+                    bytes_end = bytes_end.max(offset + len);
                 }
-                rows += group_rows;
-                groups += 1;
+                ends.push((rows_end, bytes_end));
+                if counting && rows + group_rows <= start.records {
+                    rows += group_rows;
+                    groups += 1;
+                } else {
+                    counting = false;
+                }
             }
-            (groups, rows)
+            (groups, rows, ends)
         };
         let skip_groups = move |_: &parquet::file::metadata::RowGroupMetaData, index: usize| {
             index >= skipped_groups
@@ -372,9 +511,14 @@ impl RecordReader {
             file_len,
             notes: Vec::new(),
             finished: false,
-            rows: Some(ParquetRows { rows, total }),
+            rows: Some(ParquetRows {
+                rows,
+                total,
+                group_ends,
+            }),
             document: None,
             records: None,
+            records_start: None,
         };
         reader.update_parquet_progress();
         Ok(reader)
@@ -423,8 +567,7 @@ impl RecordReader {
             Ok(Some(b'{'))
                 if documents && (self.records.is_some() || self.first_line_continues()?) =>
             {
-                self.container = Container::Document;
-                return self.load_document(0);
+                return self.open_document_stream();
             }
             Ok(Some(_)) => self.container = Container::Jsonl,
             Ok(None) => {
@@ -586,6 +729,23 @@ impl RecordReader {
         self.pos
     }
 
+    /// How far into the file on disk the records returned so far lie: the raw bytes read
+    /// from it (a stream, compressed or not), or the end of the row group holding the last
+    /// row returned (Parquet). What a checkpoint's [`FilePrefix`] covers.
+    pub fn covered_bytes(&self) -> u64 {
+        match &self.rows {
+            Some(rows) => {
+                let last = self.pos.records.saturating_sub(1);
+                rows.group_ends
+                    .iter()
+                    .find(|(rows_end, _)| *rows_end > last)
+                    .or(rows.group_ends.last())
+                    .map_or(0, |(_, bytes)| *bytes)
+            }
+            None => self.file_bytes_read.load(Ordering::Relaxed),
+        }
+    }
+
     /// Bytes of the file on disk read so far, and the file's size (for progress).
     pub fn file_progress(&self) -> (u64, u64) {
         (self.file_bytes_read.load(Ordering::Relaxed), self.file_len)
@@ -611,6 +771,8 @@ impl RecordReader {
             Container::JsonArray => self.next_element(),
             Container::Parquet => self.next_row(),
             Container::Document => self.next_document_record(),
+            Container::DocumentList => self.next_element(),
+            Container::DocumentById => self.next_member(),
         };
         let item = match item {
             Ok(item) => item,
@@ -728,13 +890,20 @@ impl RecordReader {
                 ),
                 prefix: prefix(bytes),
             }
-        } else if !complete && self.container == Container::JsonArray {
+        } else if !complete
+            && (self.container == Container::JsonArray || self.container.in_document())
+        {
             RawBody::Unreadable {
                 reason: RejectReason::new(
                     RejectKind::Truncated,
                     format!(
-                        "JSON array ends inside this record (file truncated?): the record \
+                        "JSON {} ends inside this record (file truncated?): the record \
                          starting at line {} byte {} has no closing bracket",
+                        if self.container == Container::JsonArray {
+                            "array"
+                        } else {
+                            "document"
+                        },
                         at.line(),
                         at.bytes
                     ),
@@ -744,7 +913,7 @@ impl RecordReader {
         } else {
             RawBody::Bytes(bytes)
         };
-        RawItem { at, body }
+        RawItem { at, body, id: None }
     }
 
     fn next_element(&mut self) -> io::Result<Option<RawItem>> {
@@ -753,6 +922,9 @@ impl RecordReader {
                 if self.array != ArrayState::Closed {
                     let message = match self.array {
                         ArrayState::Start => "file holds no records".to_string(),
+                        _ if self.container.in_document() => "the JSON document ends inside \
+                            its list of records (file truncated?); every complete record was kept"
+                            .to_string(),
                         _ => "JSON array is not closed with `]` (file truncated?); every complete \
                               record was kept"
                             .to_string(),
@@ -778,17 +950,20 @@ impl RecordReader {
                     self.array = ArrayState::First;
                 }
                 (ArrayState::Closed, _) => {
-                    self.notes.push(FileNote {
-                        at: self.pos,
-                        message: "data after the end of the JSON array was ignored".into(),
-                    });
+                    // After a document's list of records comes the rest of the document.
+                    if !self.container.in_document() {
+                        self.notes.push(FileNote {
+                            at: self.pos,
+                            message: "data after the end of the JSON array was ignored".into(),
+                        });
+                    }
                     io::copy(&mut self.input, &mut io::sink())?;
                     return Ok(None);
                 }
-                (ArrayState::First, _) => return self.scan_value().map(Some),
+                (ArrayState::First, _) => return self.scan_value(None).map(Some),
                 (ArrayState::AfterRecord, _) | (ArrayState::Start, _) => {
                     // Missing comma or a stray byte: read a value from here and reject it.
-                    let mut item = self.scan_value()?;
+                    let mut item = self.scan_value(None)?;
                     if let RawBody::Bytes(bytes) = item.body {
                         item.body = RawBody::Unreadable {
                             reason: RejectReason::new(
@@ -806,15 +981,25 @@ impl RecordReader {
     }
 
     /// Reads one JSON value byte-exactly by tracking strings and bracket depth.
-    fn scan_value(&mut self) -> io::Result<RawItem> {
-        let at = self.pos;
+    fn scan_value(&mut self, at: Option<Position>) -> io::Result<RawItem> {
+        let at = at.unwrap_or(self.pos);
+        let scanned = self.scan_raw(self.max_record_bytes.saturating_add(1))?;
+        self.array = ArrayState::AfterRecord;
+        Ok(self.finish_item(at, scanned.bytes, scanned.len, scanned.complete))
+    }
+
+    /// Consumes one JSON value (string, number, literal, object or array) by tracking
+    /// strings and bracket depth, keeping its first `keep` bytes. A scalar ends at a
+    /// delimiter, which stays unread.
+    fn scan_raw(&mut self, keep: usize) -> io::Result<Scanned> {
         let mut value = Vec::new();
         let mut len: u64 = 0;
         let mut depth: u32 = 0;
         let mut in_string = false;
         let mut escaped = false;
-        let mut started = false;
+        let mut first = None;
         let mut complete = false;
+        let mut control_in_string = false;
         'outer: loop {
             let buf = self.input.fill_buf()?;
             if buf.is_empty() {
@@ -822,19 +1007,32 @@ impl RecordReader {
             }
             let mut used = 0;
             let mut lines = 0;
-            for &b in buf {
-                if started && depth == 0 && !in_string {
-                    // A scalar ends at a delimiter, which stays unread.
-                    if matches!(b, b',' | b']' | b' ' | b'\t' | b'\r' | b'\n') {
-                        complete = true;
-                        break;
+            while used < buf.len() {
+                if in_string && !escaped {
+                    // Most of a record is string content: jump to the next byte that
+                    // matters inside a string.
+                    match memchr::memchr3(b'"', b'\\', b'\n', &buf[used..]) {
+                        Some(skip) => used += skip,
+                        None => {
+                            used = buf.len();
+                            break;
+                        }
                     }
+                }
+                let b = buf[used];
+                if first.is_some()
+                    && depth == 0
+                    && !in_string
+                    && matches!(b, b',' | b']' | b'}' | b':' | b' ' | b'\t' | b'\r' | b'\n')
+                {
+                    complete = true;
+                    break;
                 }
                 used += 1;
                 if b == b'\n' {
                     lines += 1;
                 }
-                started = true;
+                first.get_or_insert(b);
                 if in_string {
                     if escaped {
                         escaped = false;
@@ -846,6 +1044,8 @@ impl RecordReader {
                             complete = true;
                             break;
                         }
+                    } else if b == b'\n' {
+                        control_in_string = true;
                     }
                 } else {
                     match b {
@@ -862,10 +1062,7 @@ impl RecordReader {
                     }
                 }
             }
-            let room = self
-                .max_record_bytes
-                .saturating_add(1)
-                .saturating_sub(value.len());
+            let room = keep.saturating_sub(value.len());
             value.extend_from_slice(&buf[..used.min(room)]);
             len += used as u64;
             self.input.consume(used);
@@ -877,10 +1074,481 @@ impl RecordReader {
         }
         // A scalar running to the end of the file is complete too.
         let complete =
-            complete || (started && depth == 0 && !in_string && value.first() != Some(&b'"'));
-        self.array = ArrayState::AfterRecord;
-        Ok(self.finish_item(at, value, len, complete))
+            complete || (first.is_some() && depth == 0 && !in_string && first != Some(b'"'));
+        Ok(Scanned {
+            bytes: value,
+            len,
+            complete,
+            first,
+            control_in_string,
+        })
     }
+
+    /// Consumes `byte` if it comes next after blank space.
+    fn eat(&mut self, byte: u8) -> io::Result<bool> {
+        if self.skip_whitespace()? == Some(byte) {
+            self.bump(byte);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Reads the JSON string that comes next (an object's key): `Err` when it is not a
+    /// whole, valid string.
+    fn read_key(&mut self) -> io::Result<Result<String, String>> {
+        self.skip_whitespace()?;
+        let scanned = self.scan_raw(self.max_record_bytes.saturating_add(1))?;
+        if !scanned.complete || scanned.first != Some(b'"') {
+            return Ok(Err("expected a key in quotes".into()));
+        }
+        if scanned.len > scanned.bytes.len() as u64 {
+            return Ok(Err(format!(
+                "a key of {}, over the record size limit",
+                human_bytes(scanned.len)
+            )));
+        }
+        Ok(serde_json::from_slice::<String>(&scanned.bytes).map_err(|e| format!("bad key: {e}")))
+    }
+
+    /// Finds the records of a JSON object document that starts at the next byte, leaving
+    /// the reader at the `[` or `{` that opens them: under `--records`, else where a scan
+    /// of the document's structure finds them. `false`: the input is not one JSON value
+    /// (so not a document: the caller reads it as JSONL).
+    fn open_document_stream(&mut self) -> io::Result<bool> {
+        self.container = Container::DocumentList;
+        let at = self.records.clone();
+        let segments = match &at {
+            Some(at) => path_segments(at),
+            None => {
+                let mut scan = self.rescan()?;
+                let survey = match scan.survey() {
+                    Ok(survey) => survey,
+                    // A corrupt compressed stream: read as JSONL, which keeps what comes
+                    // before the damage and notes it.
+                    Err(_) if scan.compression != Compression::None => return Ok(false),
+                    Err(e) => return Err(e),
+                };
+                match survey {
+                    Survey::NotAValue => return Ok(false),
+                    Survey::NotFound(message) => {
+                        self.file_note(message);
+                        return Ok(true);
+                    }
+                    Survey::At(key) => key.into_iter().collect(),
+                }
+            }
+        };
+        let shown = at.as_deref().unwrap_or("");
+        match self.navigate(shown, &segments) {
+            Ok(Ok(container)) => {
+                self.container = container;
+                self.records_start = Some(self.pos);
+            }
+            Ok(Err(message)) => self.file_note(message),
+            Err(e) => self.stream_failed(e)?,
+        }
+        Ok(true)
+    }
+
+    /// A note about the whole file that ends its reading.
+    fn file_note(&mut self, message: String) {
+        self.notes.push(FileNote {
+            at: self.pos,
+            message,
+        });
+        self.finished = true;
+    }
+
+    /// Another reader of the same file from its start, at its first non-blank byte, for
+    /// a pass over the document's structure.
+    fn rescan(&self) -> io::Result<RecordReader> {
+        let (input, counter) = decoded_input(File::open(&self.path)?, self.compression, 0)?;
+        let mut scan = RecordReader {
+            path: self.path.clone(),
+            input,
+            container: Container::DocumentList,
+            compression: self.compression,
+            pos: Position::default(),
+            max_record_bytes: self.max_record_bytes,
+            array: ArrayState::Start,
+            file_bytes_read: counter,
+            file_len: self.file_len,
+            notes: Vec::new(),
+            finished: false,
+            rows: None,
+            document: None,
+            records: None,
+            records_start: None,
+        };
+        if scan.input.fill_buf()?.starts_with(b"\xef\xbb\xbf") {
+            scan.input.consume(3);
+        }
+        Ok(scan)
+    }
+
+    /// One pass over a JSON object document's structure, keeping no values: the key of
+    /// its one member that holds records (a non-empty list of objects, or a non-empty
+    /// object of objects) beside other metadata, or, when every member is an object, the
+    /// document itself as an `id -> record` object. A document cut short is judged by
+    /// what it holds before the cut (its reading then ends with a note).
+    fn survey(&mut self) -> io::Result<Survey> {
+        if !self.eat(b'{')? {
+            return Ok(Survey::NotAValue);
+        }
+        let mut keys = Vec::new();
+        let mut count = 0usize;
+        let mut holders = Vec::new();
+        let mut all_objects = true;
+        let mut cut = false;
+        if self.skip_whitespace()? == Some(b'}') {
+            self.bump(b'}');
+        } else {
+            loop {
+                if self.skip_whitespace()?.is_none() {
+                    cut = true;
+                    break;
+                }
+                let Ok(key) = self.read_key()? else {
+                    return Ok(Survey::NotAValue);
+                };
+                if !self.eat(b':')? {
+                    if self.skip_whitespace()?.is_none() {
+                        cut = true;
+                        break;
+                    }
+                    return Ok(Survey::NotAValue);
+                }
+                let first = self.skip_whitespace()?;
+                let members = match first {
+                    Some(b'[') => self.survey_members(b'[', b']')?,
+                    Some(b'{') => self.survey_members(b'{', b'}')?,
+                    None => Members::Cut(false),
+                    _ => {
+                        let scanned = self.scan_raw(0)?;
+                        match (scanned.complete, scanned.control_in_string) {
+                            (_, true) => Members::Malformed,
+                            (true, false) => Members::Done(false),
+                            (false, false) => Members::Cut(false),
+                        }
+                    }
+                };
+                let holds = match members {
+                    Members::Done(holds) => holds,
+                    Members::Cut(holds) => {
+                        cut = true;
+                        holds
+                    }
+                    Members::Malformed => return Ok(Survey::NotAValue),
+                };
+                all_objects &= first == Some(b'{');
+                if holds {
+                    holders.push(key.clone());
+                }
+                if keys.len() < 20 {
+                    keys.push(key);
+                }
+                count += 1;
+                if cut {
+                    break;
+                }
+                match self.skip_whitespace()? {
+                    Some(b',') => self.bump(b','),
+                    Some(b'}') => {
+                        self.bump(b'}');
+                        break;
+                    }
+                    None => {
+                        cut = true;
+                        break;
+                    }
+                    _ => return Ok(Survey::NotAValue),
+                }
+            }
+        }
+        if !cut && self.skip_whitespace()?.is_some() {
+            return Ok(Survey::NotAValue);
+        }
+        if let [key] = holders.as_slice() {
+            return Ok(Survey::At(Some(key.clone())));
+        }
+        if count > 1 && all_objects {
+            return Ok(Survey::At(None));
+        }
+        Ok(Survey::NotFound(format!(
+            "a JSON object document whose records were not found: {} of its keys ({}) hold a list of objects{}; write the records as JSONL or a JSON array, or name them with --records",
+            holders.len(),
+            keys.join(", "),
+            if cut { " before the document ends (cut short?)" } else { "" }
+        )))
+    }
+
+    /// Consumes a list (`open` = `[`) or object (`{`): whether it is non-empty and every
+    /// element (or member value) is an object, as far as the input goes.
+    fn survey_members(&mut self, open: u8, close: u8) -> io::Result<Members> {
+        self.bump(open);
+        let mut count = 0u64;
+        let mut objects = true;
+        loop {
+            match self.skip_whitespace()? {
+                Some(b) if b == close && count == 0 => {
+                    self.bump(b);
+                    return Ok(Members::Done(false));
+                }
+                None => return Ok(Members::Cut(count > 0 && objects)),
+                Some(_) => {}
+            }
+            if open == b'{' {
+                if self.read_key()?.is_err() {
+                    return Ok(match self.skip_whitespace()? {
+                        None => Members::Cut(count > 0 && objects),
+                        Some(_) => Members::Malformed,
+                    });
+                }
+                if !self.eat(b':')? {
+                    return Ok(match self.skip_whitespace()? {
+                        None => Members::Cut(count > 0 && objects),
+                        Some(_) => Members::Malformed,
+                    });
+                }
+            }
+            let first = self.skip_whitespace()?;
+            objects &= first.is_none() || first == Some(b'{');
+            let scanned = self.scan_raw(0)?;
+            if scanned.control_in_string {
+                return Ok(Members::Malformed);
+            }
+            count += 1;
+            if !scanned.complete {
+                return Ok(Members::Cut(objects));
+            }
+            match self.skip_whitespace()? {
+                Some(b',') => self.bump(b','),
+                Some(b) if b == close => {
+                    self.bump(b);
+                    return Ok(Members::Done(objects));
+                }
+                None => return Ok(Members::Cut(objects)),
+                _ => return Ok(Members::Malformed),
+            }
+        }
+    }
+
+    /// Walks from the document's start along `segments` (object keys, or list indexes)
+    /// to the list or object of records; `Err`: a message naming what is there instead.
+    fn navigate(&mut self, at: &str, segments: &[String]) -> io::Result<Result<Container, String>> {
+        let malformed = |what: &str| format!("malformed JSON document: {what}");
+        for (depth, segment) in segments.iter().enumerate() {
+            match self.skip_whitespace()? {
+                Some(b'{') => {
+                    self.bump(b'{');
+                    let mut keys = Vec::new();
+                    loop {
+                        if self.skip_whitespace()? == Some(b'}') {
+                            let place = if depth == 0 {
+                                "the document's keys"
+                            } else {
+                                "the keys there"
+                            };
+                            return Ok(Err(format!(
+                                "--records {at}: nothing there ({place}: {})",
+                                keys.join(", ")
+                            )));
+                        }
+                        let key = match self.read_key()? {
+                            Ok(key) => key,
+                            Err(e) => return Ok(Err(malformed(&e))),
+                        };
+                        if !self.eat(b':')? {
+                            return Ok(Err(malformed(&format!("no `:` after the key `{key}`"))));
+                        }
+                        if key == *segment {
+                            break;
+                        }
+                        if keys.len() < 20 {
+                            keys.push(key);
+                        }
+                        self.skip_whitespace()?;
+                        if !self.scan_raw(0)?.complete {
+                            return Ok(Err(malformed("the document ends inside a value")));
+                        }
+                        match self.skip_whitespace()? {
+                            Some(b',') => self.bump(b','),
+                            Some(b'}') => {}
+                            _ => return Ok(Err(malformed("expected `,` or `}` after a value"))),
+                        }
+                    }
+                }
+                Some(b'[') => {
+                    let Ok(index) = segment.parse::<u64>() else {
+                        return Ok(Err(format!(
+                            "--records {at}: a list where `{segment}` is looked up (name its elements by index)"
+                        )));
+                    };
+                    self.bump(b'[');
+                    for _ in 0..index {
+                        if self.skip_whitespace()? == Some(b']') {
+                            return Ok(Err(format!(
+                                "--records {at}: the list has no element {index}"
+                            )));
+                        }
+                        self.scan_raw(0)?;
+                        if !self.eat(b',')? {
+                            return Ok(Err(format!(
+                                "--records {at}: the list has no element {index}"
+                            )));
+                        }
+                    }
+                }
+                other => return Ok(Err(not_records(at, other))),
+            }
+        }
+        match self.skip_whitespace()? {
+            Some(b'[') => Ok(Ok(Container::DocumentList)),
+            Some(b'{') => Ok(Ok(Container::DocumentById)),
+            other => Ok(Err(not_records(at, other))),
+        }
+    }
+
+    /// The next member of an `id -> record` object: its value as the record, its key as
+    /// the record's id, its position that of the key.
+    fn next_member(&mut self) -> io::Result<Option<RawItem>> {
+        loop {
+            let Some(byte) = self.skip_whitespace()? else {
+                if self.array != ArrayState::Closed {
+                    self.notes.push(FileNote {
+                        at: self.pos,
+                        message: "the JSON document ends inside its `id -> record` object \
+                                  (file truncated?); every complete record was kept"
+                            .into(),
+                    });
+                }
+                return Ok(None);
+            };
+            match (self.array, byte) {
+                (ArrayState::Start, b'{') => {
+                    self.bump(byte);
+                    self.array = ArrayState::First;
+                }
+                (ArrayState::First | ArrayState::AfterRecord, b'}') => {
+                    self.bump(byte);
+                    self.array = ArrayState::Closed;
+                }
+                (ArrayState::AfterRecord, b',') => {
+                    self.bump(byte);
+                    self.array = ArrayState::First;
+                }
+                (ArrayState::Closed, _) => {
+                    // The rest of the document holds no records.
+                    io::copy(&mut self.input, &mut io::sink())?;
+                    return Ok(None);
+                }
+                (ArrayState::First, b'"') => {
+                    let at = self.pos;
+                    let key = self.read_key()?;
+                    let colon = self.eat(b':')?;
+                    let mut item = self.scan_value(Some(at))?;
+                    let problem = match (&key, colon) {
+                        (Err(e), _) => Some(format!("malformed JSON: {e}")),
+                        (Ok(key), false) => Some(format!(
+                            "malformed JSON object of records: no `:` after the id `{key}`"
+                        )),
+                        (Ok(_), true) => None,
+                    };
+                    item.id = key.ok().map(cut_id);
+                    if let (Some(message), RawBody::Bytes(bytes)) = (problem, &mut item.body) {
+                        item.body = RawBody::Unreadable {
+                            reason: RejectReason::new(RejectKind::MalformedJson, message),
+                            prefix: prefix(std::mem::take(bytes)),
+                        };
+                    }
+                    return Ok(Some(item));
+                }
+                (_, _) => {
+                    // A stray byte where an id should be: read a value from here and
+                    // reject it.
+                    let mut item = self.scan_value(None)?;
+                    if let RawBody::Bytes(bytes) = item.body {
+                        item.body = RawBody::Unreadable {
+                            reason: RejectReason::new(
+                                RejectKind::MalformedJson,
+                                "malformed JSON object of records: expected `\"id\": record`, `,` or `}` here",
+                            ),
+                            prefix: prefix(bytes),
+                        };
+                    }
+                    return Ok(Some(item));
+                }
+            }
+        }
+    }
+}
+
+/// What one [`RecordReader::scan_raw`] consumed.
+struct Scanned {
+    /// The value's first bytes (as many as asked for).
+    bytes: Vec<u8>,
+    /// Its whole length.
+    len: u64,
+    complete: bool,
+    first: Option<u8>,
+    /// A raw line break inside a string (not JSON: a JSONL line cut short, not a
+    /// document).
+    control_in_string: bool,
+}
+
+/// What a survey saw of a list or object.
+enum Members {
+    /// Whole: whether it holds records.
+    Done(bool),
+    /// The input ends inside it: whether it holds records so far.
+    Cut(bool),
+    Malformed,
+}
+
+/// Where a survey of a JSON object document found its records.
+enum Survey {
+    /// Under this key of the document, or (`None`) the document's own members.
+    At(Option<String>),
+    /// Not there: why, naming the document's keys.
+    NotFound(String),
+    /// The input is not one JSON value.
+    NotAValue,
+}
+
+/// `--records` as object keys or list indexes: a JSON pointer (`/data/0/items`) or a
+/// dotted path (`data.train`).
+fn path_segments(at: &str) -> Vec<String> {
+    match at.strip_prefix('/') {
+        Some(pointer) => pointer
+            .split('/')
+            .map(|s| s.replace("~1", "/").replace("~0", "~"))
+            .collect(),
+        None => at.split('.').map(String::from).collect(),
+    }
+}
+
+fn not_records(at: &str, first: Option<u8>) -> String {
+    let what = match first {
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        Some(b'-' | b'0'..=b'9') => "a number",
+        None => "the end of the document",
+        Some(_) => "malformed JSON",
+    };
+    format!("--records {at}: {what} there, not a list of records or an object of them")
+}
+
+/// An id as kept: at most [`MAX_ID_BYTES`], cut at a character boundary.
+fn cut_id(mut id: String) -> String {
+    if id.len() > MAX_ID_BYTES {
+        let mut end = MAX_ID_BYTES;
+        while !id.is_char_boundary(end) {
+            end -= 1;
+        }
+        id.truncate(end);
+    }
+    id
 }
 
 /// The records at `at` in `document`: a JSON pointer (`/data`) or a dotted path

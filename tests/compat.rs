@@ -207,6 +207,8 @@ fn stored_enum_codes_are_fixed() {
         (Container::JsonArray, 1),
         (Container::Parquet, 2),
         (Container::Document, 3),
+        (Container::DocumentList, 4),
+        (Container::DocumentById, 5),
     ] {
         assert_eq!(code(&container), [tag, 0, 0, 0], "{container:?}");
     }

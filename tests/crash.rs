@@ -111,16 +111,12 @@ fn kill_resume_compare(durability: &[&str]) {
         "the generator repeats ~15%"
     );
 
-    // The waits below count from when a command is up and has its store open: on a
-    // loaded machine that alone can take longer than the shortest wait.
-    let started = Instant::now();
-    run_ok(corpusdb(&reference).arg("stats"));
-    let startup = started.elapsed();
     let crashed = dir.path().join("crashed");
     let mut kills = 0;
     let mut partial_seen = Vec::new();
-    for wait_ms in [150u64, 400, 250, 700, 100] {
-        let wait = startup + Duration::from_millis(wait_ms);
+    // Fixed delays land anywhere, also before the first checkpoint on a loaded machine;
+    // `None` waits until a checkpoint is on disk (seen by a reader) before the kill.
+    for wait_ms in [Some(150u64), Some(400), None, Some(700), Some(100)] {
         let mut child = ingest_cmd(&crashed, &corpus, durability)
             .env("CORPUSDB_TEST_BATCH_DELAY_MS", "60")
             .stdout(Stdio::null())
@@ -128,9 +124,24 @@ fn kill_resume_compare(durability: &[&str]) {
             .spawn()
             .unwrap();
         let start = Instant::now();
-        while start.elapsed() < wait {
+        let checkpointed = || {
+            crashed.join("CURRENT").exists()
+                && Store::open_read_only(&crashed).is_ok_and(|store| {
+                    store.imports().is_ok_and(|imports| {
+                        imports
+                            .iter()
+                            .any(|i| i.state == ImportState::Partial && i.counts.read > 0)
+                    })
+                })
+        };
+        loop {
             if child.try_wait().unwrap().is_some() {
                 break;
+            }
+            match wait_ms {
+                Some(ms) if start.elapsed() >= Duration::from_millis(ms) => break,
+                None if start.elapsed() >= Duration::from_secs(60) || checkpointed() => break,
+                _ => {}
             }
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -576,3 +576,116 @@ fn quick_mappings_on_the_command_line_are_the_imports_format_and_bind_its_resume
         (2, 1)
     );
 }
+
+/// About 6 MiB of distinct alpaca records with one record lacking its instruction past
+/// 4 MiB (a strict import stops there, leaving a partial import behind); the number of
+/// records.
+fn records_with_a_bad_one_after_4_mib() -> (String, u64) {
+    let mut text = String::new();
+    let mut i = 0;
+    let mut bad = false;
+    while text.len() < 6 << 20 {
+        if !bad && text.len() > 4 << 20 {
+            text.push_str("{\"output\": \"no instruction\"}\n");
+            bad = true;
+        } else {
+            text.push_str(&format!(
+                "{{\"instruction\": \"Question number {i:07} about {}\", \"output\": \"Answer {i:07}.\"}}\n",
+                "x".repeat(200)
+            ));
+        }
+        i += 1;
+    }
+    (text, i)
+}
+
+#[test]
+fn an_interrupted_import_resumes_only_if_the_part_it_read_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (text, total) = records_with_a_bad_one_after_4_mib();
+    let mut strict = IngestOptions::new("s", "instruction");
+    strict.strict = true;
+    strict.batch_records = 512;
+    let mut options = strict.clone();
+    options.strict = false;
+    let interrupted = |name: &str, path: &std::path::Path| {
+        let store = Store::open(&dir.path().join(name)).unwrap();
+        assert!(ingest::ingest_file(&store, path, &strict, &ingest::Quiet).is_err());
+        let import = store.imports().unwrap().remove(0);
+        assert_eq!(import.state, ImportState::Partial);
+        let prefix = import.prefix.unwrap();
+        assert!(import.checkpoint.bytes > 3 << 20, "{:?}", import.checkpoint);
+        assert!(prefix.bytes >= import.checkpoint.bytes && prefix.bytes < text.len() as u64);
+        (store, import)
+    };
+
+    // Untouched, the import resumes where it stopped and the counts add up.
+    let a = write(dir.path(), "a.jsonl", text.as_bytes());
+    let (store, before) = interrupted("untouched", &a);
+    let resumed = ingest::ingest_file(&store, &a, &options, &ingest::Quiet).unwrap();
+    assert_eq!(resumed.resumed_from, Some(before.checkpoint));
+    assert_eq!(resumed.import.id, before.id);
+    assert_eq!(resumed.run.read, total - before.checkpoint.records);
+    let counts = resumed.import.counts;
+    assert_eq!(counts.read, total);
+    assert_eq!(
+        counts.read,
+        counts.stored + counts.duplicates + counts.rejected
+    );
+    assert_eq!((counts.stored, counts.rejected), (total - 1, 1));
+    assert_eq!(
+        resumed.import.file_sha1.as_deref(),
+        Some(corpusdb::reader::file_sha1(&a).unwrap().as_str())
+    );
+    assert_store_rules(&store);
+    drop(store);
+
+    // An edit inside the part already imported, between the fingerprint's samples.
+    let b = write(dir.path(), "b.jsonl", text.as_bytes());
+    let (store, before) = interrupted("edited", &b);
+    let at = (1 << 20) + (128 << 10);
+    let at = at + text[at..].find('x').unwrap();
+    assert!((at as u64) < before.checkpoint.bytes);
+    let mut edited = text.clone().into_bytes();
+    edited[at] = b'y';
+    let fingerprint = corpusdb::reader::fingerprint(&b).unwrap();
+    std::fs::write(&b, &edited).unwrap();
+    assert_eq!(corpusdb::reader::fingerprint(&b).unwrap(), fingerprint);
+    let err = ingest::ingest_file(&store, &b, &options, &ingest::Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("b.jsonl: changed since its import #0 (source `s`) was interrupted")
+            && err.contains("--restart-changed"),
+        "{err}"
+    );
+    assert_eq!(
+        store.imports().unwrap(),
+        std::slice::from_ref(&before),
+        "nothing was written"
+    );
+    // With --restart-changed the file is a new import; what it shares with the old
+    // one's records is duplicates.
+    options.restart_changed = true;
+    let again = ingest::ingest_file(&store, &b, &options, &ingest::Quiet).unwrap();
+    assert_ne!(again.import.id, before.id);
+    assert_eq!(again.resumed_from, None);
+    let counts = again.import.counts;
+    assert_eq!(counts.read, total);
+    assert_eq!(
+        counts.read,
+        counts.stored + counts.duplicates + counts.rejected
+    );
+    assert_eq!(
+        (counts.duplicates, counts.rejected),
+        (before.counts.stored - 1, 1)
+    );
+    assert_store_rules(&store);
+    // Done now: a run without the flag does nothing.
+    options.restart_changed = false;
+    assert!(
+        ingest::ingest_file(&store, &b, &options, &ingest::Quiet)
+            .unwrap()
+            .already_done
+    );
+}

@@ -295,14 +295,34 @@ fn json_object_documents_give_their_records_and_resume_by_record() {
         alpaca(6),
         alpaca(7)
     );
-    for (name, text, expected) in [
-        ("under-key.json", under_key, vec![1, 2, 3]),
-        ("by-id.json", by_id, vec![4, 5]),
-        ("nested.json", nested, vec![6, 7]),
+    for (name, text, expected, container, ids) in [
+        (
+            "under-key.json",
+            under_key,
+            vec![1, 2, 3],
+            Container::DocumentList,
+            vec![],
+        ),
+        (
+            "by-id.json",
+            by_id,
+            vec![4, 5],
+            Container::DocumentById,
+            vec!["a1", "b2"],
+        ),
+        (
+            "nested.json",
+            nested,
+            vec![6, 7],
+            Container::DocumentById,
+            vec!["p1", "p2"],
+        ),
     ] {
         let path = write(dir.path(), name, text.as_bytes());
         let (items, reader) = read_all(&path, None);
-        assert_eq!(reader.container(), Container::Document, "{name}");
+        assert_eq!(reader.container(), container, "{name}");
+        let got_ids: Vec<&str> = items.iter().filter_map(|i| i.id.as_deref()).collect();
+        assert_eq!(got_ids, ids, "{name}");
         let records: Vec<serde_json::Value> = items
             .iter()
             .map(|i| serde_json::from_slice(bytes(i)).unwrap())
@@ -316,6 +336,21 @@ fn json_object_documents_give_their_records_and_resume_by_record() {
             items.iter().map(|i| i.at.records).collect::<Vec<_>>(),
             (0..expected.len() as u64).collect::<Vec<_>>()
         );
+        // A reader opened where an earlier one found the records reads the same.
+        let start = RecordReader::open(&path, None, DEFAULT_MAX_RECORD_BYTES)
+            .unwrap()
+            .records_start()
+            .unwrap();
+        let mut again =
+            RecordReader::open_records_at(&path, start, DEFAULT_MAX_RECORD_BYTES).unwrap();
+        for item in &items {
+            let other = again.next_item().unwrap().unwrap();
+            assert_eq!(
+                (bytes(&other), other.at, &other.id),
+                (bytes(item), item.at, &item.id)
+            );
+        }
+        assert!(again.next_item().unwrap().is_none());
         // Resuming after the first record gives the rest.
         let mut first = RecordReader::open(&path, None, DEFAULT_MAX_RECORD_BYTES).unwrap();
         first.next_item().unwrap().unwrap();
@@ -375,12 +410,13 @@ fn records_can_be_named_by_path_in_a_one_line_document() {
     for at in ["items.train", "/items/train"] {
         let mut reader =
             RecordReader::open_document(&path, None, DEFAULT_MAX_RECORD_BYTES, at).unwrap();
-        assert_eq!(reader.container(), Container::Document);
+        assert_eq!(reader.container(), Container::DocumentList);
         let mut got = Vec::new();
         while let Some(item) = reader.next_item().unwrap() {
             got.push(String::from_utf8(bytes(&item).to_vec()).unwrap());
         }
-        assert_eq!(got, [r#"{"a":1}"#, r#"{"a":2}"#], "{at}");
+        // Records are handed on byte for byte as the file has them.
+        assert_eq!(got, [r#"{"a": 1}"#, r#"{"a": 2}"#], "{at}");
         // Resuming after the first record, with the same path.
         let mut first =
             RecordReader::open_document(&path, None, DEFAULT_MAX_RECORD_BYTES, at).unwrap();
@@ -392,7 +428,7 @@ fn records_can_be_named_by_path_in_a_one_line_document() {
             at,
         )
         .unwrap();
-        assert_eq!(bytes(&rest.next_item().unwrap().unwrap()), br#"{"a":2}"#);
+        assert_eq!(bytes(&rest.next_item().unwrap().unwrap()), br#"{"a": 2}"#);
         assert!(rest.next_item().unwrap().is_none());
     }
     // A path to nothing names the document's keys; no record is read.

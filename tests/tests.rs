@@ -10,6 +10,7 @@ mod compat;
 mod conversation;
 mod crash;
 mod curriculum;
+mod documents;
 mod filters;
 mod formats;
 mod hub;

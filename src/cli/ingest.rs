@@ -78,6 +78,12 @@ pub struct Args {
     /// Stop at the first bad record instead of recording it and going on.
     #[arg(long)]
     strict: bool,
+    /// An interrupted import resumes only if the part of the file it already read is
+    /// unchanged (checked by hash); if it changed, ingest stops and names the file. With
+    /// this flag such a file is imported again from its start as a new import instead
+    /// (records that did not change count as duplicates).
+    #[arg(long)]
+    restart_changed: bool,
     /// Download `hf:ORG/NAME[/PATTERN]` datasets (or, with --registry, each listed source
     /// with a `hub:` id that is neither under --data-dir nor cached) from the Hugging Face
     /// Hub into its cache first: the files it does not hold yet; an interrupted transfer
@@ -262,6 +268,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let feed = super::index::feed_waiting(&store, &index)?;
     for (mut options, files) in jobs {
         options.strict = args.strict;
+        options.restart_changed = args.restart_changed;
         options.max_record_bytes = args.max_record_bytes;
         options.records = args.records.clone();
         options.batch_records = args.batch_size;

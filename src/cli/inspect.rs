@@ -77,6 +77,7 @@ fn import_json(import: &ImportRecord) -> serde_json::Value {
         "joined": import.counts.joined,
         "extra": import.counts.extra,
         "checkpoint": {"records": import.checkpoint.records, "line": import.checkpoint.line(), "byte": import.checkpoint.bytes},
+        "checked_prefix": import.prefix.map(|p| json!({"bytes": p.bytes, "sha1": p.sha1_hex()})),
     })
 }
 
@@ -274,11 +275,17 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(out, "sources    {}", sources.len())?;
     for s in &sources {
-        writeln!(
-            out,
-            "  - {} {}:{} (record {})",
-            s.source, s.file, s.line, s.record
-        )?;
+        match &s.id {
+            Some(_) => writeln!(
+                out,
+                "  - {} {} (line {}, record {})",
+                s.source,
+                s.place(),
+                s.line,
+                s.record
+            )?,
+            None => writeln!(out, "  - {} {} (record {})", s.source, s.place(), s.record)?,
+        }
     }
     for exclusion in &exclusions {
         writeln!(
@@ -311,7 +318,7 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
             };
             let names: Vec<String> = sources
                 .iter()
-                .map(|s| format!("{} {}:{}", s.source, s.file, s.line))
+                .map(|s| format!("{} {}", s.source, s.place()))
                 .collect();
             writeln!(out, "  {} {mark:<6} {}", member.hash, names.join(", "))?;
         }

@@ -35,8 +35,9 @@ pub use neardup::SignatureCursor;
 pub use transaction::{ExclusionBatch, ImportBatch, NearDupBatch};
 pub use types::{
     ClusterMembership, Counters, ExampleHeader, ExampleSource, Exclusion, ImportCounts,
-    ImportRecord, ImportState, LegacyImportRecord, LegacyReject, NearDupParams, ProvenanceEntry,
-    ProvenanceValue, Reject, RejectKind, RejectReason, StoredExample,
+    ImportRecord, ImportRecordBeforePrefix, ImportState, LegacyImportRecord, LegacyReject,
+    NearDupParams, ProvenanceEntry, ProvenanceValue, ProvenanceValueWithId, Reject, RejectKind,
+    RejectReason, StoredExample,
 };
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
@@ -204,11 +205,16 @@ impl Store {
         let mut attempt = 0;
         let db = loop {
             // A store written before `neardup` lacks it; every other family must be
-            // there (one missing is a store whose creation has not finished).
+            // there (one missing is a store still being created, or whose creation was
+            // killed: RocksDB then reports the family not found).
             let present = DB::list_cf(&options, path).unwrap_or_default();
             let descriptors = column_families(&StoreOptions::default())
                 .into_iter()
-                .filter(|d| d.name() != CF_NEARDUP || present.iter().any(|p| p == d.name()))
+                .filter(|d| {
+                    d.name() != CF_NEARDUP
+                        || present.is_empty()
+                        || present.iter().any(|p| p == d.name())
+                })
                 .collect::<Vec<_>>();
             match DB::open_cf_descriptors_read_only(&options, path, descriptors, false) {
                 Ok(db) => break db,
@@ -413,6 +419,7 @@ impl Store {
                     file: import.map_or("?".into(), |i| i.path.clone()),
                     record: p.record,
                     line: p.line,
+                    id: p.id,
                 }
             })
             .collect())
@@ -430,11 +437,12 @@ impl Store {
             }
             let (import_id, record) = split_import_record_key(&key[20..])
                 .ok_or_else(|| self.corrupt("provenance key has the wrong length"))?;
-            let value: ProvenanceValue = self.decode(&value, "provenance")?;
+            let (line, id) = self.decode_provenance(&value)?;
             out.push(ProvenanceEntry {
                 import_id,
                 record,
-                line: value.line,
+                line,
+                id,
             });
         }
         Ok(out)
@@ -457,8 +465,17 @@ impl Store {
             .iterator_cf(self.cf(CF_IMPORTS), IteratorMode::Start)
         {
             let (_, value) = item.map_err(|e| self.rocks(e))?;
-            // Import records written before `file_sha1` lack it.
-            out.push(self.decode_or_legacy::<ImportRecord, LegacyImportRecord>(&value, "import")?);
+            // Import records written before `prefix` lack it, those before `file_sha1`
+            // both.
+            let import = match self
+                .decode_or_legacy::<ImportRecord, ImportRecordBeforePrefix>(&value, "import")
+            {
+                Ok(import) => import,
+                Err(_) => {
+                    self.decode_or_legacy::<ImportRecord, LegacyImportRecord>(&value, "import")?
+                }
+            };
+            out.push(import);
         }
         Ok(out)
     }
@@ -656,6 +673,17 @@ impl Store {
             .map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
     }
 
+    /// A provenance value: the line, and the id when the record had one (see
+    /// [`ProvenanceValueWithId`]).
+    fn decode_provenance(&self, bytes: &[u8]) -> Result<(u64, Option<String>)> {
+        if bytes.len() == 8 {
+            let value: ProvenanceValue = self.decode(bytes, "provenance")?;
+            return Ok((value.line, None));
+        }
+        let value: ProvenanceValueWithId = self.decode(bytes, "provenance")?;
+        Ok((value.line, Some(value.id)))
+    }
+
     fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {
         bincode::deserialize(bytes).map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
     }
@@ -698,11 +726,12 @@ impl ProvenanceCursor<'_> {
             }
             let (import_id, record) = split_import_record_key(&key[20..])
                 .ok_or_else(|| self.store.corrupt("provenance key has the wrong length"))?;
-            let value: ProvenanceValue = self.store.decode(value, "provenance")?;
+            let (line, id) = self.store.decode_provenance(value)?;
             out.push(ProvenanceEntry {
                 import_id,
                 record,
-                line: value.line,
+                line,
+                id,
             });
             self.iter.next();
         }
@@ -739,12 +768,23 @@ impl Batch<'_> {
         hash: &ContentHash,
         import_id: u32,
         record: u64,
-        value: &ProvenanceValue,
+        line: u64,
+        id: Option<&str>,
     ) {
         let mut key = [0u8; 32];
         key[..20].copy_from_slice(hash.as_bytes());
         key[20..].copy_from_slice(&import_record_key(import_id, record));
-        self.put(CF_PROVENANCE, &key, value);
+        match id {
+            None => self.put(CF_PROVENANCE, &key, &ProvenanceValue { line }),
+            Some(id) => self.put(
+                CF_PROVENANCE,
+                &key,
+                &ProvenanceValueWithId {
+                    line,
+                    id: id.to_string(),
+                },
+            ),
+        }
     }
 
     fn put_reject(&mut self, reject: &Reject) {
@@ -931,5 +971,60 @@ mod tests {
             "header ++ conversation encodes the whole example"
         );
         assert_eq!(first_import_of(&bytes[..10]), None);
+    }
+
+    /// Import records of the three layouts (before `file_sha1`, before `prefix`, now) and
+    /// provenance values with and without an id all read back.
+    #[test]
+    fn import_records_and_provenance_of_every_layout_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let legacy = LegacyImportRecord {
+            id: 0,
+            source: "s".into(),
+            category: "c".into(),
+            path: "a.jsonl".into(),
+            fingerprint: "f".into(),
+            format: "alpaca".into(),
+            state: ImportState::Partial,
+            checkpoint: crate::reader::Position {
+                records: 3,
+                lines: 3,
+                bytes: 99,
+            },
+            container: Some(crate::reader::Container::Jsonl),
+            counts: ImportCounts::default(),
+            started_unix: 1,
+            updated_unix: 2,
+        };
+        let mut before_prefix = ImportRecordBeforePrefix::from(legacy.clone());
+        before_prefix.id = 1;
+        before_prefix.file_sha1 = Some("abc".into());
+        let mut now = ImportRecord::from(before_prefix.clone());
+        now.id = 2;
+        now.prefix = Some(crate::reader::FilePrefix {
+            bytes: 99,
+            sha1: [7; 20],
+        });
+        let mut batch = store.batch();
+        batch.put(CF_IMPORTS, &0u32.to_be_bytes(), &legacy);
+        batch.put(CF_IMPORTS, &1u32.to_be_bytes(), &before_prefix);
+        batch.put(CF_IMPORTS, &2u32.to_be_bytes(), &now);
+        let hash = ContentHash([9; 20]);
+        batch.put_provenance(&hash, 0, 0, 1, None);
+        batch.put_provenance(&hash, 0, 1, 4, Some("q-17"));
+        store.write(batch).unwrap();
+        let imports = store.imports().unwrap();
+        assert_eq!(imports[0], ImportRecord::from(legacy));
+        assert_eq!(imports[1], ImportRecord::from(before_prefix));
+        assert_eq!(imports[2], now);
+        let provenance = store.provenance(&hash).unwrap();
+        assert_eq!(
+            provenance
+                .iter()
+                .map(|p| (p.record, p.line, p.id.as_deref()))
+                .collect::<Vec<_>>(),
+            [(0, 1, None), (1, 4, Some("q-17"))]
+        );
     }
 }

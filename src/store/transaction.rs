@@ -14,7 +14,7 @@
 
 use std::collections::HashSet;
 
-use super::{Batch, Counters, ExampleHeader, ImportRecord, ProvenanceValue, Reject, Result, Store};
+use super::{Batch, Counters, ExampleHeader, ImportRecord, Reject, Result, Store};
 use crate::conversation::ContentHash;
 use crate::store::types::{ClusterMembership, Exclusion, ImportCounts, NearDupParams};
 
@@ -35,7 +35,7 @@ pub struct ImportBatch<'a> {
     import_id: u32,
     examples: Vec<NewExample>,
     changed: Vec<ContentHash>,
-    provenance: Vec<(ContentHash, u64, u64)>,
+    provenance: Vec<(ContentHash, u64, u64, Option<String>)>,
     rejects: Vec<Reject>,
 }
 
@@ -105,9 +105,16 @@ impl ImportBatch<'_> {
         self.changed.push(hash);
     }
 
-    /// Records that `record` (at `line`) of this import gave `hash`.
-    pub fn add_provenance(&mut self, hash: ContentHash, record: u64, line: u64) {
-        self.provenance.push((hash, record, line));
+    /// Records that `record` (at `line`, with `id` in an `id -> record` document) of this
+    /// import gave `hash`.
+    pub fn add_provenance(
+        &mut self,
+        hash: ContentHash,
+        record: u64,
+        line: u64,
+        id: Option<String>,
+    ) {
+        self.provenance.push((hash, record, line, id));
     }
 
     /// Keeps a rejected record (or a note about the file) in the rejects ledger.
@@ -160,8 +167,8 @@ impl ImportBatch<'_> {
             counters.changes += 1;
         }
         provenance.sort_unstable();
-        for (hash, record, line) in provenance {
-            batch.put_provenance(&hash, import_id, record, &ProvenanceValue { line });
+        for (hash, record, line, id) in provenance {
+            batch.put_provenance(&hash, import_id, record, line, id.as_deref());
         }
         if counts.stored + counts.duplicates > 0 {
             *counters.sources.entry(import.source.clone()).or_default() +=

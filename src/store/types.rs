@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::conversation::{ContentHash, Conversation, Extras, Role};
-use crate::reader::{Compression, Container, Position};
+use crate::reader::{Compression, Container, FilePrefix, Position};
 pub use crate::reject::{RejectKind, RejectReason};
 
 /// An example as stored under its content hash.
@@ -44,6 +44,16 @@ pub struct ProvenanceValue {
     pub line: u64,
 }
 
+/// Value of a provenance entry for a record of an `id -> record` document: the line, then
+/// the id. Records without an id keep the 8-byte [`ProvenanceValue`], so the two are told
+/// apart by length, and a reader that knows only `ProvenanceValue` reads the line of
+/// either (bincode ignores trailing bytes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvenanceValueWithId {
+    pub line: u64,
+    pub id: String,
+}
+
 /// One source record that produced a hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvenanceEntry {
@@ -52,6 +62,8 @@ pub struct ProvenanceEntry {
     pub record: u64,
     /// 1-based line where the record starts.
     pub line: u64,
+    /// The record's key in an `id -> record` document.
+    pub id: Option<String>,
 }
 
 /// One place an example came from, as `show` reports it (not stored).
@@ -63,6 +75,19 @@ pub struct ExampleSource {
     pub record: u64,
     /// 1-based line where the record starts.
     pub line: u64,
+    /// The record's key in an `id -> record` document.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl ExampleSource {
+    /// `file:line`, or `file#id` for a record of an `id -> record` document.
+    pub fn place(&self) -> String {
+        match &self.id {
+            Some(id) => format!("{}#{id}", self.file),
+            None => format!("{}:{}", self.file, self.line),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,10 +154,91 @@ pub struct ImportRecord {
     pub started_unix: u64,
     pub updated_unix: u64,
     /// SHA-1 of the whole file (`reader::file_sha1`), written when the import is done: a
-    /// re-run compares it, so an edit the sampled fingerprint misses is seen. Last, so
-    /// that an import record written before it decodes as [`LegacyImportRecord`] (`None`)
-    /// and a reader of that version ignores it as trailing bytes.
+    /// re-run compares it, so an edit the sampled fingerprint misses is seen. After the
+    /// fields above, so that an import record written before it decodes as
+    /// [`LegacyImportRecord`] (`None`) and a reader of that version ignores it as
+    /// trailing bytes.
     pub file_sha1: Option<String>,
+    /// SHA-1 of the file's bytes that the records up to `checkpoint` were read from,
+    /// written with every checkpoint: a resume hashes them again and compares, so an edit
+    /// in the part already imported is seen. Last, so that a record written before it
+    /// decodes as [`ImportRecordBeforePrefix`] (`None`: resumed without the check).
+    pub prefix: Option<FilePrefix>,
+}
+
+/// An import record as written after `file_sha1` was added and before `prefix`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRecordBeforePrefix {
+    pub id: u32,
+    pub source: String,
+    pub category: String,
+    pub path: String,
+    pub fingerprint: String,
+    pub format: String,
+    pub state: ImportState,
+    pub checkpoint: Position,
+    pub container: Option<Container>,
+    pub counts: ImportCounts,
+    pub started_unix: u64,
+    pub updated_unix: u64,
+    pub file_sha1: Option<String>,
+}
+
+impl From<LegacyImportRecord> for ImportRecordBeforePrefix {
+    fn from(old: LegacyImportRecord) -> ImportRecordBeforePrefix {
+        let ImportRecord {
+            id,
+            source,
+            category,
+            path,
+            fingerprint,
+            format,
+            state,
+            checkpoint,
+            container,
+            counts,
+            started_unix,
+            updated_unix,
+            file_sha1,
+            ..
+        } = ImportRecord::from(old);
+        ImportRecordBeforePrefix {
+            id,
+            source,
+            category,
+            path,
+            fingerprint,
+            format,
+            state,
+            checkpoint,
+            container,
+            counts,
+            started_unix,
+            updated_unix,
+            file_sha1,
+        }
+    }
+}
+
+impl From<ImportRecordBeforePrefix> for ImportRecord {
+    fn from(old: ImportRecordBeforePrefix) -> ImportRecord {
+        ImportRecord {
+            id: old.id,
+            source: old.source,
+            category: old.category,
+            path: old.path,
+            fingerprint: old.fingerprint,
+            format: old.format,
+            state: old.state,
+            checkpoint: old.checkpoint,
+            container: old.container,
+            counts: old.counts,
+            started_unix: old.started_unix,
+            updated_unix: old.updated_unix,
+            file_sha1: old.file_sha1,
+            prefix: None,
+        }
+    }
 }
 
 /// An import record as stores of schema version 2 wrote it before `file_sha1`.
@@ -168,6 +274,7 @@ impl From<LegacyImportRecord> for ImportRecord {
             started_unix: old.started_unix,
             updated_unix: old.updated_unix,
             file_sha1: None,
+            prefix: None,
         }
     }
 }
@@ -388,6 +495,8 @@ stored_codes!(Container {
     JsonArray = 1,
     Parquet = 2,
     Document = 3,
+    DocumentList = 4,
+    DocumentById = 5,
 });
 stored_codes!(Compression {
     None = 0,
