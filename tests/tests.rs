@@ -24,3 +24,4 @@ mod registry;
 mod step;
 mod templates;
 mod train;
+mod values;
