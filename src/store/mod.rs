@@ -141,6 +141,8 @@ pub struct StoreOptions {
     pub write_buffer_bytes: usize,
     /// Shared block cache, in bytes.
     pub block_cache_bytes: usize,
+    /// zstd level of values compressed with a dictionary ([`Compression::Dictionary`]).
+    pub value_level: i32,
 }
 
 impl Default for StoreOptions {
@@ -152,6 +154,7 @@ impl Default for StoreOptions {
             wal: false,
             write_buffer_bytes: 128 << 20,
             block_cache_bytes: 64 << 20,
+            value_level: values::DEFAULT_LEVEL,
         }
     }
 }
@@ -168,6 +171,8 @@ pub struct Store {
     dictionaries: values::Dictionaries,
     /// Whether imports compress values ([`Compression::Dictionary`]).
     compress_values: bool,
+    /// zstd level of compressed values.
+    value_level: i32,
 }
 
 /// How an import encodes the example values it writes ([`Store::value_coding`]).
@@ -224,6 +229,7 @@ impl Store {
             tagged_from: u64::MAX,
             dictionaries: values::Dictionaries::default(),
             compress_values: options.compression == Compression::Dictionary,
+            value_level: options.value_level,
         };
         store.tagged_from = store.check_schema(true)?;
         store.load_dictionaries()?;
@@ -283,6 +289,7 @@ impl Store {
             tagged_from: u64::MAX,
             dictionaries: values::Dictionaries::default(),
             compress_values: false,
+            value_level: values::DEFAULT_LEVEL,
         };
         store.tagged_from = store.check_schema(false)?;
         store.load_dictionaries()?;
@@ -379,7 +386,7 @@ impl Store {
                     .map_err(|_| self.corrupt("dictionary key is not prefix + u32"))?,
             );
             self.dictionaries
-                .insert(Arc::new(Dictionary::new(id, value.into_vec())));
+                .insert(Arc::new(Dictionary::new(id, value.into_vec(), self.value_level)));
         }
         Ok(())
     }
@@ -406,7 +413,13 @@ impl Store {
             joined.extend_from_slice(plain);
             sizes.push(plain.len());
         }
-        values::train(self.dictionaries.next_id(), &joined, &sizes).map(Arc::new)
+        values::train(
+            self.dictionaries.next_id(),
+            &joined,
+            &sizes,
+            self.value_level,
+        )
+        .map(Arc::new)
     }
 
     /// The dictionaries this store holds.

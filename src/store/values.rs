@@ -22,8 +22,8 @@ use zstd::zstd_safe::{CCtx, CDict, DCtx, DDict};
 
 /// Tag of a body stored as it is.
 pub const TAG_RAW: u32 = 0;
-/// zstd level of values compressed with a dictionary.
-const LEVEL: i32 = 3;
+/// Default zstd level of values compressed with a dictionary.
+pub const DEFAULT_LEVEL: i32 = 1;
 /// Size of a trained dictionary.
 pub const DICTIONARY_BYTES: usize = 64 << 10;
 /// Prefix of the keys of dictionaries in the `meta` family (followed by the id, u32 BE).
@@ -47,8 +47,9 @@ impl std::fmt::Debug for Dictionary {
 }
 
 impl Dictionary {
-    pub fn new(id: u32, bytes: Vec<u8>) -> Dictionary {
-        let cdict = CDict::create(&bytes, LEVEL);
+    /// A dictionary that compresses at zstd `level` (decompression needs no level).
+    pub fn new(id: u32, bytes: Vec<u8>, level: i32) -> Dictionary {
+        let cdict = CDict::create(&bytes, level);
         let ddict = DDict::create(&bytes);
         Dictionary {
             id,
@@ -120,9 +121,9 @@ impl Dictionaries {
 
 /// Trains a dictionary from sample bodies (bincode conversations, untagged), laid end to
 /// end in `samples` with their `sizes`. `None` when zstd finds too little to learn from.
-pub fn train(id: u32, samples: &[u8], sizes: &[usize]) -> Option<Dictionary> {
+pub fn train(id: u32, samples: &[u8], sizes: &[usize], level: i32) -> Option<Dictionary> {
     let bytes = zstd::dict::from_continuous(samples, sizes, DICTIONARY_BYTES).ok()?;
-    Some(Dictionary::new(id, bytes))
+    Some(Dictionary::new(id, bytes, level))
 }
 
 thread_local! {
@@ -240,7 +241,7 @@ mod tests {
             joined.extend_from_slice(&s[1..]);
             sizes.push(s.len() - 1);
         }
-        let dictionary = Arc::new(train(1, &joined, &sizes).expect("a dictionary"));
+        let dictionary = Arc::new(train(1, &joined, &sizes, DEFAULT_LEVEL).expect("a dictionary"));
         let dictionaries = Dictionaries::default();
         // Raw bodies decode without any dictionary.
         for s in samples.iter().take(10) {
@@ -259,7 +260,7 @@ mod tests {
             assert_eq!(plain(p, &dictionaries).unwrap(), &s[1..]);
         }
         // The same bytes every time, and from a dictionary loaded from its bytes.
-        let reloaded = Dictionary::new(1, dictionary.bytes().to_vec());
+        let reloaded = Dictionary::new(1, dictionary.bytes().to_vec(), DEFAULT_LEVEL);
         assert_eq!(compress(&samples[5], &reloaded).unwrap(), packed[5]);
         assert_eq!(dictionaries.next_id(), 2);
         // A damaged frame is an error, not a panic.
