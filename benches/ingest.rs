@@ -54,7 +54,12 @@ fn cpu_seconds() -> f64 {
     // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -141,7 +146,10 @@ fn main() {
             &StoreOptions {
                 compression,
                 wal: std::env::var("CORPUSDB_BENCH_WAL").is_ok(),
-                value_level: env_or("CORPUSDB_BENCH_VALUE_LEVEL", StoreOptions::default().value_level),
+                value_level: env_or(
+                    "CORPUSDB_BENCH_VALUE_LEVEL",
+                    StoreOptions::default().value_level,
+                ),
                 ..StoreOptions::default()
             },
         )
@@ -156,6 +164,20 @@ fn main() {
         store.compact();
         drop(store);
         let size_compacted = dir_size(&store_dir);
+        // Read speed of the compacted store: every example decoded, as an export reads it.
+        let export_secs = {
+            let store = Store::open_read_only(&store_dir).unwrap();
+            let started = Instant::now();
+            corpusdb::export::write_jsonl(
+                &store,
+                &corpusdb::export::Selection::All,
+                &mut std::io::sink(),
+                false,
+                &|_| {},
+            )
+            .unwrap();
+            started.elapsed().as_secs_f64()
+        };
         assert!(outcome.import.counts.adds_up());
         println!(
             "{:<6} {:>10.2} {:>12.0} {:>9.1} {:>10} {:>10} {:>7.0} MiB {:>8.2}",
@@ -171,6 +193,12 @@ fn main() {
             ),
             peak as f64 / (1 << 20) as f64,
             cpu
+        );
+        println!(
+            "{:<6} export of the compacted store to JSONL (untimed above): {:.2} s, {:.0} examples/s",
+            name,
+            export_secs,
+            outcome.run.stored as f64 / export_secs
         );
     }
     if std::env::var("CORPUSDB_BENCH_PARQUET").as_deref() != Ok("0") {

@@ -48,8 +48,11 @@ pub fn tags(path: &Path) -> Vec<(u64, Option<u8>)> {
     out
 }
 
+/// (key, value) pairs as RocksDB holds them.
+pub type RawPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Every (key, value) of the examples family in key order, and `values_tagged_from`.
-pub fn raw_values(path: &Path) -> (Vec<(Vec<u8>, Vec<u8>)>, u64) {
+pub fn raw_values(path: &Path) -> (RawPairs, u64) {
     let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), path).unwrap();
     let db =
         rocksdb::DB::open_cf_for_read_only(&rocksdb::Options::default(), path, &families, false)

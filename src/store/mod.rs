@@ -385,8 +385,11 @@ impl Store {
                 id.try_into()
                     .map_err(|_| self.corrupt("dictionary key is not prefix + u32"))?,
             );
-            self.dictionaries
-                .insert(Arc::new(Dictionary::new(id, value.into_vec(), self.value_level)));
+            self.dictionaries.insert(Arc::new(Dictionary::new(
+                id,
+                value.into_vec(),
+                self.value_level,
+            )));
         }
         Ok(())
     }

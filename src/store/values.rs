@@ -208,7 +208,10 @@ mod tests {
 
     fn body(i: usize) -> Vec<u8> {
         let conversation = Conversation::new(vec![
-            Message::new(Role::User, format!("Question {i}: how do I sort a list in Rust?")),
+            Message::new(
+                Role::User,
+                format!("Question {i}: how do I sort a list in Rust?"),
+            ),
             Message::new(
                 Role::Assistant,
                 format!("Call `sort_unstable` on the vector; answer number {i}. ").repeat(3),
