@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! cargo bench --bench ingest
-//! CORPUSDB_BENCH_RECORDS=1000000 CORPUSDB_BENCH_COMPRESSION=zstd,lz4,none cargo bench --bench ingest
+//! CORPUSDB_BENCH_RECORDS=1000000 CORPUSDB_BENCH_COMPRESSION=dict,zstd,lz4,none cargo bench --bench ingest
 //! CORPUSDB_BENCH_WAL=1 cargo bench --bench ingest          # batches also go to the WAL
 //! CORPUSDB_BENCH_PARSE_ONLY=1 cargo bench --bench ingest    # reader + parse + hash only
+//! CORPUSDB_BENCH_VALUE_LEVEL=3 cargo bench --bench ingest   # zstd level of the values (dict)
 //! ```
 //!
 //! After the import it exports the stored examples as `messages` JSONL and as Parquet
@@ -47,6 +48,21 @@ fn peak_rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// CPU seconds (user + system, all threads) this process has used so far.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn reset_peak_rss() {
     // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -71,7 +87,7 @@ fn main() {
         if measuring { 300_000 } else { 2_000 },
     );
     let compressions =
-        std::env::var("CORPUSDB_BENCH_COMPRESSION").unwrap_or_else(|_| "zstd".into());
+        std::env::var("CORPUSDB_BENCH_COMPRESSION").unwrap_or_else(|_| "dict".into());
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let work = PathBuf::from(target).join("bench-ingest");
     std::fs::create_dir_all(&work).unwrap();
@@ -106,12 +122,15 @@ fn main() {
         input_bytes as f64 / records as f64
     );
     println!(
-        "{:<6} {:>10} {:>12} {:>9} {:>10} {:>10} {:>10}",
-        "comp", "seconds", "examples/s", "MB/s", "stored", "store MB", "peak RSS"
+        "{:<6} {:>10} {:>12} {:>9} {:>10} {:>10} {:>10} {:>8}",
+        "comp", "seconds", "examples/s", "MB/s", "stored", "store MB", "peak RSS", "CPU s"
     );
-    println!("(store MB: right after the import / after a full compaction, untimed)");
+    println!("(store MB: right after the import / after a full compaction, untimed; CPU s: all threads during the import)");
     for name in compressions.split(',') {
         let compression = match name.trim() {
+            // Values compressed once with a trained dictionary (the default).
+            "dict" => Compression::Dictionary,
+            // Block compression: lz4 upper levels, zstd bottommost; raw values.
             "zstd" => Compression::Zstd,
             "lz4" => Compression::Lz4,
             "none" => Compression::None,
@@ -120,12 +139,17 @@ fn main() {
         let store_dir = work.join(format!("store-{name}"));
         let _ = std::fs::remove_dir_all(&store_dir);
         reset_peak_rss();
+        let cpu_before = cpu_seconds();
         let started = Instant::now();
         let store = Store::open_with(
             &store_dir,
             &StoreOptions {
                 compression,
                 wal: std::env::var("CORPUSDB_BENCH_WAL").is_ok(),
+                value_level: env_or(
+                    "CORPUSDB_BENCH_VALUE_LEVEL",
+                    StoreOptions::default().value_level,
+                ),
                 ..StoreOptions::default()
             },
         )
@@ -134,14 +158,29 @@ fn main() {
         let outcome = ingest::ingest_file(&store, &corpus, &options, &ingest::Quiet).unwrap();
         store.flush().unwrap();
         let secs = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu_before;
         let peak = peak_rss();
         let size_after_import = dir_size(&store_dir);
         store.compact();
         drop(store);
         let size_compacted = dir_size(&store_dir);
+        // Read speed of the compacted store: every example decoded, as an export reads it.
+        let export_secs = {
+            let store = Store::open_read_only(&store_dir).unwrap();
+            let started = Instant::now();
+            corpusdb::export::write_jsonl(
+                &store,
+                &corpusdb::export::Selection::All,
+                &mut std::io::sink(),
+                false,
+                &|_| {},
+            )
+            .unwrap();
+            started.elapsed().as_secs_f64()
+        };
         assert!(outcome.import.counts.adds_up());
         println!(
-            "{:<6} {:>10.2} {:>12.0} {:>9.1} {:>10} {:>10} {:>7.0} MiB",
+            "{:<6} {:>10.2} {:>12.0} {:>9.1} {:>10} {:>10} {:>7.0} MiB {:>8.2}",
             name,
             secs,
             outcome.run.read as f64 / secs,
@@ -152,11 +191,18 @@ fn main() {
                 size_after_import as f64 / 1e6,
                 size_compacted as f64 / 1e6
             ),
-            peak as f64 / (1 << 20) as f64
+            peak as f64 / (1 << 20) as f64,
+            cpu
+        );
+        println!(
+            "{:<6} export of the compacted store to JSONL (untimed above): {:.2} s, {:.0} examples/s",
+            name,
+            export_secs,
+            outcome.run.stored as f64 / export_secs
         );
     }
     if std::env::var("CORPUSDB_BENCH_PARQUET").as_deref() != Ok("0") {
-        let first = compressions.split(',').next().unwrap_or("zstd").trim();
+        let first = compressions.split(',').next().unwrap_or("dict").trim();
         parquet_vs_jsonl(&work, &work.join(format!("store-{first}")), records);
     }
 }

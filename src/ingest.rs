@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! reader thread      parse thread (rayon)          calling thread
-//! RecordReader  -->  parse, normalise, hash  -->   dedup against the store, then one
+//! RecordReader  -->  parse, normalise, hash,  -->  dedup against the store, then one
+//!                    encode + compress values
 //!   (batches)          (order kept)                 WriteBatch: examples, ordinals,
 //!                                                   provenance, rejects, checkpoint, counters;
 //!                                                   then `Observer::batch_stored` (an index
@@ -17,6 +18,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::bounded;
@@ -29,8 +31,8 @@ use crate::reader::{
     self, FileNote, FilePrefix, Position, PrefixHasher, RawBody, RawItem, RecordReader, Resume,
 };
 use crate::store::{
-    self, Counters, ImportCounts, ImportRecord, ImportState, Reject, RejectKind, RejectReason,
-    Store,
+    self, Counters, Dictionary, ImportCounts, ImportRecord, ImportState, Reject, RejectKind,
+    RejectReason, Store, ValueCoding,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +96,14 @@ pub struct IngestOptions {
     /// Hand each new example's message texts to [`Observer::batch_stored`] (a full-text
     /// index fed by the import); off, the texts are not copied.
     pub keep_text: bool,
+    /// Bytes of encoded values a store without a value dictionary collects from an
+    /// import's first batches before training one (an import with fewer leaves its
+    /// values uncompressed and the next import tries again).
+    pub dictionary_sample_bytes: usize,
 }
+
+/// Default of [`IngestOptions::dictionary_sample_bytes`]: about 100 times the dictionary.
+pub const DICTIONARY_SAMPLE_BYTES: usize = 4 << 20;
 
 impl IngestOptions {
     pub fn new(source: impl Into<String>, category: impl Into<String>) -> IngestOptions {
@@ -112,6 +121,7 @@ impl IngestOptions {
             restart_changed: false,
             batch_delay: None,
             keep_text: false,
+            dictionary_sample_bytes: DICTIONARY_SAMPLE_BYTES,
         }
     }
 }
@@ -218,6 +228,8 @@ struct RawBatch {
 
 struct ParsedBatch {
     items: Vec<Parsed>,
+    /// A value dictionary trained from this batch and earlier ones, which its values use.
+    dictionary: Option<Arc<Dictionary>>,
     notes: Vec<FileNote>,
     end: Position,
     prefix: FilePrefix,
@@ -246,7 +258,8 @@ struct Encoded {
     messages: u32,
     /// The messages' contents, with `IngestOptions::keep_text`.
     texts: Option<Vec<String>>,
-    /// bincode of the conversation and its extras.
+    /// The tagged value body: bincode of the conversation and its extras, compressed
+    /// with the store's dictionary when it has one.
     bytes: Vec<u8>,
 }
 
@@ -482,19 +495,41 @@ pub fn ingest_file(
                 }
             }
         });
+        let sample_bytes = options.dictionary_sample_bytes;
         scope.spawn(move || {
+            let mut values = Values {
+                coding: store.value_coding(),
+                samples: Vec::new(),
+                sampled: 0,
+                target: sample_bytes,
+            };
             for batch in raw_rx {
-                let parsed = batch.map(|batch| ParsedBatch {
-                    items: batch
+                let parsed = batch.map(|batch| {
+                    let dictionary = values.dictionary();
+                    let mut items: Vec<Parsed> = batch
                         .items
                         .into_par_iter()
-                        .map(|item| parse_unit(reading, rules, filters, keep_text, item))
-                        .collect(),
-                    notes: batch.notes,
-                    end: batch.end,
-                    prefix: batch.prefix,
-                    file_bytes_read: batch.file_bytes_read,
-                    last: batch.last,
+                        .map(|item| {
+                            parse_unit(
+                                reading,
+                                rules,
+                                filters,
+                                keep_text,
+                                dictionary.as_deref(),
+                                item,
+                            )
+                        })
+                        .collect();
+                    let dictionary = values.learn(store, &mut items);
+                    ParsedBatch {
+                        items,
+                        dictionary,
+                        notes: batch.notes,
+                        end: batch.end,
+                        prefix: batch.prefix,
+                        file_bytes_read: batch.file_bytes_read,
+                        last: batch.last,
+                    }
                 });
                 if parsed_tx.send(parsed).is_err() {
                     return;
@@ -534,6 +569,68 @@ pub fn ingest_file(
         notes,
         elapsed: started.elapsed(),
     })
+}
+
+/// How the parse stage encodes values: with the store's dictionary, or collecting
+/// samples to train one.
+struct Values {
+    coding: ValueCoding,
+    /// Sample bodies collected so far (while training).
+    samples: Vec<Vec<u8>>,
+    sampled: usize,
+    target: usize,
+}
+
+impl Values {
+    fn dictionary(&self) -> Option<Arc<Dictionary>> {
+        match &self.coding {
+            ValueCoding::Compress(dictionary) => Some(dictionary.clone()),
+            _ => None,
+        }
+    }
+
+    /// While the store has no dictionary: takes samples from a parsed batch and, once
+    /// there are enough, trains one and compresses the batch with it (returned, to be
+    /// stored with the batch).
+    fn learn(&mut self, store: &Store, items: &mut [Parsed]) -> Option<Arc<Dictionary>> {
+        if !matches!(self.coding, ValueCoding::Train) {
+            return None;
+        }
+        for encoded in items.iter().flat_map(encoded_of) {
+            if self.sampled >= self.target {
+                break;
+            }
+            self.sampled += encoded.bytes.len();
+            self.samples.push(encoded.bytes.clone());
+        }
+        if self.sampled < self.target {
+            return None;
+        }
+        let samples: Vec<&[u8]> = self.samples.iter().map(Vec::as_slice).collect();
+        let trained = store.train_dictionary(&samples);
+        self.samples = Vec::new();
+        let Some(dictionary) = trained else {
+            // zstd found nothing to learn: this import stores its values as they are.
+            self.coding = ValueCoding::Raw;
+            return None;
+        };
+        items.par_iter_mut().for_each(|item| {
+            if let Ok(list) = &mut item.outcome {
+                for encoded in list.iter_mut().flatten() {
+                    if let Some(packed) = store::compress_value(&encoded.bytes, &dictionary) {
+                        encoded.bytes = packed;
+                    }
+                }
+            }
+        });
+        self.coding = ValueCoding::Compress(dictionary.clone());
+        Some(dictionary)
+    }
+}
+
+/// The examples a parsed unit gave.
+fn encoded_of(item: &Parsed) -> impl Iterator<Item = &Encoded> {
+    item.outcome.iter().flatten().flatten()
 }
 
 /// How a file's records are parsed.
@@ -756,6 +853,7 @@ fn parse_unit(
     rules: &[Rule],
     filters: Option<&crate::filters::Filters>,
     keep_text: bool,
+    dictionary: Option<&Dictionary>,
     unit: Unit,
 ) -> Parsed {
     let (outcome, raw) = match unit.body {
@@ -789,10 +887,15 @@ fn parse_unit(
                                     .map(|m| m.content.clone())
                                     .collect()
                             }),
-                            bytes: store::encode_conversation(
-                                &example.conversation,
-                                &example.extras,
-                            ),
+                            bytes: {
+                                let body = store::encode_conversation(
+                                    &example.conversation,
+                                    &example.extras,
+                                );
+                                dictionary
+                                    .and_then(|d| store::compress_value(&body, d))
+                                    .unwrap_or(body)
+                            },
                         })
                     })
                     .collect::<Vec<_>>())
@@ -875,6 +978,9 @@ impl BatchWriter<'_> {
         let mut added = Vec::new();
         let mut gained_source = Vec::new();
         let mut write = self.store.import_batch(self.counters, import_id);
+        if let Some(dictionary) = batch.dictionary {
+            write.add_dictionary(dictionary);
+        }
         for item in batch.items {
             counts.read += item.rows;
             counts.joined += item.rows - 1 - item.row_rejects.len() as u64;

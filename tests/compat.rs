@@ -9,7 +9,7 @@ use std::path::Path;
 
 use corpusdb::store::{Store, SCHEMA_VERSION};
 
-fn copy_dir(from: &Path, to: &Path) {
+pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
@@ -36,13 +36,15 @@ fn frozen() -> (tempfile::TempDir, std::path::PathBuf) {
 #[test]
 fn a_store_written_by_schema_version_2_reads_the_same() {
     let (_dir, path) = frozen();
-    if SCHEMA_VERSION != 2 {
-        // The format changed on purpose: the old store is refused, not misread.
-        let refused = Store::open(&path).err().expect("a refusal").to_string();
-        assert!(refused.contains("schema version 2"), "{refused}");
-        return;
-    }
-    let store = Store::open(&path).unwrap();
+    assert_eq!(SCHEMA_VERSION, 3, "update this test and the frozen stores");
+    // Read-only, it stays a version-2 store; opened for writing, it is upgraded in place
+    // and its untagged, block-compressed values keep reading.
+    check_frozen(&Store::open_read_only(&path).unwrap());
+    check_frozen(&Store::open(&path).unwrap());
+    check_frozen(&Store::open_read_only(&path).unwrap());
+}
+
+fn check_frozen(store: &Store) {
     let counters = store.counters().unwrap();
     // As `corpusdb stats` printed when the store was written.
     assert_eq!(

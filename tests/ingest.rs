@@ -323,7 +323,7 @@ fn a_store_of_another_schema_version_is_refused_with_a_message() {
             .to_string();
         assert!(
             message.contains(&format!(
-                "has schema version 99, this corpusdb reads version {}",
+                "has schema version 99, this corpusdb reads versions 2 to {}",
                 corpusdb::store::SCHEMA_VERSION
             )),
             "{message}"

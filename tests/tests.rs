@@ -26,3 +26,4 @@ mod step;
 mod templates;
 mod tokens;
 mod train;
+mod values;

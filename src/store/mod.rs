@@ -21,8 +21,10 @@
 mod neardup;
 mod transaction;
 mod types;
+mod values;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
@@ -39,9 +41,18 @@ pub use types::{
     NearDupParams, ProvenanceEntry, ProvenanceValue, ProvenanceValueWithId, Reject, RejectKind,
     RejectReason, StoredExample,
 };
+pub use values::{Dictionary, DICTIONARY_BYTES};
 
 /// Version of the on-disk layout (keys, values, canonical hash form).
-pub const SCHEMA_VERSION: u32 = 2;
+///
+/// Version 3 tags every example value (see [`values`]: raw, or zstd with a stored
+/// dictionary) and turns off the examples family's block compression. A version-2 store
+/// opened for writing is upgraded in place: `values_tagged_from` records how many
+/// (untagged, block-compressed) examples it already had, and they keep reading as before.
+/// A binary of version 2 refuses a version-3 store by its schema version.
+pub const SCHEMA_VERSION: u32 = 3;
+/// The oldest layout this binary reads (and upgrades when it writes).
+pub const OLDEST_SCHEMA_VERSION: u32 = 2;
 
 const CF_EXAMPLES: &str = "examples";
 const CF_PROVENANCE: &str = "provenance";
@@ -68,6 +79,8 @@ const ALL_CFS: [&str; 9] = [
 
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
 const KEY_COUNTERS: &[u8] = b"counters";
+/// Ordinal from which example values are tagged (u64 LE); absent in version-2 stores.
+const KEY_TAGGED_FROM: &[u8] = b"values_tagged_from";
 
 /// Base key of file-level ledger entries (not records) in the rejects family; a note at
 /// byte offset `b` of the file is stored under `FILE_NOTE_RECORD - b`.
@@ -79,7 +92,7 @@ pub enum Error {
     Locked { path: PathBuf },
     #[error("no store at {path}: create one with `corpusdb ingest`, or pass --store DIR")]
     Missing { path: PathBuf },
-    #[error("store at {path} has schema version {found}, this corpusdb reads version {expected}; use a matching corpusdb or re-import into a new store")]
+    #[error("store at {path} has schema version {found}, this corpusdb reads versions 2 to {expected}; use a matching corpusdb or re-import into a new store")]
     SchemaMismatch {
         path: PathBuf,
         found: u32,
@@ -98,9 +111,15 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Block compression of the examples family (the other families are small and use lz4).
+/// Compression of the examples family (the other families are small and use lz4 blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
+    /// Each value compressed once by the import's parse threads with zstd and a
+    /// dictionary trained from the store's first import; no block compression, so
+    /// flushes and compactions copy bytes (the default). A store upgraded from version 2
+    /// keeps zstd on its bottommost level for the values written before.
+    Dictionary,
+    /// The options below store values as they are and let RocksDB compress blocks.
     None,
     /// lz4 on every level.
     Lz4,
@@ -123,17 +142,20 @@ pub struct StoreOptions {
     pub write_buffer_bytes: usize,
     /// Shared block cache, in bytes.
     pub block_cache_bytes: usize,
+    /// zstd level of values compressed with a dictionary ([`Compression::Dictionary`]).
+    pub value_level: i32,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        // lz4 + bottommost zstd: near lz4's ingest rate at zstd's resting size
-        // (BENCHMARKS.md). Values are not compressed again by us.
+        // Values compressed once with a trained dictionary: zstd's resting size without
+        // compressing again on every flush and compaction (BENCHMARKS.md).
         StoreOptions {
-            compression: Compression::Zstd,
+            compression: Compression::Dictionary,
             wal: false,
             write_buffer_bytes: 128 << 20,
             block_cache_bytes: 64 << 20,
+            value_level: values::DEFAULT_LEVEL,
         }
     }
 }
@@ -143,6 +165,26 @@ pub struct Store {
     path: PathBuf,
     /// Write options of [`Store::write`]; `None` for a read-only store.
     write_options: Option<WriteOptions>,
+    /// Examples from this ordinal on have tagged values (`u64::MAX`: none, a version-2
+    /// store opened read-only).
+    tagged_from: u64,
+    /// The dictionaries of compressed values, by id.
+    dictionaries: values::Dictionaries,
+    /// Whether imports compress values ([`Compression::Dictionary`]).
+    compress_values: bool,
+    /// zstd level of compressed values.
+    value_level: i32,
+}
+
+/// How an import encodes the example values it writes ([`Store::value_coding`]).
+#[derive(Clone, Debug)]
+pub enum ValueCoding {
+    /// As they are (block compression does the work, or values are not compressed).
+    Raw,
+    /// The store has no dictionary yet: train one from the import's first values.
+    Train,
+    /// Compress with this dictionary.
+    Compress(Arc<Dictionary>),
 }
 
 impl Store {
@@ -181,12 +223,27 @@ impl Store {
         let mut write_options = WriteOptions::default();
         write_options.set_sync(false);
         write_options.disable_wal(!options.wal);
-        let store = Store {
+        let mut store = Store {
             db,
             path: path.to_owned(),
             write_options: Some(write_options),
+            tagged_from: u64::MAX,
+            dictionaries: values::Dictionaries::default(),
+            compress_values: options.compression == Compression::Dictionary,
+            value_level: options.value_level,
         };
-        store.check_schema(true)?;
+        store.tagged_from = store.check_schema(true)?;
+        store.load_dictionaries()?;
+        if store.tagged_from > 0 && store.compress_values {
+            // Values written before version 3 are raw: they keep zstd where they rest.
+            store
+                .db
+                .set_options_cf(
+                    store.cf(CF_EXAMPLES),
+                    &[("bottommost_compression", "kZSTD")],
+                )
+                .map_err(|e| store.rocks(e))?;
+        }
         Ok(store)
     }
 
@@ -232,12 +289,17 @@ impl Store {
                 Err(e) => return Err(rocks_error(path, e)),
             }
         };
-        let store = Store {
+        let mut store = Store {
             db,
             path: path.to_owned(),
             write_options: None,
+            tagged_from: u64::MAX,
+            dictionaries: values::Dictionaries::default(),
+            compress_values: false,
+            value_level: values::DEFAULT_LEVEL,
         };
-        store.check_schema(false)?;
+        store.tagged_from = store.check_schema(false)?;
+        store.load_dictionaries()?;
         Ok(store)
     }
 
@@ -245,7 +307,9 @@ impl Store {
         &self.path
     }
 
-    fn check_schema(&self, may_initialise: bool) -> Result<()> {
+    /// Checks the schema version (upgrading a version-2 store or initialising a new one
+    /// when `may_write`) and returns the ordinal from which values are tagged.
+    fn check_schema(&self, may_write: bool) -> Result<u64> {
         let meta = self.cf(CF_META);
         match self
             .db
@@ -259,21 +323,25 @@ impl Store {
                         .try_into()
                         .map_err(|_| self.corrupt("schema version is not 4 bytes"))?,
                 );
-                if found != SCHEMA_VERSION {
-                    return Err(Error::SchemaMismatch {
+                match found {
+                    SCHEMA_VERSION => self.tagged_from(),
+                    OLDEST_SCHEMA_VERSION if may_write => {
+                        // Every example stored so far is untagged; new ones are tagged.
+                        let examples = self.counters()?.examples;
+                        self.mark_version(examples)?;
+                        Ok(examples)
+                    }
+                    OLDEST_SCHEMA_VERSION => Ok(u64::MAX),
+                    _ => Err(Error::SchemaMismatch {
                         path: self.path.clone(),
                         found,
                         expected: SCHEMA_VERSION,
-                    });
+                    }),
                 }
-                Ok(())
             }
-            None if may_initialise => {
-                self.db
-                    .put_cf(meta, KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes())
-                    .map_err(|e| self.rocks(e))?;
-                // Flushed at once, so readers opening the new store see its version.
-                self.flush()
+            None if may_write => {
+                self.mark_version(0)?;
+                Ok(0)
             }
             // A store another process is creating right now has nothing yet: read it as empty.
             None if self
@@ -282,10 +350,97 @@ impl Store {
                 .map_err(|e| self.rocks(e))?
                 .is_none() =>
             {
-                Ok(())
+                Ok(0)
             }
             None => Err(self.corrupt("no schema version recorded")),
         }
+    }
+
+    fn tagged_from(&self) -> Result<u64> {
+        let bytes = self
+            .db
+            .get_cf(self.cf(CF_META), KEY_TAGGED_FROM)
+            .map_err(|e| self.rocks(e))?
+            .ok_or_else(|| self.corrupt("no values_tagged_from recorded"))?;
+        Ok(u64::from_le_bytes(bytes.as_slice().try_into().map_err(
+            |_| self.corrupt("values_tagged_from is not 8 bytes"),
+        )?))
+    }
+
+    /// Records this schema version and where tagged values begin, in one write, flushed
+    /// at once (so readers opening the store see them).
+    fn mark_version(&self, tagged_from: u64) -> Result<()> {
+        let meta = self.cf(CF_META);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, KEY_TAGGED_FROM, tagged_from.to_le_bytes());
+        batch.put_cf(meta, KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes());
+        self.db.write(batch).map_err(|e| self.rocks(e))?;
+        self.flush()
+    }
+
+    fn load_dictionaries(&self) -> Result<()> {
+        let prefix = values::DICTIONARY_KEY_PREFIX;
+        for item in self.db.iterator_cf(
+            self.cf(CF_META),
+            IteratorMode::From(prefix, Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            let Some(id) = key.strip_prefix(prefix) else {
+                break;
+            };
+            let id = u32::from_be_bytes(
+                id.try_into()
+                    .map_err(|_| self.corrupt("dictionary key is not prefix + u32"))?,
+            );
+            self.dictionaries.insert(Arc::new(Dictionary::new(
+                id,
+                value.into_vec(),
+                self.value_level,
+            )));
+        }
+        Ok(())
+    }
+
+    /// How an import writing to this store encodes example values.
+    pub fn value_coding(&self) -> ValueCoding {
+        if !self.compress_values {
+            return ValueCoding::Raw;
+        }
+        match self.dictionaries.newest() {
+            Some(dictionary) => ValueCoding::Compress(dictionary),
+            None => ValueCoding::Train,
+        }
+    }
+
+    /// Trains the store's next dictionary from sample bodies (as [`encode_conversation`]
+    /// writes them), or `None` when they are too few. It is stored by the import batch
+    /// that first uses it ([`ImportBatch::add_dictionary`]).
+    pub fn train_dictionary(&self, samples: &[&[u8]]) -> Option<Arc<Dictionary>> {
+        let mut joined = Vec::with_capacity(samples.iter().map(|s| s.len()).sum());
+        let mut sizes = Vec::with_capacity(samples.len());
+        for sample in samples {
+            let plain = sample.get(1..).unwrap_or_default();
+            joined.extend_from_slice(plain);
+            sizes.push(plain.len());
+        }
+        values::train(
+            self.dictionaries.next_id(),
+            &joined,
+            &sizes,
+            self.value_level,
+        )
+        .map(Arc::new)
+    }
+
+    /// The dictionaries this store holds.
+    pub fn dictionaries(&self) -> Vec<Arc<Dictionary>> {
+        let mut out = Vec::new();
+        let mut id = 1;
+        while let Some(d) = self.dictionaries.get(id) {
+            out.push(d);
+            id += 1;
+        }
+        out
     }
 
     /// Running totals, kept up to date by every import batch.
@@ -328,7 +483,7 @@ impl Store {
             .get_pinned_cf(self.cf(CF_EXAMPLES), hash.as_bytes())
             .map_err(|e| self.rocks(e))?
         {
-            Some(bytes) => Ok(Some(self.decode(&bytes, "example")?)),
+            Some(bytes) => Ok(Some(self.decode_example(&bytes)?)),
             None => Ok(None),
         }
     }
@@ -352,7 +507,7 @@ impl Store {
             iter.status().map_err(|e| self.rocks(e))?;
             if iter.key() == Some(hash.as_bytes().as_slice()) {
                 let value = iter.value().expect("a valid iterator has a value");
-                visit(hash, self.decode(value, "example")?)?;
+                visit(hash, self.decode_example(value)?)?;
             }
         }
         Ok(())
@@ -372,7 +527,7 @@ impl Store {
             let hash = ContentHash::from_slice(key)
                 .ok_or_else(|| self.corrupt("example key is not a SHA-1"))?;
             let value = iter.value().expect("a valid iterator has a value");
-            visit(&hash, self.decode(value, "example")?)?;
+            visit(&hash, self.decode_example(value)?)?;
             iter.next();
         }
         iter.status().map_err(|e| self.rocks(e))
@@ -684,6 +839,35 @@ impl Store {
         Ok((value.line, Some(value.id)))
     }
 
+    /// Decodes an example value: untagged below `tagged_from` (schema version 2), else
+    /// header + tagged body, decompressed with its dictionary when it names one.
+    fn decode_example(&self, value: &[u8]) -> Result<StoredExample> {
+        let ordinal = value
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or_else(|| self.corrupt("example value is shorter than its header"))?;
+        if ordinal < self.tagged_from {
+            return self.decode(value, "example");
+        }
+        let header_len = header_len(value)
+            .ok_or_else(|| self.corrupt("example value is shorter than its header"))?;
+        let header: OwnedHeader = self.decode(&value[..header_len], "example header")?;
+        let (conversation, extras) =
+            values::with_plain(&value[header_len..], &self.dictionaries, |plain| {
+                bincode::deserialize(plain).map_err(|e| e.to_string())
+            })
+            .map_err(|e| self.corrupt(&format!("cannot decode example {ordinal}: {e}")))?;
+        Ok(StoredExample {
+            ordinal: header.ordinal,
+            category: header.category,
+            first_import: header.first_import,
+            chars: header.chars,
+            turns: header.turns,
+            conversation,
+            extras,
+        })
+    }
+
     fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {
         bincode::deserialize(bytes).map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
     }
@@ -823,6 +1007,11 @@ impl Batch<'_> {
         self.inner.delete_cf(self.store.cf(CF_EXCLUDED), key);
     }
 
+    fn put_dictionary(&mut self, dictionary: &Dictionary) {
+        self.inner
+            .put_cf(self.store.cf(CF_META), dictionary.key(), dictionary.bytes());
+    }
+
     fn put_counters(&mut self, counters: &Counters) {
         self.put(CF_META, KEY_COUNTERS, counters);
     }
@@ -833,6 +1022,23 @@ impl Batch<'_> {
     }
 }
 
+/// [`ExampleHeader`] when reading.
+#[derive(serde::Deserialize)]
+struct OwnedHeader {
+    ordinal: u64,
+    category: String,
+    first_import: u32,
+    chars: u64,
+    turns: u32,
+}
+
+/// Length of the encoded [`ExampleHeader`] at the start of an example value.
+fn header_len(value: &[u8]) -> Option<usize> {
+    let category_len = u64::from_le_bytes(value.get(8..16)?.try_into().ok()?) as usize;
+    let len = 16usize.checked_add(category_len)?.checked_add(16)?;
+    (len <= value.len()).then_some(len)
+}
+
 /// Reads `first_import` out of an encoded example without decoding the conversation:
 /// ordinal (u64), category (u64 length + bytes), first_import (u32), little-endian.
 fn first_import_of(value: &[u8]) -> Option<u32> {
@@ -841,13 +1047,24 @@ fn first_import_of(value: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(value.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// The bincode encoding of a conversation and its extras, as [`Batch::put_example`]
-/// takes it (the last two fields of [`StoredExample`]).
+/// The body of an example value as [`Batch::put_example`] takes it: the raw tag, then
+/// the bincode encoding of a conversation and its extras (the last two fields of
+/// [`StoredExample`]). [`compress_value`] turns it into a compressed body.
 pub fn encode_conversation(
     conversation: &crate::conversation::Conversation,
     extras: &crate::conversation::Extras,
 ) -> Vec<u8> {
-    bincode::serialize(&(conversation, extras)).expect("conversations always serialise")
+    let mut body = Vec::with_capacity(512);
+    values::put_varint(&mut body, values::TAG_RAW);
+    bincode::serialize_into(&mut body, &(conversation, extras))
+        .expect("conversations always serialise");
+    body
+}
+
+/// A raw body ([`encode_conversation`]) compressed with `dictionary` (its id as the
+/// tag, then one zstd frame), or `None` when that would not make it smaller.
+pub fn compress_value(body: &[u8], dictionary: &Dictionary) -> Option<Vec<u8>> {
+    values::compress(body, dictionary)
 }
 
 fn exclusion_key(hash: &ContentHash, filter: &str) -> Vec<u8> {
@@ -892,7 +1109,10 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                     // Recent data is rewritten by compaction soon: cheap lz4 there, zstd
                     // where data comes to rest (BENCHMARKS.md has the measurements).
                     match options.compression {
-                        Compression::None => cf.set_compression_type(DBCompressionType::None),
+                        // Values arrive compressed: flushes and compactions copy bytes.
+                        Compression::Dictionary | Compression::None => {
+                            cf.set_compression_type(DBCompressionType::None)
+                        }
                         Compression::Lz4 => cf.set_compression_type(DBCompressionType::Lz4),
                         Compression::Zstd => {
                             cf.set_compression_type(DBCompressionType::Lz4);
@@ -965,7 +1185,9 @@ mod tests {
             turns: 1,
         };
         let mut split = bincode::serialize(&header).unwrap();
-        split.extend(encode_conversation(&example.conversation, &example.extras));
+        let body = encode_conversation(&example.conversation, &example.extras);
+        assert_eq!(body[0], 0, "a raw body is tagged 0");
+        split.extend(&body[1..]);
         assert_eq!(
             split, bytes,
             "header ++ conversation encodes the whole example"

@@ -13,8 +13,11 @@
 //! as they write: one writer at a time, as the store's lock guarantees.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
-use super::{Batch, Counters, ExampleHeader, ImportRecord, Reject, Result, Store};
+use super::{
+    Batch, Counters, Dictionary, ExampleHeader, ImportRecord, Reject, Result, Store,
+};
 use crate::conversation::ContentHash;
 use crate::store::types::{ClusterMembership, Exclusion, ImportCounts, NearDupParams};
 
@@ -37,6 +40,7 @@ pub struct ImportBatch<'a> {
     changed: Vec<ContentHash>,
     provenance: Vec<(ContentHash, u64, u64, Option<String>)>,
     rejects: Vec<Reject>,
+    dictionary: Option<Arc<Dictionary>>,
 }
 
 impl Store {
@@ -55,6 +59,7 @@ impl Store {
             changed: Vec::new(),
             provenance: Vec::new(),
             rejects: Vec::new(),
+            dictionary: None,
         }
     }
 
@@ -117,6 +122,12 @@ impl ImportBatch<'_> {
         self.provenance.push((hash, record, line, id));
     }
 
+    /// Stores a dictionary trained by [`Store::train_dictionary`] with this batch, whose
+    /// values may use it.
+    pub fn add_dictionary(&mut self, dictionary: Arc<Dictionary>) {
+        self.dictionary = Some(dictionary);
+    }
+
     /// Keeps a rejected record (or a note about the file) in the rejects ledger.
     pub fn add_reject(&mut self, reject: Reject) {
         self.rejects.push(reject);
@@ -134,6 +145,7 @@ impl ImportBatch<'_> {
             mut changed,
             mut provenance,
             rejects,
+            dictionary,
         } = self;
         if counts.stored != examples.len() as u64 || import.id != import_id {
             return Err(store.corrupt(&format!(
@@ -144,6 +156,9 @@ impl ImportBatch<'_> {
             )));
         }
         let mut batch = store.batch();
+        if let Some(dictionary) = &dictionary {
+            batch.put_dictionary(dictionary);
+        }
         for reject in &rejects {
             batch.put_reject(reject);
         }
@@ -182,7 +197,16 @@ impl ImportBatch<'_> {
         import.counts.add(counts);
         batch.put_import(import);
         batch.put_counters(counters);
-        store.write(batch)
+        // Known before the write, so no reader of this process meets a value it cannot
+        // decompress; forgotten again if the write fails.
+        if let Some(dictionary) = &dictionary {
+            store.dictionaries.insert(dictionary.clone());
+        }
+        let written = store.write(batch);
+        if let (Err(_), Some(dictionary)) = (&written, &dictionary) {
+            store.dictionaries.remove(dictionary.id());
+        }
+        written
     }
 }
 
