@@ -7,6 +7,18 @@ use corpusdb::ingest::{self, IngestOptions};
 use corpusdb::store::{Compression, Store, StoreOptions};
 use corpusdb::synth::{self, SynthSpec};
 
+/// A store opened to compress values with a dictionary (not the default).
+fn open_compressing(path: &Path) -> Store {
+    Store::open_with(
+        path,
+        &StoreOptions {
+            compression: Compression::Dictionary,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A synthetic corpus of `records` records (about 1.5 KB each).
 pub fn corpus(dir: &Path, records: u64, seed: u64) -> PathBuf {
     let path = dir.join(format!("corpus-{records}-{seed}.jsonl"));
@@ -97,7 +109,7 @@ fn the_first_import_trains_a_dictionary_and_compresses_values_with_it() {
     let path = dir.path().join("store");
     let file = corpus(dir.path(), 1500, 1);
     let stored = {
-        let store = Store::open(&path).unwrap();
+        let store = open_compressing(&path);
         // About two batches of samples: the first batch stays raw.
         let stored = import(&store, &file, "one", 512 << 10);
         assert_eq!(store.dictionaries().len(), 1);
@@ -131,7 +143,7 @@ fn the_first_import_trains_a_dictionary_and_compresses_values_with_it() {
     assert!(bytes * 2 < plain, "{bytes} stored for {plain} plain");
     drop(store);
     // The next import uses the stored dictionary from its first value on.
-    let store = Store::open(&path).unwrap();
+    let store = open_compressing(&path);
     let more = import(&store, &corpus(dir.path(), 300, 2), "two", 256 << 10);
     assert!(more > 0);
     assert_eq!(store.dictionaries().len(), 1);
@@ -148,7 +160,7 @@ fn the_first_import_trains_a_dictionary_and_compresses_values_with_it() {
 fn an_import_too_small_to_train_stores_raw_values_and_the_next_one_trains() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
-    let store = Store::open(&path).unwrap();
+    let store = open_compressing(&path);
     let small = import(&store, &corpus(dir.path(), 50, 3), "small", 256 << 10);
     assert!(store.dictionaries().is_empty());
     let big = import(&store, &corpus(dir.path(), 1000, 4), "big", 256 << 10);
@@ -162,6 +174,7 @@ fn an_import_too_small_to_train_stores_raw_values_and_the_next_one_trains() {
 
 #[test]
 fn block_compression_options_store_raw_values() {
+    assert_eq!(StoreOptions::default().compression, Compression::Zstd);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     let store = Store::open_with(
@@ -177,8 +190,8 @@ fn block_compression_options_store_raw_values() {
     assert_eq!(check_all(&store), stored);
     drop(store);
     assert!(tags(&path).iter().all(|(_, t)| *t == Some(0)));
-    // The same store opened with the default then trains and compresses.
-    let store = Store::open(&path).unwrap();
+    // The same store opened to compress values then trains and compresses.
+    let store = open_compressing(&path);
     let more = import(&store, &corpus(dir.path(), 800, 6), "two", 64 << 10);
     assert_eq!(store.dictionaries().len(), 1);
     assert_eq!(check_all(&store), stored + more);
@@ -191,7 +204,7 @@ fn the_same_input_gives_the_same_stored_bytes() {
     let mut runs = Vec::new();
     for name in ["a", "b"] {
         let path = dir.path().join(name);
-        let store = Store::open(&path).unwrap();
+        let store = open_compressing(&path);
         import(&store, &file, "one", 256 << 10);
         let dictionaries: Vec<Vec<u8>> = store
             .dictionaries()
@@ -213,7 +226,7 @@ fn a_version_2_store_takes_new_imports_and_reads_old_and_new_values() {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat/store-v2"),
         &path,
     );
-    let store = Store::open(&path).unwrap();
+    let store = open_compressing(&path);
     assert_eq!(store.counters().unwrap().examples, 92);
     let stored = import(&store, &corpus(dir.path(), 1000, 8), "new", 256 << 10);
     assert!(stored > 800);

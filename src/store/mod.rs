@@ -116,15 +116,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Compression {
     /// Each value compressed once by the import's parse threads with zstd and a
     /// dictionary trained from the store's first import; no block compression, so
-    /// flushes and compactions copy bytes (the default). A store upgraded from version 2
-    /// keeps zstd on its bottommost level for the values written before.
+    /// flushes and compactions copy bytes. A store upgraded from version 2 keeps zstd on
+    /// its bottommost level for the values written before. Smaller right after an
+    /// import, but more CPU per value than block compression (BENCHMARKS.md).
     Dictionary,
     /// The options below store values as they are and let RocksDB compress blocks.
     None,
     /// lz4 on every level.
     Lz4,
     /// lz4 on the levels compaction will rewrite soon, zstd on the bottommost level where
-    /// most data rests.
+    /// most data rests (the default).
     Zstd,
 }
 
@@ -148,10 +149,11 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        // Values compressed once with a trained dictionary: zstd's resting size without
-        // compressing again on every flush and compaction (BENCHMARKS.md).
+        // Block compression: measured on an idle machine, compressing each value once
+        // with a dictionary cost more import CPU than lz4 + bottommost zstd blocks
+        // (BENCHMARKS.md, "Compressing each value once").
         StoreOptions {
-            compression: Compression::Dictionary,
+            compression: Compression::Zstd,
             wal: false,
             write_buffer_bytes: 128 << 20,
             block_cache_bytes: 64 << 20,
