@@ -63,10 +63,7 @@ type Result<T> = std::result::Result<T, PyErr>;
 /// A JSON value as the Python value `json.loads` makes of it.
 fn to_py(py: Python<'_>, value: &Value) -> Result<Py<PyAny>> {
     let text = serde_json::to_string(value).map_err(err)?;
-    Ok(py
-        .import("json")?
-        .call_method1("loads", (text,))?
-        .unbind())
+    Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
 }
 
 fn from_py(py: Python<'_>, value: &Bound<'_, PyAny>) -> Result<Value> {
@@ -557,19 +554,20 @@ struct Plain {
 }
 
 fn plain(batch: batches::Batch) -> std::result::Result<Plain, String> {
-    let flat_u32 = |t: &corpusdb::batches::Batch, which: &str| -> std::result::Result<Vec<u32>, String> {
-        let tensor = match which {
-            "input_ids" => &t.input_ids,
-            "position_ids" => &t.position_ids,
-            "segment_ids" => &t.segment_ids,
-            "cu_seqlens" => &t.cu_seqlens,
-            _ => &t.seq_starts,
+    let flat_u32 =
+        |t: &corpusdb::batches::Batch, which: &str| -> std::result::Result<Vec<u32>, String> {
+            let tensor = match which {
+                "input_ids" => &t.input_ids,
+                "position_ids" => &t.position_ids,
+                "segment_ids" => &t.segment_ids,
+                "cu_seqlens" => &t.cu_seqlens,
+                _ => &t.seq_starts,
+            };
+            tensor
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<u32>())
+                .map_err(|e| message(&e))
         };
-        tensor
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<u32>())
-            .map_err(|e| message(&e))
-    };
     let shape = batch.input_ids.dims2().map_err(|e| message(&e))?;
     Ok(Plain {
         input_ids: flat_u32(&batch, "input_ids")?,
@@ -723,10 +721,13 @@ impl RawBatches {
             return Err(fail("batch_size and max_seq_len must be at least 1"));
         }
         let state: Option<SamplerState> = match state {
-            Some(state) if !state.is_none() => Some(
-                serde_json::from_value(from_py(py, state)?)
-                    .map_err(|e| fail(format!("state: {e} (expected {{\"fingerprint\": str, \"position\": int}})")))?,
-            ),
+            Some(state) if !state.is_none() => {
+                Some(serde_json::from_value(from_py(py, state)?).map_err(|e| {
+                    fail(format!(
+                        "state: {e} (expected {{\"fingerprint\": str, \"position\": int}})"
+                    ))
+                })?)
+            }
             _ => None,
         };
         let (source, position, warning) = py.detach(|| -> Result<_> {
@@ -735,9 +736,9 @@ impl RawBatches {
             if let Some(marker) = &end_of_turn {
                 tokenizer.set_end_of_turn(marker);
             }
-            tokenizer.require_end_of_turn().map_err(|e| {
-                fail(e.0.replace("in the training config", "with end_of_turn="))
-            })?;
+            tokenizer
+                .require_end_of_turn()
+                .map_err(|e| fail(e.0.replace("in the training config", "with end_of_turn=")))?;
             let (store, index, warning) = open_for_reading(&store)?;
             let plan = Plan::build(&index, &curriculum).map_err(err)?;
             let position = match &state {
@@ -828,15 +829,27 @@ impl RawBatches {
         )?;
         dict.set_item(
             "labels",
-            (buffer(py, &batch.labels, |v: i64| v.to_le_bytes().to_vec()), "int64", (rows, width)),
+            (
+                buffer(py, &batch.labels, |v: i64| v.to_le_bytes().to_vec()),
+                "int64",
+                (rows, width),
+            ),
         )?;
         dict.set_item(
             "position_ids",
-            (buffer(py, &batch.position_ids, le32), "uint32", (rows, width)),
+            (
+                buffer(py, &batch.position_ids, le32),
+                "uint32",
+                (rows, width),
+            ),
         )?;
         dict.set_item(
             "segment_ids",
-            (buffer(py, &batch.segment_ids, le32), "uint32", (rows, width)),
+            (
+                buffer(py, &batch.segment_ids, le32),
+                "uint32",
+                (rows, width),
+            ),
         )?;
         dict.set_item(
             "cu_seqlens",

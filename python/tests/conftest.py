@@ -77,10 +77,10 @@ def corpus(tmp_path_factory, cli: Cli):
     root = tmp_path_factory.mktemp("corpus")
     data = root / "synth.jsonl"
     store = root / "store"
-    cli.run(store, "generate", "--out", str(data), "--records", "300", "--seed", "11")
+    cli.run(store, "generate", "--out", str(data), "--records", "160", "--seed", "11")
     cli.run(store, "ingest", str(data), "--source", "synth", "--category", "instruction")
     math = root / "math.jsonl"
-    cli.run(store, "generate", "--out", str(math), "--records", "120", "--seed", "12")
+    cli.run(store, "generate", "--out", str(math), "--records", "60", "--seed", "12")
     cli.run(store, "ingest", str(math), "--source", "synth-math", "--category", "math")
     tokenizer = root / "tokenizer.json"
     cli.run(store, "train-tokenizer", "--vocab", "1200", "--out", str(tokenizer))
