@@ -15,9 +15,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{
-    Batch, Counters, Dictionary, ExampleHeader, ImportRecord, Reject, Result, Store,
-};
+use super::{Batch, Counters, Dictionary, ExampleHeader, ImportRecord, Reject, Result, Store};
 use crate::conversation::ContentHash;
 use crate::store::types::{ClusterMembership, Exclusion, ImportCounts, NearDupParams};
 
