@@ -32,6 +32,7 @@ pub mod batches;
 pub mod category;
 pub mod conversation;
 pub mod curriculum;
+pub mod describe;
 pub mod eval;
 pub mod export;
 pub mod filters;

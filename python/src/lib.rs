@@ -17,11 +17,12 @@ use std::sync::{Arc, Mutex};
 use corpusdb::batches::{self, BatchOptions, ChatTokenizer, TokenCache};
 use corpusdb::category::Rule;
 use corpusdb::curriculum::{Curriculum, Plan, SamplerState};
+use corpusdb::describe;
 use corpusdb::formats::Formats;
 use corpusdb::index::query::{self, TermField};
 use corpusdb::index::{Feed, Index};
 use corpusdb::ingest::{self, IngestOptions};
-use corpusdb::store::{ImportCounts, ImportRecord, ImportState, Store, StoreOptions};
+use corpusdb::store::{ImportCounts, Store, StoreOptions};
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict};
@@ -105,13 +106,6 @@ fn warn(py: Python<'_>, warning: Option<String>) -> Result<()> {
     Ok(())
 }
 
-fn state_name(state: ImportState) -> &'static str {
-    match state {
-        ImportState::Done => "done",
-        ImportState::Partial => "partial",
-    }
-}
-
 fn counts_json(c: &ImportCounts) -> Value {
     json!({
         "read": c.read,
@@ -120,26 +114,6 @@ fn counts_json(c: &ImportCounts) -> Value {
         "rejected": c.rejected,
         "joined": c.joined,
         "extra": c.extra,
-    })
-}
-
-fn import_json(import: &ImportRecord) -> Value {
-    json!({
-        "id": import.id,
-        "source": import.source,
-        "category": import.category,
-        "file": import.path,
-        "fingerprint": import.fingerprint,
-        "file_sha1": import.file_sha1,
-        "format": import.format,
-        "state": state_name(import.state),
-        "read": import.counts.read,
-        "stored": import.counts.stored,
-        "duplicates": import.counts.duplicates,
-        "rejected": import.counts.rejected,
-        "joined": import.counts.joined,
-        "extra": import.counts.extra,
-        "checkpoint": {"records": import.checkpoint.records, "line": import.checkpoint.line(), "byte": import.checkpoint.bytes},
     })
 }
 
@@ -190,33 +164,7 @@ impl PyStore {
         let path = &self.path;
         let value = py.detach(|| -> Result<Value> {
             let store = Store::open_read_only(path).map_err(err)?;
-            let counters = store.counters().map_err(err)?;
-            let imports = store.imports().map_err(err)?;
-            let partial = imports
-                .iter()
-                .filter(|i| i.state == ImportState::Partial)
-                .count();
-            let mut excluded = 0u64;
-            let mut last = None;
-            for item in store.exclusions() {
-                let (hash, _) = item.map_err(err)?;
-                if last != Some(hash) {
-                    excluded += 1;
-                    last = Some(hash);
-                }
-            }
-            Ok(json!({
-                "examples": counters.examples,
-                "excluded": excluded,
-                "read": counters.read,
-                "duplicates": counters.duplicates,
-                "rejected": counters.rejected,
-                "joined": counters.joined,
-                "extra": counters.extra,
-                "categories": counters.categories,
-                "sources": counters.sources,
-                "imports": {"total": imports.len(), "partial": partial},
-            }))
+            Ok(describe::StoreSummary::read(&store).map_err(err)?.to_json())
         })?;
         to_py(py, &value)
     }
@@ -227,7 +175,9 @@ impl PyStore {
         let value = py.detach(|| -> Result<Value> {
             let store = Store::open_read_only(path).map_err(err)?;
             let imports = store.imports().map_err(err)?;
-            Ok(Value::Array(imports.iter().map(import_json).collect()))
+            Ok(Value::Array(
+                imports.iter().map(describe::import_json).collect(),
+            ))
         })?;
         to_py(py, &value)
     }
@@ -304,72 +254,11 @@ impl PyStore {
     /// One example by its SHA-1 or a unique prefix of at least 4 hex digits, as
     /// `corpusdb show --json` prints it: messages, provenance, exclusions, cluster.
     fn show(&self, py: Python<'_>, hash: &str) -> Result<Py<PyAny>> {
-        let wanted = hash.trim().to_ascii_lowercase();
-        if wanted.len() < 4 || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(fail(format!(
-                "`{hash}` is not a hash: give the hex SHA-1 or a prefix of at least 4 hex digits"
-            )));
-        }
         let path = &self.path;
         let value = py.detach(|| -> Result<Value> {
             let store = Store::open_read_only(path).map_err(err)?;
-            let matches = store.hashes_with_prefix(&wanted, 2).map_err(err)?;
-            let hash = match matches.as_slice() {
-                [] => return Err(fail(format!("no example with hash {wanted}"))),
-                [one] => *one,
-                _ => {
-                    return Err(fail(format!(
-                        "{wanted} is ambiguous: {} and more; give more digits",
-                        matches[0]
-                    )))
-                }
-            };
-            let example = store
-                .get(&hash)
-                .map_err(err)?
-                .ok_or_else(|| fail(format!("no example with hash {hash}")))?;
-            let sources = store.sources_of(&hash).map_err(err)?;
-            let exclusions = store.exclusions_of(&hash).map_err(err)?;
-            let membership = store.cluster_membership(&hash).map_err(err)?;
-            let members = match &membership {
-                Some(m) => corpusdb::neardup::cluster_members(&store, &m.cluster.to_hex())
-                    .map_err(err)?,
-                None => Vec::new(),
-            };
-            let mut member_sources = Vec::with_capacity(members.len());
-            for member in &members {
-                member_sources.push(store.sources_of(&member.hash).map_err(err)?);
-            }
-            let record = corpusdb::export::messages_record(&example);
-            Ok(json!({
-                "hash": hash.to_hex(),
-                "ordinal": example.ordinal,
-                "category": example.category,
-                "chars": example.chars,
-                "turns": example.turns,
-                "messages": record["messages"],
-                "tools": record.get("tools"),
-                "raw_text": example.extras.raw_text,
-                "rejected": example.extras.rejected.as_ref().map(|messages| {
-                    messages
-                        .iter()
-                        .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-                        .collect::<Vec<_>>()
-                }),
-                "sources": sources,
-                "exclusions": exclusions.iter().map(|e| json!({"filter": e.filter, "measured": e.measured})).collect::<Vec<_>>(),
-                "cluster": membership.as_ref().map(|m| json!({
-                    "id": m.cluster_id(),
-                    "representative": m.representative.to_hex(),
-                    "jaccard": m.jaccard,
-                    "members": members.iter().zip(&member_sources).map(|(member, sources)| json!({
-                        "hash": member.hash.to_hex(),
-                        "representative": member.membership.is_representative(&member.hash),
-                        "jaccard": member.membership.jaccard,
-                        "sources": sources,
-                    })).collect::<Vec<_>>(),
-                })),
-            }))
+            let hash = describe::resolve_hash(&store, hash).map_err(err)?;
+            describe::example_json(&store, &hash).map_err(err)
         })?;
         to_py(py, &value)
     }

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::bail;
-use corpusdb::store::{ImportRecord, ImportState, RejectKind, Store};
+use corpusdb::describe;
+use corpusdb::store::{ImportRecord, RejectKind, Store};
 use serde_json::json;
 
 /// List every import: source, file, state (done/partial) and its counts.
@@ -53,40 +54,12 @@ pub struct RejectsArgs {
     by_reason: bool,
 }
 
-fn state_name(state: ImportState) -> &'static str {
-    match state {
-        ImportState::Done => "done",
-        ImportState::Partial => "partial",
-    }
-}
-
-fn import_json(import: &ImportRecord) -> serde_json::Value {
-    json!({
-        "id": import.id,
-        "source": import.source,
-        "category": import.category,
-        "file": import.path,
-        "fingerprint": import.fingerprint,
-        "file_sha1": import.file_sha1,
-        "format": import.format,
-        "state": state_name(import.state),
-        "read": import.counts.read,
-        "stored": import.counts.stored,
-        "duplicates": import.counts.duplicates,
-        "rejected": import.counts.rejected,
-        "joined": import.counts.joined,
-        "extra": import.counts.extra,
-        "checkpoint": {"records": import.checkpoint.records, "line": import.checkpoint.line(), "byte": import.checkpoint.bytes},
-        "checked_prefix": import.prefix.map(|p| json!({"bytes": p.bytes, "sha1": p.sha1_hex()})),
-    })
-}
-
 pub fn imports(store_path: &Path, args: ImportsArgs) -> anyhow::Result<ExitCode> {
     let store = Store::open_read_only(store_path)?;
     let imports = store.imports()?;
     let mut out = std::io::stdout().lock();
     if args.json {
-        let list: Vec<_> = imports.iter().map(import_json).collect();
+        let list: Vec<_> = imports.iter().map(describe::import_json).collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -102,7 +75,7 @@ pub fn imports(store_path: &Path, args: ImportsArgs) -> anyhow::Result<ExitCode>
             "{:>3}  {:<16} {:<8} {:>9} {:>9} {:>9} {:>9}  {}",
             import.id,
             import.source,
-            state_name(import.state),
+            describe::state_name(import.state),
             c.read,
             c.stored,
             c.duplicates,
@@ -115,37 +88,11 @@ pub fn imports(store_path: &Path, args: ImportsArgs) -> anyhow::Result<ExitCode>
 
 pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
     let store = Store::open_read_only(store_path)?;
-    let counters = store.counters()?;
-    let imports = store.imports()?;
-    let partial = imports
-        .iter()
-        .filter(|i| i.state == ImportState::Partial)
-        .count();
-    // Examples excluded by at least one quality filter (or as near-duplicates).
-    let mut excluded = 0u64;
-    let mut last = None;
-    for item in store.exclusions() {
-        let (hash, _) = item?;
-        if last != Some(hash) {
-            excluded += 1;
-            last = Some(hash);
-        }
-    }
+    let summary = describe::StoreSummary::read(&store)?;
+    let (counters, excluded) = (&summary.counters, summary.excluded);
     let mut out = std::io::stdout().lock();
     if args.json {
-        let value = json!({
-            "examples": counters.examples,
-            "excluded": excluded,
-            "read": counters.read,
-            "duplicates": counters.duplicates,
-            "rejected": counters.rejected,
-            "joined": counters.joined,
-            "extra": counters.extra,
-            "categories": counters.categories,
-            "sources": counters.sources,
-            "imports": {"total": imports.len(), "partial": partial},
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&summary.to_json())?)?;
         return Ok(ExitCode::SUCCESS);
     }
     writeln!(out, "store      {}", store.path().display())?;
@@ -164,7 +111,11 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
         "read       {}{shape} = stored {} + duplicates {} + rejected {}",
         counters.read, counters.examples, counters.duplicates, counters.rejected
     )?;
-    writeln!(out, "imports    {} ({} partial)", imports.len(), partial)?;
+    writeln!(
+        out,
+        "imports    {} ({} partial)",
+        summary.imports, summary.partial_imports
+    )?;
     print_shares(
         &mut out,
         "category",
@@ -198,22 +149,16 @@ fn print_shares(
 
 pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
     let store = Store::open_read_only(store_path)?;
-    let wanted = args.hash.trim().to_ascii_lowercase();
-    if wanted.len() < 4 || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!(
-            "`{}` is not a hash: give the hex SHA-1 or a prefix of at least 4 hex digits",
-            args.hash
-        );
+    let hash = describe::resolve_hash(&store, &args.hash)?;
+    if args.json {
+        let value = describe::example_json(&store, &hash)?;
+        writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            serde_json::to_string_pretty(&value)?
+        )?;
+        return Ok(ExitCode::SUCCESS);
     }
-    let matches = store.hashes_with_prefix(&wanted, 2)?;
-    let hash = match matches.as_slice() {
-        [] => bail!("no example with hash {wanted}"),
-        [one] => *one,
-        _ => bail!(
-            "{wanted} is ambiguous: {} and more; give more digits",
-            matches[0]
-        ),
-    };
     let example = store
         .get(&hash)?
         .ok_or_else(|| anyhow::anyhow!("no example with hash {hash}"))?;
@@ -229,40 +174,6 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
         member_sources.push(store.sources_of(&member.hash)?);
     }
     let mut out = std::io::stdout().lock();
-    if args.json {
-        let record = corpusdb::export::messages_record(&example);
-        let value = json!({
-            "hash": hash.to_hex(),
-            "ordinal": example.ordinal,
-            "category": example.category,
-            "chars": example.chars,
-            "turns": example.turns,
-            "messages": record["messages"],
-            "tools": record.get("tools"),
-            "raw_text": example.extras.raw_text,
-            "rejected": example.extras.rejected.as_ref().map(|messages| {
-                messages
-                    .iter()
-                    .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-                    .collect::<Vec<_>>()
-            }),
-            "sources": sources,
-            "exclusions": exclusions.iter().map(|e| json!({"filter": e.filter, "measured": e.measured})).collect::<Vec<_>>(),
-            "cluster": membership.as_ref().map(|m| json!({
-                "id": m.cluster_id(),
-                "representative": m.representative.to_hex(),
-                "jaccard": m.jaccard,
-                "members": members.iter().zip(&member_sources).map(|(member, sources)| json!({
-                    "hash": member.hash.to_hex(),
-                    "representative": member.membership.is_representative(&member.hash),
-                    "jaccard": member.membership.jaccard,
-                    "sources": sources,
-                })).collect::<Vec<_>>(),
-            })),
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
-        return Ok(ExitCode::SUCCESS);
-    }
     writeln!(out, "hash       {hash}")?;
     writeln!(out, "ordinal    {}", example.ordinal)?;
     writeln!(out, "category   {}", example.category)?;
