@@ -50,6 +50,10 @@ class Store:
         with_metadata: bool = False,
     ) -> int:
         """Writes the matches as ``corpusdb export``; returns how many."""
+    def to_arrow(self, query: str = "*", with_metadata: bool = False) -> Any:
+        """The matches as a ``pyarrow.RecordBatchReader`` (the Parquet export's columns)."""
+    def to_hf_dataset(self, query: str = "*", with_metadata: bool = False) -> Any:
+        """The matches as an in-memory ``datasets.Dataset`` with a ``messages`` column."""
 
 _Raw = Tuple[bytearray, str, Tuple[int, ...]]
 

@@ -409,6 +409,54 @@ impl PyStore {
         warn(py, warning)?;
         Ok(total)
     }
+
+    /// The matches of `query` as a `pyarrow.RecordBatchReader` over the Parquet export's
+    /// columns (`messages` as a list of {role, content} structs, `tools`, and with
+    /// `with_metadata` `_hash`, `_category` and `_sources`). The export is written to a temporary
+    /// Parquet file, read into Arrow memory and the file removed; needs pyarrow.
+    #[pyo3(signature = (query = "*", with_metadata = false))]
+    fn to_arrow(&self, py: Python<'_>, query: &str, with_metadata: bool) -> Result<Py<PyAny>> {
+        let table = self.arrow_table(py, query, with_metadata)?;
+        Ok(table.call_method0("to_reader")?.unbind())
+    }
+
+    /// The matches of `query` as a Hugging Face `datasets.Dataset` (in memory, from the
+    /// same Arrow table as [`to_arrow`]): its `messages` column is chat data as
+    /// `apply_chat_template` and TRL take it. Needs `datasets`.
+    #[pyo3(signature = (query = "*", with_metadata = false))]
+    fn to_hf_dataset(&self, py: Python<'_>, query: &str, with_metadata: bool) -> Result<Py<PyAny>> {
+        let table = self.arrow_table(py, query, with_metadata)?;
+        let datasets = py.import("datasets")?;
+        let in_memory = py
+            .import("datasets.table")?
+            .getattr("InMemoryTable")?
+            .call1((table,))?;
+        Ok(datasets.getattr("Dataset")?.call1((in_memory,))?.unbind())
+    }
+}
+
+impl PyStore {
+    /// The Parquet export of `query` read back as a `pyarrow.Table`.
+    fn arrow_table<'py>(
+        &self,
+        py: Python<'py>,
+        query: &str,
+        with_metadata: bool,
+    ) -> Result<Bound<'py, PyAny>> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let parquet = py.import("pyarrow.parquet")?;
+        let path = std::env::temp_dir().join(format!(
+            "corpusdb-arrow-{}-{}.parquet",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let read = self
+            .export(py, query, path.clone(), "parquet", with_metadata)
+            .and_then(|_| parquet.call_method1("read_table", (&path,)));
+        let _ = std::fs::remove_file(&path);
+        read
+    }
 }
 
 /// What the batch stream shares with its builder thread.

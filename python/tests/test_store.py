@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import pytest
 
@@ -85,6 +87,26 @@ def test_export_is_the_cli_export(corpus, cli, tmp_path):
                 assert "messages" in json.loads(lines[0])
     with pytest.raises(corpusdb.CorpusdbError, match="format="):
         store.export("*", tmp_path / "x", format="csv")
+
+
+def test_arrow_and_hf_dataset_hold_the_matches_with_their_messages(corpus):
+    store = corpusdb.Store(corpus["store"])
+    for query in ("*", "category:math"):
+        table = store.to_arrow(query, with_metadata=True).read_all()
+        assert table.num_rows == store.count(query) > 0
+        rows = table.to_pylist()
+        for row in rows[:5]:
+            shown = store.show(row["_hash"])
+            assert [(m["role"], m["content"]) for m in row["messages"]] == [
+                (m["role"], m["content"]) for m in shown["messages"]
+            ]
+            assert row["_category"] == shown["category"]
+        dataset = store.to_hf_dataset(query)
+        assert len(dataset) == table.num_rows
+        assert "messages" in dataset.column_names
+        first = dataset[0]["messages"]
+        assert first[0]["role"] in ("system", "user") and first[0]["content"]
+    assert not [f for f in os.listdir(tempfile.gettempdir()) if f.startswith("corpusdb-arrow-")]
 
 
 def test_ingest_has_the_cli_semantics(corpus, cli, tmp_path):
