@@ -239,6 +239,7 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
     super::plan::note_tool_rendering(&tokenizer);
     let (store, index) = super::index::open_for_reading(store_path)?;
     let plan = Plan::build(&index, &curriculum)?;
+    note_token_cache(&store, &tokenizer)?;
     let lora_params = config.lora.parameter_count(&model.config)?;
     let steps: u64 = train::steps_per_phase(&plan, &config).iter().sum();
     eprintln!(
@@ -741,4 +742,25 @@ impl train::Observer for Progress {
     fn ended(&mut self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// Says whether the batches' tokens come from a token cache (`corpusdb tokenize`) and how
+/// much of the store it covers, or how to make one.
+fn note_token_cache(
+    store: &corpusdb::store::Store,
+    tokenizer: &corpusdb::batches::ChatTokenizer,
+) -> anyhow::Result<()> {
+    let examples = store.counters()?.examples;
+    match corpusdb::batches::TokenCache::open(store, tokenizer)? {
+        Some(cache) => eprintln!(
+            "tokens from the token cache {} ({} of {} examples; the rest are encoded on the fly)",
+            cache.dir().display(),
+            cache.examples(),
+            examples
+        ),
+        None => eprintln!(
+            "examples are tokenized on the fly (`corpusdb tokenize` with this model's tokenizer and settings writes a token cache)"
+        ),
+    }
+    Ok(())
 }
