@@ -156,14 +156,7 @@ fn main() {
         dedup_phase(Path::new(&store_dir));
         return;
     }
-    let measuring = std::env::args().any(|a| a == "--bench");
-    let records: u64 = std::env::var("CORPUSDB_BENCH_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if measuring { 500_000 } else { 2_000 });
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let work = PathBuf::from(target).join("bench-neardup");
-    std::fs::create_dir_all(&work).unwrap();
+    let (_, records, work) = common::bench_run("bench-neardup", 500_000);
     let (messages, texts) = corpus(&work, records);
     let bytes = std::fs::metadata(&messages).unwrap().len();
     println!(

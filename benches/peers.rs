@@ -76,14 +76,7 @@ fn corpus(work: &Path, records: u64) -> Vec<PathBuf> {
 }
 
 fn main() {
-    let measuring = std::env::args().any(|a| a == "--bench");
-    let records: u64 = std::env::var("CORPUSDB_BENCH_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if measuring { 500_000 } else { 2_000 });
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let work = PathBuf::from(target).join("bench-peers");
-    std::fs::create_dir_all(&work).unwrap();
+    let (measuring, records, work) = common::bench_run("bench-peers", 500_000);
     let files = corpus(&work, records);
     let bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
     println!(

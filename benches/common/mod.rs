@@ -151,3 +151,19 @@ pub fn venv(work: &Path, packages: &[&str]) -> PathBuf {
     }
     python
 }
+
+/// `(measuring, records, work dir)` of a bench run: `--bench` measures `measured` records
+/// (`CORPUSDB_BENCH_RECORDS` overrides), a test run takes 2,000; files are kept in
+/// `target/<name>/`.
+#[allow(dead_code)]
+pub fn bench_run(name: &str, measured: u64) -> (bool, u64, PathBuf) {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let records = std::env::var("CORPUSDB_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if measuring { measured } else { 2_000 });
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let work = PathBuf::from(target).join(name);
+    std::fs::create_dir_all(&work).unwrap();
+    (measuring, records, work)
+}

@@ -131,6 +131,10 @@ pub fn batch_at(
     options: &BatchOptions,
 ) -> Result<Option<Batch>, Error> {
     let cache = TokenCache::open(store, tokenizer)?;
+    if let Some(cache) = &cache {
+        // One batch alone: its reads are asked for together (a stream reads ahead instead).
+        read_ahead(cache, plan, options, position, position, 1);
+    }
     batch_from(store, cache.as_ref(), plan, tokenizer, position, options)
 }
 
@@ -147,9 +151,6 @@ pub fn batch_from(
         return Ok(None);
     };
     let mine: Vec<(u64, u64)> = rank_positions(plan, start, end, options).collect();
-    if let Some(cache) = cache {
-        cache.prefetch(&mine.iter().map(|&(_, o)| o).collect::<Vec<_>>());
-    }
     let mut encoded = Vec::with_capacity(mine.len());
     let mut from_store = Vec::new();
     for &(p, ordinal) in &mine {
@@ -311,18 +312,19 @@ pub fn assemble(
 /// Steps whose tokens the stream asks the kernel for before it builds them.
 const READ_AHEAD_STEPS: u64 = 8;
 
-/// Asks the kernel for the cached tokens of this rank's examples in the steps up to
-/// [`READ_AHEAD_STEPS`] after `at`, from `ahead` on (what earlier calls did not ask
-/// for); returns the new `ahead`. On a cold page cache the reads then overlap.
+/// Asks the kernel for the cached tokens of this rank's examples in the `steps` steps
+/// from `at`, from `ahead` on (what earlier calls did not ask for); returns the new
+/// `ahead`. On a cold page cache the reads then overlap.
 fn read_ahead(
     cache: &TokenCache,
     plan: &Plan,
     options: &BatchOptions,
     at: u64,
     mut ahead: u64,
+    steps: u64,
 ) -> u64 {
     let step = (options.ranks.max(1) * options.batch_size.max(1)) as u64;
-    let until = at + READ_AHEAD_STEPS * step;
+    let until = at + steps * step;
     ahead = ahead.max(at);
     let mut ordinals = Vec::new();
     while ahead < until {
@@ -461,7 +463,7 @@ pub fn with_stream_from<R>(
             let mut ahead = position;
             loop {
                 if let Some(cache) = cache {
-                    ahead = read_ahead(cache, plan, options, at, ahead);
+                    ahead = read_ahead(cache, plan, options, at, ahead, READ_AHEAD_STEPS);
                 }
                 match batch_from(store, cache, plan, tokenizer, at, options) {
                     Ok(Some(batch)) => {
