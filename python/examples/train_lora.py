@@ -61,7 +61,7 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(
         args.model,
-        torch_dtype=torch.bfloat16 if cuda else torch.float32,
+        dtype=torch.bfloat16 if cuda else torch.float32,
         attn_implementation="flash_attention_2" if args.packing else "sdpa",
     )
     model = get_peft_model(
