@@ -87,7 +87,7 @@ fn main() {
         if measuring { 300_000 } else { 2_000 },
     );
     let compressions =
-        std::env::var("CORPUSDB_BENCH_COMPRESSION").unwrap_or_else(|_| "dict".into());
+        std::env::var("CORPUSDB_BENCH_COMPRESSION").unwrap_or_else(|_| "zstd".into());
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let work = PathBuf::from(target).join("bench-ingest");
     std::fs::create_dir_all(&work).unwrap();
@@ -128,9 +128,9 @@ fn main() {
     println!("(store MB: right after the import / after a full compaction, untimed; CPU s: all threads during the import)");
     for name in compressions.split(',') {
         let compression = match name.trim() {
-            // Values compressed once with a trained dictionary (the default).
+            // Values compressed once with a trained dictionary.
             "dict" => Compression::Dictionary,
-            // Block compression: lz4 upper levels, zstd bottommost; raw values.
+            // Block compression: lz4 upper levels, zstd bottommost; raw values (the default).
             "zstd" => Compression::Zstd,
             "lz4" => Compression::Lz4,
             "none" => Compression::None,
