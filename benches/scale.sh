@@ -8,7 +8,11 @@
 #
 # Generated files are kept in $CARGO_TARGET_DIR/bench-scale/ (4.1 GB for 10M, zstd);
 # every run imports into a fresh store there. CORPUSDB_SCALE_PER_FILE=20000 makes a quick
-# trial of the script.
+# trial of the script. CORPUSDB_SCALE_LENGTHS=chat generates the chat length profile (1-8
+# turns, long-tailed lengths, about 3 KB a record: `corpusdb generate --help`) instead of
+# the uniform one, in files and stores of their own; CORPUSDB_SCALE_TOKENIZE=1 also times
+# `tokenize` (the token cache for the tokenizer trained on the store) and the first batch
+# read from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 millions=${1:?usage: benches/scale.sh MILLIONS}
@@ -18,15 +22,20 @@ work=$target/bench-scale
 store=$work/store-${millions}m
 mkdir -p "$work"
 per_file=${CORPUSDB_SCALE_PER_FILE:-1000000}
+lengths=${CORPUSDB_SCALE_LENGTHS:-uniform}
+suffix=""
+[ "$lengths" = uniform ] || suffix="-$lengths"
+store=$store$suffix
 categories=(code math reasoning qa creative dialogue instruction tool_use multilingual specialized)
 
-manifest=$work/manifest-${millions}m.yaml
+manifest=$work/manifest-${millions}m$suffix.yaml
 echo "imports:" >"$manifest"
 for ((i = 0; i < millions; i++)); do
-  file=$work/g$i-$per_file.jsonl.zst
-  [ -e "$file" ] || "$bin" generate --out "$file" --records "$per_file" --seed $((1000 + i)) >/dev/null
-  printf '  - {source: gen%d, category: %s, files: [g%d-%d.jsonl.zst]}\n' \
-    "$i" "${categories[$((i % ${#categories[@]}))]}" "$i" "$per_file" >>"$manifest"
+  name=g$i-$per_file$suffix.jsonl.zst
+  [ -e "$work/$name" ] || "$bin" generate --out "$work/$name" --records "$per_file" \
+    --seed $((1000 + i)) --lengths "$lengths" >/dev/null
+  printf '  - {source: gen%d, category: %s, files: [%s]}\n' \
+    "$i" "${categories[$((i % ${#categories[@]}))]}" "$name" >>"$manifest"
 done
 
 rm -rf "$store"
@@ -47,11 +56,17 @@ measure categories "$bin" --store "$store" categories
 measure analyze "$bin" --store "$store" analyze
 curriculum=configs/curriculum/emergent_personality.yaml
 measure plan "$bin" --store "$store" plan --curriculum "$curriculum"
-"$bin" --store "$store" train-tokenizer --out "$work/tokenizer-${millions}m.json" --vocab 8000 >/dev/null
+"$bin" --store "$store" train-tokenizer --out "$work/tokenizer-${millions}m$suffix.json" --vocab 8000 >/dev/null
 measure first-batch "$bin" --store "$store" batches --curriculum "$curriculum" \
-  --tokenizer "$work/tokenizer-${millions}m.json" --limit 1 --state "$work/state.json"
+  --tokenizer "$work/tokenizer-${millions}m$suffix.json" --limit 1 --state "$work/state.json"
 measure resumed-batch "$bin" --store "$store" batches --curriculum "$curriculum" \
-  --tokenizer "$work/tokenizer-${millions}m.json" --limit 1 --resume "$work/state.json"
+  --tokenizer "$work/tokenizer-${millions}m$suffix.json" --limit 1 --resume "$work/state.json"
+if [ "${CORPUSDB_SCALE_TOKENIZE:-0}" = 1 ]; then
+  measure tokenize "$bin" --store "$store" tokenize --tokenizer "$work/tokenizer-${millions}m$suffix.json"
+  measure cached-first-batch "$bin" --store "$store" batches --curriculum "$curriculum" \
+    --tokenizer "$work/tokenizer-${millions}m$suffix.json" --limit 1
+  grep -h "tokens" "$work/tokenize.out" | tail -1 || true
+fi
 echo
 grep -h "total:" "$work/ingest.out" | tail -1
 grep -h "first batch after" "$work/first-batch.out" "$work/resumed-batch.out" || true

@@ -1,9 +1,11 @@
 //! A deterministic generator of realistic instruction data, for benchmarks and tests.
 //!
 //! Records are JSONL in the three built-in shapes (alpaca, messages, sharegpt), multi-turn,
-//! about 1.5 KB on average, with a chosen fraction of exact repeats of earlier records (some
-//! with extra whitespace or CRLF line ends, which normalisation must fold together). The
-//! same seed gives the same bytes on every machine: the PRNG is SplitMix64, defined here.
+//! with a chosen fraction of exact repeats of earlier records (some with extra whitespace or
+//! CRLF line ends, which normalisation must fold together). Lengths follow a [`Lengths`]
+//! profile: uniform ranges of about 1.5 KB a record, or the long-tailed lengths and 1-8
+//! turns of public chat data. The same seed gives the same bytes on every machine: the
+//! PRNG is SplitMix64, defined here.
 
 use std::io::{self, Write};
 
@@ -16,6 +18,7 @@ pub struct SynthSpec {
     /// Fraction of records that repeat an earlier record's content.
     pub duplicate_fraction: f64,
     pub seed: u64,
+    pub lengths: Lengths,
 }
 
 impl Default for SynthSpec {
@@ -24,6 +27,68 @@ impl Default for SynthSpec {
             records: 100_000,
             duplicate_fraction: 0.15,
             seed: 42,
+            lengths: Lengths::Uniform,
+        }
+    }
+}
+
+/// How long generated conversations are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Lengths {
+    /// 1-4 turns; prompts of 60-300 characters and replies of 150-900, uniformly: about
+    /// 1.5 KB a record, narrow. The benchmarks' corpora.
+    #[default]
+    Uniform,
+    /// Like public chat data (ShareGPT, OpenAssistant, Alpaca-style sets): alpaca-shaped
+    /// records are single-turn, conversations have 1-8 turns, half of them one turn, and
+    /// every prompt and reply length is log-normal with a long tail (medians of 150 and
+    /// 800 characters in conversations, 120 and 450 in alpaca records; up to 8,000 and
+    /// 16,000): about 3 KB a record on average, a median of 1.6 KB, 3% above 12 KB.
+    Chat,
+}
+
+/// How many turns a chat-profile conversation has: 1-8, half of them one.
+const CHAT_TURN_WEIGHTS: [u64; 8] = [50, 17, 10, 7, 6, 4, 3, 3];
+
+/// A log-normal length in characters (median, log-space deviation), clamped to `[min, max]`.
+fn log_normal(rng: &mut SplitMix64, median: f64, sigma: f64, min: usize, max: usize) -> usize {
+    let chars = median * (sigma * rng.next_normal() as f64).exp();
+    (chars as usize).clamp(min, max)
+}
+
+/// Turns (prompt, reply) of a record: their number and lengths in characters.
+fn turn_lengths(rng: &mut SplitMix64, lengths: Lengths, alpaca: bool) -> Vec<(usize, usize)> {
+    match lengths {
+        Lengths::Uniform => {
+            let turns = 1 + rng.below(3) + (rng.below(4) == 0) as u64;
+            let prompt_chars = 60 + rng.below(240) as usize;
+            let reply_chars = 150 + rng.below(750) as usize;
+            (0..turns as usize)
+                .map(|turn| (prompt_chars / (turn + 1), reply_chars))
+                .collect()
+        }
+        Lengths::Chat if alpaca => vec![(
+            log_normal(rng, 120.0, 0.8, 12, 4_000),
+            log_normal(rng, 450.0, 1.0, 8, 8_000),
+        )],
+        Lengths::Chat => {
+            let mut pick = rng.below(CHAT_TURN_WEIGHTS.iter().sum());
+            let mut turns = 1;
+            for weight in CHAT_TURN_WEIGHTS {
+                if pick < weight {
+                    break;
+                }
+                pick -= weight;
+                turns += 1;
+            }
+            (0..turns)
+                .map(|_| {
+                    (
+                        log_normal(rng, 150.0, 1.0, 8, 8_000),
+                        log_normal(rng, 800.0, 0.9, 16, 16_000),
+                    )
+                })
+                .collect()
         }
     }
 }
@@ -252,19 +317,13 @@ fn paragraph(rng: &mut SplitMix64, target_chars: usize) -> String {
 }
 
 /// The content of one unique record, rebuilt from its own seed so repeats cost no memory.
-fn record(content_seed: u64, variant: u64) -> serde_json::Value {
+fn record(content_seed: u64, variant: u64, lengths: Lengths) -> serde_json::Value {
     let mut rng = SplitMix64::new(content_seed);
     let shape = rng.below(3);
-    let turns = 1 + rng.below(3) + (rng.below(4) == 0) as u64;
-    let prompt_chars = 60 + rng.below(240) as usize;
-    let reply_chars = 150 + rng.below(750) as usize;
     let mut pairs = Vec::new();
-    for turn in 0..turns {
+    for (prompt_chars, reply_chars) in turn_lengths(&mut rng, lengths, shape == 0) {
         let opener = OPENERS[rng.below(OPENERS.len() as u64) as usize];
-        let prompt = format!(
-            "{opener} {}",
-            paragraph(&mut rng, prompt_chars / (turn as usize + 1))
-        );
+        let prompt = format!("{opener} {}", paragraph(&mut rng, prompt_chars));
         let reply = paragraph(&mut rng, reply_chars);
         pairs.push((prompt, reply));
     }
@@ -278,7 +337,11 @@ fn record(content_seed: u64, variant: u64) -> serde_json::Value {
         0 => {
             let (prompt, reply) = &pairs[0];
             let input = if rng.below(2) == 0 {
-                paragraph(&mut rng, 120)
+                let chars = match lengths {
+                    Lengths::Uniform => 120,
+                    Lengths::Chat => log_normal(&mut rng, 200.0, 1.0, 8, 8_000),
+                };
+                paragraph(&mut rng, chars)
             } else {
                 String::new()
             };
@@ -329,7 +392,7 @@ pub fn generate(out: &mut impl Write, spec: &SynthSpec) -> io::Result<SynthStats
             (content_seed(spec.seed, stats.unique - 1), 0)
         };
         line.clear();
-        serde_json::to_writer(&mut line, &record(content_seed, variant))?;
+        serde_json::to_writer(&mut line, &record(content_seed, variant, spec.lengths))?;
         line.push(b'\n');
         out.write_all(&line)?;
         stats.bytes += line.len() as u64;
@@ -524,4 +587,91 @@ pub fn write_near_duplicates(out: &mut impl Write, spec: &NearDupSpec) -> io::Re
         stats.bytes += line.len() as u64;
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(spec: &SynthSpec) -> Vec<String> {
+        let mut out = Vec::new();
+        generate(&mut out, spec).unwrap();
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Turns of a record (user messages), and whether it is alpaca-shaped.
+    fn turns(line: &str) -> (usize, bool) {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(messages) = record["messages"].as_array() {
+            (
+                messages.iter().filter(|m| m["role"] == "user").count(),
+                false,
+            )
+        } else if let Some(turns) = record["conversations"].as_array() {
+            (turns.len() / 2, false)
+        } else {
+            assert!(record["instruction"].is_string(), "{line}");
+            (1, true)
+        }
+    }
+
+    #[test]
+    fn same_seed_same_bytes_for_both_profiles() {
+        for lengths in [Lengths::Uniform, Lengths::Chat] {
+            let spec = |seed| SynthSpec {
+                records: 300,
+                seed,
+                lengths,
+                ..SynthSpec::default()
+            };
+            assert_eq!(lines(&spec(3)), lines(&spec(3)));
+            assert_ne!(lines(&spec(3)), lines(&spec(4)));
+        }
+    }
+
+    #[test]
+    fn the_chat_profile_has_one_to_eight_turns_and_a_long_tail() {
+        let spec = SynthSpec {
+            records: 20_000,
+            duplicate_fraction: 0.0,
+            seed: 9,
+            lengths: Lengths::Chat,
+        };
+        let records = lines(&spec);
+        let mut by_turns = [0usize; 9];
+        let mut conversations = 0;
+        for line in &records {
+            let (turns, alpaca) = turns(line);
+            assert!((1..=8).contains(&turns), "{turns} turns");
+            if !alpaca {
+                by_turns[turns] += 1;
+                conversations += 1;
+            }
+        }
+        // Every count from 1 to 8 occurs, about half of the conversations have one turn
+        // and more turns are rarer.
+        assert!(by_turns[1..].iter().all(|&n| n > 0), "{by_turns:?}");
+        let single = by_turns[1] as f64 / conversations as f64;
+        assert!((0.45..0.55).contains(&single), "{single}");
+        assert!(by_turns[2] > by_turns[4] && by_turns[4] > by_turns[8]);
+
+        let mut sizes: Vec<usize> = records.iter().map(String::len).collect();
+        sizes.sort_unstable();
+        let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+        let median = sizes[sizes.len() / 2];
+        let p99 = sizes[sizes.len() * 99 / 100];
+        assert!((2_500.0..3_500.0).contains(&mean), "mean {mean}");
+        assert!(median < 2_000 && p99 > 12_000, "median {median}, p99 {p99}");
+
+        // The uniform profile stays narrow: 1-4 turns, nothing above 6 KB.
+        let uniform = lines(&SynthSpec {
+            lengths: Lengths::Uniform,
+            ..spec
+        });
+        assert!(uniform.iter().all(|l| turns(l).0 <= 4 && l.len() < 6_000));
+    }
 }

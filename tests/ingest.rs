@@ -689,3 +689,26 @@ fn an_interrupted_import_resumes_only_if_the_part_it_read_is_unchanged() {
             .already_done
     );
 }
+
+#[test]
+fn the_chat_length_profile_imports_without_rejects() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let path = dir.path().join("chat.jsonl");
+    let stats = corpusdb::synth::generate_file(
+        &path,
+        &corpusdb::synth::SynthSpec {
+            records: 3_000,
+            seed: 21,
+            lengths: corpusdb::synth::Lengths::Chat,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let outcome = ingest(&store, &path, "chat", "dialogue");
+    let run = &outcome.run;
+    assert_eq!((run.read, run.rejected), (3_000, 0));
+    // Repeats, whitespace- and CRLF-dressed included, fold onto their originals.
+    assert_eq!(run.stored, stats.unique);
+    assert_eq!(run.duplicates, 3_000 - stats.unique);
+}

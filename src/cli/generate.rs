@@ -7,11 +7,15 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use corpusdb::reader::human_bytes;
-use corpusdb::synth::{self, NearDupSpec, SynthSpec};
+use corpusdb::synth::{self, Lengths, NearDupSpec, SynthSpec};
 
 /// Write a deterministic synthetic corpus (JSONL; .gz or .zst by extension): multi-turn
-/// records of about 1.5 KB in the alpaca, messages and sharegpt shapes, with a given
-/// fraction of repeats. The same seed always gives the same file.
+/// records in the alpaca, messages and sharegpt shapes, with a given fraction of repeats.
+/// The same seed always gives the same file.
+///
+/// --lengths uniform (the default) gives 1-4 turns of about 1.5 KB a record, in narrow
+/// uniform ranges; --lengths chat gives the lengths of public chat data: 1-8 turns (half of
+/// them one), log-normal prompt and reply lengths with a long tail, about 3 KB a record.
 ///
 /// With --near-duplicates F, records are instead originals and, for a fraction F, edited
 /// copies of earlier originals (a sentence inserted, removed or rewritten, another system
@@ -32,6 +36,17 @@ pub struct Args {
     near_duplicates: Option<f64>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Length profile of the records.
+    #[arg(long, value_enum, default_value_t = LengthsArg::Uniform)]
+    lengths: LengthsArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LengthsArg {
+    /// 1-4 turns, about 1.5 KB a record, narrow ranges (the benchmarks' corpora).
+    Uniform,
+    /// 1-8 turns, log-normal lengths with a long tail, about 3 KB a record.
+    Chat,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -39,6 +54,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         records: args.records,
         duplicate_fraction: args.duplicates,
         seed: args.seed,
+        lengths: match args.lengths {
+            LengthsArg::Uniform => Lengths::Uniform,
+            LengthsArg::Chat => Lengths::Chat,
+        },
     };
     let near = args.near_duplicates.map(|copy_fraction| NearDupSpec {
         records: args.records,
