@@ -190,6 +190,26 @@ fn block_compression_options_store_raw_values() {
     assert_eq!(check_all(&store), stored);
     drop(store);
     assert!(tags(&path).iter().all(|(_, t)| *t == Some(0)));
+    // The examples family: level 0 as flushed, lz4 between, zstd where data rests.
+    let options = std::fs::read_dir(&path)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("OPTIONS-")
+        })
+        .max()
+        .unwrap();
+    let options = std::fs::read_to_string(options).unwrap();
+    let examples = &options[options.find("[CFOptions \"examples\"]").unwrap()..];
+    let examples = &examples[..examples[1..].find("\n[").map_or(examples.len(), |i| i + 1)];
+    assert!(
+        examples.contains("compression_per_level=kNoCompression:kLZ4Compression:")
+            && examples.contains("bottommost_compression=kZSTD"),
+        "{examples}"
+    );
     // The same store opened to compress values then trains and compresses.
     let store = open_compressing(&path);
     let more = import(&store, &corpus(dir.path(), 800, 6), "two", 64 << 10);
