@@ -203,13 +203,20 @@ fn block_compression_options_store_raw_values() {
         .max()
         .unwrap();
     let options = std::fs::read_to_string(options).unwrap();
-    let examples = &options[options.find("[CFOptions \"examples\"]").unwrap()..];
-    let examples = &examples[..examples[1..].find("\n[").map_or(examples.len(), |i| i + 1)];
+    let family = |name: &str| {
+        let at = options.find(&format!("[CFOptions \"{name}\"]")).unwrap();
+        let section = &options[at..];
+        section[..section[1..].find("\n[").map_or(section.len(), |i| i + 1)].to_owned()
+    };
+    let level0_raw = "compression_per_level=kNoCompression:kLZ4Compression:";
+    let examples = family("examples");
     assert!(
-        examples.contains("compression_per_level=kNoCompression:kLZ4Compression:")
-            && examples.contains("bottommost_compression=kZSTD"),
+        examples.contains(level0_raw) && examples.contains("bottommost_compression=kZSTD"),
         "{examples}"
     );
+    // The other families too (lz4 below level 0).
+    let provenance = family("provenance");
+    assert!(provenance.contains(level0_raw), "{provenance}");
     // The same store opened to compress values then trains and compresses.
     let store = open_compressing(&path);
     let more = import(&store, &corpus(dir.path(), 800, 6), "two", 64 << 10);

@@ -1117,12 +1117,7 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                         }
                         Compression::Lz4 => cf.set_compression_type(DBCompressionType::Lz4),
                         Compression::Zstd => {
-                            // Flushed memtables (level 0) are merged into the tree within
-                            // seconds: compressing them only to decompress them again
-                            // cost about a tenth of the import's CPU.
-                            let mut levels = vec![DBCompressionType::Lz4; 7];
-                            levels[0] = DBCompressionType::None;
-                            cf.set_compression_per_level(&levels);
+                            lz4_below_level0(&mut cf);
                             cf.set_bottommost_compression_type(DBCompressionType::Zstd);
                         }
                     }
@@ -1134,19 +1129,29 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                         neardup::BUCKET_PREFIX_LEN,
                     ));
                     table.set_bloom_filter(10.0, false);
-                    cf.set_compression_type(DBCompressionType::Lz4);
+                    lz4_below_level0(&mut cf);
                 }
                 CF_PROVENANCE => {
                     cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(20));
                     table.set_bloom_filter(10.0, false);
-                    cf.set_compression_type(DBCompressionType::Lz4);
+                    lz4_below_level0(&mut cf);
                 }
-                _ => cf.set_compression_type(DBCompressionType::Lz4),
+                _ => lz4_below_level0(&mut cf),
             }
             cf.set_block_based_table_factory(&table);
             ColumnFamilyDescriptor::new(name, cf)
         })
         .collect()
+}
+
+/// lz4 blocks, except on level 0: flushed memtables are merged into the tree within seconds,
+/// and compressing them only to decompress them for that merge cost about a tenth of an
+/// import's CPU (BENCHMARKS.md, "Level 0 left uncompressed").
+fn lz4_below_level0(cf: &mut Options) {
+    let mut levels = vec![DBCompressionType::Lz4; 7];
+    levels[0] = DBCompressionType::None;
+    cf.set_compression_type(DBCompressionType::Lz4);
+    cf.set_compression_per_level(&levels);
 }
 
 fn rocks_error(path: &Path, e: rocksdb::Error) -> Error {
