@@ -4,7 +4,11 @@
 use serde_json::{json, Value};
 
 use crate::conversation::ContentHash;
-use crate::store::{self, Counters, ImportRecord, ImportState, Store};
+use crate::neardup::Member;
+use crate::store::{
+    self, ClusterMembership, Counters, ExampleSource, Exclusion, ImportRecord, ImportState, Store,
+    StoredExample,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -112,50 +116,77 @@ pub fn resolve_hash(store: &Store, text: &str) -> Result<ContentHash, Error> {
     }
 }
 
-/// One example with its messages, sources, exclusions and near-duplicate cluster.
-pub fn example_json(store: &Store, hash: &ContentHash) -> Result<Value, Error> {
-    let example = store
-        .get(hash)?
-        .ok_or_else(|| Error::Lookup(format!("no example with hash {hash}")))?;
-    let sources = store.sources_of(hash)?;
-    let exclusions = store.exclusions_of(hash)?;
-    let membership = store.cluster_membership(hash)?;
-    let members = match &membership {
-        Some(m) => crate::neardup::cluster_members(store, &m.cluster.to_hex())?,
-        None => Vec::new(),
-    };
-    let mut member_sources = Vec::with_capacity(members.len());
-    for member in &members {
-        member_sources.push(store.sources_of(&member.hash)?);
+/// One example with everything `show` reports of it: its sources, the filters that
+/// exclude it, and its near-duplicate cluster with each member's sources.
+pub struct ExampleDetails {
+    pub hash: ContentHash,
+    pub example: StoredExample,
+    pub sources: Vec<ExampleSource>,
+    pub exclusions: Vec<Exclusion>,
+    pub membership: Option<ClusterMembership>,
+    /// The cluster's members (this example included) with their sources, in hash order.
+    pub members: Vec<(Member, Vec<ExampleSource>)>,
+}
+
+impl ExampleDetails {
+    pub fn read(store: &Store, hash: &ContentHash) -> Result<ExampleDetails, Error> {
+        let example = store
+            .get(hash)?
+            .ok_or_else(|| Error::Lookup(format!("no example with hash {hash}")))?;
+        let membership = store.cluster_membership(hash)?;
+        let mut members = Vec::new();
+        if let Some(m) = &membership {
+            for member in crate::neardup::cluster_members(store, &m.cluster.to_hex())? {
+                let sources = store.sources_of(&member.hash)?;
+                members.push((member, sources));
+            }
+        }
+        Ok(ExampleDetails {
+            hash: *hash,
+            sources: store.sources_of(hash)?,
+            exclusions: store.exclusions_of(hash)?,
+            example,
+            membership,
+            members,
+        })
     }
-    let record = crate::export::messages_record(&example);
-    Ok(json!({
-        "hash": hash.to_hex(),
-        "ordinal": example.ordinal,
-        "category": example.category,
-        "chars": example.chars,
-        "turns": example.turns,
-        "messages": record["messages"],
-        "tools": record.get("tools"),
-        "raw_text": example.extras.raw_text,
-        "rejected": example.extras.rejected.as_ref().map(|messages| {
-            messages
-                .iter()
-                .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
-                .collect::<Vec<_>>()
-        }),
-        "sources": sources,
-        "exclusions": exclusions.iter().map(|e| json!({"filter": e.filter, "measured": e.measured})).collect::<Vec<_>>(),
-        "cluster": membership.as_ref().map(|m| json!({
-            "id": m.cluster_id(),
-            "representative": m.representative.to_hex(),
-            "jaccard": m.jaccard,
-            "members": members.iter().zip(&member_sources).map(|(member, sources)| json!({
-                "hash": member.hash.to_hex(),
-                "representative": member.membership.is_representative(&member.hash),
-                "jaccard": member.membership.jaccard,
-                "sources": sources,
-            })).collect::<Vec<_>>(),
-        })),
-    }))
+
+    pub fn to_json(&self) -> Value {
+        let example = &self.example;
+        let record = crate::export::messages_record(example);
+        json!({
+            "hash": self.hash.to_hex(),
+            "ordinal": example.ordinal,
+            "category": example.category,
+            "chars": example.chars,
+            "turns": example.turns,
+            "messages": record["messages"],
+            "tools": record.get("tools"),
+            "raw_text": example.extras.raw_text,
+            "rejected": example.extras.rejected.as_ref().map(|messages| {
+                messages
+                    .iter()
+                    .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
+                    .collect::<Vec<_>>()
+            }),
+            "sources": self.sources,
+            "exclusions": self.exclusions.iter().map(|e| json!({"filter": e.filter, "measured": e.measured})).collect::<Vec<_>>(),
+            "cluster": self.membership.as_ref().map(|m| json!({
+                "id": m.cluster_id(),
+                "representative": m.representative.to_hex(),
+                "jaccard": m.jaccard,
+                "members": self.members.iter().map(|(member, sources)| json!({
+                    "hash": member.hash.to_hex(),
+                    "representative": member.membership.is_representative(&member.hash),
+                    "jaccard": member.membership.jaccard,
+                    "sources": sources,
+                })).collect::<Vec<_>>(),
+            })),
+        })
+    }
+}
+
+/// [`ExampleDetails`] of one example as `show --json` prints it.
+pub fn example_json(store: &Store, hash: &ContentHash) -> Result<Value, Error> {
+    Ok(ExampleDetails::read(store, hash)?.to_json())
 }

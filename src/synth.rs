@@ -32,8 +32,8 @@ impl Default for SynthSpec {
     }
 }
 
-/// How long generated conversations are.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How long generated conversations are (`corpusdb generate --lengths`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lengths {
     /// 1-4 turns; prompts of 60-300 characters and replies of 150-900, uniformly: about
     /// 1.5 KB a record, narrow. The benchmarks' corpora.

@@ -37,16 +37,8 @@ pub struct Args {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Length profile of the records.
-    #[arg(long, value_enum, default_value_t = LengthsArg::Uniform)]
-    lengths: LengthsArg,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LengthsArg {
-    /// 1-4 turns, about 1.5 KB a record, narrow ranges (the benchmarks' corpora).
-    Uniform,
-    /// 1-8 turns, log-normal lengths with a long tail, about 3 KB a record.
-    Chat,
+    #[arg(long, value_enum, default_value_t = Lengths::Uniform)]
+    lengths: Lengths,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -54,10 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         records: args.records,
         duplicate_fraction: args.duplicates,
         seed: args.seed,
-        lengths: match args.lengths {
-            LengthsArg::Uniform => Lengths::Uniform,
-            LengthsArg::Chat => Lengths::Chat,
-        },
+        lengths: args.lengths,
     };
     let near = args.near_duplicates.map(|copy_fraction| NearDupSpec {
         records: args.records,

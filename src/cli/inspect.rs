@@ -150,29 +150,23 @@ fn print_shares(
 pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
     let store = Store::open_read_only(store_path)?;
     let hash = describe::resolve_hash(&store, &args.hash)?;
+    let details = describe::ExampleDetails::read(&store, &hash)?;
     if args.json {
-        let value = describe::example_json(&store, &hash)?;
         writeln!(
             std::io::stdout().lock(),
             "{}",
-            serde_json::to_string_pretty(&value)?
+            serde_json::to_string_pretty(&details.to_json())?
         )?;
         return Ok(ExitCode::SUCCESS);
     }
-    let example = store
-        .get(&hash)?
-        .ok_or_else(|| anyhow::anyhow!("no example with hash {hash}"))?;
-    let sources = store.sources_of(&hash)?;
-    let exclusions = store.exclusions_of(&hash)?;
-    let membership = store.cluster_membership(&hash)?;
-    let members = match &membership {
-        Some(m) => corpusdb::neardup::cluster_members(&store, &m.cluster.to_hex())?,
-        None => Vec::new(),
-    };
-    let mut member_sources = Vec::with_capacity(members.len());
-    for member in &members {
-        member_sources.push(store.sources_of(&member.hash)?);
-    }
+    let describe::ExampleDetails {
+        example,
+        sources,
+        exclusions,
+        membership,
+        members,
+        ..
+    } = &details;
     let mut out = std::io::stdout().lock();
     writeln!(out, "hash       {hash}")?;
     writeln!(out, "ordinal    {}", example.ordinal)?;
@@ -185,7 +179,7 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
         example.turns
     )?;
     writeln!(out, "sources    {}", sources.len())?;
-    for s in &sources {
+    for s in sources {
         match &s.id {
             Some(_) => writeln!(
                 out,
@@ -198,7 +192,7 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
             None => writeln!(out, "  - {} {} (record {})", s.source, s.place(), s.record)?,
         }
     }
-    for exclusion in &exclusions {
+    for exclusion in exclusions {
         writeln!(
             out,
             "excluded   by `{}`: {}",
@@ -221,7 +215,7 @@ pub fn show(store_path: &Path, args: ShowArgs) -> anyhow::Result<ExitCode> {
             members.len(),
             m.cluster_id()
         )?;
-        for (member, sources) in members.iter().zip(&member_sources) {
+        for (member, sources) in members {
             let mark = if member.membership.is_representative(&member.hash) {
                 "kept".to_string()
             } else {
