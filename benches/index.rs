@@ -175,8 +175,7 @@ fn main() {
     println!("count of a 3-clause query:     {complex_ms:>8.2} ms");
 
     use corpusdb::export::{self, Selection};
-    let math_only =
-        Selection::from_ordinals(&store, &index.matching_ordinals(&math).unwrap()).unwrap();
+    let math_only = Selection::from_ordinals(&index.matching_ordinals(&math).unwrap());
     let exports = [
         ("JSONL, everything", Selection::All, false, false),
         ("JSONL + metadata, everything", Selection::All, true, false),

@@ -64,10 +64,7 @@ pub fn held_out_loss(
     // The first `per_category` held-out examples of each category, in split order.
     let mut by_category: BTreeMap<String, Vec<(u64, Conversation)>> = BTreeMap::new();
     for &ordinal in &plan.eval {
-        let Some(hash) = store.hash_at(ordinal).map_err(batches::Error::from)? else {
-            continue;
-        };
-        let Some(example) = store.get(&hash).map_err(batches::Error::from)? else {
+        let Some((_, example)) = store.example_at(ordinal).map_err(batches::Error::from)? else {
             continue;
         };
         let list = by_category.entry(example.category.clone()).or_default();

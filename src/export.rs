@@ -23,32 +23,50 @@ pub enum Error {
     Io(#[from] io::Error),
 }
 
-/// What to export: everything, or the examples of some hashes.
+/// What to export: everything, or the examples at some ordinals.
 pub enum Selection {
     All,
     /// Sorted ascending.
-    Hashes(Vec<ContentHash>),
+    Ordinals(Vec<u64>),
 }
 
 impl Selection {
-    /// The examples at `ordinals`, visited in hash order (see [`Store::for_each_sorted`]).
-    pub fn from_ordinals(store: &Store, ordinals: &[u64]) -> Result<Selection, Error> {
-        let mut hashes = Vec::with_capacity(ordinals.len());
-        for &ordinal in ordinals {
-            hashes.push(store.hash_at(ordinal)?.ok_or(Error::Missing(ordinal))?);
-        }
-        hashes.sort_unstable();
-        Ok(Selection::Hashes(hashes))
+    /// The examples at `ordinals` (as the index lists its matches), in insertion order.
+    pub fn from_ordinals(ordinals: &[u64]) -> Selection {
+        let mut ordinals = ordinals.to_vec();
+        ordinals.sort_unstable();
+        ordinals.dedup();
+        Selection::Ordinals(ordinals)
+    }
+
+    /// How many examples the selection names.
+    pub fn len(&self, store: &Store) -> Result<u64, Error> {
+        Ok(match self {
+            Selection::All => store.counters()?.examples,
+            Selection::Ordinals(ordinals) => ordinals.len() as u64,
+        })
     }
 
     fn for_each(
         &self,
         store: &Store,
-        visit: impl FnMut(&ContentHash, StoredExample) -> store::Result<()>,
+        mut visit: impl FnMut(&ContentHash, StoredExample) -> store::Result<()>,
     ) -> Result<(), Error> {
         match self {
             Selection::All => store.for_each_example(visit)?,
-            Selection::Hashes(hashes) => store.for_each_sorted(hashes, visit)?,
+            Selection::Ordinals(ordinals) => {
+                let mut missing = None;
+                store.for_each_at(ordinals, |ordinal, found| match found {
+                    Some((hash, example)) => visit(&hash, example),
+                    None => {
+                        missing.get_or_insert(ordinal);
+                        Ok(())
+                    }
+                })?;
+                if let Some(ordinal) = missing {
+                    return Err(Error::Missing(ordinal));
+                }
+            }
         }
         Ok(())
     }
@@ -105,8 +123,8 @@ fn raw(json: Option<&str>) -> Option<&RawValue> {
     json.and_then(|j| serde_json::from_str(j).ok())
 }
 
-/// Writes the selected examples as JSONL, in hash order (the store's physical order,
-/// which reads every table block once); returns how many.
+/// Writes the selected examples as JSONL, in insertion order (the bodies' physical
+/// order, which reads every table block once); returns how many.
 pub fn write_jsonl(
     store: &Store,
     selection: &Selection,
@@ -214,7 +232,7 @@ impl Leaf {
 pub const PARQUET_ROWS_PER_GROUP: usize = 50_000;
 
 /// Writes the selected examples as a Parquet file (zstd-compressed, row groups of
-/// `rows_per_group` examples, hash order); returns how many.
+/// `rows_per_group` examples, insertion order); returns how many.
 pub fn write_parquet<W: Write + Send>(
     store: &Store,
     selection: &Selection,

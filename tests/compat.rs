@@ -1,5 +1,6 @@
-//! A store written by an earlier corpusdb (`tests/compat/store-v2/`: schema version 2, the
-//! sample corpus of `configs/sample-corpus.yaml`) opens and reads the same in this one:
+//! Stores written by earlier corpusdb versions (`tests/compat/store-v2/` and
+//! `tests/compat/store-v3/`: schema versions 2 and 3, the sample corpus of
+//! `configs/sample-corpus.yaml`) open and read the same in this one:
 //! counters, every example under the hash of its own content, provenance, imports and
 //! rejects. A change that breaks this changes the on-disk format: bump `SCHEMA_VERSION`,
 //! and keep this store as the one an older version wrote (opening it must then be refused
@@ -22,12 +23,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A writable copy of the frozen store (opening may write RocksDB's own files).
-fn frozen() -> (tempfile::TempDir, std::path::PathBuf) {
+/// A writable copy of a frozen store (opening may write RocksDB's own files).
+pub fn frozen(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
     copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat/store-v2"),
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/compat")
+            .join(name),
         &path,
     );
     (dir, path)
@@ -35,16 +38,28 @@ fn frozen() -> (tempfile::TempDir, std::path::PathBuf) {
 
 #[test]
 fn a_store_written_by_schema_version_2_reads_the_same() {
-    let (_dir, path) = frozen();
-    assert_eq!(SCHEMA_VERSION, 3, "update this test and the frozen stores");
+    let (_dir, path) = frozen("store-v2");
+    assert_eq!(SCHEMA_VERSION, 4, "update this test and the frozen stores");
     // Read-only, it stays a version-2 store; opened for writing, it is upgraded in place
     // and its untagged, block-compressed values keep reading.
-    check_frozen(&Store::open_read_only(&path).unwrap());
-    check_frozen(&Store::open(&path).unwrap());
-    check_frozen(&Store::open_read_only(&path).unwrap());
+    check_frozen(&Store::open_read_only(&path).unwrap(), true);
+    check_frozen(&Store::open(&path).unwrap(), true);
+    check_frozen(&Store::open_read_only(&path).unwrap(), true);
 }
 
-fn check_frozen(store: &Store) {
+#[test]
+fn a_store_written_by_schema_version_3_reads_the_same() {
+    let (_dir, path) = frozen("store-v3");
+    // Its whole values stay under their hashes: read-only it stays version 3, opened for
+    // writing it gains the bodies family, empty until the next import.
+    check_frozen(&Store::open_read_only(&path).unwrap(), false);
+    check_frozen(&Store::open(&path).unwrap(), false);
+    check_frozen(&Store::open_read_only(&path).unwrap(), false);
+    let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
+    assert!(families.iter().any(|f| f == "bodies"), "{families:?}");
+}
+
+fn check_frozen(store: &Store, legacy_rejects: bool) {
     let counters = store.counters().unwrap();
     // As `corpusdb stats` printed when the store was written.
     assert_eq!(
@@ -73,6 +88,10 @@ fn check_frozen(store: &Store) {
                 example.ordinal
             );
             assert_eq!(store.hash_at(example.ordinal).unwrap(), Some(*hash));
+            assert_eq!(
+                store.example_at(example.ordinal).unwrap(),
+                Some((*hash, example.clone()))
+            );
             assert!(!store.provenance(hash).unwrap().is_empty());
             with_tool_calls += example
                 .conversation
@@ -101,6 +120,9 @@ fn check_frozen(store: &Store) {
     assert!(rejects
         .iter()
         .all(|r| !r.reason.is_empty() && !r.path.is_empty()));
+    if !legacy_rejects {
+        return;
+    }
     // Written before kinds were stored: each kind is read from its text, once, on decode.
     for reject in &rejects {
         let typed = reject.reason();

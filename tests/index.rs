@@ -284,10 +284,12 @@ fn export_then_ingest_gives_the_same_hash_set() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let hashes: Vec<&str> = lines.iter().map(|l| l["_hash"].as_str().unwrap()).collect();
-    assert!(
-        hashes.windows(2).all(|w| w[0] < w[1]),
-        "exports come in hash order"
-    );
+    let inserted: Vec<String> = Store::open_read_only(&store_path)
+        .unwrap()
+        .ordinals()
+        .map(|item| item.unwrap().1.to_hex())
+        .collect();
+    assert_eq!(hashes, inserted, "exports come in insertion order");
     let math: Vec<_> = lines.iter().filter(|l| l["_category"] == "math").collect();
     assert_eq!(math.len(), 4);
     assert!(math.iter().all(|l| l["messages"][0]["role"] == "user"));

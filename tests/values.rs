@@ -63,25 +63,51 @@ pub fn tags(path: &Path) -> Vec<(u64, Option<u8>)> {
 /// (key, value) pairs as RocksDB holds them.
 pub type RawPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// Every (key, value) of the examples family in key order, and `values_tagged_from`.
+/// Every example's (hash, value from its header on) as RocksDB holds them, and
+/// `values_tagged_from`: the whole values under their hash (before `bodies_from`), then
+/// the bodies by ordinal with their leading hash split off as the key.
 pub fn raw_values(path: &Path) -> (RawPairs, u64) {
     let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), path).unwrap();
     let db =
         rocksdb::DB::open_cf_for_read_only(&rocksdb::Options::default(), path, &families, false)
             .unwrap();
     let meta = db.cf_handle("meta").unwrap();
-    let tagged_from = db
-        .get_cf(meta, b"values_tagged_from")
-        .unwrap()
-        .map_or(u64::MAX, |b| u64::from_le_bytes(b.try_into().unwrap()));
-    let examples = db.cf_handle("examples").unwrap();
-    let values = db
-        .iterator_cf(examples, rocksdb::IteratorMode::Start)
-        .map(|item| {
-            let (k, v) = item.unwrap();
-            (k.to_vec(), v.to_vec())
+    let meta_u64 = |key: &[u8]| {
+        db.get_cf(meta, key)
+            .unwrap()
+            .map_or(u64::MAX, |b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    let (tagged_from, bodies_from) = (meta_u64(b"values_tagged_from"), meta_u64(b"bodies_from"));
+    let pairs = |family: &str| -> RawPairs {
+        db.cf_handle(family).map_or_else(Vec::new, |cf| {
+            db.iterator_cf(cf, rocksdb::IteratorMode::Start)
+                .map(|item| {
+                    let (k, v) = item.unwrap();
+                    (k.to_vec(), v.to_vec())
+                })
+                .collect()
         })
+    };
+    let ordinal = |value: &[u8]| u64::from_le_bytes(value[..8].try_into().unwrap());
+    let mut values: RawPairs = pairs("examples")
+        .into_iter()
+        .filter(|(_, value)| ordinal(value) < bodies_from)
         .collect();
+    let bodies = pairs("bodies");
+    for (key, value) in &bodies {
+        let (hash, rest) = value.split_at(20);
+        assert_eq!(
+            u64::from_be_bytes(key[..].try_into().unwrap()),
+            ordinal(rest)
+        );
+        values.push((hash.to_vec(), rest.to_vec()));
+    }
+    // Every example is in one family or the other.
+    assert_eq!(
+        values.len(),
+        pairs("examples").len(),
+        "examples and bodies disagree"
+    );
     (values, tagged_from)
 }
 
@@ -214,6 +240,13 @@ fn block_compression_options_store_raw_values() {
         examples.contains(level0_raw) && examples.contains("bottommost_compression=kZSTD"),
         "{examples}"
     );
+    // Bodies, keyed by ordinal, are compressed once by their flush: zstd on every level.
+    let bodies = family("bodies");
+    assert!(
+        bodies.contains("\n  compression=kZSTDCompression")
+            || bodies.contains("\n  compression=kZSTD"),
+        "{bodies}"
+    );
     // The other families too (lz4 below level 0).
     let provenance = family("provenance");
     assert!(provenance.contains(level0_raw), "{provenance}");
@@ -266,6 +299,68 @@ fn a_version_2_store_takes_new_imports_and_reads_old_and_new_values() {
     assert!(tags[..92].iter().all(|(_, t)| t.is_none()), "legacy values");
     assert!(tags[92..].iter().all(|(_, t)| t.is_some()));
     assert_eq!(tags.last().unwrap().1, Some(1));
+    let store = Store::open_read_only(&path).unwrap();
+    assert_eq!(check_all(&store), 92 + stored);
+}
+
+#[test]
+fn a_version_3_store_takes_new_imports_with_their_bodies_apart() {
+    let (_dir, path) = crate::compat::frozen("store-v3");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&path).unwrap();
+    let stored = import(&store, &corpus(dir.path(), 600, 9), "new", 64 << 10);
+    assert!(stored > 400);
+    assert_eq!(check_all(&store), 92 + stored);
+    // Lookups by hash, sorted hashes and ordinals see both layouts.
+    let mut hashes = Vec::new();
+    store
+        .for_each_example(|hash, _| {
+            hashes.push(*hash);
+            Ok(())
+        })
+        .unwrap();
+    hashes.sort_unstable();
+    let mut visited = Vec::new();
+    store
+        .for_each_sorted(&hashes, |hash, example| {
+            assert_eq!(store.example_at(example.ordinal).unwrap().unwrap().0, *hash);
+            visited.push(*hash);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(visited, hashes);
+    let mut from = Vec::new();
+    store
+        .for_each_from(80, |_, example| {
+            from.push(example.ordinal);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(from, (80..92 + stored).collect::<Vec<_>>());
+    // Chosen ordinals on both sides of the upgrade, and one past the end.
+    let end = 92 + stored;
+    let mut seen = Vec::new();
+    store
+        .for_each_at(&[3, 91, 92, end - 1, end], |ordinal, found| {
+            seen.push((ordinal, found.map(|(_, example)| example.ordinal)));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        seen,
+        [
+            (3, Some(3)),
+            (91, Some(91)),
+            (92, Some(92)),
+            (end - 1, Some(end - 1)),
+            (end, None)
+        ]
+    );
+    store.compact();
+    assert_eq!(check_all(&store), 92 + stored);
+    drop(store);
+    let (values, _) = raw_values(&path);
+    assert_eq!(values.len() as u64, 92 + stored);
     let store = Store::open_read_only(&path).unwrap();
     assert_eq!(check_all(&store), 92 + stored);
 }

@@ -348,7 +348,7 @@ impl PyStore {
     }
 
     /// Writes the examples matching a query to `path` as `corpusdb export` does (JSONL
-    /// lines or Parquet rows in `messages` shape, in hash order, excluded examples left
+    /// lines or Parquet rows in `messages` shape, in insertion order, excluded examples left
     /// out). Returns the number of examples written.
     #[pyo3(signature = (query, path, format = "jsonl", with_metadata = false))]
     fn export(
@@ -378,13 +378,9 @@ impl PyStore {
             let selection = if expr == query::Expr::All && !any_excluded {
                 Selection::All
             } else {
-                Selection::from_ordinals(&store, &index.matching_ordinals(&expr).map_err(err)?)
-                    .map_err(err)?
+                Selection::from_ordinals(&index.matching_ordinals(&expr).map_err(err)?)
             };
-            let total = match &selection {
-                Selection::All => store.counters().map_err(err)?.examples,
-                Selection::Hashes(hashes) => hashes.len() as u64,
-            };
+            let total = selection.len(&store).map_err(err)?;
             let file = std::fs::File::create(&path)
                 .map_err(|e| fail(format!("{}: cannot create: {e}", path.display())))?;
             let mut out = std::io::BufWriter::with_capacity(1 << 20, file);

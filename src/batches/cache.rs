@@ -452,28 +452,17 @@ fn sync(
         .map_err(|source| Error::Io { path, source })
 }
 
-/// The chunk's examples read from the store (in hash order, one seeking iterator) and
-/// encoded in parallel, in the chunk's order.
+/// The chunk's examples read from the store (ascending ordinals: the bodies' order, one
+/// seeking iterator) and encoded in parallel, in the chunk's order.
 fn encode_chunk(
     store: &Store,
     tokenizer: &ChatTokenizer,
     chunk: &[(u64, ContentHash)],
 ) -> Result<Vec<Result<Tokenized, String>>, Error> {
-    let mut by_hash: Vec<(ContentHash, usize)> = chunk
-        .iter()
-        .enumerate()
-        .map(|(i, (_, h))| (*h, i))
-        .collect();
-    by_hash.sort_unstable();
-    let hashes: Vec<ContentHash> = by_hash.iter().map(|(h, _)| *h).collect();
-    let mut conversations = vec![None; chunk.len()];
-    let mut next = 0;
-    store.for_each_sorted(&hashes, |hash, example| {
-        while by_hash[next].0 != *hash {
-            next += 1;
-        }
-        conversations[by_hash[next].1] = Some(example.conversation);
-        next += 1;
+    let ordinals: Vec<u64> = chunk.iter().map(|(ordinal, _)| *ordinal).collect();
+    let mut conversations = Vec::with_capacity(chunk.len());
+    store.for_each_at(&ordinals, |_, found| {
+        conversations.push(found.map(|(_, example)| example.conversation));
         Ok(())
     })?;
     conversations

@@ -157,8 +157,7 @@ pub fn batch_from(
         match cache.and_then(|c| c.get(ordinal)) {
             Some(result) => encoded.push((p, ordinal, result)),
             None => {
-                let hash = store.hash_at(ordinal)?.ok_or(Error::Missing(ordinal))?;
-                let example = store.get(&hash)?.ok_or(Error::Missing(ordinal))?;
+                let (_, example) = store.example_at(ordinal)?.ok_or(Error::Missing(ordinal))?;
                 from_store.push((p, ordinal, example.conversation));
             }
         }

@@ -9,8 +9,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use corpusdb::index::query;
 
-/// Write the examples matching a query (see `corpusdb query --help`), in hash order (the
-/// store's physical order, the fastest to read).
+/// Write the examples matching a query (see `corpusdb query --help`), in insertion order
+/// (the store's physical order, the fastest to read).
 ///
 /// JSONL lines are in OpenAI `messages` shape: {"messages": [{"role", "content"}],
 /// "tools"?}. Parquet has the same `messages` column as a list of {role, content, name,
@@ -46,12 +46,9 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let selection = if expr == query::Expr::All && !any_excluded {
         corpusdb::export::Selection::All
     } else {
-        corpusdb::export::Selection::from_ordinals(&store, &index.matching_ordinals(&expr)?)?
+        corpusdb::export::Selection::from_ordinals(&index.matching_ordinals(&expr)?)
     };
-    let total = match &selection {
-        corpusdb::export::Selection::All => store.counters()?.examples,
-        corpusdb::export::Selection::Hashes(hashes) => hashes.len() as u64,
-    };
+    let total = selection.len(&store)?;
     let bar = super::index::bar("exporting", total);
     let started = Instant::now();
     let progress = |done| bar.set_position(done);

@@ -4,7 +4,8 @@
 //!
 //! | family       | key                                   | value                      |
 //! |--------------|---------------------------------------|----------------------------|
-//! | `examples`   | SHA-1 (20 bytes)                      | bincode [`StoredExample`]  |
+//! | `examples`   | SHA-1 (20 bytes)                      | bincode [`ExampleHeader`]  |
+//! | `bodies`     | ordinal u64 BE                        | SHA-1, header, tagged body |
 //! | `provenance` | SHA-1, import id u32 BE, record u64 BE| bincode [`ProvenanceValue`]|
 //! | `ordinals`   | ordinal u64 BE                        | SHA-1 (20 bytes)           |
 //! | `imports`    | import id u32 BE                      | bincode [`ImportRecord`]   |
@@ -50,11 +51,20 @@ pub use values::{Dictionary, DICTIONARY_BYTES};
 /// opened for writing is upgraded in place: `values_tagged_from` records how many
 /// (untagged, block-compressed) examples it already had, and they keep reading as before.
 /// A binary of version 2 refuses a version-3 store by its schema version.
-pub const SCHEMA_VERSION: u32 = 3;
+///
+/// Version 4 moves each new example's body out of the hash-keyed `examples` family (which
+/// keeps the header, for dedup and lookups by hash) into `bodies`, keyed by ordinal:
+/// ordinals only grow, so flushed files never overlap and compaction moves them instead
+/// of rewriting them. `bodies_from` records the example count when a version-2 or -3
+/// store was upgraded; the examples before it keep their whole value under their hash.
+/// A binary of version 3 refuses a version-4 store by its unknown `bodies` family.
+pub const SCHEMA_VERSION: u32 = 4;
 /// The oldest layout this binary reads (and upgrades when it writes).
 pub const OLDEST_SCHEMA_VERSION: u32 = 2;
 
 const CF_EXAMPLES: &str = "examples";
+/// Example bodies by ordinal (schema version 4).
+const CF_BODIES: &str = "bodies";
 const CF_PROVENANCE: &str = "provenance";
 const CF_ORDINALS: &str = "ordinals";
 const CF_IMPORTS: &str = "imports";
@@ -65,8 +75,9 @@ const CF_EXCLUDED: &str = "excluded";
 /// Added without a schema change: a store gains it, empty, the first time it is opened
 /// for writing; read-only opens of a store that lacks it see no near-duplicate data.
 const CF_NEARDUP: &str = "neardup";
-const ALL_CFS: [&str; 9] = [
+const ALL_CFS: [&str; 10] = [
     CF_EXAMPLES,
+    CF_BODIES,
     CF_PROVENANCE,
     CF_ORDINALS,
     CF_IMPORTS,
@@ -81,6 +92,8 @@ const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
 const KEY_COUNTERS: &[u8] = b"counters";
 /// Ordinal from which example values are tagged (u64 LE); absent in version-2 stores.
 const KEY_TAGGED_FROM: &[u8] = b"values_tagged_from";
+/// Examples with this ordinal or above have their body in the `bodies` family.
+const KEY_BODIES_FROM: &[u8] = b"bodies_from";
 
 /// Base key of file-level ledger entries (not records) in the rejects family; a note at
 /// byte offset `b` of the file is stored under `FILE_NOTE_RECORD - b`.
@@ -111,21 +124,20 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Compression of the examples family (the other families are small and use lz4 blocks).
+/// Compression of example bodies (the other families are small and use lz4 blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
-    /// Each value compressed once by the import's parse threads with zstd and a
-    /// dictionary trained from the store's first import; no block compression, so
-    /// flushes and compactions copy bytes. A store upgraded from version 2 keeps zstd on
-    /// its bottommost level for the values written before. Smaller right after an
-    /// import, but more CPU per value than block compression (BENCHMARKS.md).
+    /// Each body compressed on its own by the import's parse threads with zstd and a
+    /// dictionary trained from the store's first import; no block compression of
+    /// `bodies`. A store upgraded from version 2 or 3 keeps zstd on the bottommost level of
+    /// `examples` for the whole values written before. More CPU per value than block
+    /// compression (BENCHMARKS.md).
     Dictionary,
-    /// The options below store values as they are and let RocksDB compress blocks.
+    /// The options below store bodies as they are and let RocksDB compress blocks.
     None,
-    /// lz4 on every level.
+    /// lz4 blocks.
     Lz4,
-    /// Flushed memtables as they are, lz4 on the levels compaction will rewrite soon, zstd
-    /// on the bottommost level where most data rests (the default).
+    /// zstd blocks, compressed once by the flush that writes them (the default).
     Zstd,
 }
 
@@ -170,6 +182,9 @@ pub struct Store {
     /// Examples from this ordinal on have tagged values (`u64::MAX`: none, a version-2
     /// store opened read-only).
     tagged_from: u64,
+    /// Examples from this ordinal on keep their body in the `bodies` family (`u64::MAX`:
+    /// none, a store of version 2 or 3 opened read-only).
+    bodies_from: u64,
     /// The dictionaries of compressed values, by id.
     dictionaries: values::Dictionaries,
     /// Whether imports compress values ([`Compression::Dictionary`]).
@@ -230,14 +245,16 @@ impl Store {
             path: path.to_owned(),
             write_options: Some(write_options),
             tagged_from: u64::MAX,
+            bodies_from: u64::MAX,
             dictionaries: values::Dictionaries::default(),
             compress_values: options.compression == Compression::Dictionary,
             value_level: options.value_level,
         };
-        store.tagged_from = store.check_schema(true)?;
+        (store.tagged_from, store.bodies_from) = store.check_schema(true)?;
         store.load_dictionaries()?;
-        if store.tagged_from > 0 && store.compress_values {
-            // Values written before version 3 are raw: they keep zstd where they rest.
+        if store.bodies_from > 0 && store.compress_values {
+            // Whole values written before version 4 rest in the examples family, those
+            // before version 3 raw: they keep zstd where they rest.
             store
                 .db
                 .set_options_cf(
@@ -263,14 +280,14 @@ impl Store {
         options.set_max_open_files(-1);
         let mut attempt = 0;
         let db = loop {
-            // A store written before `neardup` lacks it; every other family must be
-            // there (one missing is a store still being created, or whose creation was
-            // killed: RocksDB then reports the family not found).
+            // A store written before `neardup` or `bodies` lacks them; every other
+            // family must be there (one missing is a store still being created, or whose
+            // creation was killed: RocksDB then reports the family not found).
             let present = DB::list_cf(&options, path).unwrap_or_default();
             let descriptors = column_families(&StoreOptions::default())
                 .into_iter()
                 .filter(|d| {
-                    d.name() != CF_NEARDUP
+                    ![CF_NEARDUP, CF_BODIES].contains(&d.name())
                         || present.is_empty()
                         || present.iter().any(|p| p == d.name())
                 })
@@ -296,11 +313,12 @@ impl Store {
             path: path.to_owned(),
             write_options: None,
             tagged_from: u64::MAX,
+            bodies_from: u64::MAX,
             dictionaries: values::Dictionaries::default(),
             compress_values: false,
             value_level: values::DEFAULT_LEVEL,
         };
-        store.tagged_from = store.check_schema(false)?;
+        (store.tagged_from, store.bodies_from) = store.check_schema(false)?;
         store.load_dictionaries()?;
         Ok(store)
     }
@@ -309,9 +327,10 @@ impl Store {
         &self.path
     }
 
-    /// Checks the schema version (upgrading a version-2 store or initialising a new one
-    /// when `may_write`) and returns the ordinal from which values are tagged.
-    fn check_schema(&self, may_write: bool) -> Result<u64> {
+    /// Checks the schema version (upgrading an older store or initialising a new one
+    /// when `may_write`) and returns the ordinals from which values are tagged and from
+    /// which bodies are in their own family.
+    fn check_schema(&self, may_write: bool) -> Result<(u64, u64)> {
         let meta = self.cf(CF_META);
         match self
             .db
@@ -326,14 +345,23 @@ impl Store {
                         .map_err(|_| self.corrupt("schema version is not 4 bytes"))?,
                 );
                 match found {
-                    SCHEMA_VERSION => self.tagged_from(),
-                    OLDEST_SCHEMA_VERSION if may_write => {
-                        // Every example stored so far is untagged; new ones are tagged.
+                    SCHEMA_VERSION => Ok((
+                        self.meta_u64(KEY_TAGGED_FROM)?,
+                        self.meta_u64(KEY_BODIES_FROM)?,
+                    )),
+                    // Every example stored so far keeps its whole value under its hash
+                    // (untagged before version 3); new ones are tagged, bodies apart.
+                    OLDEST_SCHEMA_VERSION..SCHEMA_VERSION if may_write => {
                         let examples = self.counters()?.examples;
-                        self.mark_version(examples)?;
-                        Ok(examples)
+                        let tagged_from = match found {
+                            OLDEST_SCHEMA_VERSION => examples,
+                            _ => self.meta_u64(KEY_TAGGED_FROM)?,
+                        };
+                        self.mark_version(tagged_from, examples)?;
+                        Ok((tagged_from, examples))
                     }
-                    OLDEST_SCHEMA_VERSION => Ok(u64::MAX),
+                    OLDEST_SCHEMA_VERSION => Ok((u64::MAX, u64::MAX)),
+                    3 => Ok((self.meta_u64(KEY_TAGGED_FROM)?, u64::MAX)),
                     _ => Err(Error::SchemaMismatch {
                         path: self.path.clone(),
                         found,
@@ -342,8 +370,8 @@ impl Store {
                 }
             }
             None if may_write => {
-                self.mark_version(0)?;
-                Ok(0)
+                self.mark_version(0, 0)?;
+                Ok((0, 0))
             }
             // A store another process is creating right now has nothing yet: read it as empty.
             None if self
@@ -352,29 +380,32 @@ impl Store {
                 .map_err(|e| self.rocks(e))?
                 .is_none() =>
             {
-                Ok(0)
+                Ok((0, 0))
             }
             None => Err(self.corrupt("no schema version recorded")),
         }
     }
 
-    fn tagged_from(&self) -> Result<u64> {
+    /// A u64 the `meta` family must hold.
+    fn meta_u64(&self, key: &[u8]) -> Result<u64> {
+        let name = String::from_utf8_lossy(key);
         let bytes = self
             .db
-            .get_cf(self.cf(CF_META), KEY_TAGGED_FROM)
+            .get_cf(self.cf(CF_META), key)
             .map_err(|e| self.rocks(e))?
-            .ok_or_else(|| self.corrupt("no values_tagged_from recorded"))?;
+            .ok_or_else(|| self.corrupt(&format!("no {name} recorded")))?;
         Ok(u64::from_le_bytes(bytes.as_slice().try_into().map_err(
-            |_| self.corrupt("values_tagged_from is not 8 bytes"),
+            |_| self.corrupt(&format!("{name} is not 8 bytes")),
         )?))
     }
 
-    /// Records this schema version and where tagged values begin, in one write, flushed
-    /// at once (so readers opening the store see them).
-    fn mark_version(&self, tagged_from: u64) -> Result<()> {
+    /// Records this schema version, where tagged values begin and where bodies apart
+    /// begin, in one write, flushed at once (so readers opening the store see them).
+    fn mark_version(&self, tagged_from: u64, bodies_from: u64) -> Result<()> {
         let meta = self.cf(CF_META);
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, KEY_TAGGED_FROM, tagged_from.to_le_bytes());
+        batch.put_cf(meta, KEY_BODIES_FROM, bodies_from.to_le_bytes());
         batch.put_cf(meta, KEY_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes());
         self.db.write(batch).map_err(|e| self.rocks(e))?;
         self.flush()
@@ -485,51 +516,193 @@ impl Store {
             .get_pinned_cf(self.cf(CF_EXAMPLES), hash.as_bytes())
             .map_err(|e| self.rocks(e))?
         {
-            Some(bytes) => Ok(Some(self.decode_example(&bytes)?)),
+            Some(value) => Ok(Some(self.example_of(hash, &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The example stored under an ordinal, with its hash: one read of its body.
+    pub fn example_at(&self, ordinal: u64) -> Result<Option<(ContentHash, StoredExample)>> {
+        if ordinal < self.bodies_from {
+            let Some(hash) = self.hash_at(ordinal)? else {
+                return Ok(None);
+            };
+            return Ok(self.get(&hash)?.map(|example| (hash, example)));
+        }
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_BODIES), ordinal.to_be_bytes())
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(value) => Ok(Some(self.decode_body(&value)?)),
             None => Ok(None),
         }
     }
 
     /// Visits the examples of `hashes` (sorted ascending, as `sort_unstable` leaves them)
-    /// with one forward-seeking iterator: neighbouring keys share table blocks, so each
-    /// block is read and decompressed once instead of once per example. Hashes that are
-    /// not stored are skipped.
+    /// in that order. Headers are read with one forward-seeking iterator (neighbouring
+    /// keys share table blocks), then each slice's bodies in ordinal order, so memory
+    /// stays bounded by the slice. Hashes that are not stored are skipped.
     pub fn for_each_sorted(
         &self,
         hashes: &[ContentHash],
         mut visit: impl FnMut(&ContentHash, StoredExample) -> Result<()>,
     ) -> Result<()> {
+        const SLICE: usize = 1024;
         debug_assert!(
             hashes.windows(2).all(|w| w[0] <= w[1]),
             "hashes must be sorted"
         );
-        let mut iter = self.db.raw_iterator_cf(self.cf(CF_EXAMPLES));
-        for hash in hashes {
-            iter.seek(hash.as_bytes());
-            iter.status().map_err(|e| self.rocks(e))?;
-            if iter.key() == Some(hash.as_bytes().as_slice()) {
-                let value = iter.value().expect("a valid iterator has a value");
-                visit(hash, self.decode_example(value)?)?;
+        let mut headers = self.db.raw_iterator_cf(self.cf(CF_EXAMPLES));
+        let mut bodies =
+            (self.bodies_from < u64::MAX).then(|| self.db.raw_iterator_cf(self.cf(CF_BODIES)));
+        let mut examples: Vec<Option<StoredExample>> = Vec::with_capacity(SLICE);
+        let mut apart: Vec<(u64, usize)> = Vec::with_capacity(SLICE);
+        for slice in hashes.chunks(SLICE) {
+            examples.clear();
+            apart.clear();
+            for (i, hash) in slice.iter().enumerate() {
+                headers.seek(hash.as_bytes());
+                headers.status().map_err(|e| self.rocks(e))?;
+                let mut example = None;
+                if headers.key() == Some(hash.as_bytes().as_slice()) {
+                    let value = headers.value().expect("a valid iterator has a value");
+                    match self.ordinal_of(value)? {
+                        ordinal if ordinal < self.bodies_from => {
+                            example = Some(self.decode_example(value)?)
+                        }
+                        ordinal => apart.push((ordinal, i)),
+                    }
+                }
+                examples.push(example);
+            }
+            apart.sort_unstable();
+            for &(ordinal, i) in &apart {
+                let bodies = bodies.as_mut().expect("bodies apart only with the family");
+                let (hash, example) = self
+                    .body_at(bodies, ordinal)?
+                    .ok_or_else(|| self.corrupt(&format!("example {ordinal} has no body")))?;
+                if hash != slice[i] {
+                    return Err(self.corrupt(&format!(
+                        "the body of example {ordinal} is not that of {}",
+                        slice[i].to_hex()
+                    )));
+                }
+                examples[i] = Some(example);
+            }
+            for (hash, example) in slice.iter().zip(examples.drain(..)) {
+                if let Some(example) = example {
+                    visit(hash, example)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Visits every example in hash order (the store's physical order: sequential reads).
+    /// Visits the examples at `ordinals` (sorted ascending) in that order, with `None` for
+    /// an ordinal that is not stored. Bodies are read with one forward-seeking iterator.
+    pub fn for_each_at(
+        &self,
+        ordinals: &[u64],
+        mut visit: impl FnMut(u64, Option<(ContentHash, StoredExample)>) -> Result<()>,
+    ) -> Result<()> {
+        debug_assert!(
+            ordinals.windows(2).all(|w| w[0] <= w[1]),
+            "ordinals must be sorted"
+        );
+        let mut bodies =
+            (self.bodies_from < u64::MAX).then(|| self.db.raw_iterator_cf(self.cf(CF_BODIES)));
+        for &ordinal in ordinals {
+            let found = match bodies.as_mut() {
+                Some(bodies) if ordinal >= self.bodies_from => self.body_at(bodies, ordinal)?,
+                _ => self.example_at(ordinal)?,
+            };
+            visit(ordinal, found)?;
+        }
+        Ok(())
+    }
+
+    /// The body at `ordinal`, found by seeking `iter` (forward seeks share its blocks).
+    fn body_at(
+        &self,
+        iter: &mut rocksdb::DBRawIteratorWithThreadMode<'_, DB>,
+        ordinal: u64,
+    ) -> Result<Option<(ContentHash, StoredExample)>> {
+        let key = ordinal.to_be_bytes();
+        iter.seek(key);
+        iter.status().map_err(|e| self.rocks(e))?;
+        if iter.key() != Some(key.as_slice()) {
+            return Ok(None);
+        }
+        self.decode_body(iter.value().expect("a valid iterator has a value"))
+            .map(Some)
+    }
+
+    /// Visits every example: those stored whole under their hash (before version 4) in
+    /// hash order, then the rest in ordinal order. Both are sequential reads.
     pub fn for_each_example(
         &self,
         mut visit: impl FnMut(&ContentHash, StoredExample) -> Result<()>,
     ) -> Result<()> {
+        if self.bodies_from > 0 {
+            let mut options = ReadOptions::default();
+            options.fill_cache(false);
+            let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_EXAMPLES), options);
+            iter.seek_to_first();
+            while iter.valid() {
+                let value = iter.value().expect("a valid iterator has a value");
+                if self.ordinal_of(value)? < self.bodies_from {
+                    let key = iter.key().expect("a valid iterator has a key");
+                    let hash = ContentHash::from_slice(key)
+                        .ok_or_else(|| self.corrupt("example key is not a SHA-1"))?;
+                    visit(&hash, self.decode_example(value)?)?;
+                }
+                iter.next();
+            }
+            iter.status().map_err(|e| self.rocks(e))?;
+        }
+        self.for_each_body_from(self.bodies_from, &mut visit)
+    }
+
+    /// Visits the examples from ordinal `first` on, in ordinal order (sequential reads of
+    /// the bodies; examples stored whole before version 4 are looked up by hash).
+    pub fn for_each_from(
+        &self,
+        first: u64,
+        mut visit: impl FnMut(&ContentHash, StoredExample) -> Result<()>,
+    ) -> Result<()> {
+        if first < self.bodies_from {
+            for item in self.ordinals_from(first) {
+                let (ordinal, hash) = item?;
+                if ordinal >= self.bodies_from {
+                    break;
+                }
+                let example = self
+                    .get(&hash)?
+                    .ok_or_else(|| self.corrupt(&format!("example {ordinal} is missing")))?;
+                visit(&hash, example)?;
+            }
+        }
+        self.for_each_body_from(first.max(self.bodies_from), &mut visit)
+    }
+
+    /// Visits the bodies family from ordinal `first` on (nothing when the store has none).
+    fn for_each_body_from(
+        &self,
+        first: u64,
+        visit: &mut impl FnMut(&ContentHash, StoredExample) -> Result<()>,
+    ) -> Result<()> {
+        if self.bodies_from == u64::MAX {
+            return Ok(());
+        }
         let mut options = ReadOptions::default();
         options.fill_cache(false);
-        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_EXAMPLES), options);
-        iter.seek_to_first();
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_BODIES), options);
+        iter.seek(first.to_be_bytes());
         while iter.valid() {
-            let key = iter.key().expect("a valid iterator has a key");
-            let hash = ContentHash::from_slice(key)
-                .ok_or_else(|| self.corrupt("example key is not a SHA-1"))?;
-            let value = iter.value().expect("a valid iterator has a value");
-            visit(&hash, self.decode_example(value)?)?;
+            let (hash, example) =
+                self.decode_body(iter.value().expect("a valid iterator has a value"))?;
+            visit(&hash, example)?;
             iter.next();
         }
         iter.status().map_err(|e| self.rocks(e))
@@ -841,13 +1014,49 @@ impl Store {
         Ok((value.line, Some(value.id)))
     }
 
+    /// The ordinal at the start of a value of the examples family.
+    fn ordinal_of(&self, value: &[u8]) -> Result<u64> {
+        value
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or_else(|| self.corrupt("example value is shorter than its header"))
+    }
+
+    /// The example of a value of the examples family: the whole value before
+    /// `bodies_from`, else its header's ordinal names its body.
+    fn example_of(&self, hash: &ContentHash, value: &[u8]) -> Result<StoredExample> {
+        let ordinal = self.ordinal_of(value)?;
+        if ordinal < self.bodies_from {
+            return self.decode_example(value);
+        }
+        let body = self
+            .db
+            .get_pinned_cf(self.cf(CF_BODIES), ordinal.to_be_bytes())
+            .map_err(|e| self.rocks(e))?
+            .ok_or_else(|| self.corrupt(&format!("example {ordinal} has no body")))?;
+        let (stored_hash, example) = self.decode_body(&body)?;
+        if stored_hash != *hash {
+            return Err(self.corrupt(&format!(
+                "the body of example {ordinal} is not that of {}",
+                hash.to_hex()
+            )));
+        }
+        Ok(example)
+    }
+
+    /// A value of the bodies family: the example's hash, then its header and body.
+    fn decode_body(&self, value: &[u8]) -> Result<(ContentHash, StoredExample)> {
+        let hash = value
+            .get(..20)
+            .and_then(ContentHash::from_slice)
+            .ok_or_else(|| self.corrupt("example body is shorter than its hash"))?;
+        Ok((hash, self.decode_example(&value[20..])?))
+    }
+
     /// Decodes an example value: untagged below `tagged_from` (schema version 2), else
     /// header + tagged body, decompressed with its dictionary when it names one.
     fn decode_example(&self, value: &[u8]) -> Result<StoredExample> {
-        let ordinal = value
-            .get(..8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .ok_or_else(|| self.corrupt("example value is shorter than its header"))?;
+        let ordinal = self.ordinal_of(value)?;
         if ordinal < self.tagged_from {
             return self.decode(value, "example");
         }
@@ -934,14 +1143,19 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    /// Puts a new example and its ordinal. `conversation` is the bincode encoding of the
-    /// example's `Conversation` (see [`ExampleHeader`]).
+    /// Puts a new example: its header under its hash, hash + header + body under its
+    /// ordinal, and its ordinal. `conversation` is the tagged body (see [`ExampleHeader`]).
     fn put_example(&mut self, hash: &ContentHash, header: &ExampleHeader<'_>, conversation: &[u8]) {
-        let mut value = Vec::with_capacity(64 + conversation.len());
-        bincode::serialize_into(&mut value, header).expect("headers always serialise");
-        value.extend_from_slice(conversation);
+        let mut head = Vec::with_capacity(64);
+        bincode::serialize_into(&mut head, header).expect("headers always serialise");
+        let mut body = Vec::with_capacity(20 + head.len() + conversation.len());
+        body.extend_from_slice(hash.as_bytes());
+        body.extend_from_slice(&head);
+        body.extend_from_slice(conversation);
         self.inner
-            .put_cf(self.store.cf(CF_EXAMPLES), hash.as_bytes(), value);
+            .put_cf(self.store.cf(CF_EXAMPLES), hash.as_bytes(), head);
+        self.inner
+            .put_cf(self.store.cf(CF_BODIES), header.ordinal.to_be_bytes(), body);
         self.inner.put_cf(
             self.store.cf(CF_ORDINALS),
             header.ordinal.to_be_bytes(),
@@ -1121,6 +1335,19 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                             cf.set_bottommost_compression_type(DBCompressionType::Zstd);
                         }
                     }
+                }
+                CF_BODIES => {
+                    // Keys are ordinals, which only grow: flushed files never overlap, so
+                    // compaction moves them down without rewriting them, and each body is
+                    // compressed once, by the flush that writes it. Every lookup is of a
+                    // stored ordinal, so no bloom filter.
+                    table.set_block_size(16 << 10);
+                    cf.set_write_buffer_size(options.write_buffer_bytes);
+                    cf.set_compression_type(match options.compression {
+                        Compression::Dictionary | Compression::None => DBCompressionType::None,
+                        Compression::Lz4 => DBCompressionType::Lz4,
+                        Compression::Zstd => DBCompressionType::Zstd,
+                    });
                 }
                 CF_NEARDUP => {
                     // Bucket lookups seek by (kind, bucket): a prefix bloom filter answers
