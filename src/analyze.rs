@@ -474,7 +474,8 @@ pub fn analyze(
     let mut rows: Vec<Row> = Vec::with_capacity(counters.examples as usize);
     let mut provenance = store.provenance_cursor();
     let mut done = 0u64;
-    store.for_each_example(|hash, example| {
+    // Headers and provenance, both in hash order: two sequential reads, no bodies.
+    store.for_each_header(|hash, example| {
         let sources = provenance.get(hash)?;
         let source = import_source
             .get(&example.first_import)
@@ -482,7 +483,7 @@ pub fn analyze(
             .unwrap_or("?");
         rows.push(Row {
             ordinal: example.ordinal,
-            category: names.intern(&example.category),
+            category: names.intern(example.category),
             source: names.intern(source),
             chars: example.chars,
             turns: example.turns,

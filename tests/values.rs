@@ -337,6 +337,38 @@ fn a_version_3_store_takes_new_imports_with_their_bodies_apart() {
         })
         .unwrap();
     assert_eq!(from, (80..92 + stored).collect::<Vec<_>>());
+    // Headers alone, in hash order, for both layouts; sources from one provenance read.
+    let multi = store.multi_sourced().unwrap();
+    let mut headers = Vec::new();
+    store
+        .for_each_header(|hash, header| {
+            let example = store.get(hash).unwrap().unwrap();
+            assert_eq!(
+                (header.ordinal, header.category, header.first_import),
+                (
+                    example.ordinal,
+                    example.category.as_str(),
+                    example.first_import
+                )
+            );
+            let mut ids: Vec<u32> = store
+                .provenance(hash)
+                .unwrap()
+                .iter()
+                .map(|p| p.import_id)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            match multi.get(hash) {
+                Some(listed) => assert_eq!(*listed, ids),
+                None => assert_eq!(ids, [example.first_import]),
+            }
+            headers.push(*hash);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(headers, hashes);
+    assert!(!multi.is_empty());
     // Chosen ordinals on both sides of the upgrade, and one past the end.
     let end = 92 + stored;
     let mut seen = Vec::new();

@@ -386,9 +386,15 @@ impl Index {
         let marks = Marks::read(store)?;
         let mut done = 0u64;
         let mut failure = None;
-        let mut provenance = store.provenance_cursor();
+        // Bodies are read in ordinal order, so sources come from one read of the
+        // provenance ahead (only examples with several; one entry is the first import).
+        let multi_sourced = store.multi_sourced()?;
+        let source_of = |id: &u32| imports.get(id).map(|i| i.source.clone());
         store.for_each_example(|hash, example| {
-            let sources = source_names(&provenance.get(hash)?, &imports);
+            let sources: BTreeSet<String> = match multi_sourced.get(hash) {
+                Some(ids) => ids.iter().filter_map(source_of).collect(),
+                None => source_of(&example.first_import).into_iter().collect(),
+            };
             let doc = self.stored_document(hash, &example, &sources, &imports, &marks);
             if let Err(e) = writer.add_document(doc) {
                 failure.get_or_insert(e);

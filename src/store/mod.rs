@@ -24,6 +24,7 @@ mod transaction;
 mod types;
 mod values;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -664,6 +665,69 @@ impl Store {
         self.for_each_body_from(self.bodies_from, &mut visit)
     }
 
+    /// Visits every example's header (ordinal, category, first import, sizes) in hash
+    /// order: one sequential read of the small `examples` family, no bodies.
+    pub fn for_each_header(
+        &self,
+        mut visit: impl FnMut(&ContentHash, ExampleHeader<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let mut options = ReadOptions::default();
+        options.fill_cache(false);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_EXAMPLES), options);
+        iter.seek_to_first();
+        while iter.valid() {
+            let key = iter.key().expect("a valid iterator has a key");
+            let hash = ContentHash::from_slice(key)
+                .ok_or_else(|| self.corrupt("example key is not a SHA-1"))?;
+            // Every layout starts with the header (a version-2 value is a whole
+            // `StoredExample`, whose first fields are the header's).
+            let value = iter.value().expect("a valid iterator has a value");
+            let len = header_len(value)
+                .ok_or_else(|| self.corrupt("example value is shorter than its header"))?;
+            let header: ExampleHeader<'_> =
+                self.decode_borrowed(&value[..len], "example header")?;
+            visit(&hash, header)?;
+            iter.next();
+        }
+        iter.status().map_err(|e| self.rocks(e))
+    }
+
+    /// The import ids of every example stored from more than one source record (sorted,
+    /// without repeats), from one sequential read of the provenance family. An example
+    /// not in the map has one provenance entry, from its `first_import`.
+    pub fn multi_sourced(&self) -> Result<HashMap<ContentHash, Vec<u32>>> {
+        let mut out = HashMap::new();
+        let mut options = ReadOptions::default();
+        options.fill_cache(false);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_PROVENANCE), options);
+        iter.seek_to_first();
+        let mut current: Option<(ContentHash, Vec<u32>)> = None;
+        let mut finish = |entry: Option<(ContentHash, Vec<u32>)>| {
+            if let Some((hash, mut ids)) = entry.filter(|(_, ids)| ids.len() > 1) {
+                ids.sort_unstable();
+                ids.dedup();
+                out.insert(hash, ids);
+            }
+        };
+        while iter.valid() {
+            let key = iter.key().expect("a valid iterator has a key");
+            let (hash, rest) = key
+                .split_first_chunk::<20>()
+                .ok_or_else(|| self.corrupt("provenance key has the wrong length"))?;
+            let (import_id, _) = split_import_record_key(rest)
+                .ok_or_else(|| self.corrupt("provenance key has the wrong length"))?;
+            let hash = ContentHash::from_slice(hash).expect("20 bytes");
+            match current.as_mut() {
+                Some((h, ids)) if *h == hash => ids.push(import_id),
+                _ => finish(current.replace((hash, vec![import_id]))),
+            }
+            iter.next();
+        }
+        iter.status().map_err(|e| self.rocks(e))?;
+        finish(current);
+        Ok(out)
+    }
+
     /// Visits the examples from ordinal `first` on, in ordinal order (sequential reads of
     /// the bodies; examples stored whole before version 4 are looked up by hash).
     pub fn for_each_from(
@@ -1077,6 +1141,14 @@ impl Store {
             conversation,
             extras,
         })
+    }
+
+    fn decode_borrowed<'a, T: serde::Deserialize<'a>>(
+        &self,
+        bytes: &'a [u8],
+        what: &str,
+    ) -> Result<T> {
+        bincode::deserialize(bytes).map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {
