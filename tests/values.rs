@@ -240,11 +240,13 @@ fn block_compression_options_store_raw_values() {
         examples.contains(level0_raw) && examples.contains("bottommost_compression=kZSTD"),
         "{examples}"
     );
-    // Bodies, keyed by ordinal, are compressed once by their flush: zstd on every level.
+    // Bodies, keyed by ordinal, are compressed once by their flush: zstd on every level,
+    // at the store's value level (1).
     let bodies = family("bodies");
     assert!(
-        bodies.contains("\n  compression=kZSTDCompression")
-            || bodies.contains("\n  compression=kZSTD"),
+        bodies.contains("\n  compression=kZSTD")
+            && bodies.contains("\n  compression_opts={")
+            && bodies.contains(";level=1;"),
         "{bodies}"
     );
     // The other families too (lz4 below level 0).
