@@ -461,7 +461,8 @@ pub fn run(
     }
     let had_signatures = reuse && store.has_signatures()?;
     // Examples below this ordinal are signed: only those after it are read (in hash
-    // order); a killed run may have signed some of those, which are skipped.
+    // order; a first run reads the whole store in its physical order); a killed run may
+    // have signed some of those, which are skipped.
     let signed_through = if reuse { store.signed_through()? } else { 0 };
     let mut unsigned_hashes = Vec::new();
     if signed_through > 0 {

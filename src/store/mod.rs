@@ -1184,7 +1184,8 @@ pub struct ProvenanceCursor<'a> {
 }
 
 impl ProvenanceCursor<'_> {
-    /// Every source record that produced `hash`; hashes must come in ascending order.
+    /// Every source record that produced `hash`; fastest with hashes in ascending order
+    /// (forward seeks share blocks).
     pub fn get(&mut self, hash: &ContentHash) -> Result<Vec<ProvenanceEntry>> {
         let mut out = Vec::new();
         self.iter.seek(hash.as_bytes());

@@ -218,7 +218,7 @@ pub struct SignatureCursor<'a> {
 }
 
 impl SignatureCursor<'_> {
-    /// The signature of `hash`; hashes must come in ascending order.
+    /// The signature of `hash`; fastest with hashes in ascending order.
     pub fn get(&mut self, hash: &ContentHash) -> Result<Option<Vec<u32>>> {
         let Some(iter) = &mut self.iter else {
             return Ok(None);
