@@ -581,16 +581,8 @@ impl Store {
             apart.sort_unstable();
             for &(ordinal, i) in &apart {
                 let bodies = bodies.as_mut().expect("bodies apart only with the family");
-                let (hash, example) = self
-                    .body_at(bodies, ordinal)?
-                    .ok_or_else(|| self.corrupt(&format!("example {ordinal} has no body")))?;
-                if hash != slice[i] {
-                    return Err(self.corrupt(&format!(
-                        "the body of example {ordinal} is not that of {}",
-                        slice[i].to_hex()
-                    )));
-                }
-                examples[i] = Some(example);
+                let found = self.body_at(bodies, ordinal)?;
+                examples[i] = Some(self.body_of(&slice[i], ordinal, found)?);
             }
             for (hash, example) in slice.iter().zip(examples.drain(..)) {
                 if let Some(example) = example {
@@ -647,21 +639,12 @@ impl Store {
         mut visit: impl FnMut(&ContentHash, StoredExample) -> Result<()>,
     ) -> Result<()> {
         if self.bodies_from > 0 {
-            let mut options = ReadOptions::default();
-            options.fill_cache(false);
-            let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_EXAMPLES), options);
-            iter.seek_to_first();
-            while iter.valid() {
-                let value = iter.value().expect("a valid iterator has a value");
+            self.scan(CF_EXAMPLES, &[], |key, value| {
                 if self.ordinal_of(value)? < self.bodies_from {
-                    let key = iter.key().expect("a valid iterator has a key");
-                    let hash = ContentHash::from_slice(key)
-                        .ok_or_else(|| self.corrupt("example key is not a SHA-1"))?;
-                    visit(&hash, self.decode_example(value)?)?;
+                    visit(&self.example_key(key)?, self.decode_example(value)?)?;
                 }
-                iter.next();
-            }
-            iter.status().map_err(|e| self.rocks(e))?;
+                Ok(())
+            })?;
         }
         self.for_each_body_from(self.bodies_from, &mut visit)
     }
@@ -672,25 +655,15 @@ impl Store {
         &self,
         mut visit: impl FnMut(&ContentHash, ExampleHeader<'_>) -> Result<()>,
     ) -> Result<()> {
-        let mut options = ReadOptions::default();
-        options.fill_cache(false);
-        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_EXAMPLES), options);
-        iter.seek_to_first();
-        while iter.valid() {
-            let key = iter.key().expect("a valid iterator has a key");
-            let hash = ContentHash::from_slice(key)
-                .ok_or_else(|| self.corrupt("example key is not a SHA-1"))?;
+        self.scan(CF_EXAMPLES, &[], |key, value| {
             // Every layout starts with the header (a version-2 value is a whole
             // `StoredExample`, whose first fields are the header's).
-            let value = iter.value().expect("a valid iterator has a value");
             let len = header_len(value)
                 .ok_or_else(|| self.corrupt("example value is shorter than its header"))?;
             let header: ExampleHeader<'_> =
                 self.decode_borrowed(&value[..len], "example header")?;
-            visit(&hash, header)?;
-            iter.next();
-        }
-        iter.status().map_err(|e| self.rocks(e))
+            visit(&self.example_key(key)?, header)
+        })
     }
 
     /// The import ids of every example stored from more than one source record (sorted,
@@ -698,10 +671,6 @@ impl Store {
     /// not in the map has one provenance entry, from its `first_import`.
     pub fn multi_sourced(&self) -> Result<HashMap<ContentHash, Vec<u32>>> {
         let mut out = HashMap::new();
-        let mut options = ReadOptions::default();
-        options.fill_cache(false);
-        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_PROVENANCE), options);
-        iter.seek_to_first();
         let mut current: Option<(ContentHash, Vec<u32>)> = None;
         let mut finish = |entry: Option<(ContentHash, Vec<u32>)>| {
             if let Some((hash, mut ids)) = entry.filter(|(_, ids)| ids.len() > 1) {
@@ -710,8 +679,7 @@ impl Store {
                 out.insert(hash, ids);
             }
         };
-        while iter.valid() {
-            let key = iter.key().expect("a valid iterator has a key");
+        self.scan(CF_PROVENANCE, &[], |key, _| {
             let (hash, rest) = key
                 .split_first_chunk::<20>()
                 .ok_or_else(|| self.corrupt("provenance key has the wrong length"))?;
@@ -722,9 +690,8 @@ impl Store {
                 Some((h, ids)) if *h == hash => ids.push(import_id),
                 _ => finish(current.replace((hash, vec![import_id]))),
             }
-            iter.next();
-        }
-        iter.status().map_err(|e| self.rocks(e))?;
+            Ok(())
+        })?;
         finish(current);
         Ok(out)
     }
@@ -760,17 +727,34 @@ impl Store {
         if self.bodies_from == u64::MAX {
             return Ok(());
         }
+        self.scan(CF_BODIES, &first.to_be_bytes(), |_, value| {
+            let (hash, example) = self.decode_body(value)?;
+            visit(&hash, example)
+        })
+    }
+
+    /// Reads `family` sequentially from `from` (its start when empty) to its end, without
+    /// filling the block cache: one pass over the whole family.
+    fn scan(
+        &self,
+        family: &str,
+        from: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
         let mut options = ReadOptions::default();
         options.fill_cache(false);
-        let mut iter = self.db.raw_iterator_cf_opt(self.cf(CF_BODIES), options);
-        iter.seek(first.to_be_bytes());
-        while iter.valid() {
-            let (hash, example) =
-                self.decode_body(iter.value().expect("a valid iterator has a value"))?;
-            visit(&hash, example)?;
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(family), options);
+        iter.seek(from);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            visit(key, value)?;
             iter.next();
         }
         iter.status().map_err(|e| self.rocks(e))
+    }
+
+    /// A key of the examples family as the hash it is.
+    fn example_key(&self, key: &[u8]) -> Result<ContentHash> {
+        ContentHash::from_slice(key).ok_or_else(|| self.corrupt("example key is not a SHA-1"))
     }
 
     /// Hashes whose hex form starts with `hex_prefix` (at most `limit`).
@@ -1094,19 +1078,33 @@ impl Store {
         if ordinal < self.bodies_from {
             return self.decode_example(value);
         }
-        let body = self
+        let found = match self
             .db
             .get_pinned_cf(self.cf(CF_BODIES), ordinal.to_be_bytes())
             .map_err(|e| self.rocks(e))?
-            .ok_or_else(|| self.corrupt(&format!("example {ordinal} has no body")))?;
-        let (stored_hash, example) = self.decode_body(&body)?;
-        if stored_hash != *hash {
-            return Err(self.corrupt(&format!(
+        {
+            Some(body) => Some(self.decode_body(&body)?),
+            None => None,
+        };
+        self.body_of(hash, ordinal, found)
+    }
+
+    /// The example whose header named `ordinal`, from the body found there: it must be
+    /// there and carry the same hash.
+    fn body_of(
+        &self,
+        hash: &ContentHash,
+        ordinal: u64,
+        found: Option<(ContentHash, StoredExample)>,
+    ) -> Result<StoredExample> {
+        match found {
+            Some((stored, example)) if stored == *hash => Ok(example),
+            Some(_) => Err(self.corrupt(&format!(
                 "the body of example {ordinal} is not that of {}",
                 hash.to_hex()
-            )));
+            ))),
+            None => Err(self.corrupt(&format!("example {ordinal} has no body"))),
         }
-        Ok(example)
     }
 
     /// A value of the bodies family: the example's hash, then its header and body.
