@@ -59,6 +59,13 @@ fn known_corpus(dir: &Path) -> std::path::PathBuf {
     store_path
 }
 
+fn stored_hashes_with_prefix(store: &corpusdb::store::Store, prefix: &str) -> u64 {
+    store
+        .ordinals()
+        .filter(|entry| entry.as_ref().unwrap().1.to_hex().starts_with(prefix))
+        .count() as u64
+}
+
 fn count(index: &Index, q: &str) -> u64 {
     index.count(&parse(q).unwrap()).unwrap()
 }
@@ -108,6 +115,49 @@ fn every_operator_selects_the_right_examples() {
         3
     );
     assert_eq!(count(&index, "ordinal:<3"), 3);
+
+    // Hashes, whole or a prefix, in any case, select the example, excluded or not.
+    let store = corpusdb::store::Store::open_read_only(&store_path).unwrap();
+    for entry in store.ordinals() {
+        let (ordinal, hash) = entry.unwrap();
+        let hex = hash.to_hex();
+        for query in [
+            format!("hash:{hex}"),
+            format!("hash:{}", hex.to_uppercase()),
+            format!("hash:{}", &hex[..16]),
+            format!("hash:{}", &hex[..24]),
+        ] {
+            let hits = index.search(&parse(&query).unwrap(), 0, 10).unwrap();
+            assert_eq!(
+                hits.iter().map(|h| (h.ordinal, h.hash)).collect::<Vec<_>>(),
+                [(ordinal, hash)],
+                "{query}"
+            );
+        }
+        let prefix = &hex[..4];
+        let sharing = stored_hashes_with_prefix(&store, prefix);
+        assert_eq!(
+            count(&index, &format!("hash:{prefix}")),
+            sharing,
+            "{prefix}"
+        );
+    }
+    let mut absent = store.ordinals().next().unwrap().unwrap().1.to_hex();
+    absent.replace_range(39.., if absent.ends_with('0') { "1" } else { "0" });
+    assert_eq!(
+        count(&index, &format!("hash:{absent}")),
+        1,
+        "the first 16 digits (64 bits) decide"
+    );
+    assert_eq!(count(&index, "hash:ffffffffffffffff"), 0);
+    for bad in [
+        "hash:abc",
+        "hash:xyz123",
+        "hash:0123456789012345678901234567890123456789ab",
+    ] {
+        let err = parse(bad).unwrap_err();
+        assert!(err.expected.contains("4 to 40 hex digits"), "{bad}: {err}");
+    }
 
     let hits = index
         .search(&parse("category:conversation").unwrap(), 1, 10)
@@ -244,13 +294,16 @@ fn check_fails_when_the_index_disagrees_and_reindex_repairs_it() {
                 .writer(15_000_000)
                 .unwrap();
         let schema = writer.index().schema();
-        let hash = store.hash_at(0).unwrap().unwrap();
-        writer.delete_term(tantivy::Term::from_field_text(
-            schema.get_field("hash").unwrap(),
-            &hash.to_hex(),
+        writer.delete_term(tantivy::Term::from_field_u64(
+            schema.get_field("ordinal").unwrap(),
+            0,
         ));
         let mut commit = writer.prepare_commit().unwrap();
-        commit.set_payload(&store.counters().unwrap().changes.to_string());
+        commit.set_payload(&format!(
+            "{} 9 {}",
+            store.counters().unwrap().changes,
+            index::INDEX_SCHEMA_VERSION
+        ));
         commit.commit().unwrap();
     }
     let out = corpusdb(&store_path).arg("check").output().unwrap();
@@ -535,8 +588,13 @@ fn an_index_of_another_schema_version_is_rebuilt_from_the_store() {
     );
     let changes = numbers[0];
     let store = corpusdb::store::Store::open(&store_path).unwrap();
-    // Written before versions (two numbers): the same layout, nothing to replay.
+    // Written before versions (two numbers): version 1, whose hashes were terms.
     set_payload(&format!("{} {}", numbers[0], numbers[1]));
+    let index = Index::open_or_create(&store_path, false).unwrap();
+    assert_eq!(index.catch_up(&store, &|_, _| {}).unwrap(), changes);
+    assert_eq!(count(&index, "*"), 9);
+    drop(index);
+    // The same version: kept, nothing to replay.
     let index = Index::open_or_create(&store_path, false).unwrap();
     assert_eq!(index.catch_up(&store, &|_, _| {}).unwrap(), 0);
     drop(index);

@@ -25,7 +25,7 @@ pub struct InitArgs {
 
 /// Find examples with the query language and print them in insertion order.
 ///
-/// Terms: category:NAME, source:NAME, hash:SHA1; numbers with comparisons:
+/// Terms: category:NAME, source:NAME, hash:SHA1 (or its first 4+ hex digits); numbers with comparisons:
 /// chars:<2000, turns:>=3, messages:4, ordinal:>100. Combine with AND (or just a space),
 /// OR, NOT / -term and parentheses: `(category:math OR category:code) -source:gsm8k`.
 /// Bare words or "quoted phrases" search the text of stores made with `init --full-text`.

@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use tantivy::collector::{Count, TopDocs};
-use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
+use tantivy::query::{
+    AllQuery, BooleanQuery, EmptyQuery, Occur, Query, QueryParser, RangeQuery, TermQuery,
+};
 use tantivy::schema::{
     Field, IndexRecordOption, NumericOptions, OwnedValue, Schema, FAST, INDEXED, STORED, STRING,
     TEXT,
@@ -67,7 +69,7 @@ const FED_CHANGES_PER_COMMIT: u64 = 500_000;
 /// the commit payload; indexes from before it count as 1). An index of another version is
 /// rebuilt from the store's change log, as is one whose fields differ: raise it whenever
 /// what a document holds changes, not only its fields.
-pub const INDEX_SCHEMA_VERSION: u64 = 1;
+pub const INDEX_SCHEMA_VERSION: u64 = 2;
 
 #[derive(Clone, Copy)]
 struct Fields {
@@ -94,8 +96,12 @@ pub const EXCLUDED_MARK: &str = "*";
 
 fn schema(full_text: bool) -> Schema {
     let mut builder = Schema::builder();
-    let number = NumericOptions::default().set_indexed().set_fast();
-    builder.add_text_field("hash", STRING | STORED);
+    // Numbers are ranges only, which tantivy answers from fast fields, so they have no
+    // terms. The hash is stored, not indexed: a unique 40-character term per document
+    // was most of the index's cost at import (BENCHMARKS.md); `hash:` queries go by the
+    // `split` key (the hash's first 64 bits) instead.
+    let number = NumericOptions::default().set_fast();
+    builder.add_text_field("hash", STORED);
     builder.add_u64_field("ordinal", INDEXED | FAST | STORED);
     builder.add_text_field("category", STRING | FAST | STORED);
     builder.add_text_field("source", STRING | FAST | STORED);
@@ -287,7 +293,7 @@ impl Index {
         let mut provenance = store.provenance_cursor();
         store.for_each_sorted(chunk, |hash, example| {
             if example.ordinal < bound {
-                writer.delete_term(Term::from_field_text(self.fields.hash, &hash.to_hex()));
+                writer.delete_term(Term::from_field_u64(self.fields.ordinal, example.ordinal));
             }
             new_bound = new_bound.max(example.ordinal + 1);
             let sources = source_names(&provenance.get(hash)?, imports);
@@ -432,13 +438,25 @@ impl Index {
 
     /// Examples matching `expr` in insertion order, skipping `offset`, at most `limit`.
     pub fn search(&self, expr: &Expr, offset: usize, limit: usize) -> Result<Vec<IndexedExample>> {
-        let query = self.compile_visible(expr)?;
+        self.documents_from(&*self.compile_visible(expr)?, offset, limit)
+    }
+
+    fn documents(&self, query: &dyn Query, limit: usize) -> Result<Vec<IndexedExample>> {
+        self.documents_from(query, 0, limit)
+    }
+
+    fn documents_from(
+        &self,
+        query: &dyn Query,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<IndexedExample>> {
         let searcher = self.searcher()?;
         let collector = TopDocs::with_limit(limit.max(1))
             .and_offset(offset)
             .order_by_fast_field::<u64>("ordinal", Order::Asc);
         let hits: Vec<(Option<u64>, DocAddress)> = searcher
-            .search(&query, &collector)
+            .search(query, &collector)
             .map_err(|e| self.error(e))?;
         let mut out = Vec::with_capacity(hits.len());
         for (_, address) in hits.into_iter().take(limit) {
@@ -587,6 +605,7 @@ impl Index {
         match field {
             TermField::Category => self.fields.category,
             TermField::Source => self.fields.source,
+            // Not indexed: `compile` turns hash terms into ranges of the split key.
             TermField::Hash => self.fields.hash,
             TermField::Excluded => self.fields.excluded,
             TermField::Cluster => self.fields.cluster,
@@ -609,6 +628,14 @@ impl Index {
         ])))
     }
 
+    /// The document of one ordinal, from the term index (a range would scan the column).
+    fn ordinal_query(&self, ordinal: u64) -> TermQuery {
+        TermQuery::new(
+            Term::from_field_u64(self.fields.ordinal, ordinal),
+            IndexRecordOption::Basic,
+        )
+    }
+
     fn excluded_query(&self) -> TermQuery {
         TermQuery::new(
             Term::from_field_text(self.fields.excluded, EXCLUDED_MARK),
@@ -620,6 +647,16 @@ impl Index {
         let f = &self.fields;
         Ok(match expr {
             Expr::All => Box::new(AllQuery),
+            Expr::Term {
+                field: TermField::Hash,
+                value,
+            } => match split_key_range(value) {
+                Some((low, high)) => Box::new(RangeQuery::new(
+                    Bound::Included(Term::from_field_u64(f.split, low)),
+                    Bound::Included(Term::from_field_u64(f.split, high)),
+                )),
+                None => Box::new(EmptyQuery),
+            },
             Expr::Term { field, value } => {
                 let field = self.term_field(*field);
                 Box::new(TermQuery::new(
@@ -627,6 +664,11 @@ impl Index {
                     IndexRecordOption::Basic,
                 ))
             }
+            Expr::Range {
+                field: NumField::Ordinal,
+                op: Op::Eq,
+                value,
+            } => Box::new(self.ordinal_query(*value)),
             Expr::Range { field, op, value } => {
                 let field = match field {
                     NumField::Chars => f.chars,
@@ -875,6 +917,18 @@ impl ingest::Observer for Feed<'_> {
 /// The split key of a hash: its first 8 bytes, big-endian.
 pub fn split_key(hash: &ContentHash) -> u64 {
     u64::from_be_bytes(hash.as_bytes()[..8].try_into().expect("20 bytes"))
+}
+
+/// The split keys a `hash:` value covers: its first 16 hex digits, the rest of the key
+/// free (a whole SHA-1 or a prefix; the query parser checks the digits).
+fn split_key_range(hex: &str) -> Option<(u64, u64)> {
+    let digits = hex.get(..hex.len().min(16))?;
+    let padded = |fill: char| {
+        let mut key = digits.to_string();
+        key.extend(std::iter::repeat_n(fill, 16 - digits.len()));
+        u64::from_str_radix(&key, 16).ok()
+    };
+    Some((padded('0')?, padded('f')?))
 }
 
 /// Collects (ordinal, split key) of every match.
@@ -1165,11 +1219,7 @@ pub fn check(store: &Store, index: &Index, sample: u64) -> Result<CheckReport> {
     {
         let (ordinal, hash) = entry?;
         report.sampled += 1;
-        let expr = Expr::Term {
-            field: TermField::Hash,
-            value: hash.to_hex(),
-        };
-        let hits = index.search(&expr, 0, 2)?;
+        let hits = index.documents(&index.ordinal_query(ordinal), 2)?;
         let Some(example) = store.get(&hash)? else {
             report.problems.push(format!(
                 "ordinal {ordinal} points to {hash}, which the store lacks"

@@ -9,7 +9,8 @@
 //! op       := "<" | "<=" | ">" | ">=" | "="
 //! ```
 //!
-//! Fields: `category`, `source`, `hash`, `excluded`, `cluster` (terms), and `chars`,
+//! Fields: `category`, `source`, `hash` (a SHA-1 or a prefix of 4 or more hex digits),
+//! `excluded`, `cluster` (terms), and `chars`,
 //! `turns`, `messages`, `ordinal` (numbers, with ranges). Examples excluded by a quality
 //! filter or as near-duplicates match only queries that name `excluded` (e.g.
 //! `excluded:*`, `excluded:max-turns`, `excluded:near-dup`), a `hash` or a `cluster`
@@ -359,6 +360,18 @@ impl Parser {
         }
     }
 
+    /// A `hash:` value: a whole SHA-1 or a prefix of at least 4 hex digits, any case.
+    fn hash_value(&mut self, value: String) -> Result<Expr, ParseError> {
+        if (4..=40).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Expr::Term {
+                field: TermField::Hash,
+                value: value.to_ascii_lowercase(),
+            });
+        }
+        self.next -= 1;
+        Err(self.error("a hash for `hash`: 4 to 40 hex digits (a SHA-1 or its prefix)"))
+    }
+
     fn field_value(&mut self, position: usize, field: &str) -> Result<Expr, ParseError> {
         let term_field = match field {
             "category" => Some(TermField::Category),
@@ -371,6 +384,9 @@ impl Parser {
         if let Some(field) = term_field {
             return match self.bump() {
                 (_, Token::Word(value)) | (_, Token::Phrase(value)) => {
+                    if field == TermField::Hash {
+                        return self.hash_value(value);
+                    }
                     Ok(Expr::Term { field, value })
                 }
                 _ => {
@@ -487,6 +503,19 @@ mod tests {
         let err = parse("colour:red").unwrap_err();
         assert_eq!(err.position, 0);
         assert!(err.expected.starts_with("a field"));
+        assert_eq!(
+            parse("hash:00FFab12").unwrap(),
+            term(TermField::Hash, "00ffab12"),
+            "hex digits in any case"
+        );
+        let err = parse("hash:12g4").unwrap_err();
+        assert_eq!(
+            (err.position, err.expected.as_str()),
+            (
+                5,
+                "a hash for `hash`: 4 to 40 hex digits (a SHA-1 or its prefix)"
+            )
+        );
         let err = parse("category:math)").unwrap_err();
         assert_eq!((err.position, err.found.as_str()), (13, "`)`"));
     }
