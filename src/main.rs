@@ -8,9 +8,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc.h (v2 and v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Training frees and allocates buffers of the same sizes for every layer of every step:
-/// returning the freed memory to the OS and faulting it in again cost a fifth of a CPU
-/// step (BENCHMARKS.md), so a training process keeps it for reuse.
+/// Training frees and allocates buffers of the same sizes for every layer of every step,
+/// an import every batch: returning the freed memory to the OS and faulting it in again
+/// cost a fifth of a CPU step and about 7% of an import (BENCHMARKS.md), so these
+/// processes keep it for reuse.
 pub fn keep_freed_memory() {
     // Safety: sets one of mimalloc's options; any value is valid for this one.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
