@@ -208,6 +208,45 @@ fn full_text_stores_search_the_conversation() {
 }
 
 #[test]
+fn index_only_commands_read_the_counters_alone_and_catch_up_when_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = known_corpus(dir.path());
+    {
+        // Imported by the library, not fed to the index: the index is two changes behind.
+        let store = Store::open(&store_path).unwrap();
+        let more = br#"{"instruction": "What is 7+7?", "output": "It is 14."}
+{"instruction": "What is 8+8?", "output": "It is 16."}
+"#;
+        ingest(
+            &store,
+            &write(dir.path(), "more.jsonl", more),
+            "gsm",
+            "math",
+        );
+        let counters = store.counters().unwrap();
+        drop(store);
+        let read = Store::read_counters(&store_path).unwrap();
+        assert_eq!(
+            (read.changes, read.examples, read.categories),
+            (counters.changes, counters.examples, counters.categories)
+        );
+    }
+    let out = run_ok(corpusdb(&store_path).args(["query", "category:math", "--count"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6");
+    let out = run_ok(corpusdb(&store_path).arg("categories"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let math = stdout.lines().find(|l| l.starts_with("math")).unwrap();
+    assert!(math.split_whitespace().nth(1) == Some("6"), "{stdout}");
+    // Up to date now: the same answers without opening the store's other families.
+    let out = run_ok(corpusdb(&store_path).args(["query", "category:math", "--count"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6");
+    assert!(matches!(
+        Store::read_counters(&dir.path().join("nothing")),
+        Err(corpusdb::store::Error::Missing { .. })
+    ));
+}
+
+#[test]
 fn facets_equal_the_store_counts() {
     let dir = tempfile::tempdir().unwrap();
     let store_path = known_corpus(dir.path());

@@ -25,9 +25,10 @@ pub struct InitArgs {
 
 /// Find examples with the query language and print them in insertion order.
 ///
-/// Terms: category:NAME, source:NAME, hash:SHA1 (or its first 4+ hex digits); numbers with comparisons:
-/// chars:<2000, turns:>=3, messages:4, ordinal:>100. Combine with AND (or just a space),
-/// OR, NOT / -term and parentheses: `(category:math OR category:code) -source:gsm8k`.
+/// Terms: category:NAME, source:NAME, hash:SHA1 (or its first 4+ hex digits); numbers
+/// with comparisons: chars:<2000, turns:>=3, messages:4, ordinal:>100. Combine with AND
+/// (or just a space), OR, NOT / -term and parentheses:
+/// `(category:math OR category:code) -source:gsm8k`.
 /// Bare words or "quoted phrases" search the text of stores made with `init --full-text`.
 #[derive(clap::Args)]
 pub struct QueryArgs {
@@ -112,6 +113,18 @@ pub fn open_for_reading(store_path: &Path) -> anyhow::Result<(Store, Index)> {
     let index = Index::open_or_create(store.path(), false)?;
     catch_up(&store, &index, false)?;
     Ok((store, index))
+}
+
+/// The index alone, for commands that need nothing else from the store: when it is up
+/// to date, the store is not opened beyond its counters (opening every family costs
+/// about 0.2 s at 10M examples, the rest of `categories` a few milliseconds).
+pub fn open_index_for_reading(store_path: &Path) -> anyhow::Result<Index> {
+    let changes = Store::read_counters(store_path)?.changes;
+    let index = Index::open_or_create(store_path, false)?;
+    if index.indexed_through()? < changes {
+        catch_up(&Store::open_read_only(store_path)?, &index, false)?;
+    }
+    Ok(index)
 }
 
 /// Replays the store's change log into the index. `must` makes a busy index an error;
@@ -208,12 +221,13 @@ fn example_json(example: &IndexedExample) -> serde_json::Value {
 
 pub fn query(store_path: &Path, args: QueryArgs) -> anyhow::Result<ExitCode> {
     let expr = query::parse(&args.query)?;
-    let (store, index) = open_for_reading(store_path)?;
     let mut out = std::io::stdout().lock();
     if args.count {
+        let index = open_index_for_reading(store_path)?;
         writeln!(out, "{}", index.count(&expr)?)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let (store, index) = open_for_reading(store_path)?;
     let hits = index.search(&expr, args.offset, args.limit)?;
     match args.format {
         OutputFormat::Json => {
@@ -263,7 +277,7 @@ pub fn query(store_path: &Path, args: QueryArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn categories(store_path: &Path, args: CategoriesArgs) -> anyhow::Result<ExitCode> {
-    let (_store, index) = open_for_reading(store_path)?;
+    let index = open_index_for_reading(store_path)?;
     let field = match args.by {
         FacetBy::Category => TermField::Category,
         FacetBy::Source => TermField::Source,

@@ -441,10 +441,6 @@ impl Index {
         self.documents_from(&*self.compile_visible(expr)?, offset, limit)
     }
 
-    fn documents(&self, query: &dyn Query, limit: usize) -> Result<Vec<IndexedExample>> {
-        self.documents_from(query, 0, limit)
-    }
-
     fn documents_from(
         &self,
         query: &dyn Query,
@@ -1219,7 +1215,7 @@ pub fn check(store: &Store, index: &Index, sample: u64) -> Result<CheckReport> {
     {
         let (ordinal, hash) = entry?;
         report.sampled += 1;
-        let hits = index.documents(&index.ordinal_query(ordinal), 2)?;
+        let hits = index.documents_from(&index.ordinal_query(ordinal), 0, 2)?;
         let Some(example) = store.get(&hash)? else {
             report.problems.push(format!(
                 "ordinal {ordinal} points to {hash}, which the store lacks"

@@ -268,6 +268,38 @@ impl Store {
         Ok(store)
     }
 
+    /// The counters of the store at `path`, read with only its `meta` family open: a few
+    /// milliseconds at any size, where opening every family loads each table file's index
+    /// and filter (about 0.2 s at 10M examples). For commands that answer from the index
+    /// alone when it is up to date.
+    pub fn read_counters(path: &Path) -> Result<Counters> {
+        if !path.join("CURRENT").exists() {
+            return Err(Error::Missing {
+                path: path.to_owned(),
+            });
+        }
+        let options = Options::default();
+        let descriptors = column_families(&StoreOptions::default())
+            .into_iter()
+            .filter(|d| d.name() == CF_META);
+        let db = DB::open_cf_descriptors_read_only(&options, path, descriptors, false)
+            .map_err(|e| rocks_error(path, e))?;
+        let cf = db.cf_handle(CF_META).ok_or_else(|| Error::Corrupt {
+            path: path.to_owned(),
+            detail: "the meta family is missing".into(),
+        })?;
+        match db
+            .get_cf(cf, KEY_COUNTERS)
+            .map_err(|e| rocks_error(path, e))?
+        {
+            Some(bytes) => bincode::deserialize(&bytes).map_err(|e| Error::Corrupt {
+                path: path.to_owned(),
+                detail: format!("cannot decode counters: {e}"),
+            }),
+            None => Ok(Counters::default()),
+        }
+    }
+
     /// Opens an existing store for reading; works while another process writes to it and
     /// sees the data committed when it was opened.
     pub fn open_read_only(path: &Path) -> Result<Store> {
