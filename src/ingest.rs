@@ -100,6 +100,11 @@ pub struct IngestOptions {
     /// import's first batches before training one (an import with fewer leaves its
     /// values uncompressed and the next import tries again).
     pub dictionary_sample_bytes: usize,
+    /// Whether [`ingest_file`] returns only once the file's data is on disk (the
+    /// default), or leaves that flush to run in the background while the caller goes on
+    /// (the CLI between files, which flushes once at its end). Automatic flushes and index
+    /// commits bound what a crash can lose either way, and a resumed import redoes that.
+    pub wait_for_flush: bool,
 }
 
 /// Default of [`IngestOptions::dictionary_sample_bytes`]: about 100 times the dictionary.
@@ -122,6 +127,7 @@ impl IngestOptions {
             batch_delay: None,
             keep_text: false,
             dictionary_sample_bytes: DICTIONARY_SAMPLE_BYTES,
+            wait_for_flush: true,
         }
     }
 }
@@ -557,7 +563,11 @@ pub fn ingest_file(
         notes,
         ..
     } = writer;
-    store.flush()?;
+    if options.wait_for_flush {
+        store.flush()?;
+    } else {
+        store.flush_in_background()?;
+    }
     Ok(FileOutcome {
         path: path.to_owned(),
         bytes: import.checkpoint.bytes - start_bytes,

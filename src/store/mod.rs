@@ -1058,6 +1058,19 @@ impl Store {
             .map_err(|e| self.rocks(e))
     }
 
+    /// Starts the same flush and returns without waiting for it.
+    pub fn flush_in_background(&self) -> Result<()> {
+        if self.write_options.is_none() {
+            return Ok(());
+        }
+        let families: Vec<_> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
+        let mut options = rocksdb::FlushOptions::default();
+        options.set_wait(false);
+        self.db
+            .flush_cfs_opt(&families, &options)
+            .map_err(|e| self.rocks(e))
+    }
+
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(name)
