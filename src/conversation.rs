@@ -181,12 +181,16 @@ impl Conversation {
 
     /// Appends the canonical bytes (module docs) of an already normalised conversation.
     pub fn write_canonical(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(CANONICAL_MAGIC);
+        self.canonical_into(out);
+    }
+
+    fn canonical_into(&self, out: &mut impl CanonicalSink) {
+        out.put(CANONICAL_MAGIC);
         if let Some(tools) = &self.tools {
             field(out, b'F', tools);
         }
         for message in &self.messages {
-            out.push(message.role.tag());
+            out.put(&[message.role.tag()]);
             field(out, b'c', message.content.trim());
             if let Some(name) = &message.name {
                 field(out, b'n', name.trim());
@@ -194,15 +198,16 @@ impl Conversation {
             if let Some(calls) = &message.tool_calls {
                 field(out, b'k', calls);
             }
-            out.push(b'.');
+            out.put(b".");
         }
     }
 
-    /// SHA-1 of the canonical form. The conversation must already be normalised.
+    /// SHA-1 of the canonical form. The conversation must already be normalised. The
+    /// canonical bytes go straight into the hash, never copied into a buffer.
     pub fn content_hash(&self) -> ContentHash {
-        let mut bytes = Vec::with_capacity(64 + self.char_count() as usize);
-        self.write_canonical(&mut bytes);
-        ContentHash(Sha1::digest(&bytes).into())
+        let mut hasher = Sha1::new();
+        self.canonical_into(&mut hasher);
+        ContentHash(hasher.finalize().into())
     }
 
     /// Characters (Unicode scalar values) over all message contents.
@@ -227,10 +232,27 @@ fn count_chars(s: &str) -> u64 {
     }
 }
 
-fn field(out: &mut Vec<u8>, tag: u8, value: &str) {
-    out.push(tag);
-    out.extend_from_slice(&(value.len() as u64).to_le_bytes());
-    out.extend_from_slice(value.as_bytes());
+/// Where canonical bytes go: a buffer, or the hash itself.
+trait CanonicalSink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl CanonicalSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl CanonicalSink for Sha1 {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
+}
+
+fn field(out: &mut impl CanonicalSink, tag: u8, value: &str) {
+    out.put(&[tag]);
+    out.put(&(value.len() as u64).to_le_bytes());
+    out.put(value.as_bytes());
 }
 
 /// Normalises one text field: CRLF to LF, NFC, and whitespace only to empty; the rest of

@@ -1387,7 +1387,9 @@ pub fn encode_conversation(
     conversation: &crate::conversation::Conversation,
     extras: &crate::conversation::Extras,
 ) -> Vec<u8> {
-    let mut body = Vec::with_capacity(512);
+    // Sized up front: growing a 1.5 KB body from a guess copied it twice.
+    let size = bincode::serialized_size(&(conversation, extras)).unwrap_or(512);
+    let mut body = Vec::with_capacity(size as usize + 10);
     values::put_varint(&mut body, values::TAG_RAW);
     bincode::serialize_into(&mut body, &(conversation, extras))
         .expect("conversations always serialise");
