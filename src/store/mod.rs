@@ -273,11 +273,7 @@ impl Store {
     /// and filter (about 0.2 s at 10M examples). For commands that answer from the index
     /// alone when it is up to date.
     pub fn read_counters(path: &Path) -> Result<Counters> {
-        if !path.join("CURRENT").exists() {
-            return Err(Error::Missing {
-                path: path.to_owned(),
-            });
-        }
+        require_existing(path)?;
         let options = Options::default();
         let descriptors = column_families(&StoreOptions::default())
             .into_iter()
@@ -303,11 +299,7 @@ impl Store {
     /// Opens an existing store for reading; works while another process writes to it and
     /// sees the data committed when it was opened.
     pub fn open_read_only(path: &Path) -> Result<Store> {
-        if !path.join("CURRENT").exists() {
-            return Err(Error::Missing {
-                path: path.to_owned(),
-            });
-        }
+        require_existing(path)?;
         let mut options = Options::default();
         // Every table file is opened up front: a writer's compaction may delete files
         // afterwards, and open descriptors keep them readable for this snapshot.
@@ -1049,23 +1041,21 @@ impl Store {
     /// Makes every written batch durable: one atomic flush of all families. A read-only
     /// store has nothing to flush.
     pub fn flush(&self) -> Result<()> {
-        if self.write_options.is_none() {
-            return Ok(());
-        }
-        let families: Vec<_> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
-        self.db
-            .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())
-            .map_err(|e| self.rocks(e))
+        self.flush_all(true)
     }
 
     /// Starts the same flush and returns without waiting for it.
     pub fn flush_in_background(&self) -> Result<()> {
+        self.flush_all(false)
+    }
+
+    fn flush_all(&self, wait: bool) -> Result<()> {
         if self.write_options.is_none() {
             return Ok(());
         }
         let families: Vec<_> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
         let mut options = rocksdb::FlushOptions::default();
-        options.set_wait(false);
+        options.set_wait(wait);
         self.db
             .flush_cfs_opt(&families, &options)
             .map_err(|e| self.rocks(e))
@@ -1400,6 +1390,16 @@ pub fn encode_conversation(
 /// tag, then one zstd frame), or `None` when that would not make it smaller.
 pub fn compress_value(body: &[u8], dictionary: &Dictionary) -> Option<Vec<u8>> {
     values::compress(body, dictionary)
+}
+
+/// A store is there: reading commands never create one.
+fn require_existing(path: &Path) -> Result<()> {
+    if path.join("CURRENT").exists() {
+        return Ok(());
+    }
+    Err(Error::Missing {
+        path: path.to_owned(),
+    })
 }
 
 fn exclusion_key(hash: &ContentHash, filter: &str) -> Vec<u8> {
