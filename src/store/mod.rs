@@ -274,12 +274,7 @@ impl Store {
     /// alone when it is up to date.
     pub fn read_counters(path: &Path) -> Result<Counters> {
         require_existing(path)?;
-        let options = Options::default();
-        let descriptors = column_families(&StoreOptions::default())
-            .into_iter()
-            .filter(|d| d.name() == CF_META);
-        let db = DB::open_cf_descriptors_read_only(&options, path, descriptors, false)
-            .map_err(|e| rocks_error(path, e))?;
+        let db = open_read_only_retrying(path, &Options::default(), |name, _| name == CF_META)?;
         let cf = db.cf_handle(CF_META).ok_or_else(|| Error::Corrupt {
             path: path.to_owned(),
             detail: "the meta family is missing".into(),
@@ -304,36 +299,14 @@ impl Store {
         // Every table file is opened up front: a writer's compaction may delete files
         // afterwards, and open descriptors keep them readable for this snapshot.
         options.set_max_open_files(-1);
-        let mut attempt = 0;
-        let db = loop {
-            // A store written before `neardup` or `bodies` lacks them; every other
-            // family must be there (one missing is a store still being created, or whose
-            // creation was killed: RocksDB then reports the family not found).
-            let present = DB::list_cf(&options, path).unwrap_or_default();
-            let descriptors = column_families(&StoreOptions::default())
-                .into_iter()
-                .filter(|d| {
-                    ![CF_NEARDUP, CF_BODIES].contains(&d.name())
-                        || present.is_empty()
-                        || present.iter().any(|p| p == d.name())
-                })
-                .collect::<Vec<_>>();
-            match DB::open_cf_descriptors_read_only(&options, path, descriptors, false) {
-                Ok(db) => break db,
-                // A compaction deleted a file between our reading the manifest and
-                // opening it, or a writer is still creating the store's column
-                // families: the next attempt reads the new manifest.
-                Err(e)
-                    if attempt < 250
-                        && (e.to_string().contains("No such file")
-                            || e.to_string().contains("Column family not found")) =>
-                {
-                    attempt += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(rocks_error(path, e)),
-            }
-        };
+        // A store written before `neardup` or `bodies` lacks them; every other family
+        // must be there (one missing is a store still being created, or whose creation
+        // was killed: RocksDB then reports the family not found).
+        let db = open_read_only_retrying(path, &options, |name, present| {
+            ![CF_NEARDUP, CF_BODIES].contains(&name)
+                || present.is_empty()
+                || present.iter().any(|p| p == name)
+        })?;
         let mut store = Store {
             db,
             path: path.to_owned(),
@@ -1392,6 +1365,38 @@ pub fn compress_value(body: &[u8], dictionary: &Dictionary) -> Option<Vec<u8>> {
     values::compress(body, dictionary)
 }
 
+/// Opens the families `wanted` chooses (by name, given the families present) read-only,
+/// retrying while a writer changes the store under the open.
+fn open_read_only_retrying(
+    path: &Path,
+    options: &Options,
+    wanted: impl Fn(&str, &[String]) -> bool,
+) -> Result<DB> {
+    let mut attempt = 0;
+    loop {
+        let present = DB::list_cf(options, path).unwrap_or_default();
+        let descriptors = column_families(&StoreOptions::default())
+            .into_iter()
+            .filter(|d| wanted(d.name(), &present))
+            .collect::<Vec<_>>();
+        match DB::open_cf_descriptors_read_only(options, path, descriptors, false) {
+            Ok(db) => return Ok(db),
+            // A compaction deleted a file between our reading the manifest and opening
+            // it, or a writer is still creating the store's column families: the next
+            // attempt reads the new manifest.
+            Err(e)
+                if attempt < 250
+                    && (e.to_string().contains("No such file")
+                        || e.to_string().contains("Column family not found")) =>
+            {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(rocks_error(path, e)),
+        }
+    }
+}
+
 /// A store is there: reading commands never create one.
 fn require_existing(path: &Path) -> Result<()> {
     if path.join("CURRENT").exists() {
@@ -1452,6 +1457,9 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                         Compression::Zstd => {
                             lz4_below_level0(&mut cf);
                             cf.set_bottommost_compression_type(DBCompressionType::Zstd);
+                            // Keys are hashes, so every compaction into the last level
+                            // rewrites it; at zstd's fast level 1, not its default 3.
+                            cf.set_bottommost_compression_options(-14, 1, 0, 0, true);
                         }
                     }
                 }
@@ -1485,6 +1493,13 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                     cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(20));
                     table.set_bloom_filter(10.0, false);
                     lz4_below_level0(&mut cf);
+                }
+                CF_ORDINALS | CF_CHANGES => {
+                    // Keys only grow and values are mostly hashes, which do not compress:
+                    // nothing is compressed on any level, so flushed files move down whole
+                    // (a compression that changes between levels makes compaction
+                    // rewrite every file it moves).
+                    cf.set_compression_type(DBCompressionType::None);
                 }
                 _ => lz4_below_level0(&mut cf),
             }
