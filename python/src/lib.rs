@@ -318,6 +318,8 @@ impl PyStore {
             let store = Store::open_with(path, &StoreOptions::default()).map_err(err)?;
             let index = Index::open_or_create(store.path(), false).map_err(err)?;
             options.keep_text = index.full_text();
+            // As the CLI: each file's closing flush runs while the next one is read.
+            options.wait_for_flush = false;
             let feed = feed_waiting(&store, &index)?;
             let mut total = ImportCounts::default();
             let mut files = Vec::new();
@@ -340,6 +342,7 @@ impl PyStore {
                 }
                 files.push(entry);
             }
+            store.flush().map_err(err)?;
             // Whatever the feed missed comes from the change log.
             feed.catch_up(&|_, _| {}).map_err(err)?;
             Ok(json!({"files": files, "total": counts_json(&total)}))
