@@ -169,7 +169,7 @@ fn reading_resumes_at_any_record_boundary() {
 }
 
 #[test]
-fn an_oversized_line_is_skipped_without_losing_the_next_record() {
+fn an_oversized_line_is_rejected_unread_without_losing_the_next_record() {
     let dir = tempfile::tempdir().unwrap();
     let mut text = b"{\"a\": 1}\n{\"big\": \"".to_vec();
     text.extend(std::iter::repeat_n(b'x', 50 << 20));

@@ -277,7 +277,7 @@ fn a_killed_tokenize_leaves_a_cache_that_reads_and_resumes_correctly() {
 }
 
 #[test]
-fn examples_the_template_refuses_are_skipped_alike_from_the_cache() {
+fn examples_the_template_refuses_are_left_out_alike_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _, _) = fixture(dir.path());
     let zebras = util::write(

@@ -283,10 +283,7 @@ impl Store {
             .get_cf(cf, KEY_COUNTERS)
             .map_err(|e| rocks_error(path, e))?
         {
-            Some(bytes) => bincode::deserialize(&bytes).map_err(|e| Error::Corrupt {
-                path: path.to_owned(),
-                detail: format!("cannot decode counters: {e}"),
-            }),
+            Some(bytes) => decode_at(path, &bytes, "counters"),
             None => Ok(Counters::default()),
         }
     }
@@ -657,8 +654,7 @@ impl Store {
             // `StoredExample`, whose first fields are the header's).
             let len = header_len(value)
                 .ok_or_else(|| self.corrupt("example value is shorter than its header"))?;
-            let header: ExampleHeader<'_> =
-                self.decode_borrowed(&value[..len], "example header")?;
+            let header: ExampleHeader<'_> = self.decode(&value[..len], "example header")?;
             visit(&self.example_key(key)?, header)
         })
     }
@@ -1150,16 +1146,8 @@ impl Store {
         })
     }
 
-    fn decode_borrowed<'a, T: serde::Deserialize<'a>>(
-        &self,
-        bytes: &'a [u8],
-        what: &str,
-    ) -> Result<T> {
-        bincode::deserialize(bytes).map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
-    }
-
-    fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {
-        bincode::deserialize(bytes).map_err(|e| self.corrupt(&format!("cannot decode {what}: {e}")))
+    fn decode<'a, T: serde::Deserialize<'a>>(&self, bytes: &'a [u8], what: &str) -> Result<T> {
+        decode_at(&self.path, bytes, what)
     }
 
     fn rocks(&self, e: rocksdb::Error) -> Error {
@@ -1395,6 +1383,14 @@ fn open_read_only_retrying(
             Err(e) => return Err(rocks_error(path, e)),
         }
     }
+}
+
+/// A value of the store at `path`, or the corruption that keeps it from decoding.
+fn decode_at<'a, T: serde::Deserialize<'a>>(path: &Path, bytes: &'a [u8], what: &str) -> Result<T> {
+    bincode::deserialize(bytes).map_err(|e| Error::Corrupt {
+        path: path.to_owned(),
+        detail: format!("cannot decode {what}: {e}"),
+    })
 }
 
 /// A store is there: reading commands never create one.
