@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
-use corpusdb::curriculum::{Curriculum, Plan};
+use corpusdb::curriculum::Curriculum;
 use corpusdb::eval::{self, EvalOptions, Probes};
 use corpusdb::model::{weights, Llama, LlamaConfig, Lora};
 use corpusdb::train::{self, memory, Checkpointing, DeviceKind, Resume, RunOptions, TrainConfig};
@@ -237,8 +237,7 @@ pub fn train(store_path: &Path, args: TrainArgs) -> anyhow::Result<ExitCode> {
         tokenizer.refuse_ignored_tool_calls();
     }
     super::plan::note_tool_rendering(&tokenizer);
-    let (store, index) = super::index::open_for_reading(store_path)?;
-    let plan = Plan::build(&index, &curriculum)?;
+    let (store, plan) = super::plan::store_and_plan(store_path, &curriculum)?;
     note_token_cache(&store, &tokenizer)?;
     let lora_params = config.lora.parameter_count(&model.config)?;
     let steps: u64 = train::steps_per_phase(&plan, &config).iter().sum();
@@ -395,8 +394,7 @@ pub fn eval(store_path: &Path, args: EvalArgs) -> anyhow::Result<ExitCode> {
     let mut losses = Vec::new();
     if !args.no_loss {
         let curriculum = Curriculum::load(&args.curriculum)?;
-        let (store, index) = super::index::open_for_reading(store_path)?;
-        let plan = Plan::build(&index, &curriculum)?;
+        let (store, plan) = super::plan::store_and_plan(store_path, &curriculum)?;
         let options = EvalOptions {
             per_category: args.per_category,
             batch_size: args.batch_size.max(1),

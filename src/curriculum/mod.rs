@@ -29,6 +29,7 @@ pub mod order;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
@@ -157,7 +158,8 @@ impl Curriculum {
 #[derive(Clone, Debug)]
 pub struct GroupPlan {
     pub name: String,
-    pub ordinals: Vec<u32>,
+    /// Shared with other groups and phases that select the same examples.
+    pub ordinals: Arc<[u32]>,
     pub quota: u64,
     pub target_share: Option<f64>,
 }
@@ -226,7 +228,12 @@ impl Plan {
         let threshold = (curriculum.eval.fraction * 2f64.powi(64)) as u64;
         let mut hasher = Sha1::new();
         hasher.update(serde_json::to_vec(curriculum).expect("serialises"));
-        let mut eval: Vec<u64> = Vec::new();
+        let mut selections = Selections {
+            index,
+            threshold,
+            seen: Vec::new(),
+            held_out: None,
+        };
         let mut phases = Vec::with_capacity(curriculum.phases.len());
         let mut start = 0u64;
         for (index_in_plan, spec) in curriculum.phases.iter().enumerate() {
@@ -235,22 +242,11 @@ impl Plan {
                 message,
             };
             let expr = query::parse(&spec.select).map_err(|e| phase_error(e.to_string()))?;
-            let select = |extra: Option<Expr>| -> Result<Vec<u32>, Error> {
-                let expr = match extra {
+            let mut select = |extra: Option<Expr>| -> Result<Arc<[u32]>, Error> {
+                selections.training(&match extra {
                     Some(term) => Expr::And(vec![expr.clone(), term]),
                     None => expr.clone(),
-                };
-                let mut out = Vec::new();
-                for (ordinal, key) in index.selection(&expr)? {
-                    if key < threshold {
-                        continue;
-                    }
-                    out.push(
-                        u32::try_from(ordinal)
-                            .map_err(|_| Error::Invalid("plans hold ordinals below 2^32".into()))?,
-                    );
-                }
-                Ok(out)
+                })
             };
             let mut notes = Vec::new();
             let (groups, unmixed, per_epoch) = match &spec.mixture {
@@ -350,9 +346,7 @@ impl Plan {
             for group in &groups {
                 hasher.update(group.name.as_bytes());
                 hasher.update(group.quota.to_le_bytes());
-                for ordinal in &group.ordinals {
-                    hasher.update(ordinal.to_le_bytes());
-                }
+                hash_all(&mut hasher, group.ordinals.iter().map(|o| o.to_le_bytes()));
             }
             let quotas: Vec<u64> = groups.iter().map(|g| g.quota).collect();
             debug_assert_eq!(quotas.iter().sum::<u64>(), per_epoch);
@@ -373,17 +367,13 @@ impl Plan {
             start += phase.len();
             phases.push(phase);
         }
-        if threshold > 0 {
-            for (ordinal, key) in index.selection(&Expr::All)? {
-                if key < threshold {
-                    eval.push(ordinal);
-                }
-            }
-        }
+        let eval = if threshold > 0 {
+            selections.held_out()?
+        } else {
+            Vec::new()
+        };
         hasher.update(b"eval");
-        for ordinal in &eval {
-            hasher.update(ordinal.to_le_bytes());
-        }
+        hash_all(&mut hasher, eval.iter().map(|o| o.to_le_bytes()));
         Ok(Plan {
             curriculum: curriculum.clone(),
             fingerprint: hex::encode(&hasher.finalize()[..8]),
@@ -443,6 +433,55 @@ impl Plan {
             )));
         }
         Ok(state.position)
+    }
+}
+
+/// Feeds every item's bytes to `hasher` a block at a time, not an `update` call per
+/// 4-byte ordinal.
+fn hash_all<const N: usize>(hasher: &mut Sha1, items: impl Iterator<Item = [u8; N]>) {
+    let mut block = Vec::with_capacity(N * 4096);
+    for item in items {
+        block.extend_from_slice(&item);
+        if block.len() == block.capacity() {
+            hasher.update(&block);
+            block.clear();
+        }
+    }
+    hasher.update(&block);
+}
+
+/// The selections of one plan's build, each query run once: curricula repeat `*` and
+/// mixtures (one scan of the whole index each at millions of examples), and the held-out
+/// split comes from the first scan of everything.
+struct Selections<'a> {
+    index: &'a Index,
+    /// Split keys at or above it train.
+    threshold: u64,
+    seen: Vec<(Expr, Arc<[u32]>)>,
+    held_out: Option<Vec<u64>>,
+}
+
+impl Selections<'_> {
+    /// The training examples (held-out ones left out) that `expr` selects, sorted.
+    fn training(&mut self, expr: &Expr) -> Result<Arc<[u32]>, Error> {
+        if let Some((_, ordinals)) = self.seen.iter().find(|(seen, _)| seen == expr) {
+            return Ok(Arc::clone(ordinals));
+        }
+        let split = self.index.split_selection(expr, self.threshold)?;
+        if *expr == Expr::All && self.held_out.is_none() {
+            self.held_out = Some(split.below);
+        }
+        let out: Arc<[u32]> = split.rest.into();
+        self.seen.push((expr.clone(), Arc::clone(&out)));
+        Ok(out)
+    }
+
+    /// Every held-out example, sorted.
+    fn held_out(&mut self) -> Result<Vec<u64>, Error> {
+        if self.held_out.is_none() {
+            self.training(&Expr::All)?;
+        }
+        Ok(self.held_out.take().expect("set by the scan of everything"))
     }
 }
 

@@ -91,23 +91,29 @@ impl Schedule {
         let mut groups = Vec::with_capacity(total as usize);
         let mut checkpoints = Vec::with_capacity((total as usize / BLOCK + 1) * g);
         let mut counts = vec![0u64; g];
+        // Release and deadline of each group's next item (`None` once its quota is
+        // met): only the chosen group's change per position, so only it is recomputed.
+        let next = |count: u64, quota: u64| {
+            (count < quota).then(|| (release(count + 1, quota), deadline(count + 1, quota)))
+        };
+        let mut upcoming: Vec<Option<(u64, u64)>> = quotas.iter().map(|&q| next(0, q)).collect();
         for t in 0..total {
             if (t as usize).is_multiple_of(BLOCK) {
                 checkpoints.extend(counts.iter().map(|&c| c as u32));
             }
             let tau = t + 1;
             let mut best: Option<(u64, usize)> = None;
-            for (i, (&quota, &count)) in quotas.iter().zip(&counts).enumerate() {
-                if count >= quota || release(count + 1, quota) > tau {
+            for (i, item) in upcoming.iter().enumerate() {
+                let Some((released, due)) = *item else {
                     continue;
-                }
-                let due = deadline(count + 1, quota);
-                if best.is_none_or(|(d, _)| due < d) {
+                };
+                if released <= tau && best.is_none_or(|(d, _)| due < d) {
                     best = Some((due, i));
                 }
             }
             let (_, chosen) = best.expect("some group always has a released item");
             counts[chosen] += 1;
+            upcoming[chosen] = next(counts[chosen], quotas[chosen]);
             groups.push(chosen as u8);
         }
         Schedule {
@@ -194,6 +200,49 @@ mod tests {
                 }
             }
             assert_eq!(counts, quotas);
+        }
+    }
+
+    /// The schedule is part of every plan's order (and not of its fingerprint), so it
+    /// must stay the earliest-deadline choice among released items, recomputed for
+    /// every group at every position as its definition reads.
+    #[test]
+    fn a_schedule_is_the_earliest_deadline_order_of_its_definition() {
+        fn direct(quotas: &[u64]) -> Vec<usize> {
+            let total: u64 = quotas.iter().sum();
+            let mut counts = vec![0u64; quotas.len()];
+            let mut order = Vec::new();
+            for tau in 1..=total {
+                let mut best: Option<(f64, usize)> = None;
+                for (i, &q) in quotas.iter().enumerate() {
+                    let k = counts[i] + 1;
+                    if k > q
+                        || ((k - 1) as f64 * total as f64 / q as f64).floor() + 1.0 > tau as f64
+                    {
+                        continue;
+                    }
+                    let due = (k as f64 * total as f64 / q as f64).ceil();
+                    if best.is_none_or(|(d, _)| due < d) {
+                        best = Some((due, i));
+                    }
+                }
+                let chosen = best.expect("a released item").1;
+                counts[chosen] += 1;
+                order.push(chosen);
+            }
+            order
+        }
+        for quotas in [
+            vec![3u64, 5, 7],
+            vec![1, 1, 98],
+            vec![500, 300, 150, 49, 1],
+            vec![10, 0, 10],
+            vec![260, 180, 160, 130, 100, 60, 40, 35, 25, 10],
+        ] {
+            let s = Schedule::new(&quotas);
+            let total: u64 = quotas.iter().sum();
+            let ours: Vec<usize> = (0..total).map(|t| s.at(t).0).collect();
+            assert_eq!(ours, direct(&quotas), "{quotas:?}");
         }
     }
 }

@@ -53,6 +53,18 @@ pub enum Error {
     NoFullText,
     #[error(transparent)]
     Query(#[from] query::ParseError),
+    #[error("selections for plans hold ordinals below 2^32; this store has examples beyond")]
+    OrdinalsBeyondU32,
+}
+
+/// What [`Index::split_selection`] returns.
+#[derive(Debug, Default)]
+pub struct SplitSelection {
+    /// Matches with a split key below the threshold, ascending.
+    pub below: Vec<u64>,
+    /// The other matches, ascending.
+    pub rest: Vec<u32>,
+    beyond_u32: bool,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -503,13 +515,20 @@ impl Index {
             .map_err(|e| self.error(e))
     }
 
-    /// (ordinal, split key) of every visible match, in ordinal order.
-    pub fn selection(&self, expr: &Expr) -> Result<Vec<(u64, u64)>> {
+    /// Every visible match of `expr`, split by its `split` key (the first 64 bits of the
+    /// content hash): the ordinals whose key is below `threshold` and those at or above
+    /// it, both ascending. Plans keep the second part as `u32` (4 bytes a match, built
+    /// without a larger intermediate: at 10M examples a plan scans the whole index).
+    pub fn split_selection(&self, expr: &Expr, threshold: u64) -> Result<SplitSelection> {
         let query = self.compile_visible(expr)?;
         let searcher = self.searcher()?;
-        searcher
-            .search(&query, &SelectionCollector)
-            .map_err(|e| self.error(e))
+        let split = searcher
+            .search(&query, &SplitCollector { threshold })
+            .map_err(|e| self.error(e))?;
+        if split.beyond_u32 {
+            return Err(Error::OrdinalsBeyondU32);
+        }
+        Ok(split)
     }
 
     /// Examples per value of a term field (category, source, excluded), excluded
@@ -927,28 +946,37 @@ fn split_key_range(hex: &str) -> Option<(u64, u64)> {
     Some((padded('0')?, padded('f')?))
 }
 
-/// Collects (ordinal, split key) of every match.
-struct SelectionCollector;
-
-struct SelectionSegmentCollector {
-    ordinal: tantivy::columnar::Column<u64>,
-    split: tantivy::columnar::Column<u64>,
-    out: Vec<(u64, u64)>,
+/// Collects the ordinals of every match, split by their `split` key.
+struct SplitCollector {
+    threshold: u64,
 }
 
-impl tantivy::collector::Collector for SelectionCollector {
-    type Fruit = Vec<(u64, u64)>;
-    type Child = SelectionSegmentCollector;
+struct SplitSegmentCollector {
+    threshold: u64,
+    ordinal: tantivy::columnar::Column<u64>,
+    split: tantivy::columnar::Column<u64>,
+    out: SplitSelection,
+}
+
+impl tantivy::collector::Collector for SplitCollector {
+    type Fruit = SplitSelection;
+    type Child = SplitSegmentCollector;
 
     fn for_segment(
         &self,
         _segment: tantivy::SegmentOrdinal,
         reader: &tantivy::SegmentReader,
-    ) -> tantivy::Result<SelectionSegmentCollector> {
-        Ok(SelectionSegmentCollector {
+    ) -> tantivy::Result<SplitSegmentCollector> {
+        Ok(SplitSegmentCollector {
+            threshold: self.threshold,
             ordinal: reader.fast_fields().u64("ordinal")?,
             split: reader.fast_fields().u64("split")?,
-            out: Vec::new(),
+            out: SplitSelection {
+                // Room for every live document: pages a narrow query never touches are
+                // never faulted in, and a wide one is not copied as it grows.
+                rest: Vec::with_capacity(reader.num_docs() as usize),
+                ..SplitSelection::default()
+            },
         })
     }
 
@@ -956,25 +984,68 @@ impl tantivy::collector::Collector for SelectionCollector {
         false
     }
 
-    fn merge_fruits(&self, fruits: Vec<Vec<(u64, u64)>>) -> tantivy::Result<Vec<(u64, u64)>> {
-        let mut all = fruits.concat();
-        all.sort_unstable();
-        Ok(all)
+    fn merge_fruits(&self, fruits: Vec<SplitSelection>) -> tantivy::Result<SplitSelection> {
+        let beyond_u32 = fruits.iter().any(|f| f.beyond_u32);
+        let (below, rest): (Vec<_>, Vec<_>) = fruits.into_iter().map(|f| (f.below, f.rest)).unzip();
+        Ok(SplitSelection {
+            below: merge_sorted_runs(below),
+            rest: merge_sorted_runs(rest),
+            beyond_u32,
+        })
     }
 }
 
-impl tantivy::collector::SegmentCollector for SelectionSegmentCollector {
-    type Fruit = Vec<(u64, u64)>;
+impl tantivy::collector::SegmentCollector for SplitSegmentCollector {
+    type Fruit = SplitSelection;
 
     fn collect(&mut self, doc: tantivy::DocId, _score: tantivy::Score) {
-        if let (Some(ordinal), Some(split)) = (self.ordinal.first(doc), self.split.first(doc)) {
-            self.out.push((ordinal, split));
+        self.collect_block(&[doc]);
+    }
+
+    /// A block of matches at a time: the columns decode it in one call each.
+    fn collect_block(&mut self, docs: &[tantivy::DocId]) {
+        let mut ordinals = [None; tantivy::COLLECT_BLOCK_BUFFER_LEN];
+        let mut splits = [None; tantivy::COLLECT_BLOCK_BUFFER_LEN];
+        for docs in docs.chunks(tantivy::COLLECT_BLOCK_BUFFER_LEN) {
+            let (ordinals, splits) = (&mut ordinals[..docs.len()], &mut splits[..docs.len()]);
+            ordinals.fill(None);
+            splits.fill(None);
+            self.ordinal.first_vals(docs, ordinals);
+            self.split.first_vals(docs, splits);
+            for (&ordinal, &split) in ordinals.iter().zip(splits.iter()) {
+                let (Some(ordinal), Some(split)) = (ordinal, split) else {
+                    continue;
+                };
+                if split < self.threshold {
+                    self.out.below.push(ordinal);
+                } else if let Ok(ordinal) = u32::try_from(ordinal) {
+                    self.out.rest.push(ordinal);
+                } else {
+                    self.out.beyond_u32 = true;
+                }
+            }
         }
     }
 
-    fn harvest(self) -> Vec<(u64, u64)> {
+    fn harvest(self) -> SplitSelection {
         self.out
     }
+}
+
+/// The segments' matches in one ascending list. Documents are added in ordinal order,
+/// so each segment's matches are a sorted run (or close to one after re-indexing):
+/// ordered by their first element they usually are the answer already, and otherwise
+/// the stable sort merges the runs (O(n log runs)) where a quicksort would start over.
+fn merge_sorted_runs<T: Ord + Copy>(mut runs: Vec<Vec<T>>) -> Vec<T> {
+    runs.sort_by_key(|run| run.first().copied());
+    let mut all = Vec::with_capacity(runs.iter().map(Vec::len).sum());
+    for run in runs {
+        all.extend_from_slice(&run);
+    }
+    if !all.is_sorted() {
+        all.sort();
+    }
+    all
 }
 
 /// Counts the values of a string fast field over the matches.
@@ -1075,9 +1146,7 @@ impl tantivy::collector::Collector for OrdinalCollector {
     }
 
     fn merge_fruits(&self, fruits: Vec<Vec<u64>>) -> tantivy::Result<Vec<u64>> {
-        let mut all = fruits.concat();
-        all.sort_unstable();
-        Ok(all)
+        Ok(merge_sorted_runs(fruits))
     }
 }
 
