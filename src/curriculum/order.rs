@@ -91,27 +91,28 @@ impl Schedule {
         let mut groups = Vec::with_capacity(total as usize);
         let mut checkpoints = Vec::with_capacity((total as usize / BLOCK + 1) * g);
         let mut counts = vec![0u64; g];
-        // Release and deadline of each group's next item (`None` once its quota is
-        // met): only the chosen group's change per position, so only it is recomputed.
+        // Release and deadline of each group's next item (never released once its quota
+        // is met): only the chosen group's change per position, so only it is recomputed.
         let next = |count: u64, quota: u64| {
-            (count < quota).then(|| (release(count + 1, quota), deadline(count + 1, quota)))
+            if count < quota {
+                (release(count + 1, quota), deadline(count + 1, quota))
+            } else {
+                (u64::MAX, u64::MAX)
+            }
         };
-        let mut upcoming: Vec<Option<(u64, u64)>> = quotas.iter().map(|&q| next(0, q)).collect();
+        let mut upcoming: Vec<(u64, u64)> = quotas.iter().map(|&q| next(0, q)).collect();
         for t in 0..total {
             if (t as usize).is_multiple_of(BLOCK) {
                 checkpoints.extend(counts.iter().map(|&c| c as u32));
             }
             let tau = t + 1;
-            let mut best: Option<(u64, usize)> = None;
-            for (i, item) in upcoming.iter().enumerate() {
-                let Some((released, due)) = *item else {
-                    continue;
-                };
-                if released <= tau && best.is_none_or(|(d, _)| due < d) {
-                    best = Some((due, i));
+            let (mut best_due, mut chosen) = (u64::MAX, usize::MAX);
+            for (i, &(released, due)) in upcoming.iter().enumerate() {
+                if released <= tau && due < best_due {
+                    (best_due, chosen) = (due, i);
                 }
             }
-            let (_, chosen) = best.expect("some group always has a released item");
+            assert!(chosen < g, "some group always has a released item");
             counts[chosen] += 1;
             upcoming[chosen] = next(counts[chosen], quotas[chosen]);
             groups.push(chosen as u8);
