@@ -286,6 +286,11 @@ fn a_lagging_index_is_brought_up_to_date_and_check_passes() {
             4,
             "still the old state"
         );
+        // The same index, once caught up, answers from the new commit, not from the
+        // searcher it opened for the question before.
+        index.catch_up(&store, &|_, _| {}).unwrap();
+        assert_eq!(count(&index, "category:math"), 5);
+        assert_eq!(count(&index, "source:late"), 2);
     }
     let out = run_ok(corpusdb(&store_path).args(["check"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("consistent"));

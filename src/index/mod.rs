@@ -161,6 +161,9 @@ pub struct Index {
     index: tantivy::Index,
     fields: Fields,
     path: PathBuf,
+    /// The last searcher and the commit it was opened at: a new one opens every
+    /// segment's files again, and a command asks for one per query.
+    searcher: std::sync::Mutex<Option<(u64, tantivy::Searcher)>>,
 }
 
 /// One example as the index holds it.
@@ -221,6 +224,7 @@ impl Index {
             index,
             fields,
             path,
+            searcher: std::sync::Mutex::new(None),
         })
     }
 
@@ -431,14 +435,27 @@ impl Index {
         Ok(done)
     }
 
+    /// A searcher of the last commit (the one already open when nothing was committed
+    /// since).
     fn searcher(&self) -> Result<tantivy::Searcher> {
-        let reader = self
+        let opstamp = self.index.load_metas().map_err(|e| self.error(e))?.opstamp;
+        let mut last = self.searcher.lock().expect("no panic while holding it");
+        if let Some((seen, searcher)) = &*last {
+            if *seen == opstamp {
+                return Ok(searcher.clone());
+            }
+        }
+        let reader: tantivy::IndexReader = self
             .index
             .reader_builder()
             .reload_policy(tantivy::ReloadPolicy::Manual)
             .try_into()
             .map_err(|e| self.error(e))?;
-        Ok(reader.searcher())
+        // A commit between the two reads makes this searcher newer than `opstamp`: the
+        // next call opens another, never uses an older one.
+        let searcher = reader.searcher();
+        *last = Some((opstamp, searcher.clone()));
+        Ok(searcher)
     }
 
     /// Number of examples matching `expr`.

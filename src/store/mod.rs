@@ -274,7 +274,13 @@ impl Store {
     /// alone when it is up to date.
     pub fn read_counters(path: &Path) -> Result<Counters> {
         require_existing(path)?;
-        let db = open_read_only_retrying(path, &Options::default(), |name, _| name == CF_META)?;
+        let mut options = Options::default();
+        // The meta family has a file or two: RocksDB's pool of 16 table-opening threads
+        // cost more than opening them.
+        options.set_max_file_opening_threads(1);
+        // Only `meta`, which every store has: the manifest is not read to list them.
+        let db =
+            open_read_only_retrying(path, &options, || families_where(|name| name == CF_META))?;
         let cf = db.cf_handle(CF_META).ok_or_else(|| Error::Corrupt {
             path: path.to_owned(),
             detail: "the meta family is missing".into(),
@@ -299,10 +305,13 @@ impl Store {
         // A store written before `neardup` or `bodies` lacks them; every other family
         // must be there (one missing is a store still being created, or whose creation
         // was killed: RocksDB then reports the family not found).
-        let db = open_read_only_retrying(path, &options, |name, present| {
-            ![CF_NEARDUP, CF_BODIES].contains(&name)
-                || present.is_empty()
-                || present.iter().any(|p| p == name)
+        let db = open_read_only_retrying(path, &options, || {
+            let present = DB::list_cf(&options, path).unwrap_or_default();
+            families_where(|name| {
+                ![CF_NEARDUP, CF_BODIES].contains(&name)
+                    || present.is_empty()
+                    || present.iter().any(|p| p == name)
+            })
         })?;
         let mut store = Store {
             db,
@@ -1353,20 +1362,24 @@ pub fn compress_value(body: &[u8], dictionary: &Dictionary) -> Option<Vec<u8>> {
     values::compress(body, dictionary)
 }
 
-/// Opens the families `wanted` chooses (by name, given the families present) read-only,
+/// The store's families (with their default options) whose names `wanted` keeps.
+fn families_where(wanted: impl Fn(&str) -> bool) -> Vec<ColumnFamilyDescriptor> {
+    column_families(&StoreOptions::default())
+        .into_iter()
+        .filter(|d| wanted(d.name()))
+        .collect()
+}
+
+/// Opens the families `families` gives (asked again at each attempt) read-only,
 /// retrying while a writer changes the store under the open.
 fn open_read_only_retrying(
     path: &Path,
     options: &Options,
-    wanted: impl Fn(&str, &[String]) -> bool,
+    families: impl Fn() -> Vec<ColumnFamilyDescriptor>,
 ) -> Result<DB> {
     let mut attempt = 0;
     loop {
-        let present = DB::list_cf(options, path).unwrap_or_default();
-        let descriptors = column_families(&StoreOptions::default())
-            .into_iter()
-            .filter(|d| wanted(d.name(), &present))
-            .collect::<Vec<_>>();
+        let descriptors = families();
         match DB::open_cf_descriptors_read_only(options, path, descriptors, false) {
             Ok(db) => return Ok(db),
             // A compaction deleted a file between our reading the manifest and opening
