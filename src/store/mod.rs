@@ -1471,6 +1471,7 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                             cf.set_bottommost_compression_options(-14, 1, 0, 0, true);
                         }
                     }
+                    more_level0_files_per_merge(&mut cf);
                 }
                 CF_BODIES => {
                     // Keys are ordinals, which only grow: flushed files never overlap, so
@@ -1502,6 +1503,7 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                     cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(20));
                     table.set_bloom_filter(10.0, false);
                     lz4_below_level0(&mut cf);
+                    more_level0_files_per_merge(&mut cf);
                 }
                 CF_ORDINALS | CF_CHANGES => {
                     // Keys only grow and values are mostly hashes, which do not compress:
@@ -1516,6 +1518,20 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
             ColumnFamilyDescriptor::new(name, cf)
         })
         .collect()
+}
+
+/// For the families keyed by content hash (`examples`, `provenance`), whose every file
+/// overlaps the whole level below. All families flush together, when `bodies` fills its
+/// buffer, so their flushes are a few MB each; at RocksDB's default of 4 level-0 files a
+/// merge into the level below rewrote that whole level for 20-40 MB of new keys. At 16,
+/// a 10M import spends half the compaction CPU (BENCHMARKS.md, "Level 0 of the
+/// hash-keyed families"); dedup lookups check the files' bloom filters, so the extra
+/// level-0 files cost no disk reads.
+fn more_level0_files_per_merge(cf: &mut Options) {
+    cf.set_level_zero_file_num_compaction_trigger(16);
+    // RocksDB's defaults (20, 36) would slow and stop writes just above the trigger.
+    cf.set_level_zero_slowdown_writes_trigger(48);
+    cf.set_level_zero_stop_writes_trigger(64);
 }
 
 /// lz4 blocks, except on level 0: flushed memtables are merged into the tree within seconds,
