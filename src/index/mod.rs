@@ -53,7 +53,7 @@ pub enum Error {
     NoFullText,
     #[error(transparent)]
     Query(#[from] query::ParseError),
-    #[error("selections for plans hold ordinals below 2^32; this store has examples beyond")]
+    #[error("a plan holds ordinals below 2^32, and this store has examples past that")]
     OrdinalsBeyondU32,
 }
 
