@@ -37,7 +37,7 @@ pub struct PlanArgs {
 pub fn plan(store_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode> {
     let curriculum = Curriculum::load(&args.curriculum)?;
     // The store itself only when tokens are counted: opening all its table files takes
-    // about 0.2 s at 10M examples, as long as the rest of a plan.
+    // about 0.2 s at 10M examples.
     let index = super::index::open_index_for_reading(store_path)?;
     let started = std::time::Instant::now();
     let plan = Plan::build(&index, &curriculum)?;
