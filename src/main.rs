@@ -17,6 +17,19 @@ pub fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
+/// Short commands that read the store (plans, batches, categories, queries) lose more
+/// time to the kernel zeroing the 2 MiB transparent huge pages mimalloc asks for than
+/// the pages save them, and the time varies from run to run: a resumed batch at 10M
+/// examples took 0.52-0.94 s with them and 0.55-0.68 s without (BENCHMARKS.md). Long
+/// imports and training keep them.
+pub fn small_pages_only() {
+    // Safety: a prctl with integer arguments; it fails harmlessly where unsupported.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 mod cli;
 
 use std::process::ExitCode;

@@ -220,6 +220,7 @@ fn example_json(example: &IndexedExample) -> serde_json::Value {
 }
 
 pub fn query(store_path: &Path, args: QueryArgs) -> anyhow::Result<ExitCode> {
+    crate::small_pages_only();
     let expr = query::parse(&args.query)?;
     let mut out = std::io::stdout().lock();
     if args.count {
@@ -277,6 +278,7 @@ pub fn query(store_path: &Path, args: QueryArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn categories(store_path: &Path, args: CategoriesArgs) -> anyhow::Result<ExitCode> {
+    crate::small_pages_only();
     let index = open_index_for_reading(store_path)?;
     let field = match args.by {
         FacetBy::Category => TermField::Category,

@@ -35,6 +35,7 @@ pub struct PlanArgs {
 }
 
 pub fn plan(store_path: &Path, args: PlanArgs) -> anyhow::Result<ExitCode> {
+    crate::small_pages_only();
     let curriculum = Curriculum::load(&args.curriculum)?;
     // The store itself only when tokens are counted: opening all its table files takes
     // about 0.2 s at 10M examples.
@@ -201,6 +202,7 @@ pub fn note_tool_rendering(tokenizer: &ChatTokenizer) {
 }
 
 pub fn batches(store_path: &Path, args: BatchesArgs) -> anyhow::Result<ExitCode> {
+    crate::small_pages_only();
     if args.ranks == 0 || args.rank >= args.ranks {
         bail!("--rank must be below --ranks");
     }
