@@ -883,7 +883,7 @@ impl RecordReader {
                 reason: RejectReason::new(
                     RejectKind::TooLarge,
                     format!(
-                        "record is {} long, over the {} limit (skipped without reading it whole)",
+                        "record is {} long, over the {} limit (not read past its start)",
                         human_bytes(len),
                         human_bytes(self.max_record_bytes as u64)
                     ),

@@ -24,7 +24,7 @@ fn bytes(item: &RawItem) -> &[u8] {
 }
 
 #[test]
-fn jsonl_records_carry_their_lines_and_skip_blank_lines() {
+fn jsonl_records_carry_their_lines_and_leave_out_blank_lines() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(
         dir.path(),
@@ -181,7 +181,10 @@ fn an_oversized_line_is_rejected_unread_without_losing_the_next_record() {
     let big = reader.next_item().unwrap().unwrap();
     match big.body {
         RawBody::Unreadable { reason, prefix } => {
-            assert_eq!(reason, "record is 50.0 MiB long, over the 1.0 MiB limit (skipped without reading it whole)");
+            assert_eq!(
+                reason,
+                "record is 50.0 MiB long, over the 1.0 MiB limit (not read past its start)"
+            );
             assert_eq!(reason.kind, corpusdb::reject::RejectKind::TooLarge);
             assert_eq!(prefix.len(), 4096);
         }
