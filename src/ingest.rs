@@ -101,10 +101,12 @@ pub struct IngestOptions {
     /// values uncompressed and the next import tries again).
     pub dictionary_sample_bytes: usize,
     /// Whether [`ingest_file`] returns only once the file's data is on disk (the
-    /// default), or leaves that flush to run in the background while the caller goes on
-    /// (the CLI between files, which flushes once at its end). Automatic flushes and index
-    /// commits bound what a crash can lose either way, and a resumed import redoes that.
-    pub wait_for_flush: bool,
+    /// default), or leaves it to the memtables' own flushes and the caller's (the CLI
+    /// between files, which flushes once after its last). A flush started at a file's
+    /// end waits for the flush already running, with every writer idle; automatic
+    /// flushes and index commits bound what a crash can lose either way, and a resumed
+    /// import redoes that.
+    pub flush_at_end: bool,
 }
 
 /// Default of [`IngestOptions::dictionary_sample_bytes`]: about 100 times the dictionary.
@@ -127,7 +129,7 @@ impl IngestOptions {
             batch_delay: None,
             keep_text: false,
             dictionary_sample_bytes: DICTIONARY_SAMPLE_BYTES,
-            wait_for_flush: true,
+            flush_at_end: true,
         }
     }
 }
@@ -563,10 +565,8 @@ pub fn ingest_file(
         notes,
         ..
     } = writer;
-    if options.wait_for_flush {
+    if options.flush_at_end {
         store.flush()?;
-    } else {
-        store.flush_in_background()?;
     }
     Ok(FileOutcome {
         path: path.to_owned(),

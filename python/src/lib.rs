@@ -318,8 +318,8 @@ impl PyStore {
             let store = Store::open_with(path, &StoreOptions::default()).map_err(err)?;
             let index = Index::open_or_create(store.path(), false).map_err(err)?;
             options.keep_text = index.full_text();
-            // As the CLI: each file's closing flush runs while the next one is read.
-            options.wait_for_flush = false;
+            // As the CLI: no flush between files, one after the last.
+            options.flush_at_end = false;
             let feed = feed_waiting(&store, &index)?;
             let mut total = ImportCounts::default();
             let mut files = Vec::new();

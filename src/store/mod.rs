@@ -1019,21 +1019,12 @@ impl Store {
     /// Makes every written batch durable: one atomic flush of all families. A read-only
     /// store has nothing to flush.
     pub fn flush(&self) -> Result<()> {
-        self.flush_all(true)
-    }
-
-    /// Starts the same flush and returns without waiting for it.
-    pub fn flush_in_background(&self) -> Result<()> {
-        self.flush_all(false)
-    }
-
-    fn flush_all(&self, wait: bool) -> Result<()> {
         if self.write_options.is_none() {
             return Ok(());
         }
         let families: Vec<_> = ALL_CFS.iter().map(|name| self.cf(name)).collect();
         let mut options = rocksdb::FlushOptions::default();
-        options.set_wait(wait);
+        options.set_wait(true);
         self.db
             .flush_cfs_opt(&families, &options)
             .map_err(|e| self.rocks(e))
