@@ -263,7 +263,7 @@ pub fn normalize_text(text: &str) -> Cow<'_, str> {
     if memchr::memchr(b'\r', text.as_bytes()).is_some() {
         current = Cow::Owned(drop_carriage_returns_before_newlines(text));
     }
-    if !below_combining_marks(&current) && is_nfc_quick(current.chars()) != IsNormalized::Yes {
+    if !is_nfc(&current) {
         current = Cow::Owned(current.nfc().collect());
     }
     if current.trim().is_empty() {
@@ -272,11 +272,80 @@ pub fn normalize_text(text: &str) -> Cow<'_, str> {
     current
 }
 
-/// Whether every character is below U+0300, where no character can change under NFC
-/// (no decompositions, no combining marks). UTF-8 lead bytes of such characters are below
-/// 0xCC, so this is a byte scan the compiler vectorises.
-fn below_combining_marks(text: &str) -> bool {
-    text.bytes().all(|b| b < 0xCC)
+/// Whether `text` is NFC by the quick check (`is_nfc_quick(..) == Yes`, a "maybe" counts
+/// as no), without its per-character table lookups where they cannot matter: most text is
+/// ASCII, or CJK and other scripts made only of characters NFC leaves alone.
+fn is_nfc(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let stable = stable_starters();
+    // The quick check of `unicode_normalization`, with runs of characters below U+0300
+    // skipped by a byte scan, and starters that NFC always allows decided by one bit.
+    let mut last_class = 0u8;
+    let mut maybe = false;
+    let mut at = 0;
+    while let Some(skipped) = lead_byte_from_u0300(&bytes[at..]) {
+        if skipped > 0 {
+            // Characters below U+0300 are starters NFC always allows: the check's
+            // state after them is its initial state.
+            last_class = 0;
+        }
+        at += skipped;
+        let c = text[at..]
+            .chars()
+            .next()
+            .expect("a lead byte starts a character");
+        at += c.len_utf8();
+        let code = c as u32;
+        if code < 0x1_0000 && stable[code as usize / 64] >> (code % 64) & 1 == 1 {
+            last_class = 0;
+            continue;
+        }
+        let class = unicode_normalization::char::canonical_combining_class(c);
+        if last_class > class && class != 0 {
+            return false;
+        }
+        match is_nfc_quick(std::iter::once(c)) {
+            IsNormalized::Yes => {}
+            IsNormalized::No => return false,
+            IsNormalized::Maybe => maybe = true,
+        }
+        last_class = class;
+    }
+    !maybe
+}
+
+/// The offset of the first byte >= 0xCC: the first character at or above U+0300, since
+/// only such characters have lead bytes there and no other byte is that high. Scanned 32
+/// bytes at a time without an early exit inside a chunk, which the compiler vectorises.
+fn lead_byte_from_u0300(bytes: &[u8]) -> Option<usize> {
+    if bytes.first().is_some_and(|&b| b >= 0xCC) {
+        return Some(0);
+    }
+    let mut offset = 0;
+    for chunk in bytes.chunks(32) {
+        if chunk.iter().fold(false, |any, &b| any | (b >= 0xCC)) {
+            return chunk.iter().position(|&b| b >= 0xCC).map(|i| offset + i);
+        }
+        offset += chunk.len();
+    }
+    None
+}
+
+/// One bit per Basic Multilingual Plane character: set for starters that NFC always
+/// allows (combining class 0, quick check yes), from `unicode_normalization`'s tables.
+fn stable_starters() -> &'static [u64; 1024] {
+    static STABLE: std::sync::OnceLock<Box<[u64; 1024]>> = std::sync::OnceLock::new();
+    STABLE.get_or_init(|| {
+        let mut bits = Box::new([0u64; 1024]);
+        for c in (0..0x1_0000u32).filter_map(char::from_u32) {
+            if unicode_normalization::char::canonical_combining_class(c) == 0
+                && is_nfc_quick(std::iter::once(c)) == IsNormalized::Yes
+            {
+                bits[c as usize / 64] |= 1 << (c as u32 % 64);
+            }
+        }
+        bits
+    })
 }
 
 /// `\r\n` -> `\n`, and so is any run of `\r` ending in `\n` (`\r\r\n`), which keeps
@@ -378,10 +447,64 @@ mod tests {
     fn characters_below_u0300_are_their_own_nfc() {
         for c in (0..0x300u32).filter_map(char::from_u32) {
             let s = c.to_string();
-            assert!(below_combining_marks(&s));
+            assert!(is_nfc(&s));
             assert_eq!(s.nfc().collect::<String>(), s, "U+{:04X}", c as u32);
         }
-        assert!(!below_combining_marks("\u{300}"));
+        assert!(!is_nfc("e\u{301}"));
+    }
+
+    /// The shortcut agrees with the library's own quick check on every character of
+    /// every plane, alone, after a letter, and before a combining mark; and on seeded
+    /// random mixes of ASCII, CJK, Hangul jamo, combining marks and characters that
+    /// are never NFC, at every offset within a 32-byte chunk.
+    #[test]
+    fn the_nfc_shortcut_agrees_with_the_quick_check() {
+        let reference = |s: &str| is_nfc_quick(s.chars()) == IsNormalized::Yes;
+        for c in (0..0x11_0000u32).filter_map(char::from_u32) {
+            for s in [
+                c.to_string(),
+                format!("a{c}"),
+                format!("{c}\u{301}"),
+                format!("{c}\u{323}\u{301}"),
+            ] {
+                assert_eq!(is_nfc(&s), reference(&s), "{s:?}");
+            }
+        }
+        let pieces = [
+            "a",
+            " ",
+            "\n",
+            "\u{e9}",
+            "\u{4e2d}",
+            "\u{6587}",
+            "\u{1100}",
+            "\u{1161}",
+            "\u{ac00}",
+            "\u{301}",
+            "\u{323}",
+            "\u{340}",
+            "\u{f900}",
+            "\u{3099}",
+            "\u{30ab}",
+            "\u{1f600}",
+            "\u{2014}",
+            "\u{5d0}\u{591}",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let mut s = String::new();
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 40) as usize;
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                s.push_str(pieces[(state % pieces.len() as u64) as usize]);
+            }
+            assert_eq!(is_nfc(&s), reference(&s), "{s:?}");
+        }
     }
 
     #[test]

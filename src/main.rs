@@ -17,6 +17,19 @@ pub fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
+/// RocksDB allocates its memtables with the C allocator, in blocks of an eighth of a write
+/// buffer (16 MiB). glibc raises its mmap threshold to the size of the first such block
+/// freed, so later ones come from its heap, where freed memtables stayed, fragmented: a
+/// 3M-record import peaked at 868-901 MiB, 753-771 MiB with the threshold fixed at 4 MiB,
+/// in the same time (BENCHMARKS.md). Fixed, every block is mapped and unmapped whole.
+pub fn return_freed_memtables() {
+    // Safety: a mallopt with integer arguments; glibc accepts any size for this one.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
 /// Short commands that read the store (plans, batches, categories, queries) lose more
 /// time to the kernel zeroing the 2 MiB transparent huge pages mimalloc asks for than
 /// the pages save them, and the time varies from run to run: a resumed batch at 10M

@@ -129,6 +129,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
     // Parse threads allocate each batch and the writer frees it: mimalloc returning those
     // pages to the OS and faulting them in again cost about 7% of an import's CPU.
     crate::keep_freed_memory();
+    crate::return_freed_memtables();
     let mut formats = Formats::builtin();
     let mut jobs: Vec<(IngestOptions, Vec<PathBuf>)> = Vec::new();
     if let Some(path) = &args.manifest {
