@@ -20,7 +20,7 @@ pub fn keep_freed_memory() {
 /// RocksDB allocates its memtables with the C allocator, in blocks of an eighth of a write
 /// buffer (16 MiB). glibc raises its mmap threshold to the size of the first such block
 /// freed, so later ones come from its heap, where freed memtables stayed, fragmented: a
-/// 3M-record import peaked at 868-901 MiB, 753-771 MiB with the threshold fixed at 4 MiB,
+/// 3M-record import peaked at 848-880 MiB, 735-753 MiB with the threshold fixed at 4 MiB,
 /// in the same time (BENCHMARKS.md). Fixed, every block is mapped and unmapped whole.
 pub fn return_freed_memtables() {
     // Safety: a mallopt with integer arguments; glibc accepts any size for this one.
