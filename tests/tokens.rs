@@ -21,7 +21,8 @@ struct Seen {
     labels: Vec<Vec<i64>>,
     position_ids: Vec<Vec<u32>>,
     cu_seqlens: Vec<u32>,
-    skipped: Vec<(u64, String)>,
+    /// Examples the template refused, with the reason.
+    refused: Vec<(u64, String)>,
     learning_rate: f64,
 }
 
@@ -45,7 +46,7 @@ fn stream(
                     labels: b.labels.to_vec2().unwrap(),
                     position_ids: b.position_ids.to_vec2().unwrap(),
                     cu_seqlens: b.cu_seqlens.to_vec1().unwrap(),
-                    skipped: b.skipped.clone(),
+                    refused: b.skipped.clone(),
                     learning_rate: b.learning_rate,
                 }
             })
@@ -313,9 +314,9 @@ fn examples_the_template_refuses_are_left_out_alike_from_the_cache() {
     let (cached, from_cache) = stream(&store, Some(&cache), &plan, &tokenizer, &o);
     assert_eq!(cached, expected);
     assert_eq!(from_cache, plan.total);
-    let skipped: Vec<_> = cached.iter().flat_map(|s| s.skipped.clone()).collect();
-    assert_eq!(skipped.len(), 2, "the refused example, once per epoch");
-    assert!(skipped[0].1.contains("no zebras here"), "{skipped:?}");
+    let refused: Vec<_> = cached.iter().flat_map(|s| s.refused.clone()).collect();
+    assert_eq!(refused.len(), 2, "the refused example, once per epoch");
+    assert!(refused[0].1.contains("no zebras here"), "{refused:?}");
 }
 
 #[test]

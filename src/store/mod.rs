@@ -1015,9 +1015,8 @@ impl Store {
         }
     }
 
-    /// Flushes memtables so the data is in SST files (used before measuring size).
-    /// Makes every written batch durable: one atomic flush of all families. A read-only
-    /// store has nothing to flush.
+    /// Makes every written batch durable: one atomic flush of all families' memtables to
+    /// table files, waiting for it. A read-only store has nothing to flush.
     pub fn flush(&self) -> Result<()> {
         if self.write_options.is_none() {
             return Ok(());
