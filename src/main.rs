@@ -17,11 +17,12 @@ pub fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
-/// RocksDB allocates its memtables with the C allocator, in blocks of an eighth of a write
-/// buffer (16 MiB). glibc raises its mmap threshold to the size of the first such block
-/// freed, so later ones come from its heap, where freed memtables stayed, fragmented: a
-/// 3M-record import peaked at 848-880 MiB, 735-753 MiB with the threshold fixed at 4 MiB,
-/// in the same time (BENCHMARKS.md). Fixed, every block is mapped and unmapped whole.
+/// RocksDB allocates its memtables (in 1 MiB blocks) and write batches (several MiB) with
+/// the C allocator. Left to itself, glibc raises its mmap threshold to the largest block
+/// freed, so the batches then come from its heap, between the memtables' blocks, and freed
+/// memtables stayed there, fragmented: a 3M-record import peaked at 848-880 MiB,
+/// 735-753 MiB with the threshold fixed at 4 MiB, in the same time (BENCHMARKS.md). Fixed,
+/// every block above it is mapped and unmapped whole.
 pub fn return_freed_memtables() {
     // Safety: a mallopt with integer arguments; glibc accepts any size for this one.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

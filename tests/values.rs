@@ -217,23 +217,7 @@ fn block_compression_options_store_raw_values() {
     drop(store);
     assert!(tags(&path).iter().all(|(_, t)| *t == Some(0)));
     // The examples family: level 0 as flushed, lz4 between, zstd where data rests.
-    let options = std::fs::read_dir(&path)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("OPTIONS-")
-        })
-        .max()
-        .unwrap();
-    let options = std::fs::read_to_string(options).unwrap();
-    let family = |name: &str| {
-        let at = options.find(&format!("[CFOptions \"{name}\"]")).unwrap();
-        let section = &options[at..];
-        section[..section[1..].find("\n[").map_or(section.len(), |i| i + 1)].to_owned()
-    };
+    let family = |name: &str| family_options(&path, name);
     let level0_raw = "compression_per_level=kNoCompression:kLZ4Compression:";
     let examples = family("examples");
     assert!(
@@ -397,4 +381,77 @@ fn a_version_3_store_takes_new_imports_with_their_bodies_apart() {
     assert_eq!(values.len() as u64, 92 + stored);
     let store = Store::open_read_only(&path).unwrap();
     assert_eq!(check_all(&store), 92 + stored);
+}
+
+/// The latest OPTIONS file's section of family `name`.
+fn family_options(store: &Path, name: &str) -> String {
+    let latest = std::fs::read_dir(store)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("OPTIONS-")
+        })
+        .max()
+        .unwrap();
+    let options = std::fs::read_to_string(latest).unwrap();
+    let at = options.find(&format!("[CFOptions \"{name}\"]")).unwrap();
+    let section = &options[at..];
+    section[..section[1..].find("\n[").map_or(section.len(), |i| i + 1)].to_owned()
+}
+
+#[test]
+fn ingest_compression_lz4_reads_back_like_zstd_and_mixes_with_it() {
+    use crate::util::{corpusdb, run_ok};
+    let dir = tempfile::tempdir().unwrap();
+    let first = corpus(dir.path(), 600, 21);
+    let second = corpus(dir.path(), 400, 22);
+    let zstd = dir.path().join("zstd");
+    let lz4 = dir.path().join("lz4");
+    let ingest = |store: &Path, file: &Path, source: &str, extra: &[&str]| {
+        run_ok(
+            corpusdb(store)
+                .args(["ingest", "--source", source, "--category", "general"])
+                .args(extra)
+                .arg(file),
+        );
+    };
+    ingest(&zstd, &first, "one", &[]);
+    ingest(&lz4, &first, "one", &["--compression", "lz4"]);
+    let bodies = family_options(&lz4, "bodies");
+    assert!(
+        bodies.contains("\n  compression=kLZ4Compression"),
+        "{bodies}"
+    );
+    // A later import with the default writes zstd beside the lz4 bodies.
+    ingest(&zstd, &second, "two", &[]);
+    ingest(&lz4, &second, "two", &[]);
+    let bodies = family_options(&lz4, "bodies");
+    assert!(bodies.contains("\n  compression=kZSTD"), "{bodies}");
+    let export = |store: &Path| {
+        let out = dir.path().join(format!(
+            "{}.jsonl",
+            store.file_name().unwrap().to_string_lossy()
+        ));
+        run_ok(corpusdb(store).args(["export", "*", "--out"]).arg(&out));
+        std::fs::read_to_string(out).unwrap()
+    };
+    let (from_zstd, from_lz4) = (export(&zstd), export(&lz4));
+    let stored = crate::util::stored_hashes(&zstd).len();
+    assert!(stored > 600, "{stored}");
+    assert_eq!(from_zstd.lines().count(), stored);
+    assert_eq!(from_zstd, from_lz4);
+    run_ok(corpusdb(&lz4).arg("check"));
+    // An unknown codec is refused before anything is opened.
+    let out = corpusdb(&dir.path().join("none"))
+        .args(["ingest", "--source", "x", "--category", "general"])
+        .args(["--compression", "brotli"])
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("brotli"));
+    assert!(!dir.path().join("none").exists());
 }

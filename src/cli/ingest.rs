@@ -12,7 +12,7 @@ use corpusdb::ingest::{self, IngestOptions, Observer};
 use corpusdb::manifest::Manifest;
 use corpusdb::reader::{human_bytes, Position};
 use corpusdb::registry::Registry;
-use corpusdb::store::{ImportCounts, Store, StoreOptions};
+use corpusdb::store::{Compression, ImportCounts, Store, StoreOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Import dataset files (or a manifest, or a registry of them) into the store.
@@ -101,9 +101,20 @@ pub struct Args {
     /// nothing, at about a quarter more ingest time.
     #[arg(long)]
     wal: bool,
+    /// How this import compresses example bodies on disk: zstd (the smallest store) or
+    /// lz4 (less CPU per record for a larger store; BENCHMARKS.md has both). Bodies keep
+    /// the compression they were written with, so imports may differ.
+    #[arg(long, value_enum, default_value_t = BodyCompression::Zstd)]
+    compression: BodyCompression,
     /// Records per atomic batch (each batch is one checkpoint).
     #[arg(long, default_value_t = 4096, hide = true)]
     batch_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum BodyCompression {
+    Zstd,
+    Lz4,
 }
 
 /// Options for one source: its format resolved against the known formats.
@@ -258,6 +269,10 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
         &StoreOptions {
             wal: args.wal,
             write_buffer_bytes: (args.write_buffer_mb as usize) << 20,
+            compression: match args.compression {
+                BodyCompression::Zstd => Compression::Zstd,
+                BodyCompression::Lz4 => Compression::Lz4,
+            },
             ..StoreOptions::default()
         },
     )?;

@@ -152,7 +152,8 @@ pub struct StoreOptions {
     /// (BENCHMARKS.md). Without it, a killed process redoes the work since the last flush
     /// (at most one write buffer).
     pub wal: bool,
-    /// Memtable size of the examples family, in bytes.
+    /// Memtable size of the `examples` and `bodies` families, in bytes. Every family
+    /// flushes together when `bodies` fills its buffer.
     pub write_buffer_bytes: usize,
     /// Shared block cache, in bytes.
     pub block_cache_bytes: usize,
@@ -1004,6 +1005,14 @@ impl Store {
         Batch {
             store: self,
             inner: WriteBatch::default(),
+        }
+    }
+
+    /// Starts an empty batch with room for about `bytes` of writes.
+    fn batch_with_capacity(&self, bytes: usize) -> Batch<'_> {
+        Batch {
+            store: self,
+            inner: WriteBatch::with_capacity_bytes(bytes),
         }
     }
 

@@ -72,6 +72,26 @@ impl Store {
     }
 }
 
+/// About what an import batch's writes take in RocksDB's batch, a little over rather than
+/// under: reserved at once, the batch is not copied as it grows to several MiB.
+fn written_bytes(
+    examples: &[NewExample],
+    provenance: &[(ContentHash, u64, u64, Option<String>)],
+    rejects: &[Reject],
+) -> usize {
+    // Per example: its body, then the header, ordinal, change and key framing.
+    let examples: usize = examples.iter().map(|e| e.conversation.len() + 256).sum();
+    let provenance: usize = provenance
+        .iter()
+        .map(|(_, _, _, id)| 64 + id.as_ref().map_or(0, String::len))
+        .sum();
+    let rejects: usize = rejects
+        .iter()
+        .map(|r| r.raw.len() + r.reason.len() + r.path.len() + r.source.len() + 128)
+        .sum();
+    examples + provenance + rejects + 4096
+}
+
 impl ImportBatch<'_> {
     /// Adds a new example (`conversation` as [`super::encode_conversation`] writes it);
     /// returns the ordinal it takes. It is also a change.
@@ -153,7 +173,7 @@ impl ImportBatch<'_> {
                 import.id
             )));
         }
-        let mut batch = store.batch();
+        let mut batch = store.batch_with_capacity(written_bytes(&examples, &provenance, &rejects));
         if let Some(dictionary) = &dictionary {
             batch.put_dictionary(dictionary);
         }
