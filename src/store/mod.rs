@@ -495,25 +495,21 @@ impl Store {
     }
 
     /// For each hash, the import that first stored it, or `None` when it is not stored.
-    /// Uses the bloom filters first, so new content costs no disk read.
+    /// One batched lookup: RocksDB sorts the keys and checks each table's bloom filter for
+    /// all of them together, so new content costs no disk read.
     pub fn first_imports(&self, hashes: &[ContentHash]) -> Result<Vec<Option<u32>>> {
         let cf = self.cf(CF_EXAMPLES);
-        let mut found = vec![None; hashes.len()];
-        let mut maybe = Vec::new();
-        for (i, hash) in hashes.iter().enumerate() {
-            if self.db.key_may_exist_cf(cf, hash.as_bytes()) {
-                maybe.push(i);
-            }
-        }
-        let keys = maybe.iter().map(|&i| (cf, hashes[i].as_bytes()));
-        for (&i, result) in maybe.iter().zip(self.db.multi_get_cf(keys)) {
-            if let Some(value) = result.map_err(|e| self.rocks(e))? {
-                let first = first_import_of(&value)
-                    .ok_or_else(|| self.corrupt("example value is shorter than its header"))?;
-                found[i] = Some(first);
-            }
-        }
-        Ok(found)
+        let keys = hashes.iter().map(ContentHash::as_bytes);
+        self.db
+            .batched_multi_get_cf(cf, keys, false)
+            .into_iter()
+            .map(|result| match result.map_err(|e| self.rocks(e))? {
+                Some(value) => first_import_of(&value)
+                    .map(Some)
+                    .ok_or_else(|| self.corrupt("example value is shorter than its header")),
+                None => Ok(None),
+            })
+            .collect()
     }
 
     pub fn get(&self, hash: &ContentHash) -> Result<Option<StoredExample>> {
