@@ -40,6 +40,7 @@ class Store:
         rules: Optional[Sequence[Literal["tool", "code", "math"]]] = None,
         filters: Optional[_Path] = None,
         strict: bool = False,
+        compression: Literal["zstd", "lz4"] = "zstd",
     ) -> Dict[str, Any]:
         """Imports files as ``corpusdb ingest``; returns ``{"files": [...], "total": counts}``."""
     def export(

@@ -22,7 +22,7 @@ use corpusdb::formats::Formats;
 use corpusdb::index::query::{self, TermField};
 use corpusdb::index::{Feed, Index};
 use corpusdb::ingest::{self, IngestOptions};
-use corpusdb::store::{ImportCounts, Store, StoreOptions};
+use corpusdb::store::{Compression, ImportCounts, Store, StoreOptions};
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict};
@@ -267,8 +267,9 @@ impl PyStore {
     /// per file, deduplicated against the store, bad records into the rejects ledger
     /// (unless `strict`), an interrupted import resumed, a finished one a no-op. Returns
     /// {"files": [per file: path, import, format, already_done, resumed_from, counts of
-    /// this run, first rejects, notes], "total": counts}.
-    #[pyo3(signature = (paths, source, category, format = None, mapping = None, rules = None, filters = None, strict = false))]
+    /// this run, first rejects, notes], "total": counts}. `compression` is "zstd" (the
+    /// default) or "lz4", as `ingest --compression`.
+    #[pyo3(signature = (paths, source, category, format = None, mapping = None, rules = None, filters = None, strict = false, compression = "zstd"))]
     #[allow(clippy::too_many_arguments)]
     fn ingest(
         &self,
@@ -281,10 +282,16 @@ impl PyStore {
         rules: Option<Vec<String>>,
         filters: Option<PathBuf>,
         strict: bool,
+        compression: &str,
     ) -> Result<Py<PyAny>> {
         if source.trim().is_empty() || category.trim().is_empty() {
             return Err(fail("source and category must not be empty"));
         }
+        let compression = match compression {
+            "zstd" => Compression::Zstd,
+            "lz4" => Compression::Lz4,
+            other => return Err(fail(format!("compression {other:?}: expected zstd or lz4"))),
+        };
         let mut rule_list = Vec::new();
         for rule in rules.unwrap_or_default() {
             let parsed: Rule = serde_json::from_value(Value::String(rule.clone()))
@@ -315,7 +322,14 @@ impl PyStore {
                     return Err(fail(format!("{}: no such file", file.display())));
                 }
             }
-            let store = Store::open_with(path, &StoreOptions::default()).map_err(err)?;
+            let store = Store::open_with(
+                path,
+                &StoreOptions {
+                    compression,
+                    ..StoreOptions::default()
+                },
+            )
+            .map_err(err)?;
             let index = Index::open_or_create(store.path(), false).map_err(err)?;
             options.keep_text = index.full_text();
             // As the CLI: no flush between files, one after the last.

@@ -144,3 +144,17 @@ def test_ingest_has_the_cli_semantics(corpus, cli, tmp_path):
         ours.ingest([tmp_path / "absent.jsonl"], source="x", category="chat")
     with pytest.raises(corpusdb.CorpusdbError):
         ours.ingest([bad], source="bad2", category="chat", format="no-such-format")
+
+
+def test_ingest_compression_lz4_stores_the_same_examples(corpus, tmp_path):
+    zstd = corpusdb.Store(tmp_path / "zstd")
+    lz4 = corpusdb.Store(tmp_path / "lz4")
+    zstd.ingest([corpus["data"]], source="synth", category="instruction")
+    lz4.ingest([corpus["data"]], source="synth", category="instruction", compression="lz4")
+    options = max(p for p in (tmp_path / "lz4").iterdir() if p.name.startswith("OPTIONS-"))
+    bodies = options.read_text().split('[CFOptions "bodies"]')[1].split("\n[")[0]
+    assert "\n  compression=kLZ4Compression" in bodies
+    assert zstd.export("*", tmp_path / "zstd.jsonl") == lz4.export("*", tmp_path / "lz4.jsonl")
+    assert (tmp_path / "zstd.jsonl").read_bytes() == (tmp_path / "lz4.jsonl").read_bytes()
+    with pytest.raises(corpusdb.CorpusdbError, match="brotli"):
+        lz4.ingest([corpus["data"]], source="x", category="chat", compression="brotli")
