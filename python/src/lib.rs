@@ -287,11 +287,8 @@ impl PyStore {
         if source.trim().is_empty() || category.trim().is_empty() {
             return Err(fail("source and category must not be empty"));
         }
-        let compression = match compression {
-            "zstd" => Compression::Zstd,
-            "lz4" => Compression::Lz4,
-            other => return Err(fail(format!("compression {other:?}: expected zstd or lz4"))),
-        };
+        let compression = Compression::by_name(compression)
+            .ok_or_else(|| fail(format!("compression {compression:?}: expected zstd or lz4")))?;
         let mut rule_list = Vec::new();
         for rule in rules.unwrap_or_default() {
             let parsed: Rule = serde_json::from_value(Value::String(rule.clone()))

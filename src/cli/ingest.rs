@@ -104,17 +104,18 @@ pub struct Args {
     /// How this import compresses example bodies on disk: zstd (the smallest store) or
     /// lz4 (less CPU per record for a larger store; BENCHMARKS.md has both). Bodies keep
     /// the compression they were written with, so imports may differ.
-    #[arg(long, value_enum, default_value_t = BodyCompression::Zstd)]
-    compression: BodyCompression,
+    #[arg(long, default_value = Compression::BY_NAME[0].0, value_parser = compression_by_name())]
+    compression: Compression,
     /// Records per atomic batch (each batch is one checkpoint).
     #[arg(long, default_value_t = 4096, hide = true)]
     batch_size: usize,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum BodyCompression {
-    Zstd,
-    Lz4,
+/// `--compression`: the store's codec names.
+fn compression_by_name() -> impl clap::builder::TypedValueParser<Value = Compression> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Compression::BY_NAME.map(|(name, _)| name))
+        .map(|name| Compression::by_name(&name).expect("a possible value"))
 }
 
 /// Options for one source: its format resolved against the known formats.
@@ -269,10 +270,7 @@ pub fn run(store_path: &Path, args: Args) -> anyhow::Result<ExitCode> {
         &StoreOptions {
             wal: args.wal,
             write_buffer_bytes: (args.write_buffer_mb as usize) << 20,
-            compression: match args.compression {
-                BodyCompression::Zstd => Compression::Zstd,
-                BodyCompression::Lz4 => Compression::Lz4,
-            },
+            compression: args.compression,
             ..StoreOptions::default()
         },
     )?;

@@ -142,6 +142,20 @@ pub enum Compression {
     Zstd,
 }
 
+impl Compression {
+    /// The codecs an import chooses by name (`ingest --compression`, the Python package's
+    /// `Store.ingest`), the default first.
+    pub const BY_NAME: [(&'static str, Compression); 2] =
+        [("zstd", Compression::Zstd), ("lz4", Compression::Lz4)];
+
+    pub fn by_name(name: &str) -> Option<Compression> {
+        Compression::BY_NAME
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|&(_, compression)| compression)
+    }
+}
+
 /// How to open a store for writing.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -998,10 +1012,7 @@ impl Store {
 
     /// Starts an empty batch for this store.
     fn batch(&self) -> Batch<'_> {
-        Batch {
-            store: self,
-            inner: WriteBatch::default(),
-        }
+        self.batch_with_capacity(0)
     }
 
     /// Starts an empty batch with room for about `bytes` of writes.
