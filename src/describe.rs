@@ -6,8 +6,8 @@ use serde_json::{json, Value};
 use crate::conversation::ContentHash;
 use crate::neardup::Member;
 use crate::store::{
-    self, ClusterMembership, Counters, ExampleSource, Exclusion, ImportRecord, ImportState, Store,
-    StoredExample,
+    self, ClusterMembership, Counters, ExampleSource, Exclusion, FamilyFootprint, ImportRecord,
+    ImportState, Store, StoredExample,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,8 @@ pub struct StoreSummary {
     pub partial_imports: usize,
     /// Examples excluded by at least one quality filter (or as near-duplicates).
     pub excluded: u64,
+    /// Each column family's table files, bytes on disk and index and filter memory.
+    pub families: Vec<FamilyFootprint>,
 }
 
 impl StoreSummary {
@@ -77,6 +79,7 @@ impl StoreSummary {
                 .filter(|i| i.state == ImportState::Partial)
                 .count(),
             excluded,
+            families: store.footprint()?,
         })
     }
 
@@ -93,6 +96,13 @@ impl StoreSummary {
             "categories": c.categories,
             "sources": c.sources,
             "imports": {"total": self.imports, "partial": self.partial_imports},
+            "families": self.families.iter().map(|f| json!({
+                "name": f.name,
+                "table_files": f.table_files,
+                "disk_bytes": f.disk_bytes,
+                "index_bytes": f.index_bytes,
+                "filter_bytes": f.filter_bytes,
+            })).collect::<Vec<_>>(),
         })
     }
 }

@@ -40,6 +40,17 @@ not json
     assert_eq!(stats["rejected"], 1);
     assert_eq!(stats["categories"]["instruction"], 1);
     assert_eq!(stats["sources"]["s1"], 2);
+    // Every family is listed with what it holds; the one stored example has a body on disk.
+    let families = stats["families"].as_array().unwrap();
+    let bodies = families.iter().find(|f| f["name"] == "bodies").unwrap();
+    assert!(bodies["disk_bytes"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(bodies["table_files"], 1, "{stats}");
+    let out = run_ok(corpusdb(&store).arg("stats"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("indexes and filters held in memory while the store is open:"),
+        "{text}"
+    );
 
     let out = run_ok(corpusdb(&store).args(["imports", "--json"]));
     let imports: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -455,3 +455,45 @@ fn ingest_compression_lz4_reads_back_like_zstd_and_mixes_with_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("brotli"));
     assert!(!dir.path().join("none").exists());
 }
+
+/// Provenance is read only for stored hashes, so where it rests (the last level) it keeps
+/// no bloom filters, which every open of the store would hold in memory; the examples
+/// family keeps them for dedup's questions about absent hashes. Reads still answer.
+#[test]
+fn resting_provenance_keeps_no_filters_and_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let store = Store::open(&path).unwrap();
+    let file = corpus(dir.path(), 1500, 31);
+    let stored = import(&store, &file, "one", 64 << 10);
+    // The same records again: every example gains a second source.
+    assert_eq!(import(&store, &file, "two", 64 << 10), 0);
+    store.flush().unwrap();
+    store.compact();
+    let families = store.footprint().unwrap();
+    let family = |name: &str| families.iter().find(|f| f.name == name).unwrap();
+    assert!(family("examples").filter_bytes > 0, "{families:?}");
+    let provenance = family("provenance");
+    assert!(
+        provenance.table_files > 0 && provenance.disk_bytes > 0,
+        "{families:?}"
+    );
+    assert_eq!(provenance.filter_bytes, 0, "{families:?}");
+    assert!(family("bodies").index_bytes > 0, "{families:?}");
+    let mut seen = 0;
+    store
+        .for_each_example(|hash, _| {
+            let mut imports: Vec<u32> = store
+                .provenance(hash)
+                .unwrap()
+                .iter()
+                .map(|p| p.import_id)
+                .collect();
+            imports.dedup();
+            assert_eq!(imports.len(), 2, "{}", hash.to_hex());
+            seen += 1;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(seen, stored);
+}

@@ -114,7 +114,11 @@ def test_ingest_has_the_cli_semantics(corpus, cli, tmp_path):
     result = ours.ingest([corpus["data"]], source="synth", category="instruction")
     ours.ingest([corpus["math"]], source="synth-math", category="math")
     theirs = cli.json(corpus["store"], "stats", "--json")
-    assert ours.stats() == theirs
+    stats = ours.stats()
+    # Table files are physical: their number and bytes depend on when memtables flushed.
+    families = stats.pop("families")
+    assert [f["name"] for f in families] == [f["name"] for f in theirs.pop("families")]
+    assert stats == theirs
     (entry,) = result["files"]
     assert not entry["already_done"]
     assert entry["read"] == entry["stored"] + entry["duplicates"] + entry["rejected"]
@@ -123,7 +127,9 @@ def test_ingest_has_the_cli_semantics(corpus, cli, tmp_path):
     # The same file again is a no-op; the index is up to date after an import.
     again = ours.ingest([str(corpus["data"])], source="synth", category="instruction", rules=["code"])
     assert again["files"][0]["already_done"] and again["total"]["read"] == 0
-    assert cli.json(tmp_path / "ours", "stats", "--json") == theirs
+    again_stats = cli.json(tmp_path / "ours", "stats", "--json")
+    again_stats.pop("families")
+    assert again_stats == theirs
 
     # Bad records go to the rejects ledger (or stop a strict import).
     bad = tmp_path / "bad.jsonl"

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use corpusdb::describe;
-use corpusdb::store::{ImportRecord, RejectKind, Store};
+use corpusdb::reader::human_bytes;
+use corpusdb::store::{FamilyFootprint, ImportRecord, RejectKind, Store};
 use serde_json::json;
 
 /// List every import: source, file, state (done/partial) and its counts.
@@ -124,7 +125,38 @@ pub fn stats(store_path: &Path, args: StatsArgs) -> anyhow::Result<ExitCode> {
     )?;
     let records: u64 = counters.sources.values().sum();
     print_shares(&mut out, "source (records)", &counters.sources, records)?;
+    print_families(&mut out, &summary.families)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the store's disk goes, and the memory every open of it holds: each table file's
+/// index and filter blocks stay loaded, so these grow with the store.
+fn print_families(out: &mut impl Write, families: &[FamilyFootprint]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "\n{:<24} {:>6} {:>11} {:>11} {:>11}",
+        "family", "files", "on disk", "index", "filter"
+    )?;
+    for f in families {
+        writeln!(
+            out,
+            "{:<24} {:>6} {:>11} {:>11} {:>11}",
+            f.name,
+            f.table_files,
+            human_bytes(f.disk_bytes),
+            human_bytes(f.index_bytes),
+            human_bytes(f.filter_bytes)
+        )?;
+    }
+    let held: u64 = families
+        .iter()
+        .map(|f| f.index_bytes + f.filter_bytes)
+        .sum();
+    writeln!(
+        out,
+        "indexes and filters held in memory while the store is open: {}",
+        human_bytes(held)
+    )
 }
 
 fn print_shares(

@@ -1023,6 +1023,42 @@ impl Store {
         }
     }
 
+    /// What each column family holds on disk and keeps in memory while the store is
+    /// open (every table file's index and filter blocks), from RocksDB's properties.
+    pub fn footprint(&self) -> Result<Vec<FamilyFootprint>> {
+        let mut files: HashMap<String, u64> = HashMap::new();
+        for file in self.db.live_files().map_err(|e| self.rocks(e))? {
+            *files.entry(file.column_family_name).or_default() += 1;
+        }
+        let mut out = Vec::new();
+        for name in ALL_CFS {
+            // A read-only open of a store written before `bodies` or `neardup` lacks them.
+            let Some(cf) = self.db.cf_handle(name) else {
+                continue;
+            };
+            let int = |property: &str| -> Result<u64> {
+                Ok(self
+                    .db
+                    .property_int_value_cf(cf, property)
+                    .map_err(|e| self.rocks(e))?
+                    .unwrap_or(0))
+            };
+            let tables = self
+                .db
+                .property_value_cf(cf, "rocksdb.aggregated-table-properties")
+                .map_err(|e| self.rocks(e))?
+                .unwrap_or_default();
+            out.push(FamilyFootprint {
+                name,
+                table_files: files.get(name).copied().unwrap_or(0),
+                disk_bytes: int("rocksdb.total-sst-files-size")?,
+                index_bytes: table_property(&tables, "index block size"),
+                filter_bytes: table_property(&tables, "filter block size"),
+            });
+        }
+        Ok(out)
+    }
+
     /// Compacts every family fully, so the store is at its resting size.
     pub fn compact(&self) {
         for name in ALL_CFS {
@@ -1422,6 +1458,28 @@ fn require_existing(path: &Path) -> Result<()> {
     })
 }
 
+/// One column family's share of the store (`Store::footprint`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyFootprint {
+    pub name: &'static str,
+    pub table_files: u64,
+    pub disk_bytes: u64,
+    /// Index blocks of its table files: in memory while the store is open.
+    pub index_bytes: u64,
+    /// Bloom filter blocks of its table files: in memory while the store is open.
+    pub filter_bytes: u64,
+}
+
+/// A number from RocksDB's table-properties text (`name=value; ...`), found by the start
+/// of its name: the index's entry carries a suffix (`index block size (user-key? 0, ...)`).
+fn table_property(text: &str, name: &str) -> u64 {
+    text.split("; ")
+        .find(|entry| entry.trim_start().starts_with(name))
+        .and_then(|entry| entry.rsplit_once('='))
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn exclusion_key(hash: &ContentHash, filter: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(20 + filter.len());
     key.extend_from_slice(hash.as_bytes());
@@ -1485,6 +1543,7 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                     // compressed once, by the flush that writes it. Every lookup is of a
                     // stored ordinal, so no bloom filter.
                     table.set_block_size(16 << 10);
+                    ordinal_keyed_index(&mut table);
                     cf.set_write_buffer_size(options.write_buffer_bytes);
                     cf.set_compression_type(match options.compression {
                         Compression::Dictionary | Compression::None => DBCompressionType::None,
@@ -1508,6 +1567,11 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                 CF_PROVENANCE => {
                     cf.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(20));
                     table.set_bloom_filter(10.0, false);
+                    // Provenance is only read for stored hashes (`show`, sources of an
+                    // example), which the last level holds: filters there would never
+                    // answer "absent", yet they were most of the store's table memory
+                    // (BENCHMARKS.md, "Table memory").
+                    cf.set_optimize_filters_for_hits(true);
                     lz4_below_level0(&mut cf);
                     more_level0_files_per_merge(&mut cf);
                 }
@@ -1517,6 +1581,7 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                     // (a compression that changes between levels makes compaction
                     // rewrite every file it moves).
                     cf.set_compression_type(DBCompressionType::None);
+                    ordinal_keyed_index(&mut table);
                 }
                 _ => lz4_below_level0(&mut cf),
             }
@@ -1524,6 +1589,14 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
             ColumnFamilyDescriptor::new(name, cf)
         })
         .collect()
+}
+
+/// Every open table file keeps its index in memory, so the index grows with the store.
+/// Keys of the ordinal-keyed families are big-endian counters sharing their leading bytes:
+/// with a restart point every 16 entries instead of every one, index entries store only
+/// the bytes that differ, and a lookup scans at most 16 entries after its binary search.
+fn ordinal_keyed_index(table: &mut BlockBasedOptions) {
+    table.set_index_block_restart_interval(16);
 }
 
 /// For the families keyed by content hash (`examples`, `provenance`), whose every file
