@@ -1262,23 +1262,30 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    /// Puts a new example: its header under its hash, hash + header + body under its
-    /// ordinal, and its ordinal. `conversation` is the tagged body (see [`ExampleHeader`]).
-    fn put_example(&mut self, hash: &ContentHash, header: &ExampleHeader<'_>, conversation: &[u8]) {
-        let mut head = Vec::with_capacity(64);
-        bincode::serialize_into(&mut head, header).expect("headers always serialise");
+    /// Puts a new example's body: hash + header + body under its ordinal in `bodies`, and
+    /// its hash under its ordinal in `ordinals`. `conversation` is the tagged body (see
+    /// [`ExampleHeader`]).
+    fn put_body(&mut self, hash: &ContentHash, header: &ExampleHeader<'_>, conversation: &[u8]) {
+        let head = header_bytes(header);
         let mut body = Vec::with_capacity(20 + head.len() + conversation.len());
         body.extend_from_slice(hash.as_bytes());
         body.extend_from_slice(&head);
         body.extend_from_slice(conversation);
-        self.inner
-            .put_cf(self.store.cf(CF_EXAMPLES), hash.as_bytes(), head);
         self.inner
             .put_cf(self.store.cf(CF_BODIES), header.ordinal.to_be_bytes(), body);
         self.inner.put_cf(
             self.store.cf(CF_ORDINALS),
             header.ordinal.to_be_bytes(),
             hash.as_bytes(),
+        );
+    }
+
+    /// Puts a new example's header under its hash in `examples`.
+    fn put_header(&mut self, hash: &ContentHash, header: &ExampleHeader<'_>) {
+        self.inner.put_cf(
+            self.store.cf(CF_EXAMPLES),
+            hash.as_bytes(),
+            header_bytes(header),
         );
     }
 
@@ -1382,7 +1389,7 @@ fn first_import_of(value: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(value.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// The body of an example value as [`Batch::put_example`] takes it: the raw tag, then
+/// The body of an example value as [`Batch::put_body`] takes it: the raw tag, then
 /// the bincode encoding of a conversation and its extras (the last two fields of
 /// [`StoredExample`]). [`compress_value`] turns it into a compressed body.
 pub fn encode_conversation(
@@ -1478,6 +1485,12 @@ fn table_property(text: &str, name: &str) -> u64 {
         .and_then(|entry| entry.rsplit_once('='))
         .and_then(|(_, value)| value.trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn header_bytes(header: &ExampleHeader<'_>) -> Vec<u8> {
+    let mut head = Vec::with_capacity(64);
+    bincode::serialize_into(&mut head, header).expect("headers always serialise");
+    head
 }
 
 fn exclusion_key(hash: &ContentHash, filter: &str) -> Vec<u8> {

@@ -180,18 +180,24 @@ impl ImportBatch<'_> {
         for reject in &rejects {
             batch.put_reject(reject);
         }
-        // Keys go into the memtable in sorted order: consecutive skiplist inserts then
-        // share most of their search path (measured in BENCHMARKS.md).
-        examples.sort_unstable_by_key(|e| e.hash);
-        for e in &examples {
-            let header = ExampleHeader {
+        // Keys go into each family's memtable in sorted order: consecutive skiplist inserts
+        // then share most of their search path (measured in BENCHMARKS.md). Examples were
+        // added in ordinal order, the order of `bodies` and `ordinals`; headers go by hash.
+        fn header(e: &NewExample, import_id: u32) -> ExampleHeader<'_> {
+            ExampleHeader {
                 ordinal: e.ordinal,
                 category: &e.category,
                 first_import: import_id,
                 chars: e.chars,
                 turns: e.turns,
-            };
-            batch.put_example(&e.hash, &header, &e.conversation);
+            }
+        }
+        for e in &examples {
+            batch.put_body(&e.hash, &header(e, import_id), &e.conversation);
+        }
+        examples.sort_unstable_by_key(|e| e.hash);
+        for e in &examples {
+            batch.put_header(&e.hash, &header(e, import_id));
         }
         changed.sort_unstable();
         changed.dedup();
