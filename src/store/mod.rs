@@ -1529,8 +1529,12 @@ fn column_families(options: &StoreOptions) -> Vec<ColumnFamilyDescriptor> {
                     table.set_block_size(16 << 10);
                     cf.set_write_buffer_size(options.write_buffer_bytes);
                     // Absent keys (new content) are answered by a memtable bloom filter
-                    // instead of a skiplist search.
-                    cf.set_memtable_prefix_bloom_ratio(0.1);
+                    // instead of a skiplist search. Its size is this share of the write
+                    // buffer, allocated and zeroed with each memtable. All families flush
+                    // when `bodies` fills its buffer, so this one holds a key per body of
+                    // it: 1% (1.3 MiB of 128) is over 10 bits a key even for bodies of
+                    // 100 bytes; 10% allocated 12.8 MiB a memtable (BENCHMARKS.md).
+                    cf.set_memtable_prefix_bloom_ratio(0.01);
                     cf.set_memtable_whole_key_filtering(true);
                     // Recent data is rewritten by compaction soon: cheap lz4 there, zstd
                     // where data comes to rest (BENCHMARKS.md has the measurements).
