@@ -180,7 +180,7 @@ fn a_failing_constraint_exits_1_and_names_the_category() {
     assert!(stdout.contains("25.0%-28.0%"), "{stdout}");
 }
 
-/// Tags that must be closed, checked as a stack; void elements and `<!...>` skipped.
+/// Tags that must be closed, checked as a stack; void elements and `<!...>` need no close.
 fn check_balanced(html: &str) {
     let mut stack: Vec<String> = Vec::new();
     let mut rest = html;

@@ -730,7 +730,7 @@ fn examples_that_fail_to_render_are_counted_and_stop_the_run_above_the_budget() 
         "{refused}"
     );
 
-    // Within a budget that allows it: trained, and every skipped example counted.
+    // Within a budget that allows it: trained, and every example left out counted.
     config.output = dir.path().join("lenient");
     config.max_skipped_share = 0.9;
     config.max_steps = Some(6);
@@ -751,7 +751,7 @@ fn examples_that_fail_to_render_are_counted_and_stop_the_run_above_the_budget() 
         summary.steps.iter().map(|s| s.examples).sum::<u64>(),
         summary.examples
     );
-    // 6 steps × batch 4 × accumulation 2 = 48 plan positions, each trained or skipped.
+    // 6 steps × batch 4 × accumulation 2 = 48 plan positions, each trained or left out.
     assert_eq!(summary.examples + summary.skipped, 48);
     assert_eq!(summary.skip_reasons.values().sum::<u64>(), summary.skipped);
     let metrics = std::fs::read_to_string(config.output.join("metrics.jsonl")).unwrap();

@@ -337,14 +337,7 @@ fn a_version_3_store_takes_new_imports_with_their_bodies_apart() {
                     example.first_import
                 )
             );
-            let mut ids: Vec<u32> = store
-                .provenance(hash)
-                .unwrap()
-                .iter()
-                .map(|p| p.import_id)
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
+            let ids = import_ids(&store, hash);
             match multi.get(hash) {
                 Some(listed) => assert_eq!(*listed, ids),
                 None => assert_eq!(ids, [example.first_import]),
@@ -381,6 +374,19 @@ fn a_version_3_store_takes_new_imports_with_their_bodies_apart() {
     assert_eq!(values.len() as u64, 92 + stored);
     let store = Store::open_read_only(&path).unwrap();
     assert_eq!(check_all(&store), 92 + stored);
+}
+
+/// The imports that gave `hash`, each once, in order, from its provenance.
+fn import_ids(store: &Store, hash: &corpusdb::conversation::ContentHash) -> Vec<u32> {
+    let mut ids: Vec<u32> = store
+        .provenance(hash)
+        .unwrap()
+        .iter()
+        .map(|p| p.import_id)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The latest OPTIONS file's section of family `name`.
@@ -483,14 +489,7 @@ fn resting_provenance_keeps_no_filters_and_still_answers() {
     let mut seen = 0;
     store
         .for_each_example(|hash, _| {
-            let mut imports: Vec<u32> = store
-                .provenance(hash)
-                .unwrap()
-                .iter()
-                .map(|p| p.import_id)
-                .collect();
-            imports.dedup();
-            assert_eq!(imports.len(), 2, "{}", hash.to_hex());
+            assert_eq!(import_ids(&store, hash).len(), 2, "{}", hash.to_hex());
             seen += 1;
             Ok(())
         })

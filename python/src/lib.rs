@@ -287,8 +287,13 @@ impl PyStore {
         if source.trim().is_empty() || category.trim().is_empty() {
             return Err(fail("source and category must not be empty"));
         }
-        let compression = Compression::by_name(compression)
-            .ok_or_else(|| fail(format!("compression {compression:?}: expected zstd or lz4")))?;
+        let compression = Compression::by_name(compression).ok_or_else(|| {
+            let known: Vec<&str> = Compression::BY_NAME.iter().map(|(name, _)| *name).collect();
+            fail(format!(
+                "compression {compression:?}: expected {}",
+                known.join(" or ")
+            ))
+        })?;
         let mut rule_list = Vec::new();
         for rule in rules.unwrap_or_default() {
             let parsed: Rule = serde_json::from_value(Value::String(rule.clone()))

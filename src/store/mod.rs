@@ -1263,30 +1263,26 @@ struct Batch<'a> {
 
 impl Batch<'_> {
     /// Puts a new example's body: hash + header + body under its ordinal in `bodies`, and
-    /// its hash under its ordinal in `ordinals`. `conversation` is the tagged body (see
-    /// [`ExampleHeader`]).
-    fn put_body(&mut self, hash: &ContentHash, header: &ExampleHeader<'_>, conversation: &[u8]) {
-        let head = header_bytes(header);
+    /// its hash under its ordinal in `ordinals`. `head` is its encoded header
+    /// ([`header_bytes`]), `conversation` the tagged body (see [`ExampleHeader`]).
+    fn put_body(&mut self, hash: &ContentHash, ordinal: u64, head: &[u8], conversation: &[u8]) {
         let mut body = Vec::with_capacity(20 + head.len() + conversation.len());
         body.extend_from_slice(hash.as_bytes());
-        body.extend_from_slice(&head);
+        body.extend_from_slice(head);
         body.extend_from_slice(conversation);
         self.inner
-            .put_cf(self.store.cf(CF_BODIES), header.ordinal.to_be_bytes(), body);
+            .put_cf(self.store.cf(CF_BODIES), ordinal.to_be_bytes(), body);
         self.inner.put_cf(
             self.store.cf(CF_ORDINALS),
-            header.ordinal.to_be_bytes(),
+            ordinal.to_be_bytes(),
             hash.as_bytes(),
         );
     }
 
-    /// Puts a new example's header under its hash in `examples`.
-    fn put_header(&mut self, hash: &ContentHash, header: &ExampleHeader<'_>) {
-        self.inner.put_cf(
-            self.store.cf(CF_EXAMPLES),
-            hash.as_bytes(),
-            header_bytes(header),
-        );
+    /// Puts a new example's encoded header under its hash in `examples`.
+    fn put_header(&mut self, hash: &ContentHash, head: &[u8]) {
+        self.inner
+            .put_cf(self.store.cf(CF_EXAMPLES), hash.as_bytes(), head);
     }
 
     fn put_provenance(
@@ -1487,6 +1483,7 @@ fn table_property(text: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// An example's header as `examples` stores it and `bodies` repeats it.
 fn header_bytes(header: &ExampleHeader<'_>) -> Vec<u8> {
     let mut head = Vec::with_capacity(64);
     bincode::serialize_into(&mut head, header).expect("headers always serialise");

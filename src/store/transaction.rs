@@ -159,7 +159,7 @@ impl ImportBatch<'_> {
             store,
             counters,
             import_id,
-            mut examples,
+            examples,
             mut changed,
             mut provenance,
             rejects,
@@ -183,21 +183,26 @@ impl ImportBatch<'_> {
         // Keys go into each family's memtable in sorted order: consecutive skiplist inserts
         // then share most of their search path (measured in BENCHMARKS.md). Examples were
         // added in ordinal order, the order of `bodies` and `ordinals`; headers go by hash.
-        fn header(e: &NewExample, import_id: u32) -> ExampleHeader<'_> {
-            ExampleHeader {
-                ordinal: e.ordinal,
-                category: &e.category,
-                first_import: import_id,
-                chars: e.chars,
-                turns: e.turns,
-            }
+        // Each header is encoded once, for both.
+        let heads: Vec<Vec<u8>> = examples
+            .iter()
+            .map(|e| {
+                super::header_bytes(&ExampleHeader {
+                    ordinal: e.ordinal,
+                    category: &e.category,
+                    first_import: import_id,
+                    chars: e.chars,
+                    turns: e.turns,
+                })
+            })
+            .collect();
+        for (e, head) in examples.iter().zip(&heads) {
+            batch.put_body(&e.hash, e.ordinal, head, &e.conversation);
         }
-        for e in &examples {
-            batch.put_body(&e.hash, &header(e, import_id), &e.conversation);
-        }
-        examples.sort_unstable_by_key(|e| e.hash);
-        for e in &examples {
-            batch.put_header(&e.hash, &header(e, import_id));
+        let mut by_hash: Vec<usize> = (0..examples.len()).collect();
+        by_hash.sort_unstable_by_key(|&i| examples[i].hash);
+        for i in by_hash {
+            batch.put_header(&examples[i].hash, &heads[i]);
         }
         changed.sort_unstable();
         changed.dedup();
